@@ -1,0 +1,209 @@
+"""`csmf bench`: load a dataset, tune each model on validation, fit, evaluate on test, write results.
+
+Results: `<out_dir>/<dataset>/<model>.json` (stable layout, read by scripts and later issues) and
+`<out_dir>/<dataset>/table.md` (every result file in that folder, one row per model).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from csmf.config import Config, config_to_dict
+from csmf.data.jd import load_jd
+from csmf.data.logtable import load_log
+from csmf.data.schema import CascadeData
+from csmf.data.simulate import simulate
+from csmf.data.split import split_log
+from csmf.evaluate import evaluate, evaluate_stage
+from csmf.models.als import ALS, ALSSettings
+from csmf.models.base import Retriever
+from csmf.models.itemknn import ItemKNN, ItemKNNSettings
+from csmf.models.popularity import Popularity
+from csmf.tuning import coordinate_search
+
+
+def dataset_name(spec: str) -> str:
+    return spec if spec in ("jd", "sim") else Path(spec).name.split(".")[0]
+
+
+def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
+    """The CascadeData that `cfg.data.dataset` names: "jd", "sim" (simulated afresh), or a log path."""
+    d = cfg.data
+    if d.dataset == "jd":
+        stages = d.stages or ("view", "purchase")
+        return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
+    if d.dataset == "sim":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "sim.parquet"
+            simulate(cfg.sim, path, progress=progress)
+            return _load_log_dataset(cfg, path, "sim")
+    return _load_log_dataset(cfg, Path(d.dataset), dataset_name(d.dataset))
+
+
+def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
+    d = cfg.data
+    log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features)
+    return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=name)
+
+
+# ----- model builders: tune on the validation view, then fit on train ------------------------------
+
+def _tuned(
+    cfg: Config,
+    data: CascadeData,
+    grid: dict,
+    fixed: dict,
+    settings_cls: type,
+    make: Callable[[dict], Retriever],
+    progress: bool,
+) -> tuple[Retriever, dict]:
+    """Per stage: coordinate search on the tuning view, then one final fit with the best settings.
+
+    `grid` holds the searched fields, `fixed` the ones the config sets outright; the search starts
+    from the settings class defaults (or the first grid value when a default is not on the grid).
+    """
+    tuning_data = data.tuning_view()
+    defaults = asdict(settings_cls())
+    start = {k: (defaults[k] if defaults[k] in v else v[0]) for k, v in grid.items()}
+
+    def settings(point: dict):
+        return settings_cls(**{**defaults, **fixed, **point})
+
+    chosen, record = {}, {}
+    for stage in data.stages:
+        has_valid = stage in data.valid and data.valid[stage].nnz > 0
+        if not (cfg.bench.tune and has_valid):
+            chosen[stage] = settings(start)
+            record[stage] = {"metric": None, "note": "not tuned" if has_valid else "no validation pairs"}
+            continue
+
+        def objective(point: dict, stage: str = stage) -> float:
+            model = make({stage: settings(point)}).fit(tuning_data)
+            result = evaluate_stage(model, tuning_data, stage, cfg.eval.ks, cfg.eval.score_budget_mb)
+            return result[cfg.eval.tune_metric]
+
+        search = coordinate_search(grid, objective, start, progress=progress, desc=f"tune {stage}")
+        chosen[stage] = settings(search.best)
+        record[stage] = search.as_dict(cfg.eval.tune_metric)
+    return make(chosen), record
+
+
+def build_popularity(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+    return Popularity(), {}
+
+
+def build_als(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+    a = cfg.als
+    grid = {"factors": a.factors, "regularization": a.regularization, "alpha": a.alpha, "aux_weight": a.aux_weights}
+    fixed = {"iterations": a.iterations}
+    return _tuned(cfg, data, grid, fixed, ALSSettings, lambda s: ALS(s, cfg.seed, a.num_threads), progress)
+
+
+def build_itemknn(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+    k = cfg.itemknn
+    grid = {"similarity": k.similarity, "neighbours": k.neighbours, "aux_weight": k.aux_weights}
+    fixed = {"bm25_k1": k.bm25_k1, "bm25_b": k.bm25_b}
+    return _tuned(cfg, data, grid, fixed, ItemKNNSettings, lambda s: ItemKNN(s, k.num_threads), progress)
+
+
+MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]] = {
+    "popularity": build_popularity,
+    "als": build_als,
+    "itemknn": build_itemknn,
+}
+
+
+# ----- results ------------------------------------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("csmf", "numpy", "scipy", "torch", "implicit", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool = True) -> dict:
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    t0 = time.perf_counter()
+    model, tuning = MODELS[model_name](cfg, data, progress)
+    t1 = time.perf_counter()
+    model.fit(data)
+    t2 = time.perf_counter()
+    metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress)
+    return {
+        "model": model_name,
+        "dataset": data.name,
+        "seed": cfg.seed,
+        "config": {**config_to_dict(cfg), "model_settings": model.settings()},
+        "versions": versions(),
+        "train_seconds": round(t2 - t1, 3),
+        "tuning_seconds": round(t1 - t0, 3),
+        "params": model.num_params(),
+        "metrics": {s: {k: v for k, v in m.items() if k != "users"} for s, m in metrics.items()},
+        "eval_users": {s: m["users"] for s, m in metrics.items()},
+        "tuning": tuning,
+        "data_report": data.report.as_dict(),
+    }
+
+
+def write_result(result: dict, out_dir: str | Path) -> Path:
+    folder = Path(out_dir) / result["dataset"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{result['model']}.json"
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return path
+
+
+TABLE_METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+
+
+def markdown_table(results: list[dict]) -> str:
+    stages: list[str] = []
+    for r in results:
+        stages += [s for s in r["metrics"] if s not in stages]
+    short = {"recall": "R", "ndcg": "N"}
+    head = ["model"] + [f"{s} {short[m.split('@')[0]]}@{m.split('@')[1]}" for s in stages for m in TABLE_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for r in results:
+        cells = [r["model"]]
+        for s in stages:
+            for m in TABLE_METRICS:
+                v = r["metrics"].get(s, {}).get(m)
+                cells.append("" if v is None else f"{v:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(out_dir: str | Path, dataset: str) -> tuple[Path, str]:
+    folder = Path(out_dir) / dataset
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    table = markdown_table(results)
+    path = folder / "table.md"
+    path.write_text(f"# {dataset}\n\n{table}\n")
+    return path, table
+
+
+def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print) -> str:
+    data = load_dataset(cfg, progress)
+    log(data.summary())
+    log(data.report.render())
+    for name in cfg.bench.models:
+        result = run_model(cfg, data, name, progress)
+        path = write_result(result, cfg.bench.out_dir)
+        log(f"{name}: wrote {path} (fit {result['train_seconds']:.1f}s, tuning {result['tuning_seconds']:.1f}s)")
+    _, table = write_table(cfg.bench.out_dir, data.name)
+    log(table)
+    return table

@@ -1,0 +1,222 @@
+"""The one typed configuration object that flows through csmf, and its TOML form.
+
+Every default lives here. CLI flags and `--config file.toml` map onto these dataclasses; unknown
+keys are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "jd"  # "jd", "sim", or a path to a generic log (.csv / .parquet)
+    stages: tuple[str, ...] = ()  # cascade order; () = the dataset's default (JD: view, purchase)
+    jd_dir: str = ""  # read JD .txt files from this folder instead of the copy shipped in the package
+    user_col: str = "user_id"  # generic log: user id column
+    item_col: str = "item_id"  # generic log: item id column
+    timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
+    user_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per user)
+    item_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per item)
+    split: str = "random"  # generic log: "random" per-user hold-out, or "time" (each user's latest rows)
+    test_frac: float = 0.2  # share of each user's pairs held out as test (JD: of trn_pv for the click test)
+    valid_frac: float = 0.1  # share of each user's remaining train pairs used as a tuning fold
+    split_seed: int = 0  # seed of every random hold-out (JD click test: seed 0 by protocol)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    n_users: int = 4000
+    n_items: int = 3000
+    exposures_per_user: int = 40  # mean; per-user counts vary (geometric-ish activity)
+    dim: int = 16  # latent dimension of each affinity component
+    shared_weight: float = 0.6  # share of click/conversion affinity that is common to both objectives
+    candidates_per_exposure: int = 4  # logging policy draws this many popularity candidates per slot
+    policy_noise: float = 1.0  # std of the logging policy's error on true exposure affinity
+    click_bias: float = -2.0  # logit offset of the click probability
+    conversion_bias: float = -1.5  # logit offset of P(conversion | click)
+    popularity_skew: float = 1.0  # Zipf exponent of item popularity
+    chunk_users: int = 2000  # users generated per streamed chunk (bounds memory)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20, 50)
+    score_budget_mb: int = 256  # max size of one (users x items) score block; sets the user batch size
+    tune_metric: str = "recall@50"  # validation metric that selects hyper-parameters
+
+
+@dataclass(frozen=True)
+class ALSConfig:
+    # Grids searched on the validation split of each objective; the best point is refit on train.
+    factors: tuple[int, ...] = (64, 128, 256)
+    regularization: tuple[float, ...] = (0.01, 0.1, 1.0)
+    alpha: tuple[float, ...] = (1.0, 10.0, 40.0)  # confidence scale: C = 1 + alpha * r
+    iterations: int = 15
+    aux_weights: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)  # weight of other stages' train pairs in r
+    num_threads: int = 0  # 0 = all cores
+
+
+@dataclass(frozen=True)
+class ItemKNNConfig:
+    similarity: tuple[str, ...] = ("bm25", "cosine")
+    neighbours: tuple[int, ...] = (50, 100, 200, 400)  # K: neighbours kept per item
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+    aux_weights: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    models: tuple[str, ...] = ("popularity", "als", "itemknn")
+    out_dir: str = "results"
+    tune: bool = True  # False = use the first grid point of every grid (fast smoke runs)
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0  # model seed (data split seeds live in DataConfig / SimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    als: ALSConfig = field(default_factory=ALSConfig)
+    itemknn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the field."""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a TOML/CLI value into the declared field type, or raise naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip() != ""]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value).strip() if isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    kwargs = {}
+    for name, raw in values.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{key}: expected a table, got {raw!r}")
+            kwargs[name] = _build(hint, raw, key)
+        else:
+            kwargs[name] = _coerce(raw, hint, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    try:
+        return config_from_dict(values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists, None dropped) — the saved form of a config."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif value is None:
+            continue
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)))
+
+
+def override(cfg: Config, assignments: list[str]) -> Config:
+    """Apply `section.field=value` assignments (from `--set`) to a config."""
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected section.field=value")
+        dotted, raw = assignment.split("=", 1)
+        parts = dotted.strip().split(".")
+        cfg = _override_path(cfg, parts, raw, dotted)
+    return cfg
+
+
+def _override_path(obj: Any, parts: list[str], raw: str, dotted: str) -> Any:
+    name = parts[0]
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        known = sorted(f.name for f in fields(obj))
+        raise ConfigError(f"--set {dotted}: unknown key {name!r}; known keys here: {known}")
+    current = getattr(obj, name)
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(current):
+            raise ConfigError(f"--set {dotted}: {name!r} is a section; name one of its fields")
+        return replace(obj, **{name: _coerce(raw, hints[name], dotted)})
+    if not dataclasses.is_dataclass(current):
+        raise ConfigError(f"--set {dotted}: {name!r} is not a section")
+    return replace(obj, **{name: _override_path(current, parts[1:], raw, dotted)})

@@ -1,0 +1,263 @@
+"""Loader for a generic log table (CSV or Parquet): how users bring their own data.
+
+One row per logged (user, item) pair, one 0/1 column per stage in cascade order, optional
+`timestamp` and feature columns. Ids may be any strings or integers; they are mapped to contiguous
+indices (first-appearance order) and the maps are kept for serving. Every error names the file, the
+line (CSV) or row (Parquet), the column and what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from csmf.data.errors import DataError
+from csmf.data.schema import CascadeLog, LoadReport
+
+
+def read_table(path: Path) -> pa.Table:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".bz2", ".zst") else path.suffix
+    try:
+        if suffix.startswith(".parquet") or suffix == ".pq":
+            return pq.read_table(path)
+        if suffix.startswith(".csv") or suffix.startswith(".tsv"):
+            delimiter = "\t" if suffix.startswith(".tsv") else ","
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: cannot parse: {err}") from None
+    raise DataError(f"{path}: unknown log format {suffix!r}; use .csv, .tsv or .parquet (optionally .gz)")
+
+
+class _Locator:
+    """Turns a 0-based data-row index into the words a user can look up: CSV line or Parquet row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.csv = ".csv" in path.suffixes or ".tsv" in path.suffixes
+
+    def __call__(self, row: int) -> str:
+        return f"{self.path}:{row + 2}" if self.csv else f"{self.path} row {row + 1}"
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _encode_ids(table: pa.Table, col: str, where: _Locator) -> tuple[np.ndarray, np.ndarray]:
+    """Column of ids -> (int32 index per row, original id per index)."""
+    arr = table.column(col)
+    if arr.null_count:
+        row = _first(np.asarray(pc.is_null(arr)))
+        raise DataError(f"{where(row)}: column {col!r} is empty; every row needs a {col}")
+    if pa.types.is_floating(arr.type):
+        values = arr.to_numpy()
+        bad = values != np.floor(values)
+        if bad.any():
+            row = _first(bad)
+            raise DataError(f"{where(row)}: column {col!r} has non-integer id {values[row]!r}; ids must be integers or strings")
+        arr = pc.cast(arr, pa.int64())
+    if pa.types.is_integer(arr.type):
+        values = arr.to_numpy()
+        if (values < 0).any():
+            row = _first(values < 0)
+            raise DataError(f"{where(row)}: column {col!r} has negative id {values[row]}; integer ids must be >= 0")
+    elif not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise DataError(f"{where.path}: column {col!r} has type {arr.type}; ids must be integers or strings")
+    encoded = pc.dictionary_encode(arr).combine_chunks()
+    return encoded.indices.to_numpy().astype(np.int32), encoded.dictionary.to_numpy(zero_copy_only=False)
+
+
+def _stage_values(table: pa.Table, col: str, where: _Locator) -> np.ndarray | None:
+    """0/1 column -> bool array; None when the column is not 0/1 (for stage inference)."""
+    arr = table.column(col)
+    if arr.null_count:
+        return None
+    if pa.types.is_boolean(arr.type):
+        return arr.to_numpy(zero_copy_only=False).astype(bool)
+    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        return None
+    values = arr.to_numpy()
+    if not np.isin(values, (0, 1)).all():
+        return None
+    return values.astype(bool)
+
+
+def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
+    values = _stage_values(table, col, where)
+    if values is not None:
+        return values
+    arr = table.column(col)
+    if arr.null_count:
+        row = _first(np.asarray(pc.is_null(arr)))
+        raise DataError(f"{where(row)}: stage column {col!r} is empty; stage columns hold 0 or 1")
+    raw = arr.to_numpy(zero_copy_only=False)
+    bad = ~np.isin(raw.astype(str), ("0", "1", "0.0", "1.0", "True", "False"))
+    row = _first(bad) if bad.any() else 0
+    raise DataError(f"{where(row)}: stage column {col!r} has value {raw[row]!r}; stage columns hold 0 or 1")
+
+
+def load_log(
+    path: str | Path,
+    stages: tuple[str, ...] = (),
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    timestamp_col: str = "timestamp",
+    user_features: tuple[str, ...] | None = None,
+    item_features: tuple[str, ...] | None = None,
+) -> CascadeLog:
+    """Read a generic log into a CascadeLog.
+
+    Stages: `stages` names and orders the stage columns; when empty, the stages are the run of 0/1
+    columns right after the item column (pass `stages` if a 0/1 feature column follows them).
+    Features: columns that are neither ids, stages nor the timestamp. Unless listed explicitly, a
+    column constant within every user is a user feature and one constant within every item is an
+    item feature; any other column is reported as unused.
+    """
+    path = Path(path)
+    where = _Locator(path)
+    table = read_table(path)
+    columns = table.column_names
+    for col in (user_col, item_col):
+        if col not in columns:
+            raise DataError(f"{path}: missing id column {col!r}; columns are {columns}")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the log has no rows")
+    report = LoadReport(str(path))
+    report.rows_read = table.num_rows
+
+    if stages:
+        missing = [s for s in stages if s not in columns]
+        if missing:
+            raise DataError(f"{path}: missing stage column(s) {missing}; columns are {columns}")
+        labels = {s: _check_stage(table, s, where) for s in stages}
+    else:
+        labels = {}
+        rest = [c for c in columns if c not in (user_col, item_col)]
+        start = columns.index(item_col) + 1
+        for col in columns[start:]:
+            if col == timestamp_col or col == user_col:
+                break
+            values = _stage_values(table, col, where)
+            if values is None:
+                break
+            labels[col] = values
+        if not labels:
+            first = rest[0] if rest else None
+            if first is None:
+                raise DataError(f"{path}: no stage columns; expected 0/1 columns after {item_col!r}")
+            _check_stage(table, first, where)  # raises naming the row with the first non-0/1 value
+        stages = tuple(labels)
+        report.notes.append(f"stages inferred from the columns after {item_col!r}: {' -> '.join(stages)}")
+    for s in stages:
+        if not labels[s].any():
+            raise DataError(f"{path}: stage column {s!r} has no positive (1) rows; every stage needs positives")
+
+    users, user_ids = _encode_ids(table, user_col, where)
+    items, item_ids = _encode_ids(table, item_col, where)
+    n_users, n_items = len(user_ids), len(item_ids)
+    label_matrix = np.stack([labels[s] for s in stages], axis=1)
+
+    timestamps = None
+    if timestamp_col in columns:
+        ts = table.column(timestamp_col)
+        if ts.null_count:
+            row = _first(np.asarray(pc.is_null(ts)))
+            raise DataError(f"{where(row)}: column {timestamp_col!r} is empty")
+        if pa.types.is_timestamp(ts.type) or pa.types.is_date(ts.type):
+            ts = pc.cast(pc.cast(ts, pa.timestamp("us")), pa.int64())
+        if not (pa.types.is_integer(ts.type) or pa.types.is_floating(ts.type)):
+            raise DataError(f"{path}: column {timestamp_col!r} has type {ts.type}; use numbers or datetimes")
+        timestamps = ts.to_numpy().astype(np.float64)
+
+    # Rows with no positive stage carry no signal for any objective: counted, then dropped.
+    any_stage = label_matrix.any(axis=1)
+    report.skip("rows with every stage 0 (no positive for any objective)", int((~any_stage).sum()))
+
+    feature_cols = [c for c in columns if c not in (user_col, item_col, timestamp_col, *stages)]
+    ufeat, ifeat = _features(table, feature_cols, users, items, n_users, n_items, user_features, item_features, path, report)
+
+    keep = np.flatnonzero(any_stage)
+    key = users[keep].astype(np.int64) * n_items + items[keep]
+    order = keep[np.argsort(key, kind="stable")]
+    key_sorted = users[order].astype(np.int64) * n_items + items[order]
+    starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    report.duplicate_pairs = len(order) - len(starts)
+    pair_labels = np.logical_or.reduceat(label_matrix[order], starts, axis=0) if len(order) else label_matrix[:0]
+    pair_ts = np.maximum.reduceat(timestamps[order], starts) if timestamps is not None and len(order) else None
+
+    return CascadeLog(
+        stages=tuple(stages),
+        n_users=n_users,
+        n_items=n_items,
+        users=users[order][starts],
+        items=items[order][starts],
+        labels=pair_labels,
+        timestamps=pair_ts,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        user_features=ufeat,
+        item_features=ifeat,
+        report=report,
+    )
+
+
+def _column_codes(arr: pa.ChunkedArray) -> np.ndarray:
+    """Numbers stay numbers; anything else becomes category codes (nulls become their own code)."""
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type):
+        if arr.null_count == 0:
+            return arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    encoded = pc.dictionary_encode(arr.cast(pa.string())).combine_chunks()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    return np.where(np.isnan(codes.astype(float)), -1, codes).astype(np.int64) if encoded.null_count else codes
+
+
+def _per_entity(codes: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray | None:
+    """Value per entity when the column is constant within every entity, else None."""
+    order = np.argsort(owner, kind="stable")
+    sorted_owner, sorted_codes = owner[order], codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_owner[1:] != sorted_owner[:-1]])
+    lo = np.minimum.reduceat(sorted_codes, starts)
+    hi = np.maximum.reduceat(sorted_codes, starts)
+    if not np.array_equal(lo, hi):
+        return None
+    out = np.zeros(n, dtype=sorted_codes.dtype)
+    out[sorted_owner[starts]] = lo
+    return out
+
+
+def _features(table, cols, users, items, n_users, n_items, user_features, item_features, path, report):
+    ufeat: dict[str, np.ndarray] = {}
+    ifeat: dict[str, np.ndarray] = {}
+    for listed, owner, n, out, kind in (
+        (user_features, users, n_users, ufeat, "user"),
+        (item_features, items, n_items, ifeat, "item"),
+    ):
+        if listed is None:
+            continue
+        for col in listed:
+            if col not in table.column_names:
+                raise DataError(f"{path}: {kind} feature column {col!r} not found; columns are {table.column_names}")
+            values = _per_entity(_column_codes(table.column(col)), owner, n)
+            if values is None:
+                raise DataError(f"{path}: {kind} feature {col!r} takes different values for the same {kind}")
+            out[col] = values
+    for col in cols:
+        if col in ufeat or col in ifeat:
+            continue
+        codes = _column_codes(table.column(col))
+        if user_features is None and (values := _per_entity(codes, users, n_users)) is not None:
+            ufeat[col] = values
+        elif item_features is None and (values := _per_entity(codes, items, n_items)) is not None:
+            ifeat[col] = values
+        else:
+            report.notes.append(f"column {col!r} is not used (neither a stage nor a user or item feature)")
+    if ufeat or ifeat:
+        report.notes.append(f"user features: {sorted(ufeat)}; item features: {sorted(ifeat)}")
+    return ufeat, ifeat

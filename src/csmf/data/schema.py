@@ -1,0 +1,260 @@
+"""The in-memory cascade: users, items, ordered stages of positive (user, item) pairs, features.
+
+`CascadeLog` is what a loader reads (every positive of every stage, before any split);
+`CascadeData` is what models and evaluation see (train / valid / test per stage, after a split).
+Pairs are scipy CSR matrices (users x items) with int32 indices and float32 ones as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def pairs_to_csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """Binary user x item matrix from pair arrays; repeated pairs collapse to one."""
+    mat = sp.csr_matrix(
+        (np.ones(len(users), dtype=np.float32), (users.astype(np.int32), items.astype(np.int32))),
+        shape=(n_users, n_items),
+        dtype=np.float32,
+    )
+    mat.sum_duplicates()
+    mat.data[:] = 1.0
+    return _int32(mat)
+
+
+def _int32(mat: sp.csr_matrix) -> sp.csr_matrix:
+    mat.indices = mat.indices.astype(np.int32, copy=False)
+    mat.indptr = mat.indptr.astype(np.int32, copy=False) if mat.nnz < 2**31 else mat.indptr
+    return mat
+
+
+def binary(mat: sp.spmatrix) -> sp.csr_matrix:
+    """Copy of `mat` as a 0/1 float32 CSR (explicit zeros removed)."""
+    out = sp.csr_matrix(mat, dtype=np.float32, copy=True)
+    out.eliminate_zeros()
+    out.data[:] = 1.0
+    return _int32(out)
+
+
+def difference(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
+    """Pairs of `a` that are not in `b`."""
+    return binary(a - a.multiply(binary(b)))
+
+
+def intersection(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
+    return binary(a.multiply(b))
+
+
+def union(*mats: sp.csr_matrix) -> sp.csr_matrix:
+    total = mats[0].copy()
+    for m in mats[1:]:
+        total = total + m
+    return binary(total)
+
+
+@dataclass
+class LoadReport:
+    """What a load and split did: counts, skipped rows by reason, cascade statistics, notes."""
+
+    source: str
+    rows_read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped (never silent)
+    duplicate_pairs: int = 0  # rows whose (user, item) repeats an earlier row; labels are OR-ed
+    stage_positives: dict[str, int] = field(default_factory=dict)
+    subset_rate: dict[str, float] = field(default_factory=dict)  # stage -> share inside the stage before
+    cold_test_users: dict[str, int] = field(default_factory=dict)  # test users with no train history
+    notes: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        if count:
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(count)
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "skipped": dict(self.skipped),
+            "duplicate_pairs": self.duplicate_pairs,
+            "stage_positives": dict(self.stage_positives),
+            "subset_rate": {k: round(v, 4) for k, v in self.subset_rate.items()},
+            "cold_test_users": dict(self.cold_test_users),
+            "notes": list(self.notes),
+        }
+
+    def render(self) -> str:
+        lines = [f"load report: {self.source}", f"  rows read: {self.rows_read:,}"]
+        if self.duplicate_pairs:
+            lines.append(f"  duplicate (user, item) rows merged: {self.duplicate_pairs:,}")
+        for reason, count in self.skipped.items():
+            lines.append(f"  skipped {count:,} rows: {reason}")
+        for stage, count in self.stage_positives.items():
+            lines.append(f"  stage {stage}: {count:,} positive pairs")
+        for stage, rate in self.subset_rate.items():
+            lines.append(f"  {stage}: {rate:.1%} of its pairs are in the stage before it")
+        for stage, count in self.cold_test_users.items():
+            lines.append(f"  {stage}: {count:,} test users have no training history (kept)")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+@dataclass
+class CascadeLog:
+    """Every positive pair of every stage, before splitting.
+
+    `labels[p, s]` says whether pair p is a positive of stage s; pairs are unique (user, item).
+    """
+
+    stages: tuple[str, ...]
+    n_users: int
+    n_items: int
+    users: np.ndarray  # (P,) int32
+    items: np.ndarray  # (P,) int32
+    labels: np.ndarray  # (P, S) bool
+    timestamps: np.ndarray | None = None  # (P,) float64, latest timestamp of the pair
+    user_ids: np.ndarray | None = None  # original id of each user index (for serving)
+    item_ids: np.ndarray | None = None
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_users,)
+    item_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_items,)
+    report: LoadReport = field(default_factory=lambda: LoadReport("memory"))
+
+    def stage_matrix(self, stage: str) -> sp.csr_matrix:
+        col = self.labels[:, self.stages.index(stage)]
+        return pairs_to_csr(self.users[col], self.items[col], self.n_users, self.n_items)
+
+
+@dataclass
+class CascadeData:
+    """A split cascade: what every model fits on and every evaluation reads.
+
+    - `train[s]`: the pairs a model may train on for stage s (the final fit).
+    - `valid[s]`: pairs used only to select hyper-parameters and epochs.
+    - `test[s]`: pairs used only for the reported numbers.
+    - `valid_holdout`: validation pairs that sit inside `train` (a tuning fold); `tuning_view()` removes
+      them from every train matrix. JD purchases have an external validation file instead.
+    - `side[name]`: auxiliary training behaviours outside the cascade (JD favorites when they are not
+      a stage); models may train on them, nothing evaluates them.
+    - `exclude[s]`: names of `train`/`side` matrices whose items are removed from stage s rankings.
+    """
+
+    name: str
+    stages: tuple[str, ...]
+    n_users: int
+    n_items: int
+    train: dict[str, sp.csr_matrix]
+    valid: dict[str, sp.csr_matrix]
+    test: dict[str, sp.csr_matrix]
+    exclude: dict[str, tuple[str, ...]]
+    side: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    # stage -> training matrices at or after it in the full cascade (side behaviours included), i.e.
+    # the ones a test pair of that stage must never be in. Default: the stage and the later stages.
+    downstream: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    valid_holdout: sp.csr_matrix | None = None
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)
+    item_features: dict[str, np.ndarray] = field(default_factory=dict)
+    report: LoadReport = field(default_factory=lambda: LoadReport("memory"))
+
+    def matrix(self, name: str) -> sp.csr_matrix:
+        """A training matrix by name: a stage or a side behaviour."""
+        if name in self.train:
+            return self.train[name]
+        if name in self.side:
+            return self.side[name]
+        raise KeyError(f"no training matrix named {name!r}; have {list(self.train) + list(self.side)}")
+
+    @property
+    def behaviours(self) -> tuple[str, ...]:
+        """Every training matrix name: the stages in cascade order, then side behaviours."""
+        return tuple(self.train) + tuple(self.side)
+
+    def downstream_of(self, stage: str) -> tuple[str, ...]:
+        if stage in self.downstream:
+            return self.downstream[stage]
+        return self.stages[self.stages.index(stage):]
+
+    def excluded(self, stage: str) -> sp.csr_matrix:
+        """Items removed from stage rankings: union of the named training matrices."""
+        return union(*(self.matrix(name) for name in self.exclude[stage]))
+
+    def tuning_view(self) -> CascadeData:
+        """The same cascade with validation as its test side: what hyper-parameter search sees.
+
+        Train matrices lose the tuning-fold pairs, so no validation pair is trained on.
+        """
+        hold = self.valid_holdout
+
+        def strip(m: sp.csr_matrix) -> sp.csr_matrix:
+            return m if hold is None else difference(m, hold)
+
+        return CascadeData(
+            name=f"{self.name}:valid",
+            stages=self.stages,
+            n_users=self.n_users,
+            n_items=self.n_items,
+            train={s: strip(m) for s, m in self.train.items()},
+            valid={},
+            test=dict(self.valid),
+            exclude=dict(self.exclude),
+            side={s: strip(m) for s, m in self.side.items()},
+            downstream=dict(self.downstream),
+            valid_holdout=None,
+            user_ids=self.user_ids,
+            item_ids=self.item_ids,
+            user_features=self.user_features,
+            item_features=self.item_features,
+            report=self.report,
+        )
+
+    def summary(self) -> str:
+        lines = [f"{self.name}: {self.n_users:,} users x {self.n_items:,} items, cascade {' -> '.join(self.stages)}"]
+        for s in self.stages:
+            v = self.valid.get(s)
+            lines.append(
+                f"  {s}: train {self.train[s].nnz:,}  valid {0 if v is None else v.nnz:,}  "
+                f"test {self.test[s].nnz:,} pairs ({count_users(self.test[s]):,} test users)"
+            )
+        for name, m in self.side.items():
+            lines.append(f"  side behaviour {name}: {m.nnz:,} train pairs")
+        return "\n".join(lines)
+
+
+def count_users(mat: sp.csr_matrix) -> int:
+    return int((np.diff(mat.indptr) > 0).sum())
+
+
+def subset_rates(stages: tuple[str, ...], mats: dict[str, sp.csr_matrix]) -> dict[str, float]:
+    """For each stage after the first: the share of its pairs that are also in the stage before."""
+    rates = {}
+    for prev, cur in zip(stages, stages[1:], strict=False):
+        if mats[cur].nnz:
+            rates[cur] = intersection(mats[cur], mats[prev]).nnz / mats[cur].nnz
+    return rates
+
+
+def leak_violations(data: CascadeData) -> list[str]:
+    """The leak rule: no test (or valid) pair of a stage is in train of that stage or a later one.
+
+    Returns human-readable violations; empty when the split is clean. Validation pairs that live in
+    a tuning fold are checked against the tuning view's train, where they are removed.
+    """
+    problems = []
+    tuning = data.tuning_view()
+    for side_name, source in (("test", data), ("valid", tuning)):
+        held = data.test if side_name == "test" else data.valid
+        for stage in data.stages:
+            if stage not in held or held[stage] is None:
+                continue
+            for later in data.downstream_of(stage):
+                leaked = intersection(held[stage], source.matrix(later)).nnz
+                if leaked:
+                    problems.append(f"{leaked} {stage} {side_name} pairs are in {later} train")
+    for stage in data.stages:
+        if stage in data.valid and data.valid[stage] is not None:
+            both = intersection(data.valid[stage], data.test[stage]).nnz
+            if both:
+                problems.append(f"{both} {stage} pairs are in both valid and test")
+    return problems

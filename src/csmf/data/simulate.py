@@ -1,0 +1,139 @@
+"""Cascade simulator: exposure -> click -> conversion logs with known ground truth, streamed to disk.
+
+Users and items carry latent factors in four parts: shared, exposure-, click- and conversion-specific.
+A logging policy (popularity candidates ranked by a noisy exposure affinity) picks each user's
+exposures; a click happens with probability sigmoid(shared + click-specific affinity + bias) and a
+conversion, given a click, with sigmoid(shared + conversion-specific affinity + bias). Click and
+conversion therefore agree only partly, as in real logs. Users are generated chunk by chunk from
+per-chunk seeds, so memory stays bounded and any user's factors can be regenerated (`user_factors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from csmf.config import SimConfig
+
+SIM_STAGES = ("exposure", "click", "conversion")
+PARTS = ("shared", "exposure", "click", "conversion")
+
+
+@dataclass
+class ItemWorld:
+    factors: np.ndarray  # (n_items, 4, dim) float32, parts in PARTS order
+    popularity: np.ndarray  # (n_items,) float64, sums to 1
+    category: np.ndarray  # (n_items,) int32
+
+
+def item_world(cfg: SimConfig) -> ItemWorld:
+    rng = np.random.default_rng([cfg.seed, 0])
+    factors = rng.standard_normal((cfg.n_items, len(PARTS), cfg.dim), dtype=np.float32)
+    ranks = rng.permutation(cfg.n_items) + 1
+    popularity = 1.0 / ranks.astype(np.float64) ** cfg.popularity_skew
+    popularity /= popularity.sum()
+    category = np.argmax(factors[:, 0, :8], axis=1).astype(np.int32)
+    return ItemWorld(factors, popularity, category)
+
+
+def user_factors(cfg: SimConfig, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(factors (B, 4, dim), activity (B,)) of the users in chunk `chunk`, regenerated exactly."""
+    rng = np.random.default_rng([cfg.seed, 1, chunk])
+    n = min(cfg.chunk_users, cfg.n_users - chunk * cfg.chunk_users)
+    factors = rng.standard_normal((n, len(PARTS), cfg.dim), dtype=np.float32)
+    # Log-normal activity with the configured mean: a few heavy users, many light ones.
+    activity = rng.lognormal(mean=0.0, sigma=0.6, size=n)
+    counts = np.maximum(1, np.rint(activity / activity.mean() * cfg.exposures_per_user)).astype(np.int64)
+    return factors, counts
+
+
+def _affinity(uf: np.ndarray, itf: np.ndarray, part: int, dim: int) -> np.ndarray:
+    return np.einsum("nd,nd->n", uf[:, part], itf[:, part]) / np.sqrt(dim)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def simulate_chunks(cfg: SimConfig) -> Iterator[pa.Table]:
+    """Yield the log as Arrow tables, one per chunk of users."""
+    world = item_world(cfg)
+    cdf = np.cumsum(world.popularity)
+    n_chunks = -(-cfg.n_users // cfg.chunk_users)
+    w = cfg.shared_weight
+    for chunk in range(n_chunks):
+        rng = np.random.default_rng([cfg.seed, 2, chunk])
+        factors, counts = user_factors(cfg, chunk)
+        first_user = chunk * cfg.chunk_users
+        # Candidates: popularity draws, several per exposure slot, deduplicated per user.
+        cand_user = np.repeat(np.arange(len(counts)), counts * cfg.candidates_per_exposure)
+        cand_item = np.minimum(np.searchsorted(cdf, rng.random(len(cand_user))), cfg.n_items - 1)
+        key = np.unique(cand_user.astype(np.int64) * cfg.n_items + cand_item)
+        cand_user, cand_item = (key // cfg.n_items).astype(np.int64), (key % cfg.n_items).astype(np.int64)
+        uf, itf = factors[cand_user], world.factors[cand_item]
+        true_exposure = _affinity(uf, itf, 0, cfg.dim) * w + _affinity(uf, itf, 1, cfg.dim) * (1 - w)
+        policy = true_exposure + cfg.policy_noise * rng.standard_normal(len(cand_user))
+        # Each user sees the top `count` candidates of the policy score.
+        order = np.lexsort((-policy, cand_user))
+        starts = np.searchsorted(cand_user[order], np.arange(len(counts)))
+        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        chosen = order[rank < counts[cand_user[order]]]
+        uf, itf = uf[chosen], itf[chosen]
+        shared = _affinity(uf, itf, 0, cfg.dim)
+        p_click = _sigmoid(w * shared + (1 - w) * _affinity(uf, itf, 2, cfg.dim) * 2 + cfg.click_bias)
+        p_conv = _sigmoid(w * shared + (1 - w) * _affinity(uf, itf, 3, cfg.dim) * 2 + cfg.conversion_bias)
+        click = rng.random(len(chosen)) < p_click
+        conversion = click & (rng.random(len(chosen)) < p_conv)
+        users = cand_user[chosen]
+        timestamps = 1_700_000_000 + rng.integers(0, 30 * 86_400, size=len(chosen))
+        segment = np.argmax(factors[:, 0, :4], axis=1).astype(np.int32)
+        yield pa.table(
+            {
+                "user_id": (users + first_user).astype(np.int64),
+                "item_id": cand_item[chosen].astype(np.int64),
+                "exposure": np.ones(len(chosen), dtype=np.int8),
+                "click": click.astype(np.int8),
+                "conversion": conversion.astype(np.int8),
+                "timestamp": timestamps.astype(np.int64),
+                "user_segment": segment[users],
+                "item_category": world.category[cand_item[chosen]],
+            }
+        )
+
+
+def simulate(cfg: SimConfig, out: str | Path, progress: bool = True) -> dict:
+    """Stream the simulated log to `out` (.parquet or .csv); return row and stage counts.
+
+    Also writes `<out>.truth.npz` with the item factors and popularity (user factors are regenerated
+    by `user_factors`, so they are not stored).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{out}: simulator output must end in .parquet or .csv")
+    tmp = out.with_name(out.name + ".partial")
+    counts = {"rows": 0, **{s: 0 for s in SIM_STAGES}}
+    writer = None
+    n_chunks = -(-cfg.n_users // cfg.chunk_users)
+    try:
+        for table in tqdm(simulate_chunks(cfg), total=n_chunks, desc="simulate", unit="chunk", disable=not progress):
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema) if out.suffix == ".parquet" else pacsv.CSVWriter(tmp, table.schema)
+            writer.write_table(table)
+            counts["rows"] += table.num_rows
+            for s in SIM_STAGES:
+                counts[s] += int(np.asarray(table.column(s)).sum())
+    finally:
+        if writer is not None:
+            writer.close()
+    tmp.replace(out)  # only a complete log ever carries the final name
+    world = item_world(cfg)
+    np.savez_compressed(out.with_name(out.name + ".truth.npz"), item_factors=world.factors, popularity=world.popularity)
+    return counts

@@ -1,0 +1,92 @@
+"""Full-catalogue evaluation of any Retriever: every item is a candidate, per objective.
+
+For each stage: users with at least one test positive are ranked over all items, minus the items
+the split says to exclude (their training positives), in user batches sized so one score block
+stays under `score_budget_mb`. Metrics are averaged over those users.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm import tqdm
+
+from csmf.data.schema import CascadeData
+from csmf.metrics import recall_ndcg
+from csmf.models.base import Retriever
+
+
+def users_with_positives(mat: sp.csr_matrix) -> np.ndarray:
+    return np.flatnonzero(np.diff(mat.indptr) > 0).astype(np.int64)
+
+
+def batch_size_for(n_items: int, budget_mb: int) -> int:
+    # A block holds the scores plus a same-size mask; count 8 bytes per (user, item).
+    return max(1, int(budget_mb * 2**20 // (8 * max(n_items, 1))))
+
+
+def _rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Tensor:
+    """(B, N) bool tensor marking each user's pairs in `mat`."""
+    sub = mat[users]
+    rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
+    mask = torch.zeros((len(users), n_items), dtype=torch.bool)
+    mask[torch.from_numpy(rows), torch.from_numpy(sub.indices.astype(np.int64))] = True
+    return mask
+
+
+def topk_hits(
+    scores: torch.Tensor, exclude: torch.Tensor, truth: torch.Tensor, k: int
+) -> np.ndarray:
+    """Mask excluded items, take the top k, and say which ranked items are positives."""
+    scores = scores.masked_fill(exclude, float("-inf"))
+    top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices  # (B, k)
+    return truth.gather(1, top).numpy()
+
+
+def evaluate_stage(
+    model: Retriever,
+    data: CascadeData,
+    stage: str,
+    ks: tuple[int, ...] = (10, 20, 50),
+    budget_mb: int = 256,
+    progress: bool = False,
+) -> dict[str, float]:
+    truth_mat = data.test[stage]
+    users = users_with_positives(truth_mat)
+    if len(users) == 0:
+        return {}
+    excluded = data.excluded(stage)
+    n_pos = np.diff(truth_mat.indptr)[users]
+    batch = batch_size_for(data.n_items, budget_mb)
+    sums: dict[str, float] = {}
+    batches = range(0, len(users), batch)
+    for start in tqdm(batches, desc=f"eval {stage}", unit="batch", disable=not progress, leave=False):
+        ub = users[start : start + batch]
+        with torch.no_grad():
+            scores = model.score(ub, stage).float()  # (B, N)
+        hits = topk_hits(scores, _rows_mask(excluded, ub, data.n_items), _rows_mask(truth_mat, ub, data.n_items), max(ks))
+        if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
+            hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
+        for name, values in recall_ndcg(hits, n_pos[start : start + batch], ks).items():
+            sums[name] = sums.get(name, 0.0) + float(values.sum())
+    metrics = {name: total / len(users) for name, total in sums.items()}
+    metrics["users"] = int(len(users))
+    return metrics
+
+
+def evaluate(
+    model: Retriever,
+    data: CascadeData,
+    ks: tuple[int, ...] = (10, 20, 50),
+    budget_mb: int = 256,
+    stages: tuple[str, ...] | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """{stage: {"recall@10": x, "ndcg@10": x, ..., "users": n}} for every stage with test pairs."""
+    out = {}
+    for stage in stages or data.stages:
+        result = evaluate_stage(model, data, stage, ks, budget_mb, progress)
+        if result:
+            out[stage] = result
+    return out

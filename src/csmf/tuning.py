@@ -1,0 +1,65 @@
+"""Hyper-parameter selection on validation only: coordinate search over a grid, per objective.
+
+Full grids grow multiplicatively (ALS: 3 x 3 x 3 x 4 = 108 fits per objective); coordinate search
+sweeps one parameter at a time with the others at their current best and repeats until nothing
+changes, which finds the same optimum on these smooth grids in a fraction of the fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+
+@dataclass
+class SearchResult:
+    best: dict[str, Any]
+    best_value: float
+    trials: list[dict[str, Any]] = field(default_factory=list)  # {"params": {...}, "value": x}
+
+    def as_dict(self, metric: str) -> dict:
+        return {"metric": metric, "best": self.best, "best_value": self.best_value, "trials": self.trials}
+
+
+def coordinate_search(
+    grid: Mapping[str, Sequence[Any]],
+    objective: Callable[[dict[str, Any]], float],
+    start: Mapping[str, Any],
+    max_rounds: int = 3,
+    progress: bool = False,
+    desc: str = "tune",
+) -> SearchResult:
+    """Maximise `objective` over `grid`, one coordinate at a time, starting from `start`.
+
+    Each distinct point is evaluated once. Ties keep the incumbent, so the result is deterministic.
+    """
+    current = dict(start)
+    cache: dict[tuple, float] = {}
+    trials: list[dict[str, Any]] = []
+    bar = tqdm(desc=desc, unit="fit", disable=not progress, leave=False)
+
+    def value(point: dict[str, Any]) -> float:
+        key = tuple(sorted(point.items()))
+        if key not in cache:
+            cache[key] = float(objective(dict(point)))
+            trials.append({"params": dict(point), "value": cache[key]})
+            bar.update(1)
+            bar.set_postfix(best=f"{max(cache.values()):.4f}")
+        return cache[key]
+
+    best_value = value(current)
+    for _ in range(max_rounds):
+        changed = False
+        for name, values in grid.items():
+            for candidate in values:
+                point = {**current, name: candidate}
+                v = value(point)
+                if v > best_value:
+                    current, best_value, changed = point, v, True
+        if not changed:
+            break
+    bar.close()
+    return SearchResult(best=current, best_value=best_value, trials=trials)
