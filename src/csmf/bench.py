@@ -55,6 +55,7 @@ def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
 
 # ----- model builders: tune on the validation view, then fit on train ------------------------------
 
+
 def _tuned(
     cfg: Config,
     data: CascadeData,
@@ -121,6 +122,7 @@ MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]]
 
 
 # ----- results ------------------------------------------------------------------------------------
+
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}

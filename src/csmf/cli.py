@@ -15,7 +15,10 @@ from csmf.data.errors import DataError
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file with config sections ([data], [als], ...)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override one config field, e.g. --set als.factors=64,128 (repeatable)",
     )
     parser.add_argument("--seed", type=int, help="model seed (default 0)")

@@ -38,13 +38,13 @@ class SimConfig:
     n_users: int = 4000
     n_items: int = 3000
     exposures_per_user: int = 40  # mean; per-user counts vary (geometric-ish activity)
-    dim: int = 16  # latent dimension of each affinity component
+    dim: int = 8  # latent dimension of each affinity component
     shared_weight: float = 0.6  # share of click/conversion affinity that is common to both objectives
-    candidates_per_exposure: int = 4  # logging policy draws this many popularity candidates per slot
-    policy_noise: float = 1.0  # std of the logging policy's error on true exposure affinity
+    candidates_per_exposure: int = 20  # logging policy draws this many popularity candidates per slot
+    policy_noise: float = 0.5  # std of the logging policy's error on true exposure affinity
     click_bias: float = -2.0  # logit offset of the click probability
     conversion_bias: float = -1.5  # logit offset of P(conversion | click)
-    popularity_skew: float = 1.0  # Zipf exponent of item popularity
+    popularity_skew: float = 0.7  # Zipf exponent of item popularity
     chunk_users: int = 2000  # users generated per streamed chunk (bounds memory)
     seed: int = 0
 

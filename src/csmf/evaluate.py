@@ -35,9 +35,7 @@ def _rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Ten
     return mask
 
 
-def topk_hits(
-    scores: torch.Tensor, exclude: torch.Tensor, truth: torch.Tensor, k: int
-) -> np.ndarray:
+def topk_hits(scores: torch.Tensor, exclude: torch.Tensor, truth: torch.Tensor, k: int) -> np.ndarray:
     """Mask excluded items, take the top k, and say which ranked items are positives."""
     scores = scores.masked_fill(exclude, float("-inf"))
     top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices  # (B, k)
@@ -65,7 +63,9 @@ def evaluate_stage(
         ub = users[start : start + batch]
         with torch.no_grad():
             scores = model.score(ub, stage).float()  # (B, N)
-        hits = topk_hits(scores, _rows_mask(excluded, ub, data.n_items), _rows_mask(truth_mat, ub, data.n_items), max(ks))
+        hits = topk_hits(
+            scores, _rows_mask(excluded, ub, data.n_items), _rows_mask(truth_mat, ub, data.n_items), max(ks)
+        )
         if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
             hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
         for name, values in recall_ndcg(hits, n_pos[start : start + batch], ks).items():

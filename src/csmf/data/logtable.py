@@ -61,7 +61,9 @@ def _encode_ids(table: pa.Table, col: str, where: _Locator) -> tuple[np.ndarray,
         bad = values != np.floor(values)
         if bad.any():
             row = _first(bad)
-            raise DataError(f"{where(row)}: column {col!r} has non-integer id {values[row]!r}; ids must be integers or strings")
+            raise DataError(
+                f"{where(row)}: column {col!r} has non-integer id {values[row]!r}; ids must be integers or strings"
+            )
         arr = pc.cast(arr, pa.int64())
     if pa.types.is_integer(arr.type):
         values = arr.to_numpy()
@@ -181,7 +183,9 @@ def load_log(
     report.skip("rows with every stage 0 (no positive for any objective)", int((~any_stage).sum()))
 
     feature_cols = [c for c in columns if c not in (user_col, item_col, timestamp_col, *stages)]
-    ufeat, ifeat = _features(table, feature_cols, users, items, n_users, n_items, user_features, item_features, path, report)
+    ufeat, ifeat = _features(
+        table, feature_cols, users, items, n_users, n_items, user_features, item_features, path, report
+    )
 
     keep = np.flatnonzero(any_stage)
     key = users[keep].astype(np.int64) * n_items + items[keep]

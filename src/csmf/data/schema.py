@@ -174,7 +174,7 @@ class CascadeData:
     def downstream_of(self, stage: str) -> tuple[str, ...]:
         if stage in self.downstream:
             return self.downstream[stage]
-        return self.stages[self.stages.index(stage):]
+        return self.stages[self.stages.index(stage) :]
 
     def excluded(self, stage: str) -> sp.csr_matrix:
         """Items removed from stage rankings: union of the named training matrices."""

@@ -54,8 +54,11 @@ def user_factors(cfg: SimConfig, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     return factors, counts
 
 
-def _affinity(uf: np.ndarray, itf: np.ndarray, part: int, dim: int) -> np.ndarray:
-    return np.einsum("nd,nd->n", uf[:, part], itf[:, part]) / np.sqrt(dim)
+def _affinity(
+    user_f: np.ndarray, item_f: np.ndarray, users: np.ndarray, items: np.ndarray, part: int, dim: int
+) -> np.ndarray:
+    """<user part, item part> / sqrt(dim) for each (user, item) pair; gathers one part at a time."""
+    return np.einsum("nd,nd->n", user_f[users, part], item_f[items, part]) / np.sqrt(dim)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -77,18 +80,20 @@ def simulate_chunks(cfg: SimConfig) -> Iterator[pa.Table]:
         cand_item = np.minimum(np.searchsorted(cdf, rng.random(len(cand_user))), cfg.n_items - 1)
         key = np.unique(cand_user.astype(np.int64) * cfg.n_items + cand_item)
         cand_user, cand_item = (key // cfg.n_items).astype(np.int64), (key % cfg.n_items).astype(np.int64)
-        uf, itf = factors[cand_user], world.factors[cand_item]
-        true_exposure = _affinity(uf, itf, 0, cfg.dim) * w + _affinity(uf, itf, 1, cfg.dim) * (1 - w)
+        true_exposure = w * _affinity(factors, world.factors, cand_user, cand_item, 0, cfg.dim)
+        true_exposure += (1 - w) * _affinity(factors, world.factors, cand_user, cand_item, 1, cfg.dim)
         policy = true_exposure + cfg.policy_noise * rng.standard_normal(len(cand_user))
         # Each user sees the top `count` candidates of the policy score.
         order = np.lexsort((-policy, cand_user))
         starts = np.searchsorted(cand_user[order], np.arange(len(counts)))
         rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
         chosen = order[rank < counts[cand_user[order]]]
-        uf, itf = uf[chosen], itf[chosen]
-        shared = _affinity(uf, itf, 0, cfg.dim)
-        p_click = _sigmoid(w * shared + (1 - w) * _affinity(uf, itf, 2, cfg.dim) * 2 + cfg.click_bias)
-        p_conv = _sigmoid(w * shared + (1 - w) * _affinity(uf, itf, 3, cfg.dim) * 2 + cfg.conversion_bias)
+        cu, ci = cand_user[chosen], cand_item[chosen]
+        shared = _affinity(factors, world.factors, cu, ci, 0, cfg.dim)
+        click_own = _affinity(factors, world.factors, cu, ci, 2, cfg.dim)
+        conv_own = _affinity(factors, world.factors, cu, ci, 3, cfg.dim)
+        p_click = _sigmoid(w * shared + (1 - w) * click_own * 2 + cfg.click_bias)
+        p_conv = _sigmoid(w * shared + (1 - w) * conv_own * 2 + cfg.conversion_bias)
         click = rng.random(len(chosen)) < p_click
         conversion = click & (rng.random(len(chosen)) < p_conv)
         users = cand_user[chosen]
@@ -125,7 +130,11 @@ def simulate(cfg: SimConfig, out: str | Path, progress: bool = True) -> dict:
     try:
         for table in tqdm(simulate_chunks(cfg), total=n_chunks, desc="simulate", unit="chunk", disable=not progress):
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema) if out.suffix == ".parquet" else pacsv.CSVWriter(tmp, table.schema)
+                writer = (
+                    pq.ParquetWriter(tmp, table.schema)
+                    if out.suffix == ".parquet"
+                    else pacsv.CSVWriter(tmp, table.schema)
+                )
             writer.write_table(table)
             counts["rows"] += table.num_rows
             for s in SIM_STAGES:

@@ -128,7 +128,11 @@ def split_jd(
     valid["interact"] = difference(union(*tuning_fold), test["interact"])
 
     behaviours = ["view", "favorite", "purchase"]
-    side = {b: (fav_train if b == "favorite" else train[b]) for b in behaviours if b not in stages}
+    # A behaviour outside the cascade has no test pairs of its own, so it is side data in full,
+    # except views: while any stage needs the click hold-out, held-out views stay out of training.
+    needs_view_test = any(s in stages for s in ("view", "interact"))
+    full = {"view": train["view"] if needs_view_test else pv, "favorite": fav_train, "purchase": buy}
+    side = {b: full[b] for b in behaviours if b not in stages}
     every = tuple(stages) + tuple(side)
     downstream = {
         "interact": every,
@@ -138,7 +142,8 @@ def split_jd(
     }
     exclude = {"interact": every, "view": every, "favorite": every, "purchase": ("purchase",)}
     data = CascadeData(
-        name="jd",
+        # Results of another cascade must not overwrite the default one's: the name carries the stages.
+        name="jd" if tuple(stages) == JD_DEFAULT_STAGES else "jd-" + "-".join(stages),
         stages=tuple(stages),
         n_users=n_users,
         n_items=n_items,

@@ -38,16 +38,17 @@ class ALS(Retriever):
 
     def fit(self, data: CascadeData) -> ALS:
         for stage, s in self.stage_settings.items():
-            model = AlternatingLeastSquares(
-                factors=s.factors,
-                regularization=s.regularization,
-                alpha=s.alpha,
-                iterations=s.iterations,
-                random_state=self.seed,
-                num_threads=self.num_threads,
-            )
-            # implicit parallelises over users itself; a threaded BLAS underneath only oversubscribes.
+            # implicit parallelises over users itself; a threaded BLAS underneath only oversubscribes
+            # (implicit checks this when the model is built, so build it inside the limit too).
             with threadpool_limits(1, "blas"):
+                model = AlternatingLeastSquares(
+                    factors=s.factors,
+                    regularization=s.regularization,
+                    alpha=s.alpha,
+                    iterations=s.iterations,
+                    random_state=self.seed,
+                    num_threads=self.num_threads,
+                )
                 model.fit(input_matrix(data, stage, s.aux_weight), show_progress=False)
             self.user_factors[stage] = torch.from_numpy(np.ascontiguousarray(model.user_factors))
             self.item_factors[stage] = torch.from_numpy(np.ascontiguousarray(model.item_factors))
