@@ -15,7 +15,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from csmf.config import Config, config_to_dict
+from csmf.config import Config, ConfigError, config_to_dict
 from csmf.data.jd import load_jd
 from csmf.data.logtable import load_log
 from csmf.data.schema import CascadeData
@@ -199,6 +199,9 @@ def write_table(out_dir: str | Path, dataset: str) -> tuple[Path, str]:
 
 
 def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print) -> str:
+    unknown = [m for m in cfg.bench.models if m not in MODELS]
+    if unknown:  # before loading: a typo should not cost a data load
+        raise ConfigError(f"bench.models: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     data = load_dataset(cfg, progress)
     log(data.summary())
     log(data.report.render())

@@ -29,7 +29,9 @@ def read_table(path: Path) -> pa.Table:
             return pq.read_table(path)
         if suffix.startswith(".csv") or suffix.startswith(".tsv"):
             delimiter = "\t" if suffix.startswith(".tsv") else ","
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            # Empty cells are nulls in every column, so an empty id is reported rather than read as "".
+            convert = pacsv.ConvertOptions(strings_can_be_null=True)
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: cannot parse: {err}") from None
     raise DataError(f"{path}: unknown log format {suffix!r}; use .csv, .tsv or .parquet (optionally .gz)")
@@ -43,7 +45,19 @@ class _Locator:
         self.csv = ".csv" in path.suffixes or ".tsv" in path.suffixes
 
     def __call__(self, row: int) -> str:
-        return f"{self.path}:{row + 2}" if self.csv else f"{self.path} row {row + 1}"
+        return f"{self.path}:{self._csv_line(row)}" if self.csv else f"{self.path} row {row + 1}"
+
+    def _csv_line(self, row: int) -> int:
+        """Physical line of data row `row`: the reader skips blank lines, so count them (only on error)."""
+        opener = pa.input_stream(str(self.path), compression="detect")
+        non_blank = 0  # the header is non-blank line 1, data row r is non-blank line r + 2
+        with opener as stream:
+            for lineno, raw in enumerate(stream.read().decode(errors="replace").splitlines(), start=1):
+                if raw.strip():
+                    non_blank += 1
+                    if non_blank == row + 2:
+                        return lineno
+        return row + 2
 
 
 def _first(mask: np.ndarray) -> int:
@@ -62,14 +76,17 @@ def _encode_ids(table: pa.Table, col: str, where: _Locator) -> tuple[np.ndarray,
         if bad.any():
             row = _first(bad)
             raise DataError(
-                f"{where(row)}: column {col!r} has non-integer id {values[row]!r}; ids must be integers or strings"
+                f"{where(row)}: column {col!r} has non-integer id {values[row].item()!r}; "
+                "ids must be integers or strings"
             )
         arr = pc.cast(arr, pa.int64())
     if pa.types.is_integer(arr.type):
         values = arr.to_numpy()
         if (values < 0).any():
             row = _first(values < 0)
-            raise DataError(f"{where(row)}: column {col!r} has negative id {values[row]}; integer ids must be >= 0")
+            raise DataError(
+                f"{where(row)}: column {col!r} has negative id {values[row].item()}; integer ids must be >= 0"
+            )
     elif not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         raise DataError(f"{where.path}: column {col!r} has type {arr.type}; ids must be integers or strings")
     encoded = pc.dictionary_encode(arr).combine_chunks()
@@ -102,7 +119,8 @@ def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
     raw = arr.to_numpy(zero_copy_only=False)
     bad = ~np.isin(raw.astype(str), ("0", "1", "0.0", "1.0", "True", "False"))
     row = _first(bad) if bad.any() else 0
-    raise DataError(f"{where(row)}: stage column {col!r} has value {raw[row]!r}; stage columns hold 0 or 1")
+    value = raw[row].item() if isinstance(raw[row], np.generic) else raw[row]
+    raise DataError(f"{where(row)}: stage column {col!r} has value {value!r}; stage columns hold 0 or 1")
 
 
 def load_log(
@@ -141,9 +159,8 @@ def load_log(
         labels = {s: _check_stage(table, s, where) for s in stages}
     else:
         labels = {}
-        rest = [c for c in columns if c not in (user_col, item_col)]
-        start = columns.index(item_col) + 1
-        for col in columns[start:]:
+        after_items = columns[columns.index(item_col) + 1 :]
+        for col in after_items:
             if col == timestamp_col or col == user_col:
                 break
             values = _stage_values(table, col, where)
@@ -151,10 +168,12 @@ def load_log(
                 break
             labels[col] = values
         if not labels:
-            first = rest[0] if rest else None
-            if first is None:
-                raise DataError(f"{path}: no stage columns; expected 0/1 columns after {item_col!r}")
-            _check_stage(table, first, where)  # raises naming the row with the first non-0/1 value
+            if after_items and after_items[0] not in (timestamp_col, user_col):
+                _check_stage(table, after_items[0], where)  # raises naming the row with the first non-0/1 value
+            raise DataError(
+                f"{path}: no stage columns after {item_col!r}; put the 0/1 stage columns right after the id "
+                f"columns, or name them with --stages (columns are {columns})"
+            )
         stages = tuple(labels)
         report.notes.append(f"stages inferred from the columns after {item_col!r}: {' -> '.join(stages)}")
     for s in stages:

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from csmf.config import SimConfig
+from csmf.config import ConfigError, SimConfig
 
 SIM_STAGES = ("exposure", "click", "conversion")
 PARTS = ("shared", "exposure", "click", "conversion")
@@ -122,7 +122,7 @@ def simulate(cfg: SimConfig, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix not in (".parquet", ".csv"):
-        raise ValueError(f"{out}: simulator output must end in .parquet or .csv")
+        raise ConfigError(f"--out {out}: simulator output must end in .parquet or .csv")
     tmp = out.with_name(out.name + ".partial")
     counts = {"rows": 0, **{s: 0 for s in SIM_STAGES}}
     writer = None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from csmf.config import ConfigError
+from csmf.data.errors import DataError
 from csmf.data.schema import (
     CascadeData,
     CascadeLog,
@@ -89,12 +91,12 @@ def split_jd(
     """
     unknown = [s for s in stages if s not in JD_STAGES]
     if unknown or not stages:
-        raise ValueError(f"JD stages must be chosen from {JD_STAGES}; got {stages}")
+        raise ConfigError(f"data.stages: JD stages are chosen from {JD_STAGES}; got {stages}")
     if len(set(stages)) != len(stages):
-        raise ValueError(f"JD stages repeat a name: {stages}")
+        raise ConfigError(f"data.stages: JD stages repeat a name: {stages}")
     order = [s for s in JD_STAGES if s in stages]
     if list(stages) != order:
-        raise ValueError(f"JD stages must follow the cascade order {JD_STAGES}; got {stages}")
+        raise ConfigError(f"data.stages: JD stages must follow the cascade order {JD_STAGES}; got {stages}")
     report = report or LoadReport("jd")
     n_users, n_items = files["trn_buy"].shape
     buy, fav, pv = files["trn_buy"], files["trn_fav"], files["trn_pv"]
@@ -183,16 +185,21 @@ def split_log(
     rows is drawn the same way and removed from train by `tuning_view()`.
     """
     if by not in ("random", "time"):
-        raise ValueError(f"split must be 'random' or 'time', got {by!r}")
+        raise ConfigError(f"data.split must be 'random' or 'time', got {by!r}")
     if by == "time" and log.timestamps is None:
-        raise ValueError(f"{name}: split='time' needs a timestamp column; this log has none")
+        raise DataError(f"{name}: data.split='time' needs a timestamp column; this log has none")
     order = np.lexsort((log.items, log.users))
     users, items, labels = log.users[order], log.items[order], log.labels[order]
     n_per_user = np.bincount(users, minlength=log.n_users).astype(np.int64)
     rng = np.random.default_rng(seed)
     noise = rng.random(len(users))
-    # Smaller key = held out first: random keys, or negative time (latest first) with random ties.
-    keys = noise if by == "random" else -log.timestamps[order] + noise * 1e-9
+    # Smaller key = held out first: random keys, or latest first with random ties. Ranks, not raw
+    # times, carry the tie-break: noise added to Unix seconds would vanish below float precision.
+    if by == "random":
+        keys = noise
+    else:
+        time_rank = np.unique(log.timestamps[order], return_inverse=True)[1]
+        keys = -time_rank + 0.5 * noise
     test_mask = holdout_order(n_per_user, test_frac, keys)
     rest = ~test_mask
     rest_counts = np.bincount(users[rest], minlength=log.n_users).astype(np.int64)

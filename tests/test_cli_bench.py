@@ -1,0 +1,307 @@
+"""The `csmf` command end to end (simulate, bench, data), result files, and the TOML config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from csmf.bench import run_model
+from csmf.cli import main
+from csmf.config import (
+    ALSConfig,
+    BenchConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    config_from_dict,
+    load_config,
+    override,
+    save_config,
+)
+from csmf.data.logtable import load_log
+from csmf.data.split import split_log
+
+REQUIRED_KEYS = {"model", "dataset", "seed", "config", "versions", "train_seconds", "params", "metrics"}
+METRIC_KEYS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50"}
+SIM_STAGES = {"exposure", "click", "conversion"}
+FAST_ALS = ["--set", "als.factors=8", "--set", "als.iterations=3"]
+
+
+@pytest.fixture(scope="module")
+def sim_log_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "sim.parquet"
+    assert main(["simulate", "--out", str(path), "--users", "200", "--items", "100", "--quiet"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_out(sim_log_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    argv = ["bench", "--dataset", str(sim_log_path), "--models", "popularity,als", "--no-tune", "--out", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    return out
+
+
+def read_result(out: Path, dataset: str, model: str) -> dict:
+    return json.loads((out / dataset / f"{model}.json").read_text())
+
+
+def test_simulate_command(tmp_path, capsys):
+    out = tmp_path / "nested" / "s.csv"
+    assert main(["simulate", "--out", str(out), "--users", "50", "--items", "40", "--seed", "4", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    log = load_log(out)
+    assert f"wrote {out}: {log.report.rows_read:,} rows" in printed
+    assert f"click {int(log.labels[:, 1].sum()):,}" in printed
+    assert log.n_users == 50 and log.n_items <= 40
+    assert (tmp_path / "nested" / "s.csv.truth.npz").exists()
+
+
+def test_bench_result_layout(bench_out, sim_log_path):
+    data = split_log(load_log(sim_log_path), name="sim")
+    test_users = {s: int((np.diff(data.test[s].indptr) > 0).sum()) for s in data.stages}
+    for model in ("popularity", "als"):
+        result = read_result(bench_out, "sim", model)
+        assert REQUIRED_KEYS <= set(result)
+        assert result["model"] == model
+        assert result["dataset"] == "sim"
+        assert result["seed"] == 0
+        assert set(result["metrics"]) == SIM_STAGES
+        for stage, metrics in result["metrics"].items():
+            assert set(metrics) == METRIC_KEYS, stage
+            assert all(0.0 <= v <= 1.0 for v in metrics.values()), (model, stage, metrics)
+            # Recall can only grow with K.
+            assert metrics["recall@10"] <= metrics["recall@20"] <= metrics["recall@50"]
+        assert result["eval_users"] == test_users
+        assert result["config"]["bench"]["tune"] is False
+        assert result["config"]["data"]["dataset"] == str(sim_log_path)
+        assert result["train_seconds"] >= 0
+        assert {"python", "numpy", "torch", "implicit"} <= set(result["versions"])
+    pop = read_result(bench_out, "sim", "popularity")
+    als = read_result(bench_out, "sim", "als")
+    assert pop["params"] == 0
+    settings = als["config"]["model_settings"]
+    assert set(settings) == SIM_STAGES
+    per_stage = [(data.n_users + data.n_items) * settings[s]["factors"] for s in data.stages]
+    assert als["params"] == sum(per_stage)
+    assert all(als["tuning"][s]["note"] == "not tuned" for s in data.stages)
+
+
+def test_bench_table_lists_every_model(bench_out):
+    table = (bench_out / "sim" / "table.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == "# sim"
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
+    assert sorted(r.split("|")[1].strip() for r in rows) == ["als", "popularity"]
+    pop = read_result(bench_out, "sim", "popularity")
+    pop_row = next(r for r in rows if r.startswith("| popularity "))
+    assert f"{pop['metrics']['click']['recall@10']:.4f}" in pop_row
+    header = next(line for line in lines if line.startswith("| model"))
+    assert "click R@10" in header and "conversion N@50" in header
+
+
+def test_bench_on_packaged_jd(tmp_path):
+    assert (
+        main(["bench", "--dataset", "jd", "--models", "popularity", "--no-tune", "--out", str(tmp_path), "--quiet"])
+        == 0
+    )
+    result = read_result(tmp_path, "jd", "popularity")
+    assert set(result["metrics"]) == {"view", "purchase"}
+    assert result["eval_users"] == {"view": 6_959, "purchase": 2_579}  # click hold-out / tst_buy users
+    # The popularity row of the README's JD table (deterministic: counts, no seed).
+    readme = {
+        "view": {"recall@10": 0.0214, "ndcg@10": 0.0129, "recall@50": 0.0747, "ndcg@50": 0.0286},
+        "purchase": {"recall@10": 0.0172, "ndcg@10": 0.0088, "recall@50": 0.0491, "ndcg@50": 0.0182},
+    }
+    for stage, expected in readme.items():
+        for metric, value in expected.items():
+            assert round(result["metrics"][stage][metric], 4) == value, (stage, metric)
+    assert all(set(m) == METRIC_KEYS for m in result["metrics"].values())
+    assert (tmp_path / "jd" / "table.md").exists()
+
+
+def test_bench_is_deterministic_for_a_seed(sim_log_path, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        argv = ["bench", "--dataset", str(sim_log_path), "--models", "popularity,als", "--no-tune"]
+        assert main([*argv, "--out", str(tmp_path / name), *FAST_ALS, "--quiet"]) == 0
+        runs.append({m: read_result(tmp_path / name, "sim", m)["metrics"] for m in ("popularity", "als")})
+    assert runs[0] == runs[1]
+    assert runs[0]["als"] != runs[0]["popularity"]
+
+
+def test_bench_records_the_seed(sim_log_path, tmp_path):
+    argv = ["bench", "--dataset", str(sim_log_path), "--models", "popularity", "--no-tune", "--seed", "3"]
+    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 0
+    assert read_result(tmp_path, "sim", "popularity")["seed"] == 3
+
+
+def test_data_command_reports_a_clean_split(sim_log_path, capsys):
+    assert main(["data", "--dataset", str(sim_log_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "leak check: clean" in out
+    assert "cascade exposure -> click -> conversion" in out
+
+
+def test_config_error_exits_2_naming_the_field(capsys):
+    assert main(["bench", "--set", "als.nope=1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("csmf: error:")
+    assert "als.nope" in err and "'nope'" in err
+    assert main(["bench", "--set", "als.iterations=many", "--quiet"]) == 2
+    assert "als.iterations: expected int, got 'many'" in capsys.readouterr().err
+
+
+def test_config_file_error_exits_2_naming_file_and_key(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[als]\nfactorz = [8]\n")
+    assert main(["bench", "--config", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "factorz" in err
+
+
+def test_data_errors_exit_2_naming_the_file(tmp_path, capsys):
+    missing = tmp_path / "missing.csv"
+    assert main(["bench", "--dataset", str(missing), "--models", "popularity", "--quiet"]) == 2
+    assert f"{missing}: file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,click\n1,1,1\n1,2,1\n2,1,5\n")
+    assert main(["data", "--dataset", str(bad), "--stages", "click", "--quiet"]) == 2
+    assert f"{bad}:4: stage column 'click' has value" in capsys.readouterr().err
+    assert main(["data", "--dataset", "jd", "--set", f"data.jd_dir={tmp_path}", "--quiet"]) == 2
+    assert f"not found in {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "--dataset", "jd", "--stages", "view,bogus", "--quiet"],
+        ["simulate", "--out", "OUT/sim.json", "--users", "10", "--quiet"],
+        ["data", "--dataset", "SIM", "--set", "data.split=latest", "--quiet"],
+        ["bench", "--dataset", "SIM", "--models", "bogus", "--out", "OUT", "--quiet"],
+    ],
+    ids=["jd-stage", "sim-suffix", "split", "model"],
+)
+def test_bad_user_input_exits_2(argv, sim_log_path, tmp_path, capsys):
+    argv = [a.replace("OUT", str(tmp_path)).replace("SIM", str(sim_log_path)) for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("csmf: error:")
+
+
+def test_bench_tunes_on_validation_with_a_tiny_grid(sim_log_path):
+    cfg = Config(
+        data=DataConfig(dataset=str(sim_log_path)),
+        als=ALSConfig(factors=(4, 8), regularization=(0.1,), alpha=(10.0,), aux_weights=(0.1,), iterations=2),
+        bench=BenchConfig(tune=True),
+    )
+    data = split_log(load_log(sim_log_path), name="sim")
+    result = run_model(cfg, data, "als", progress=False)
+    for stage in data.stages:
+        record = result["tuning"][stage]
+        assert record["metric"] == "recall@50"
+        assert [t["params"]["factors"] for t in record["trials"]] == [4, 8]
+        # The best trial; on a tie the incumbent (the first grid point, since 128 is not on the grid).
+        best = max(record["trials"], key=lambda t: t["value"])
+        assert record["best"] == best["params"]
+        assert result["config"]["model_settings"][stage]["factors"] == best["params"]["factors"]
+        assert result["config"]["model_settings"][stage]["iterations"] == 2
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        run_model(cfg, data, "nope", progress=False)
+
+
+# ----- config -------------------------------------------------------------------------------------
+
+
+def test_load_config_from_toml(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "seed = 7\n"
+        "[data]\n"
+        'dataset = "log.csv"\n'
+        'stages = ["click", "buy"]\n'
+        'user_features = ["age"]\n'
+        "test_frac = 0.25\n"
+        "[als]\n"
+        "factors = [8, 16]\n"
+        "iterations = 4\n"
+        "[bench]\n"
+        "tune = false\n"
+        'models = ["popularity"]\n'
+    )
+    cfg = load_config(path)
+    assert cfg.seed == 7
+    assert cfg.data == replace(
+        DataConfig(), dataset="log.csv", stages=("click", "buy"), user_features=("age",), test_frac=0.25
+    )
+    assert cfg.als == replace(ALSConfig(), factors=(8, 16), iterations=4)
+    assert cfg.bench == replace(BenchConfig(), tune=False, models=("popularity",))
+    assert cfg.sim == Config().sim and cfg.itemknn == Config().itemknn and cfg.eval == Config().eval
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[als]\nnope = 1\n", "als: unknown key(s) ['nope']"),
+        ("bogus = 1\n", "unknown key(s) ['bogus']"),
+        ("[als]\niterations = 1.5\n", "als.iterations: expected int, got 1.5"),
+        ("[data]\nstages = 3\n", "data.stages: expected a list, got 3"),
+        ("als = 3\n", "als: expected a table, got 3"),
+        ('[bench]\ntune = "maybe"\n', "bench.tune: expected bool, got 'maybe'"),
+        ("[als\n", "not valid TOML"),
+    ],
+)
+def test_load_config_errors_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Config(),
+        Config(
+            seed=5,
+            data=DataConfig(dataset="x.parquet", stages=("a", "b"), user_features=("seg",), item_features=()),
+            als=ALSConfig(factors=(8,), alpha=(0.5, 2.0), num_threads=2),
+            bench=BenchConfig(models=("als",), tune=False, out_dir="out"),
+        ),
+    ],
+    ids=["defaults", "custom"],
+)
+def test_save_and_load_round_trip(tmp_path, cfg):
+    path = tmp_path / "cfg.toml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def test_override_assignments():
+    cfg = override(
+        Config(),
+        ["als.factors=64,128", "data.user_features=none", "bench.tune=false", "eval.ks=5", "seed=9"],
+    )
+    assert cfg.als.factors == (64, 128)
+    assert cfg.data.user_features is None
+    assert cfg.bench.tune is False
+    assert cfg.eval.ks == (5,)
+    assert cfg.seed == 9
+    assert override(Config(), ["data.user_features=a, b"]).data.user_features == ("a", "b")
+    with pytest.raises(ConfigError, match="'als' is a section"):
+        override(Config(), ["als=1"])
+    with pytest.raises(ConfigError, match="'seed' is not a section"):
+        override(Config(), ["seed.x=1"])
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        override(Config(), ["als.factors"])
+    assert config_from_dict({}) == Config()

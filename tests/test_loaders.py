@@ -1,0 +1,411 @@
+"""JD loader (packaged copy, .txt parsing) and the generic CSV / Parquet log loader."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from csmf.data.errors import DataError
+from csmf.data.jd import JD_FILES, jd_raw_matrices, packaged_jd_dir, read_pair_file
+from csmf.data.logtable import load_log
+from csmf.data.schema import LoadReport
+from csmf.data.split import split_log
+
+# ----- JD -----------------------------------------------------------------------------------------
+
+# Pair counts of the five published files (SOURCE.md / ATTRIBUTION.md).
+JD_PAIRS = {"trn_pv": 217_977, "trn_fav": 7_380, "trn_buy": 60_967, "vld_buy": 5_892, "tst_buy": 5_013}
+
+
+def test_packaged_jd_matches_shared_files(jd_files, jd_shared_dir):
+    shared = jd_raw_matrices(jd_shared_dir)
+    assert set(shared) == set(jd_files) == set(JD_FILES)
+    for stem in JD_FILES:
+        assert shared[stem].shape == jd_files[stem].shape
+        assert (shared[stem] != jd_files[stem]).nnz == 0, stem
+
+
+def test_packaged_jd_shape_and_counts():
+    report = LoadReport("jd")
+    files = jd_raw_matrices(None, report)
+    assert report.rows_read == sum(JD_PAIRS.values()) == 297_229
+    assert report.skipped == {}
+    assert report.duplicate_pairs == 0  # the published files hold no repeated pair
+    for stem, n in JD_PAIRS.items():
+        assert files[stem].shape == (10_690, 13_465)  # users 1..10690, items 1..13465
+        assert files[stem].nnz == n
+        assert files[stem].dtype == np.float32
+        assert set(np.unique(files[stem].data).tolist()) == {1.0}
+
+
+def test_packaged_jd_decompresses_to_the_listed_sha256():
+    folder = packaged_jd_dir()
+    listed = dict(
+        (name, digest)
+        for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", (folder / "ATTRIBUTION.md").read_text(), re.M)
+    )
+    assert set(listed) == {f"{stem}.txt" for stem in JD_FILES}
+    for name, digest in listed.items():
+        data = lzma.decompress((folder / f"{name}.xz").read_bytes())
+        assert hashlib.sha256(data).hexdigest() == digest, name
+        assert len(data.splitlines()) == JD_PAIRS[name.removesuffix(".txt")]
+
+
+@pytest.mark.parametrize(
+    ("text", "lineno", "message"),
+    [
+        ("1 2\n3 x\n", 2, "ids must be integers"),
+        ("1 2\n1.5 2\n", 2, "ids must be integers"),
+        ("1 2\n\n-1 2\n", 3, "ids must be >= 1"),
+        ("1 2\n1 0\n", 2, "ids must be >= 1"),
+        ("1 2 3\n", 1, "expected 2 fields 'user_id item_id', got 3"),
+        ("1 2\n4\n", 2, "expected 2 fields 'user_id item_id', got 1"),
+    ],
+)
+def test_read_pair_file_errors_name_file_and_line(tmp_path, text, lineno, message):
+    path = tmp_path / "trn_pv.txt"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{lineno}: {message}")):
+        read_pair_file(path)
+
+
+def test_read_pair_file_parses_and_counts_blank_lines():
+    users, items, blank = read_pair_file(Path("x.txt"), text="1 2\n\n  \n3 4\r\n10 1\n")
+    np.testing.assert_array_equal(users, [0, 2, 9])  # 1-based ids become 0-based indices
+    np.testing.assert_array_equal(items, [1, 3, 0])
+    assert blank == 2
+
+
+def write_jd(folder: Path, overrides: dict[str, str] | None = None) -> Path:
+    texts = {
+        "trn_pv": "1 1\n1 2\n2 3\n\n",
+        "trn_fav": "1 2\n",
+        "trn_buy": "1 1\n2 3\n2 3\n3 4\n",  # (2, 3) repeated
+        "vld_buy": "\n1 3\n",
+        "tst_buy": "2 1\n",
+    }
+    texts.update(overrides or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, text in texts.items():
+        (folder / f"{stem}.txt").write_text(text)
+    return folder
+
+
+def test_jd_raw_matrices_reports_blank_lines_and_repeats(tmp_path):
+    report = LoadReport("jd")
+    files = jd_raw_matrices(write_jd(tmp_path / "jd"), report)
+    assert files["trn_buy"].shape == (3, 4)  # largest user id 3, largest item id 4
+    assert report.rows_read == 3 + 1 + 4 + 1 + 1
+    assert report.skipped == {"blank lines in trn_pv.txt": 1, "blank lines in vld_buy.txt": 1}
+    assert report.duplicate_pairs == 1
+    assert files["trn_buy"].nnz == 3
+    assert files["trn_buy"][1, 2] == 1.0
+
+
+def test_jd_raw_matrices_missing_or_bad_file(tmp_path):
+    folder = write_jd(tmp_path / "jd")
+    (folder / "tst_buy.txt").unlink()
+    with pytest.raises(DataError, match=r"JD file tst_buy\.txt \(or tst_buy\.txt\.xz\) not found in .*jd"):
+        jd_raw_matrices(folder)
+    folder = write_jd(tmp_path / "jd2", {"trn_fav": "1 2\n2 two\n"})
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'trn_fav.txt'}:2: ids must be integers")):
+        jd_raw_matrices(folder)
+    folder = write_jd(tmp_path / "jd3", {"vld_buy": "\n\n"})
+    with pytest.raises(DataError, match=r"vld_buy\.txt has no pairs"):
+        jd_raw_matrices(folder)
+
+
+# ----- generic logs: errors -----------------------------------------------------------------------
+
+
+def write_csv(tmp_path: Path, text: str, name: str = "log.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def write_parquet(tmp_path: Path, columns: dict, name: str = "log.parquet") -> Path:
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "stages", "where", "message"),
+    [
+        # Data row 1 (0-based) is line 3: the header is line 1.
+        ("user_id,item_id,click\n1,5,1\n1,6,2\n", ("click",), 3, "stage column 'click' has value"),
+        ("user_id,item_id,click\n1,5,1\n1,6,1\n2,6,x\n", ("click",), 4, "stage column 'click' has value 'x'"),
+        ("user_id,item_id,click\n1,5,1\n1,6,\n", ("click",), 3, "stage column 'click' is empty"),
+        ("user_id,item_id,click\n1,5,1\n,6,1\n", (), 3, "column 'user_id' is empty"),
+        ("user_id,item_id,click\n1,5,1\n1,1.5,1\n", (), 3, "column 'item_id' has non-integer id"),
+        ("user_id,item_id,click\n1,5,1\n2,6,1\n-3,6,1\n", (), 4, "column 'user_id' has negative id -3"),
+        ("user_id,item_id,click\n1,5,x\n", (), 2, "stage column 'click' has value 'x'"),
+    ],
+)
+def test_csv_errors_name_file_line_and_column(tmp_path, text, stages, where, message):
+    path = write_csv(tmp_path, text)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{where}: {message}")):
+        load_log(path, stages=stages)
+
+
+def test_csv_error_value_is_reported(tmp_path):
+    path = write_csv(tmp_path, "user_id,item_id,click\n1,5,1\n1,6,2\n")
+    with pytest.raises(DataError, match=r"has value \S*2\)?; stage columns hold 0 or 1"):
+        load_log(path, stages=("click",))
+    path = write_csv(tmp_path, "user_id,item_id,click\n1,5,1\n1,1.5,1\n")
+    with pytest.raises(DataError, match=r"non-integer id \S*1\.5\)?; ids must be integers or strings"):
+        load_log(path)
+
+
+@pytest.mark.parametrize(
+    ("columns", "stages", "row", "message"),
+    [
+        ({"user_id": [1, 2, 3], "item_id": [1, 2, 3], "click": [1, 1, 2]}, ("click",), 3, "stage column 'click'"),
+        ({"user_id": [1, 2], "item_id": [1, 2], "click": ["1", "x"]}, ("click",), 2, "stage column 'click' has"),
+        ({"user_id": [1, 2], "item_id": [1, 2], "click": [1, None]}, ("click",), 2, "stage column 'click' is empty"),
+        ({"user_id": ["a", None], "item_id": [1, 2], "click": [1, 1]}, (), 2, "column 'user_id' is empty"),
+        ({"user_id": [1, 2], "item_id": [1.0, 1.5], "click": [1, 1]}, (), 2, "column 'item_id' has non-integer"),
+        ({"user_id": [1, -2], "item_id": [1, 2], "click": [1, 1]}, (), 2, "column 'user_id' has negative id -2"),
+    ],
+)
+def test_parquet_errors_name_file_row_and_column(tmp_path, columns, stages, row, message):
+    path = write_parquet(tmp_path, columns)
+    with pytest.raises(DataError, match=re.escape(f"{path} row {row}: {message}")):
+        load_log(path, stages=stages)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_file_level_errors_name_file_and_column(tmp_path, fmt):
+    def write(columns: dict) -> Path:
+        if fmt == "parquet":
+            return write_parquet(tmp_path, columns)
+        names = list(columns)
+        rows = zip(*columns.values(), strict=True)
+        return write_csv(tmp_path, ",".join(names) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+
+    path = write({"user": [1, 2], "item_id": [1, 2], "click": [1, 1]})
+    with pytest.raises(DataError, match=re.escape(f"{path}: missing id column 'user_id'")):
+        load_log(path)
+    path = write({"user_id": [1, 2], "item_id": [1, 2], "click": [1, 1]})
+    with pytest.raises(DataError, match=re.escape(f"{path}: missing stage column(s) ['buy']")):
+        load_log(path, stages=("click", "buy"))
+    path = write({"user_id": [1, 2], "item_id": [1, 2], "click": [1, 1], "buy": [0, 0]})
+    with pytest.raises(DataError, match=re.escape(f"{path}: stage column 'buy' has no positive (1) rows")):
+        load_log(path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: stage column 'buy' has no positive (1) rows")):
+        load_log(path, stages=("click", "buy"))
+    path = write({"user_id": [1, 2], "item_id": [1, 2], "price": [3.5, 4.5]})
+    with pytest.raises(DataError, match=re.escape(f"{path}") + r".*stage column 'price' has value"):
+        load_log(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    path = write_csv(tmp_path, "user_id,item_id,click\n1,2,1\n", name="log.txt")
+    with pytest.raises(DataError, match=re.escape(f"{path}: unknown log format '.txt'")):
+        load_log(path)
+    missing = tmp_path / "nope.parquet"
+    with pytest.raises(DataError, match=re.escape(f"{missing}: file not found")):
+        load_log(missing)
+    path = write_csv(tmp_path, "user_id,item_id\n1,2\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: no stage columns")):
+        load_log(path)
+
+
+def test_compressed_csv_and_tsv(tmp_path):
+    path = tmp_path / "log.csv.gz"
+    path.write_bytes(gzip.compress(b"user_id,item_id,click\n1,2,1\n1,3,7\n"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: stage column 'click' has value")):
+        load_log(path, stages=("click",))
+    tsv = write_csv(tmp_path, "user_id\titem_id\tclick\n1\t2\t1\n1\t3\t1\n", name="log.tsv")
+    log = load_log(tsv)
+    assert log.stages == ("click",)
+    assert log.labels.tolist() == [[True], [True]]
+
+
+def test_csv_error_line_counts_blank_lines(tmp_path):
+    # Line 1 header, line 2 data, line 3 blank, line 4 the bad row.
+    path = write_csv(tmp_path, "user_id,item_id,click\n1,5,1\n\n1,6,2\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: stage column 'click'")):
+        load_log(path, stages=("click",))
+
+
+def test_csv_empty_string_id_is_an_error(tmp_path):
+    path = write_csv(tmp_path, "user_id,item_id,click\na,x,1\n,y,1\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: column 'user_id' is empty")):
+        load_log(path)
+
+
+def test_stage_column_before_ids_is_a_data_error(tmp_path):
+    path = write_csv(tmp_path, "click,user_id,item_id\n1,5,1\n1,3,1\n")
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        load_log(path)
+
+
+# ----- generic logs: what a good file turns into --------------------------------------------------
+
+
+def test_string_ids_map_to_contiguous_indices_and_round_trip(tmp_path):
+    rows = [("bob", "x9", 1), ("amy", "x1", 1), ("bob", "x1", 1), ("cat", "x7", 1), ("amy", "x9", 1)]
+    path = write_csv(tmp_path, "user_id,item_id,click\n" + "".join(f"{u},{i},{c}\n" for u, i, c in rows))
+    log = load_log(path)
+    assert (log.n_users, log.n_items) == (3, 3)
+    assert log.user_ids.tolist() == ["bob", "amy", "cat"]  # first-appearance order
+    assert log.item_ids.tolist() == ["x9", "x1", "x7"]
+    assert log.users.dtype == np.int32 and log.items.dtype == np.int32
+    assert set(log.users.tolist()) == {0, 1, 2} and set(log.items.tolist()) == {0, 1, 2}
+    pairs = {(log.user_ids[u], log.item_ids[i]) for u, i in zip(log.users, log.items, strict=True)}
+    assert pairs == {(u, i) for u, i, _ in rows}
+
+
+def test_integer_ids_keep_their_values_in_the_maps(tmp_path):
+    path = write_parquet(tmp_path, {"user_id": [100, 7, 100], "item_id": [3, 3, 50], "click": [1, 1, 1]})
+    log = load_log(path)
+    assert log.user_ids.tolist() == [100, 7]
+    assert log.item_ids.tolist() == [3, 50]
+    pairs = {(int(log.user_ids[u]), int(log.item_ids[i])) for u, i in zip(log.users, log.items, strict=True)}
+    assert pairs == {(100, 3), (7, 3), (100, 50)}
+
+
+def test_duplicates_are_merged_and_all_zero_rows_skipped(tmp_path):
+    text = (
+        "user_id,item_id,click,buy,timestamp\n"
+        "u1,i1,1,0,10\n"
+        "u1,i1,0,1,30\n"  # same pair: labels OR-ed, latest timestamp kept
+        "u1,i1,1,0,20\n"  # third row of the same pair
+        "u1,i2,0,0,40\n"  # no positive stage: skipped
+        "u2,i2,1,0,50\n"
+        "u2,i2,0,0,60\n"  # a skipped row is not a duplicate either
+    )
+    log = load_log(write_csv(tmp_path, text))
+    assert log.stages == ("click", "buy")
+    assert log.report.rows_read == 6
+    assert log.report.duplicate_pairs == 2
+    assert log.report.skipped == {"rows with every stage 0 (no positive for any objective)": 2}
+    got = {
+        (log.user_ids[u], log.item_ids[i]): (lab.tolist(), t)
+        for u, i, lab, t in zip(log.users, log.items, log.labels, log.timestamps, strict=True)
+    }
+    assert got == {("u1", "i1"): ([True, True], 30.0), ("u2", "i2"): ([True, False], 50.0)}
+    assert "skipped 2 rows" in log.report.render()
+
+
+def test_stage_inference_stops_at_the_first_non_binary_column(tmp_path):
+    path = write_parquet(
+        tmp_path,
+        {
+            "user_id": [1, 1, 2, 2],
+            "item_id": [1, 2, 1, 3],
+            "click": [1, 1, 1, 0],
+            "cart": [0, 1, 0, 0],
+            "buy": [True, False, False, False],
+            "price": [9.5, 3.0, 9.5, 1.0],  # not 0/1: inference stops here
+            "is_new": [0, 1, 0, 0],  # 0/1, but after `price`: not a stage
+        },
+    )
+    log = load_log(path)
+    assert log.stages == ("click", "cart", "buy")
+    assert log.labels.sum(axis=0).tolist() == [3, 1, 1]
+    assert any("stages inferred" in note and "click -> cart -> buy" in note for note in log.report.notes)
+
+
+def test_explicit_stages_set_the_order_and_may_skip_columns(tmp_path):
+    path = write_parquet(
+        tmp_path,
+        {"user_id": [1, 1, 2], "item_id": [1, 2, 1], "click": [1, 1, 1], "buy": [0, 1, 0], "fav": [1, 0, 0]},
+    )
+    log = load_log(path, stages=("fav", "buy"))
+    assert log.stages == ("fav", "buy")
+    # Rows: (1,1) fav; (1,2) buy; (2,1) neither -> skipped.
+    labels = {
+        (int(log.user_ids[u]), int(log.item_ids[i])): lab.tolist()
+        for u, i, lab in zip(log.users, log.items, log.labels, strict=True)
+    }
+    assert labels == {(1, 1): [True, False], (1, 2): [False, True]}
+    assert sum(log.report.skipped.values()) == 1
+    # An unlisted column is a candidate feature: `click` (all 1) is constant per user.
+    assert "click" in log.user_features
+
+
+def test_feature_inference(tmp_path):
+    path = write_parquet(
+        tmp_path,
+        {
+            "user_id": ["a", "a", "b", "b", "c"],
+            "item_id": [1, 2, 1, 3, 2],
+            "click": [1, 1, 1, 1, 1],
+            "timestamp": [1, 2, 3, 4, 5],
+            "age": [30, 30, 41, 41, 25],  # constant per user
+            "brand": ["n", "m", "n", "k", "m"],  # constant per item, not per user
+            "price": [1.0, 2.0, 3.0, 4.0, 5.0],  # varies within user and within item
+        },
+    )
+    log = load_log(path)
+    assert log.stages == ("click",)
+    assert set(log.user_features) == {"age"}
+    assert set(log.item_features) == {"brand"}
+    assert log.user_features["age"].tolist() == [30.0, 41.0, 25.0]  # users a, b, c
+    brand = log.item_features["brand"]  # category codes, one per item 1, 2, 3
+    assert brand[0] != brand[1] != brand[2] and brand[0] != brand[2]
+    assert any("'price' is not used" in note for note in log.report.notes)
+    assert log.timestamps is not None
+
+
+def test_explicit_features(tmp_path):
+    columns = {
+        "user_id": [1, 1, 2],
+        "item_id": [1, 2, 1],
+        "click": [1, 1, 1],
+        "seg": [5, 5, 6],
+        "cat": [0, 1, 0],
+    }
+    path = write_parquet(tmp_path, columns)
+    log = load_log(path, user_features=(), item_features=("cat",))
+    assert log.user_features == {}
+    assert log.item_features["cat"].tolist() == [0.0, 1.0]
+    assert any("'seg' is not used" in note for note in log.report.notes)
+    with pytest.raises(DataError, match=re.escape(f"{path}: user feature 'cat' takes different values")):
+        load_log(path, user_features=("cat",))
+    with pytest.raises(DataError, match=re.escape(f"{path}: item feature column 'color' not found")):
+        load_log(path, item_features=("color",))
+
+
+def test_csv_and_parquet_give_the_same_log(tmp_path):
+    columns = {
+        "user_id": [3, 1, 3, 2, 1],
+        "item_id": [10, 11, 11, 10, 10],
+        "click": [1, 1, 0, 1, 1],
+        "buy": [0, 1, 1, 0, 0],
+        "timestamp": [5, 4, 3, 2, 1],
+    }
+    a = load_log(write_parquet(tmp_path, columns))
+    b = load_log(
+        write_csv(
+            tmp_path,
+            "user_id,item_id,click,buy,timestamp\n"
+            + "".join(",".join(str(v[k]) for v in columns.values()) + "\n" for k in range(5)),
+        )
+    )
+    for field in ("users", "items", "labels", "timestamps", "user_ids", "item_ids"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.stages == b.stages == ("click", "buy")
+
+
+def test_cold_test_users_counted_after_split(tmp_path):
+    # User "solo" has one row: users with fewer than 2 rows keep all of them in train.
+    text = "user_id,item_id,click\nsolo,1,1\n" + "".join(f"u{u},{i},1\n" for u in range(5) for i in range(5))
+    log = load_log(write_csv(tmp_path, text))
+    data = split_log(log, test_frac=0.2, seed=0)
+    assert data.report.cold_test_users == {"click": 0}
+    solo = log.user_ids.tolist().index("solo")
+    assert data.train["click"][solo].nnz == 1
+    assert data.test["click"][solo].nnz == 0
+    assert np.diff(data.test["click"].indptr).tolist() == [0] + [1] * 5
