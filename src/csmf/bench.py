@@ -24,6 +24,7 @@ from csmf.data.split import split_log
 from csmf.evaluate import evaluate, evaluate_stage
 from csmf.models.als import ALS, ALSSettings
 from csmf.models.base import Retriever
+from csmf.models.csmf import ABLATIONS, CSMF
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.popularity import Popularity
 from csmf.tuning import coordinate_search
@@ -114,11 +115,29 @@ def build_itemknn(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retri
     return _tuned(cfg, data, grid, fixed, ItemKNNSettings, lambda s: ItemKNN(s, k.num_threads), progress)
 
 
+def build_neural(name: str) -> Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]:
+    """CSMF, its ablations and single-objective two-towers: epochs are chosen on validation inside fit."""
+
+    def build(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+        return CSMF.variant(name, cfg, progress=progress), {}
+
+    return build
+
+
 MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]] = {
     "popularity": build_popularity,
     "als": build_als,
     "itemknn": build_itemknn,
+    **{name: build_neural(name) for name in ABLATIONS},
 }
+
+
+def model_builder(name: str) -> Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]:
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("single-"):
+        return build_neural(name)
+    raise ConfigError(f"bench.models: unknown model {name!r}; choose from {sorted(MODELS)} or single-<stage>")
 
 
 # ----- results ------------------------------------------------------------------------------------
@@ -135,14 +154,13 @@ def versions() -> dict[str, str]:
 
 
 def run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool = True) -> dict:
-    if model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     t0 = time.perf_counter()
-    model, tuning = MODELS[model_name](cfg, data, progress)
+    model, tuning = model_builder(model_name)(cfg, data, progress)
     t1 = time.perf_counter()
     model.fit(data)
     t2 = time.perf_counter()
-    metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress)
+    tuning = tuning or getattr(model, "phases", {})
+    metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, model.served(data), progress)
     return {
         "model": model_name,
         "dataset": data.name,
@@ -199,16 +217,17 @@ def write_table(out_dir: str | Path, dataset: str) -> tuple[Path, str]:
 
 
 def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print) -> str:
-    unknown = [m for m in cfg.bench.models if m not in MODELS]
-    if unknown:  # before loading: a typo should not cost a data load
-        raise ConfigError(f"bench.models: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    for name in cfg.bench.models:  # before loading: a typo should not cost a data load
+        model_builder(name)
     data = load_dataset(cfg, progress)
     log(data.summary())
     log(data.report.render())
     for name in cfg.bench.models:
         result = run_model(cfg, data, name, progress)
         path = write_result(result, cfg.bench.out_dir)
-        log(f"{name}: wrote {path} (fit {result['train_seconds']:.1f}s, tuning {result['tuning_seconds']:.1f}s)")
+        dim = result["config"]["model_settings"].get("vector_dim")
+        size = f", {result['params']:,} parameters" + (f", item vectors of dimension {dim}" if dim else "")
+        log(f"{name}: wrote {path} (fit {result['train_seconds']:.1f}s, tuning {result['tuning_seconds']:.1f}s{size})")
     _, table = write_table(cfg.bench.out_dir, data.name)
     log(table)
     return table

@@ -78,6 +78,41 @@ class ItemKNNConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64  # D: the user / item vector size, split into per-stage groups by CSMF
+    user_hidden: tuple[int, ...] = (256, 128)  # user-tower MLP widths before the D-wide output layer
+    item_hidden: tuple[int, ...] = ()  # item-tower MLP widths (JD items are IDs only: a linear map is enough)
+    id_dim: int = 64  # width of the user / item ID embeddings
+    history_dim: int = 64  # width of the shared history table pooled into one bag per behaviour
+    user_id: bool = True  # user tower has a user-ID embedding (False: the user is only its history + features)
+    history: bool = True  # user tower reads the user's train behaviours (leave-target-out in training)
+    feature_dim: int = 16  # width of each categorical feature embedding
+    max_categories: int = 10_000  # integer feature with at most this many values = categorical
+    temperature: float = 0.05  # softmax temperature of the training loss (scores are u . v)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 1024
+    lr: tuple[float, ...] = (1e-3,)  # Adam learning rate per trained stage (last value repeats)
+    max_epochs: tuple[int, ...] = (12,)  # per trained stage (last value repeats); best epoch on validation
+    patience: int = 2  # stop a stage after this many epochs without a validation gain
+    full_softmax_max_items: int = 50_000  # full-catalogue softmax up to this many items, else in-batch + logQ
+    extra_negatives: int = 0  # in-batch mode: uniformly sampled extra negatives per batch
+    select_metric: str = "recall@50"  # validation metric that picks each stage's best epoch
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    tau: tuple[float, ...] = (0.2,)  # CPP: free the smallest units holding <= tau of a layer's L1 mass, per stage
+    prune: str = "cpp"  # "cpp" or "fixed" (PackNet fixed percentage: the "w/o CPP" ablation)
+    fixed_fraction: float = -1.0  # "fixed": share of a stage's units freed per layer; < 0 = CPP's overall share
+    recover_frac: float = 0.1  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
+    recover_epochs: int = 1
+    aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     models: tuple[str, ...] = ("popularity", "als", "itemknn")
     out_dir: str = "results"
@@ -92,6 +127,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     als: ALSConfig = field(default_factory=ALSConfig)
     itemknn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 

@@ -38,6 +38,10 @@ class Retriever(ABC):
             raise ValueError(f"all objective weights are zero: {dict(weights)}")
         return total
 
+    def served(self, data: CascadeData) -> tuple[str, ...]:
+        """The objectives this model scores (a single-objective model serves one)."""
+        return data.stages
+
     def num_params(self) -> int:
         """Trainable parameters (0 for count- and neighbourhood-based models)."""
         return 0

@@ -1,0 +1,89 @@
+"""CSMF and the plain two-tower behind the Retriever interface (the benchmark's `csmf*` and `single-*`).
+
+The variants are config edits, not classes: `csmf-no-cpp` prunes a fixed share (PackNet) instead of
+CPP, `csmf-no-aml` sets the margin to 0, `csmf-no-ar` skips accuracy recovery, and `single-<stage>`
+trains the same backbone on one objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from csmf.cascade import CascadeTrainer, TrainedCascade
+from csmf.config import Config
+from csmf.data.schema import CascadeData
+from csmf.fusion import fold_weights
+from csmf.models.base import Retriever
+
+ABLATIONS = {
+    "csmf": lambda c: c,
+    "csmf-no-cpp": lambda c: replace(c, prune="fixed"),
+    "csmf-no-aml": lambda c: replace(c, aml_m0=0.0),
+    "csmf-no-ar": lambda c: replace(c, recover_frac=0.0),
+}
+
+
+class CSMF(Retriever):
+    """A cascade over `objectives` (default: every stage of the data); one objective = a plain two-tower."""
+
+    def __init__(self, cfg: Config, objectives: tuple[str, ...] | None = None, name: str = "csmf",
+                 run_dir: str | None = None, progress: bool = False, log=None):  # fmt: skip
+        self.cfg, self.objectives, self.name = cfg, objectives, name
+        self.run_dir, self.progress, self.log = run_dir, progress, log
+        self.trained: TrainedCascade | None = None
+        self.phases: list[dict] = []
+
+    @classmethod
+    def variant(cls, name: str, cfg: Config, **kw) -> CSMF:
+        if name.startswith("single-"):
+            return cls(cfg, objectives=(name.removeprefix("single-"),), name=name, **kw)
+        if name not in ABLATIONS:
+            raise KeyError(name)
+        return cls(replace(cfg, cascade=ABLATIONS[name](cfg.cascade)), name=name, **kw)
+
+    def fit(self, data: CascadeData) -> CSMF:
+        objectives = self.objectives or data.stages
+        missing = [o for o in objectives if o not in data.stages]
+        if missing:
+            raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
+        trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log)
+        self.trained = trainer.run()
+        self.phases = trainer.history
+        return self
+
+    @property
+    def model(self):
+        if self.trained is None:
+            raise RuntimeError(f"{self.name} is not fitted")
+        return self.trained.model
+
+    def user_vectors(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
+        """(B, D) query vectors with the objective weights folded in: <q, v_i> = sum_k w_k s_k(u, i)."""
+        by_stage = {self.trained.stage_number(name): w for name, w in weights.items()}
+        return self.trained.raw_user_vectors(users) * fold_weights(self.model.output_owner, by_stage)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.trained.items  # (N, D): one vector per item for every objective
+
+    def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
+        return self.trained.score(users, stage)
+
+    def score_fused(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
+        return self.user_vectors(users, weights) @ self.item_vectors().T  # (B, N): one search
+
+    def served(self, data: CascadeData) -> tuple[str, ...]:
+        return self.trained.objectives
+
+    def num_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    def settings(self) -> dict:
+        return {
+            "objectives": list(self.trained.objectives),
+            "vector_dim": int(self.item_vectors().shape[1]),
+            "ownership": self.model.ownership(),
+        }

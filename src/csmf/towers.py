@@ -1,0 +1,280 @@
+"""The two-tower backbone built from owner-masked layers (design (B), method notes §2).
+
+User tower: user-ID embedding + one mean-pooled bag per training behaviour (the items the user viewed,
+bought, ...; YouTube-DNN style, one shared history table) + user features -> MLP -> D.
+Item tower: item-ID embedding + item features -> MLP -> D.
+Every embedding column, hidden unit and output dimension has an owner stage (masks.py). There are no
+normalisation layers: a norm mixes units of different stages and would break cascade isolation; biases
+are per unit, so they belong to their unit's stage. The objective-k score is the inner product over
+the output dimensions owned by stages 1..k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from csmf.masks import active, trainable_rows, usable
+
+
+class MaskedEmbedding(nn.Module):
+    """Embedding table whose columns are units with owners."""
+
+    def __init__(self, num: int, dim: int, generator: torch.Generator, scale: float = 0.05):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num, dim, generator=generator) * scale)
+        self.register_buffer("owner", torch.ones(dim, dtype=torch.long))
+
+    def column_mask(self, stage: int) -> torch.Tensor:
+        return active(self.owner, stage).float()
+
+    def forward(self, idx: torch.Tensor, stage: int) -> torch.Tensor:
+        return self.weight[idx] * self.column_mask(stage)  # (B, dim)
+
+    def magnitude(self) -> torch.Tensor:
+        return self.weight.detach().abs().sum(dim=0)  # (dim,) L1 mass of each column
+
+    def mask_grad(self, stage: int) -> None:
+        if self.weight.grad is not None:
+            self.weight.grad *= trainable_rows(self.owner, stage).float()
+
+
+class MaskedLinear(nn.Module):
+    """Linear layer whose output units have owners; W[j, i] obeys the cascade-isolation rule."""
+
+    def __init__(self, n_in: int, n_out: int, generator: torch.Generator):
+        super().__init__()
+        bound = 1.0 / math.sqrt(n_in)
+        self.weight = nn.Parameter((torch.rand(n_out, n_in, generator=generator) * 2 - 1) * bound)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.register_buffer("owner", torch.ones(n_out, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, owner_in: torch.Tensor, stage: int) -> torch.Tensor:
+        mask = usable(self.owner, owner_in, stage).float()  # (out, in)
+        return x @ (self.weight * mask).T + self.bias * active(self.owner, stage).float()  # (B, out)
+
+    def magnitude(self, owner_in: torch.Tensor) -> torch.Tensor:
+        """(out,) L1 norm of each unit's usable incoming weights (at its own stage)."""
+        top = int(self.owner.max())
+        mask = usable(self.owner, owner_in, max(top, 1)).float()
+        return (self.weight.detach().abs() * mask).sum(dim=1)
+
+    def mask_grad(self, owner_in: torch.Tensor, stage: int) -> None:
+        rows = trainable_rows(self.owner, stage).unsqueeze(1)
+        keep = (rows & usable(self.owner, owner_in, stage)).float()
+        if self.weight.grad is not None:
+            self.weight.grad *= keep
+        if self.bias.grad is not None:
+            self.bias.grad *= trainable_rows(self.owner, stage).float()
+
+
+@dataclass
+class Features:
+    """Per-entity feature inputs: categorical codes (embedded) and standardised dense values."""
+
+    categorical: dict[str, torch.Tensor]  # name -> (n,) long codes
+    cardinality: dict[str, int]
+    dense: torch.Tensor | None  # (n, n_dense) float32
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray], max_categories: int) -> Features:
+        categorical, cardinality, dense = {}, {}, []
+        for name, values in sorted(arrays.items()):
+            values = np.asarray(values)
+            is_int = np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0)
+            uniques, codes = np.unique(values, return_inverse=True)
+            if is_int and len(uniques) <= max_categories:
+                categorical[name] = torch.from_numpy(codes.astype(np.int64))
+                cardinality[name] = len(uniques)
+            else:
+                v = values.astype(np.float64)
+                dense.append((v - v.mean()) / (v.std() + 1e-8))
+        dense_t = torch.from_numpy(np.stack(dense, axis=1).astype(np.float32)) if dense else None
+        return Features(categorical, cardinality, dense_t)
+
+    @property
+    def n_dense(self) -> int:
+        return 0 if self.dense is None else self.dense.shape[1]
+
+
+class Tower(nn.Module):
+    """ID embedding (+ history bags) (+ features) -> masked MLP -> D."""
+
+    def __init__(
+        self,
+        n_ids: int,
+        id_dim: int,
+        hidden: tuple[int, ...],
+        out_dim: int,
+        features: Features,
+        feature_dim: int,
+        generator: torch.Generator,
+        history_items: int = 0,
+        history_dim: int = 0,
+        n_bags: int = 0,
+    ):
+        super().__init__()
+        self.id_emb = MaskedEmbedding(n_ids, id_dim, generator)
+        self.history = MaskedEmbedding(history_items, history_dim, generator) if n_bags else None
+        self.n_bags = n_bags
+        self.features = features
+        self.feat_emb = nn.ModuleDict(
+            {name: MaskedEmbedding(card, feature_dim, generator) for name, card in features.cardinality.items()}
+        )
+        n_in = id_dim + n_bags * history_dim + len(self.feat_emb) * feature_dim + features.n_dense
+        widths = [n_in, *hidden, out_dim]
+        self.layers = nn.ModuleList(MaskedLinear(a, b, generator) for a, b in zip(widths, widths[1:], strict=False))
+
+    def input_owner(self) -> torch.Tensor:
+        """Owners of the first layer's inputs: embedding columns, then dense features (owner 1: always on)."""
+        parts = [self.id_emb.owner]
+        if self.history is not None:
+            parts += [self.history.owner] * self.n_bags
+        parts += [emb.owner for emb in self.feat_emb.values()]
+        parts.append(torch.ones(self.features.n_dense, dtype=torch.long, device=self.id_emb.owner.device))
+        return torch.cat(parts)
+
+    def forward(self, ids: torch.Tensor, stage: int, bags: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = [self.id_emb(ids, stage)]
+        if self.history is not None:
+            mask = self.history.column_mask(stage)
+            x += [bag * mask for bag in bags]  # bags are pooled from self.history.weight by the caller
+        x += [emb(self.features.categorical[name][ids], stage) for name, emb in self.feat_emb.items()]
+        if self.features.dense is not None:
+            x.append(self.features.dense[ids])
+        h = torch.cat(x, dim=1)
+        owner_in = self.input_owner()
+        for n, layer in enumerate(self.layers):
+            h = layer(h, owner_in, stage)
+            if n < len(self.layers) - 1:
+                h = torch.relu(h)
+            owner_in = layer.owner
+        return h
+
+    def embeddings(self) -> list[MaskedEmbedding]:
+        out = [self.id_emb] + ([self.history] if self.history is not None else [])
+        return out + list(self.feat_emb.values())
+
+    def layer_inputs(self) -> list[tuple[MaskedLinear, torch.Tensor]]:
+        """Each linear layer with the owners of its inputs."""
+        pairs, owner_in = [], self.input_owner()
+        for layer in self.layers:
+            pairs.append((layer, owner_in))
+            owner_in = layer.owner
+        return pairs
+
+    def mask_grads(self, stage: int) -> None:
+        for emb in self.embeddings():
+            emb.mask_grad(stage)
+        for layer, owner_in in self.layer_inputs():
+            layer.mask_grad(owner_in, stage)
+
+
+class TwoTower(nn.Module):
+    """The backbone. `output_owner` (the last layer's owners, shared by both towers) defines the groups."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        user_hidden: tuple[int, ...],
+        item_hidden: tuple[int, ...],
+        id_dim: int,
+        user_id_dim: int,
+        history_dim: int,
+        behaviours: tuple[str, ...],
+        user_features: Features,
+        item_features: Features,
+        feature_dim: int,
+        seed: int,
+    ):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.behaviours = behaviours
+        self.user = Tower(
+            n_users, user_id_dim, user_hidden, dim, user_features, feature_dim, g,
+            history_items=n_items, history_dim=history_dim, n_bags=len(behaviours),
+        )  # fmt: skip
+        self.item = Tower(n_items, id_dim, item_hidden, dim, item_features, feature_dim, g)
+        self.n_items = n_items
+        self.bag_matrices: dict[str, sp.csr_matrix] = {}
+
+    # ----- history bags ------------------------------------------------------------------------
+    def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
+        """Binary user x item matrices the bags are pooled from (train data only)."""
+        self.bag_matrices = {b: matrices[b] for b in self.behaviours}
+
+    def bags(self, users: np.ndarray, leave_out: np.ndarray | None = None) -> list[torch.Tensor]:
+        """Mean of the history embeddings of each behaviour's items; `leave_out[n]` is dropped from row n."""
+        table = self.user.history.weight
+        out = []
+        for b in self.behaviours:
+            rows = self.bag_matrices[b][users]
+            counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32))
+            coo = rows.tocoo()
+            idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+            sparse = torch.sparse_coo_tensor(idx, torch.ones(coo.nnz), (len(users), self.n_items))
+            total = torch.sparse.mm(sparse, table)  # (B, history_dim)
+            if leave_out is not None:
+                hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0)
+                total = total - table[torch.from_numpy(leave_out)] * hit.float().unsqueeze(1)
+                counts = counts - hit.float()
+            out.append(total / counts.clamp(min=1.0).unsqueeze(1))
+        return out
+
+    # ----- vectors and scores ------------------------------------------------------------------
+    @property
+    def output_owner(self) -> torch.Tensor:
+        return self.user.layers[-1].owner
+
+    def user_vectors(self, users: np.ndarray, stage: int, leave_out: np.ndarray | None = None) -> torch.Tensor:
+        ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
+        bags = self.bags(np.asarray(users), leave_out) if self.user.history is not None else None
+        return self.user(ids, stage, bags)  # (B, D)
+
+    def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:
+        ids = torch.arange(self.n_items) if items is None else items
+        return self.item(ids, stage)  # (N, D)
+
+    def group_mask(self, stage: int) -> torch.Tensor:
+        """(D,) 1 on the output dimensions that objective `stage` scores with (owners 1..stage)."""
+        return active(self.output_owner, stage).float()
+
+    def mask_grads(self, stage: int) -> None:
+        self.user.mask_grads(stage)
+        self.item.mask_grads(stage)
+
+    def sync_output_owner(self) -> None:
+        """Both towers' last layers share one owner vector: a dimension is one stage's in u and in v."""
+        self.item.layers[-1].owner.copy_(self.user.layers[-1].owner)
+
+    def prunable(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, magnitude, owner buffer) for every unit group CPP may prune, in a stable order.
+
+        The output dimensions are one group for both towers (a dimension is one stage's in u and in v):
+        their magnitude is the sum of the user and item output rows; `sync_output_owner` copies the
+        result to the item tower.
+        """
+        out = []
+        for tname, tower in (("user", self.user), ("item", self.item)):
+            for n, emb in enumerate(tower.embeddings()):
+                out.append((f"{tname}.emb{n}", emb.magnitude(), emb.owner))
+            for n, (layer, owner_in) in enumerate(tower.layer_inputs()[:-1]):
+                out.append((f"{tname}.hidden{n}", layer.magnitude(owner_in), layer.owner))
+        (u_last, u_in), (i_last, i_in) = self.user.layer_inputs()[-1], self.item.layer_inputs()[-1]
+        out.append(("output", u_last.magnitude(u_in) + i_last.magnitude(i_in), u_last.owner))
+        return out
+
+    def ownership(self) -> dict[str, dict[int, float]]:
+        """Per unit group: the fraction of units each owner (0 = free) holds."""
+        table = {}
+        for name, _, owner in self.prunable():
+            values, counts = torch.unique(owner, return_counts=True)
+            table[name] = {int(v): round(float(c) / len(owner), 4) for v, c in zip(values, counts, strict=False)}
+        return table
