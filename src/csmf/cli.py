@@ -91,7 +91,38 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-COMMANDS = {"bench": cmd_bench, "simulate": cmd_simulate, "data": cmd_data}
+def _parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in stages:
+            raise ConfigError(f"--weights {text!r}: {name.strip()!r} is not a stage; stages are {stages}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weights {text!r}: {value!r} is not a number") from None
+    return weights
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from csmf.bench import load_dataset
+    from csmf.demo import train_and_report
+
+    cfg = _config(args)
+    data = load_dataset(cfg, progress=not args.quiet)
+    weightings = [_parse_weights(w, data.stages) for w in args.weights] or None
+    user = None
+    if args.user is not None:
+        ids = data.user_ids.astype(str) if data.user_ids is not None else None
+        matches = [] if ids is None else list(map(int, (ids == args.user).nonzero()[0]))
+        if not matches:
+            raise ConfigError(f"--user {args.user!r}: no such user id in {data.name}")
+        user = matches[0]
+    train_and_report(cfg, data, args.out, weightings, user, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "simulate": cmd_simulate, "data": cmd_data, "train": cmd_train}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--items", type=int, help="number of items")
     simulate.add_argument("--exposures", type=int, help="mean exposures per user")
     _common(simulate)
+
+    train = sub.add_parser("train", help="train CSMF into a run folder (resumable), evaluate, show a user's top-10")
+    _data_flags(train)
+    train.add_argument(
+        "--out", default="runs/csmf", help="run folder: config, checkpoints, metrics (default runs/csmf)"
+    )
+    train.add_argument(
+        "--weights", action="append", default=[], metavar="STAGE=W,...",
+        help="objective weights of one demo query, e.g. view=1,purchase=0.2 (repeatable; default: two scenarios)",
+    )  # fmt: skip
+    train.add_argument("--user", help="original user id for the demo (default: an active test user)")
+    _common(train)
 
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)
