@@ -98,9 +98,8 @@ class TrainedCascade:
         return self.objectives.index(objective) + 1
 
     def raw_user_vectors(self, users: np.ndarray) -> torch.Tensor:
-        self.model.set_history(self.history)
         with torch.no_grad():
-            return self.model.user_vectors(np.asarray(users, dtype=np.int64), self.top)  # (B, D)
+            return self.model.user_vectors(np.asarray(users, dtype=np.int64), self.top, history=self.history)
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
         mask = self.model.group_mask(self.stage_number(stage))
@@ -193,7 +192,6 @@ class CascadeTrainer:
             return {}
         scorer = self.retriever({b: self.tuning.matrix(b) for b in self.model.behaviours}, top=stage)
         result = evaluate_stage(scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
-        self.model.set_history({b: self.tuning.matrix(b) for b in self.model.behaviours})
         return {k: round(v, 5) for k, v in result.items() if k != "users"}
 
     def _train(self, stage: int, index: int) -> dict:
@@ -218,13 +216,15 @@ class CascadeTrainer:
         c = self.cfg.cascade
         groups = self.model.prunable()
         tau = per_stage(c.tau, stage)
-        cpp = {name: cpp_free(mag, owner, stage, tau) for name, mag, owner in groups}
+        # Pruning happens only when a later stage follows: each group frees at least one unit for it
+        # (without an output dimension of its own, the next objective would just repeat this one).
+        cpp = {name: cpp_free(mag, owner, stage, tau, min_free=1) for name, mag, owner in groups}
         if c.prune == "cpp":
             frees = cpp
         elif c.prune == "fixed":
             owned = sum(int((owner == stage).sum()) for _, _, owner in groups)
             share = c.fixed_fraction if c.fixed_fraction >= 0 else sum(int(f.sum()) for f in cpp.values()) / owned
-            frees = {name: fixed_free(mag, owner, stage, share) for name, mag, owner in groups}
+            frees = {name: fixed_free(mag, owner, stage, share, min_free=1) for name, mag, owner in groups}
         else:
             raise ValueError(f"cascade.prune must be 'cpp' or 'fixed', got {c.prune!r}")
         for name, _, owner in groups:

@@ -210,12 +210,18 @@ class TwoTower(nn.Module):
         """Binary user x item matrices the bags are pooled from (train data only)."""
         self.bag_matrices = {b: matrices[b] for b in self.behaviours}
 
-    def bags(self, users: np.ndarray, leave_out: np.ndarray | None = None) -> list[torch.Tensor]:
-        """Mean of the history embeddings of each behaviour's items; `leave_out[n]` is dropped from row n."""
+    def bags(
+        self, users: np.ndarray, leave_out: np.ndarray | None = None, history: dict[str, sp.csr_matrix] | None = None
+    ) -> list[torch.Tensor]:
+        """Mean of the history embeddings of each behaviour's items; `leave_out[n]` is dropped from row n.
+
+        `history` overrides the training matrices set by `set_history` (evaluation uses other data).
+        """
         table = self.user.history.weight
+        source = history if history is not None else self.bag_matrices
         out = []
         for b in self.behaviours:
-            rows = self.bag_matrices[b][users]
+            rows = source[b][users]
             counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32))
             coo = rows.tocoo()
             idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
@@ -233,9 +239,15 @@ class TwoTower(nn.Module):
     def output_owner(self) -> torch.Tensor:
         return self.user.layers[-1].owner
 
-    def user_vectors(self, users: np.ndarray, stage: int, leave_out: np.ndarray | None = None) -> torch.Tensor:
+    def user_vectors(
+        self,
+        users: np.ndarray,
+        stage: int,
+        leave_out: np.ndarray | None = None,
+        history: dict[str, sp.csr_matrix] | None = None,
+    ) -> torch.Tensor:
         ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
-        bags = self.bags(np.asarray(users), leave_out) if self.user.history is not None else None
+        bags = self.bags(np.asarray(users), leave_out, history) if self.user.history is not None else None
         return self.user(ids, stage, bags)  # (B, D)
 
     def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:

@@ -64,6 +64,8 @@ class CSMF(Retriever):
     def user_vectors(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
         """(B, D) query vectors with the objective weights folded in: <q, v_i> = sum_k w_k s_k(u, i)."""
         by_stage = {self.trained.stage_number(name): w for name, w in weights.items()}
+        if not any(by_stage.values()):
+            raise ValueError(f"all objective weights are zero: {dict(weights)}")
         return self.trained.raw_user_vectors(users) * fold_weights(self.model.output_owner, by_stage)
 
     def item_vectors(self) -> torch.Tensor:
