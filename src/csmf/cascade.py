@@ -78,6 +78,7 @@ def build_model(data: CascadeData, cfg: Config, seed: int) -> TwoTower:
         item_features=Features.from_arrays(data.item_features, m.max_categories),
         feature_dim=m.feature_dim,
         seed=seed,
+        dropout=m.dropout,
     )
 
 
@@ -255,7 +256,7 @@ class CascadeTrainer:
                 loss.backward()
                 model.mask_grads(stage)  # only the stage's own units learn; earlier stages stay bit-identical
                 optimizer.step()
-                total += float(loss)
+                total += float(loss.detach())
                 batches += 1
             model.eval()
             valid = self._validate(stage)

@@ -117,8 +117,10 @@ class Tower(nn.Module):
         history_items: int = 0,
         history_dim: int = 0,
         n_bags: int = 0,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        self.dropout = dropout
         self.id_emb = MaskedEmbedding(n_ids, id_dim, generator)
         self.history = MaskedEmbedding(history_items, history_dim, generator) if n_bags else None
         self.n_bags = n_bags
@@ -148,6 +150,8 @@ class Tower(nn.Module):
         if self.features.dense is not None:
             x.append(self.features.dense[ids])
         h = torch.cat(x, dim=1)
+        if self.dropout > 0:  # element-wise on the inputs: regularises without mixing stages
+            h = torch.nn.functional.dropout(h, self.dropout, self.training)
         owner_in = self.input_owner()
         for n, layer in enumerate(self.layers):
             h = layer(h, owner_in, stage)
@@ -193,15 +197,16 @@ class TwoTower(nn.Module):
         item_features: Features,
         feature_dim: int,
         seed: int,
+        dropout: float = 0.0,
     ):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.behaviours = behaviours
         self.user = Tower(
             n_users, user_id_dim, user_hidden, dim, user_features, feature_dim, g,
-            history_items=n_items, history_dim=history_dim, n_bags=len(behaviours),
+            history_items=n_items, history_dim=history_dim, n_bags=len(behaviours), dropout=dropout,
         )  # fmt: skip
-        self.item = Tower(n_items, id_dim, item_hidden, dim, item_features, feature_dim, g)
+        self.item = Tower(n_items, id_dim, item_hidden, dim, item_features, feature_dim, g, dropout=dropout)
         self.n_items = n_items
         self.bag_matrices: dict[str, sp.csr_matrix] = {}
 
@@ -225,7 +230,9 @@ class TwoTower(nn.Module):
             counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32))
             coo = rows.tocoo()
             idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-            sparse = torch.sparse_coo_tensor(idx, torch.ones(coo.nnz), (len(users), self.n_items))
+            sparse = torch.sparse_coo_tensor(
+                idx, torch.ones(coo.nnz), (len(users), self.n_items), check_invariants=False
+            )  # built from a valid scipy matrix: the invariant check would only cost time
             total = torch.sparse.mm(sparse, table)  # (B, history_dim)
             if leave_out is not None:
                 hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0)
