@@ -28,6 +28,7 @@ CFG = override(
     Config(),
     [
         "model.user_hidden=16",
+        "model.user_id=true",  # the group counts below include the user-ID table
         "model.id_dim=8",
         "model.history_dim=8",
         "model.dim=8",

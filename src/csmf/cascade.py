@@ -90,6 +90,7 @@ class TrainedCascade:
 
     def __init__(self, model: TwoTower, objectives: tuple[str, ...], history: dict[str, sp.csr_matrix], top: int):
         self.model, self.objectives, self.history, self.top = model, objectives, history, top
+        model.eval()  # scoring never drops inputs (a freshly loaded module starts in training mode)
         with torch.no_grad():
             self.items = model.item_vectors(top)  # (N, D) computed once
 
@@ -99,6 +100,7 @@ class TrainedCascade:
         return self.objectives.index(objective) + 1
 
     def raw_user_vectors(self, users: np.ndarray) -> torch.Tensor:
+        self.model.eval()
         with torch.no_grad():
             return self.model.user_vectors(np.asarray(users, dtype=np.int64), self.top, history=self.history)
 

@@ -283,7 +283,8 @@ class TwoTower(nn.Module):
         out = []
         for tname, tower in (("user", self.user), ("item", self.item)):
             for n, emb in enumerate(tower.embeddings()):
-                out.append((f"{tname}.emb{n}", emb.magnitude(), emb.owner))
+                if len(emb.owner):  # a zero-width table (no user-ID embedding) has no units
+                    out.append((f"{tname}.emb{n}", emb.magnitude(), emb.owner))
             for n, (layer, owner_in) in enumerate(tower.layer_inputs()[:-1]):
                 out.append((f"{tname}.hidden{n}", layer.magnitude(owner_in), layer.owner))
         (u_last, u_in), (i_last, i_in) = self.user.layer_inputs()[-1], self.item.layer_inputs()[-1]
