@@ -107,10 +107,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CascadeConfig:
-    tau: tuple[float, ...] = (0.2,)  # CPP: free the smallest units holding <= tau of a layer's L1 mass, per stage
+    tau: tuple[float, ...] = (0.1,)  # CPP: free the smallest units holding <= tau of a layer's L1 mass, per stage
     prune: str = "cpp"  # "cpp" or "fixed" (PackNet fixed percentage: the "w/o CPP" ablation)
     fixed_fraction: float = -1.0  # "fixed": share of a stage's units freed per layer; < 0 = CPP's overall share
-    recover_frac: float = 0.1  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
+    recover_frac: float = 0.3  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
     recover_epochs: int = 1
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
 
