@@ -79,6 +79,7 @@ def build_model(data: CascadeData, cfg: Config, seed: int) -> TwoTower:
         feature_dim=m.feature_dim,
         seed=seed,
         dropout=m.dropout,
+        bag_power=m.bag_power,
     )
 
 

@@ -88,6 +88,7 @@ class ModelConfig:
     history: bool = True  # user tower reads the user's train behaviours (leave-target-out in training)
     feature_dim: int = 16  # width of each categorical feature embedding
     max_categories: int = 10_000  # integer feature with at most this many values = categorical
+    bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
     dropout: float = 0.3  # dropout on each tower's input during training
     temperature: float = 0.1  # softmax temperature of the training loss (scores are u . v)
 

@@ -198,6 +198,7 @@ class TwoTower(nn.Module):
         feature_dim: int,
         seed: int,
         dropout: float = 0.0,
+        bag_power: float = 1.0,
     ):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -208,6 +209,7 @@ class TwoTower(nn.Module):
         )  # fmt: skip
         self.item = Tower(n_items, id_dim, item_hidden, dim, item_features, feature_dim, g, dropout=dropout)
         self.n_items = n_items
+        self.bag_power = bag_power
         self.bag_matrices: dict[str, sp.csr_matrix] = {}
 
     # ----- history bags ------------------------------------------------------------------------
@@ -238,7 +240,7 @@ class TwoTower(nn.Module):
                 hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0)
                 total = total - table[torch.from_numpy(leave_out)] * hit.float().unsqueeze(1)
                 counts = counts - hit.float()
-            out.append(total / counts.clamp(min=1.0).unsqueeze(1))
+            out.append(total / counts.clamp(min=1.0).pow(self.bag_power).unsqueeze(1))
         return out
 
     # ----- vectors and scores ------------------------------------------------------------------
