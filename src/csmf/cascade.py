@@ -86,7 +86,8 @@ def build_model(data: CascadeData, cfg: Config, seed: int) -> TwoTower:
 class TrainedCascade:
     """Scores of a trained TwoTower over the whole catalogue, with a fixed history source.
 
-    Implements the Retriever contract (see models/csmf.py for the benchmark wrapper).
+    Duck-types `Retriever.score` so evaluation can rank with it mid-training; models/csmf.py wraps it
+    as the full Retriever the benchmark sees.
     """
 
     def __init__(self, model: TwoTower, objectives: tuple[str, ...], history: dict[str, sp.csr_matrix], top: int):
