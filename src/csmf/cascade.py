@@ -126,14 +126,14 @@ class CascadeTrainer:
         self.objectives = objectives or data.stages
         self.tuning = data.tuning_view()
         self.model = build_model(data, cfg, cfg.seed)
-        self.model.set_history({b: self.tuning.matrix(b) for b in self.model.behaviours})
+        self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
+        self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
         self.run_dir = Path(run_dir) if run_dir else None
         self.progress = progress
         self.log = log or (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
-        n_items = data.n_items
-        self.full_softmax = n_items <= cfg.train.full_softmax_max_items
+        self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, index: int) -> Path:
@@ -195,7 +195,7 @@ class CascadeTrainer:
         objective = self.objectives[stage - 1]
         if objective not in self.tuning.test or self.tuning.test[objective].nnz == 0:
             return {}
-        scorer = self.retriever({b: self.tuning.matrix(b) for b in self.model.behaviours}, top=stage)
+        scorer = self.retriever(self.tuning_history, top=stage)
         result = evaluate_stage(scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
         return {k: round(v, 5) for k, v in result.items() if k != "users"}
 

@@ -93,7 +93,7 @@ def _encode_ids(table: pa.Table, col: str, where: _Locator) -> tuple[np.ndarray,
     return encoded.indices.to_numpy().astype(np.int32), encoded.dictionary.to_numpy(zero_copy_only=False)
 
 
-def _stage_values(table: pa.Table, col: str, where: _Locator) -> np.ndarray | None:
+def _stage_values(table: pa.Table, col: str) -> np.ndarray | None:
     """0/1 column -> bool array; None when the column is not 0/1 (for stage inference)."""
     arr = table.column(col)
     if arr.null_count:
@@ -109,7 +109,7 @@ def _stage_values(table: pa.Table, col: str, where: _Locator) -> np.ndarray | No
 
 
 def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
-    values = _stage_values(table, col, where)
+    values = _stage_values(table, col)
     if values is not None:
         return values
     arr = table.column(col)
@@ -163,7 +163,7 @@ def load_log(
         for col in after_items:
             if col == timestamp_col or col == user_col:
                 break
-            values = _stage_values(table, col, where)
+            values = _stage_values(table, col)
             if values is None:
                 break
             labels[col] = values
