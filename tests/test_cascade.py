@@ -439,3 +439,27 @@ def test_every_later_stage_gets_an_output_dimension(data):
     groups = {name: owner for name, _, owner in tr.model.prunable()}
     assert (groups["user.hidden0"] == 3).any()  # stage 3 does get hidden capacity ...
     assert (groups["output"] == 3).any()  # ... but no output dimension to reach the score with
+
+
+# ----- auxiliary pairs of the other behaviours -----
+
+
+def test_stage_pairs_add_other_behaviours_at_the_aux_weight(data):
+    plain = CascadeTrainer(data, CFG)
+    users, items, weights = plain._stage_pairs(3)
+    assert weights is None  # default: the stage's own pairs only
+    own = {(u, i) for u, i in zip(users.tolist(), items.tolist(), strict=True)}
+    assert own == set(zip(*plain.tuning.train["conversion"].nonzero(), strict=True))
+
+    tr = CascadeTrainer(data, override(CFG, ["train.aux_weight=0,0,0.25"]))
+    assert tr._stage_pairs(1)[2] is None  # per stage: stage 1 keeps its own pairs only
+    users, items, weights = tr._stage_pairs(3)
+    pairs = list(zip(users.tolist(), items.tolist(), strict=True))
+    assert len(set(pairs)) == len(pairs)  # an aux pair that is also a positive is not counted twice
+    by_pair = dict(zip(pairs, weights.tolist(), strict=True))
+    others = set()
+    for name in ("exposure", "click"):
+        others |= set(zip(*tr.tuning.train[name].nonzero(), strict=True))
+    assert {p for p, w in by_pair.items() if w == 1.0} == own
+    assert {p for p, w in by_pair.items() if w == 0.25} == others - own
+    assert set(by_pair) == own | others

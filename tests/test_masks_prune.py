@@ -265,6 +265,21 @@ def test_softmax_loss_margin_and_log_q_match_manual_cross_entropy():
     assert got > softmax_loss(scores, target, temperature, log_q=log_q)
 
 
+def test_softmax_loss_weights_rows_like_a_weighted_mean():
+    scores = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    target = torch.tensor([0, 0, 1])
+    weight = torch.tensor([1.0, 0.25, 0.5])
+    # By hand: row losses are log(1 + e^{-2}), log(1 + e^{1}), log 2 at temperature 1.
+    rows = torch.tensor([math.log(1 + math.exp(-2)), math.log(1 + math.e), math.log(2)], dtype=torch.float64)
+    expected = (rows * weight.double()).sum() / weight.sum()
+    got = softmax_loss(scores, target, 1.0, weight=weight)
+    torch.testing.assert_close(got.double(), expected)
+    # Equal weights give the plain mean.
+    torch.testing.assert_close(
+        softmax_loss(scores, target, 1.0, weight=torch.full((3,), 7.0)), softmax_loss(scores, target, 1.0)
+    )
+
+
 def test_aml_margin_hand_example():
     upstream = torch.tensor(
         [

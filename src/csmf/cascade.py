@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from csmf.config import Config, config_to_dict
-from csmf.data.schema import CascadeData
+from csmf.data.schema import CascadeData, difference, union
 from csmf.evaluate import evaluate_stage
 from csmf.losses import aml_margin, in_batch_scores, softmax_loss
 from csmf.masks import claim_free
@@ -199,18 +199,34 @@ class CascadeTrainer:
         result = evaluate_stage(scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
         return {k: round(v, 5) for k, v in result.items() if k != "users"}
 
+    def _stage_pairs(self, stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(users, items, weights) a stage trains on: its own pairs (weight 1), plus the pairs of every other
+        training behaviour that are not already its positives, at `train.aux_weight` (None = all weight 1)."""
+        own = self.tuning.train[self.objectives[stage - 1]]
+        aux_weight = per_stage(self.cfg.train.aux_weight, stage)
+        if aux_weight <= 0:
+            return (*pairs_of(own), None)
+        others = [self.tuning.matrix(b) for b in self.tuning.behaviours if b != self.objectives[stage - 1]]
+        aux = difference(union(*others), own) if others else own[:0]
+        users, items = pairs_of(own)
+        aux_users, aux_items = pairs_of(aux)
+        weights = np.concatenate([np.ones(len(users)), np.full(len(aux_users), aux_weight)]).astype(np.float32)
+        return np.concatenate([users, aux_users]), np.concatenate([items, aux_items]), weights
+
     def _train(self, stage: int, index: int) -> dict:
         if stage > 1:
             self._claim(stage)
-        users, items = pairs_of(self.tuning.train[self.objectives[stage - 1]])
+        users, items, weights = self._stage_pairs(stage)
         epochs = per_stage(self.cfg.train.max_epochs, stage)
-        return self._epochs(stage, users, items, epochs, select=True, seed=index)
+        return self._epochs(stage, users, items, weights, epochs, select=True, seed=index)
 
     def _recover(self, stage: int, index: int) -> dict:
-        users, items = pairs_of(self.tuning.train[self.objectives[stage - 1]])
+        users, items, weights = self._stage_pairs(stage)
         rng = np.random.default_rng([self.cfg.seed, index])
         take = rng.random(len(users)) < self.cfg.cascade.recover_frac
-        return self._epochs(stage, users[take], items[take], self.cfg.cascade.recover_epochs, select=False, seed=index)
+        weights = None if weights is None else weights[take]
+        epochs = self.cfg.cascade.recover_epochs
+        return self._epochs(stage, users[take], items[take], weights, epochs, select=True, seed=index)
 
     def _claim(self, stage: int) -> None:
         for _, _, owner in self.model.prunable():
@@ -238,7 +254,16 @@ class CascadeTrainer:
         freed = {name: round(float(f.float().mean()), 4) for name, f in frees.items()}
         return {"criterion": c.prune, "tau": tau, "freed_share": freed, "valid": self._validate(stage)}
 
-    def _epochs(self, stage: int, users: np.ndarray, items: np.ndarray, epochs: int, select: bool, seed: int) -> dict:
+    def _epochs(
+        self,
+        stage: int,
+        users: np.ndarray,
+        items: np.ndarray,
+        weights: np.ndarray | None,
+        epochs: int,
+        select: bool,
+        seed: int,
+    ) -> dict:
         t = self.cfg.train
         model = self.model
         lr = per_stage(t.lr, stage)
@@ -255,7 +280,8 @@ class CascadeTrainer:
             desc = f"stage {stage} epoch {epoch}"
             for start in tqdm(steps, desc=desc, unit="batch", disable=not self.progress, leave=False):
                 idx = order[start : start + t.batch_size]
-                loss = self._loss(stage, users[idx], items[idx], m0, log_q, generator)
+                weight = None if weights is None else torch.from_numpy(weights[idx])
+                loss = self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight)
                 optimizer.zero_grad()
                 loss.backward()
                 model.mask_grads(stage)  # only the stage's own units learn; earlier stages stay bit-identical
@@ -286,7 +312,7 @@ class CascadeTrainer:
         counts = np.bincount(items, minlength=self.data.n_items).astype(np.float64) + 1.0
         return torch.from_numpy(np.log(counts / counts.sum())).float()
 
-    def _loss(self, stage, users, items, m0, log_q, generator) -> torch.Tensor:
+    def _loss(self, stage, users, items, m0, log_q, generator, weight=None) -> torch.Tensor:
         model, temperature = self.model, self.cfg.model.temperature
         u = model.user_vectors(users, stage, leave_out=items if model.user.history is not None else None)
         target_items = torch.from_numpy(items)
@@ -311,7 +337,7 @@ class CascadeTrainer:
                 if upstream is not None:
                     upstream = torch.cat([upstream, (u * model.group_mask(stage - 1)) @ v_neg.T], dim=1)
         margin = aml_margin(upstream, target, m0) if upstream is not None else None
-        return softmax_loss(scores, target, temperature, margin=margin, log_q=correction)
+        return softmax_loss(scores, target, temperature, margin=margin, log_q=correction, weight=weight)
 
 
 def _fmt(valid: dict) -> str:

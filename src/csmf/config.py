@@ -104,6 +104,9 @@ class TrainConfig:
     full_softmax_max_items: int = 0
     extra_negatives: int = 2048  # in-batch mode: uniformly sampled extra negatives per batch
     select_metric: str = "recall@50"  # validation metric that picks each stage's best epoch
+    # Each stage also trains on the pairs of the behaviours before it (upstream stages, side behaviours
+    # such as JD favorites) at this loss weight, as ALS and item-kNN use them; 0 = the stage's pairs only.
+    aux_weight: tuple[float, ...] = (0.0,)  # per trained stage (last value repeats)
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,24 @@ def softmax_loss(
     temperature: float,
     margin: torch.Tensor | None = None,
     log_q: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax cross-entropy of scores / temperature.
+    """Softmax cross-entropy of scores / temperature, averaged over rows (weighted by `weight` if given).
 
     scores: (B, C); target: (B,) column of each row's positive; margin: (B,) logit units taken off each
     positive (AML); log_q: (C,) log sampling probability of each candidate, subtracted from its logit
-    (logQ correction for sampled candidates).
+    (logQ correction for sampled candidates); weight: (B,) importance of each row (auxiliary pairs of an
+    upstream behaviour count less than the stage's own positives).
     """
     scaled = scores / temperature
     if log_q is not None:
         scaled = scaled - log_q.unsqueeze(0)
     if margin is not None:
         scaled = scaled.scatter_add(1, target.unsqueeze(1), -margin.unsqueeze(1))
-    return F.cross_entropy(scaled, target)
+    if weight is None:
+        return F.cross_entropy(scaled, target)
+    per_row = F.cross_entropy(scaled, target, reduction="none")  # (B,)
+    return (per_row * weight).sum() / weight.sum()
 
 
 def aml_margin(upstream: torch.Tensor, target: torch.Tensor, m0: float) -> torch.Tensor:
