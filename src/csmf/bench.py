@@ -24,8 +24,9 @@ from csmf.data.split import split_log
 from csmf.evaluate import evaluate, evaluate_stage
 from csmf.models.als import ALS, ALSSettings
 from csmf.models.base import Retriever
-from csmf.models.csmf import ABLATIONS, CSMF
+from csmf.models.csmf import CSMF, VARIANTS
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
+from csmf.models.multitask import KINDS, MultiTask
 from csmf.models.popularity import Popularity
 from csmf.tuning import coordinate_search
 
@@ -124,11 +125,21 @@ def build_neural(name: str) -> Callable[[Config, CascadeData, bool], tuple[Retri
     return build
 
 
+def build_multitask(kind: str) -> Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]:
+    """shared-bottom, mmoe, ple, mvke: trained jointly on every objective, epoch chosen on validation."""
+
+    def build(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+        return MultiTask(kind, cfg, progress=progress), {}
+
+    return build
+
+
 MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]] = {
     "popularity": build_popularity,
     "als": build_als,
     "itemknn": build_itemknn,
-    **{name: build_neural(name) for name in ABLATIONS},
+    **{name: build_neural(name) for name in VARIANTS},
+    **{kind: build_multitask(kind) for kind in KINDS},
 }
 
 

@@ -49,7 +49,7 @@ def plan(n_stages: int, cfg: Config) -> list[Phase]:
     phases = []
     for k in range(1, n_stages + 1):
         phases.append(Phase("train", k))
-        if k < n_stages:
+        if k < n_stages and cfg.cascade.prune != "none":
             phases.append(Phase("prune", k))
             if cfg.cascade.recover_frac > 0:
                 phases.append(Phase("recover", k))
@@ -90,8 +90,16 @@ class TrainedCascade:
     as the full Retriever the benchmark sees.
     """
 
-    def __init__(self, model: TwoTower, objectives: tuple[str, ...], history: dict[str, sp.csr_matrix], top: int):
-        self.model, self.objectives, self.history, self.top = model, objectives, history, top
+    def __init__(
+        self,
+        model: TwoTower,
+        objectives: tuple[str, ...],
+        history: dict[str, sp.csr_matrix],
+        top: int,
+        shared: bool = False,
+    ):
+        """`shared`: every objective scores with the whole final model (naive fine-tuning, no masks)."""
+        self.model, self.objectives, self.history, self.top, self.shared = model, objectives, history, top, shared
         model.eval()  # scoring never drops inputs (a freshly loaded module starts in training mode)
         with torch.no_grad():
             self.items = model.item_vectors(top)  # (N, D) computed once
@@ -99,7 +107,7 @@ class TrainedCascade:
     def stage_number(self, objective: str) -> int:
         if objective not in self.objectives:
             raise KeyError(f"unknown objective {objective!r}; this model serves {self.objectives}")
-        return self.objectives.index(objective) + 1
+        return self.top if self.shared else self.objectives.index(objective) + 1
 
     def raw_user_vectors(self, users: np.ndarray) -> torch.Tensor:
         self.model.eval()
@@ -189,7 +197,7 @@ class CascadeTrainer:
 
     def retriever(self, history: dict[str, sp.csr_matrix], top: int | None = None) -> TrainedCascade:
         top = top or len(self.objectives)
-        return TrainedCascade(self.model, self.objectives, history, top)
+        return TrainedCascade(self.model, self.objectives, history, top, shared=self.cfg.cascade.prune == "none")
 
     def _validate(self, stage: int) -> dict[str, float]:
         objective = self.objectives[stage - 1]
@@ -229,8 +237,9 @@ class CascadeTrainer:
         return self._epochs(stage, users[take], items[take], weights, epochs, select=True, seed=index)
 
     def _claim(self, stage: int) -> None:
+        naive = self.cfg.cascade.prune == "none"  # naive fine-tuning: the new stage takes (and trains) every unit
         for _, _, owner in self.model.prunable():
-            owner.copy_(claim_free(owner, stage))
+            owner.copy_(torch.where(owner >= 1, stage, owner) if naive else claim_free(owner, stage))
         self.model.sync_output_owner()
 
     def _prune(self, stage: int) -> dict:
@@ -247,7 +256,7 @@ class CascadeTrainer:
             share = c.fixed_fraction if c.fixed_fraction >= 0 else sum(int(f.sum()) for f in cpp.values()) / owned
             frees = {name: fixed_free(mag, owner, stage, share, min_free=1) for name, mag, owner in groups}
         else:
-            raise ValueError(f"cascade.prune must be 'cpp' or 'fixed', got {c.prune!r}")
+            raise ValueError(f"cascade.prune must be 'cpp', 'fixed' or 'none', got {c.prune!r}")
         for name, _, owner in groups:
             owner.copy_(release(owner, frees[name]))
         self.model.sync_output_owner()

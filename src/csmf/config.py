@@ -112,11 +112,25 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CascadeConfig:
     tau: tuple[float, ...] = (0.1,)  # CPP: free the smallest units holding <= tau of a layer's L1 mass, per stage
-    prune: str = "cpp"  # "cpp" or "fixed" (PackNet fixed percentage: the "w/o CPP" ablation)
+    # "cpp"; "fixed" (PackNet's fixed share: the "w/o CPP" ablation and the packnet baseline); "none" (no masks:
+    # each stage fine-tunes every weight and all objectives score with the final model, the naive-ft baseline)
+    prune: str = "cpp"
     fixed_fraction: float = -1.0  # "fixed": share of a stage's units freed per layer; < 0 = CPP's overall share
     recover_frac: float = 0.3  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
     recover_epochs: int = 1
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
+    packnet_fraction: float = 0.5  # the packnet baseline: share of a stage's units freed per layer (PackNet's 50%)
+
+
+@dataclass(frozen=True)
+class MultiTaskConfig:
+    """The multi-task two-tower baselines (shared-bottom, mmoe, ple, mvke); inputs, D, loss as `model`/`train`."""
+
+    expert_dim: int = 128  # hidden width of each expert (shared-bottom: its one shared expert)
+    experts: int = 4  # MMoE: experts shared by every objective; PLE: its shared experts
+    specific_experts: int = 1  # PLE: experts of each objective's own
+    kernels: int = 4  # MVKE: virtual-kernel experts on the user side
+    kernel_dim: int = 32  # MVKE: width the user's input fields are projected to for the kernels' attention
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 

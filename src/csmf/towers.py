@@ -22,6 +22,38 @@ from torch import nn
 from csmf.masks import active, trainable_rows, usable
 
 
+def pool_bags(
+    table: torch.Tensor,
+    matrices: list[sp.csr_matrix],
+    users: np.ndarray,
+    leave_out: np.ndarray | None = None,
+    power: float = 1.0,
+) -> list[torch.Tensor]:
+    """One pooled bag per behaviour matrix: sum of the table rows of the user's items / count**power.
+
+    table: (N, H) history embeddings; matrices: binary users x items; `leave_out[n]` (an item id) is dropped
+    from row n of every bag that holds it, so a training example never sees its own target.
+    Returns len(matrices) tensors of shape (B, H).
+    """
+    out = []
+    n_items = table.shape[0]
+    for mat in matrices:
+        rows = mat[users]
+        counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32))
+        coo = rows.tocoo()
+        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+        sparse = torch.sparse_coo_tensor(
+            idx, torch.ones(coo.nnz), (len(users), n_items), check_invariants=False
+        )  # built from a valid scipy matrix: the invariant check would only cost time
+        total = torch.sparse.mm(sparse, table)  # (B, H)
+        if leave_out is not None:
+            hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0)
+            total = total - table[torch.from_numpy(leave_out)] * hit.float().unsqueeze(1)
+            counts = counts - hit.float()
+        out.append(total / counts.clamp(min=1.0).pow(power).unsqueeze(1))
+    return out
+
+
 class MaskedEmbedding(nn.Module):
     """Embedding table whose columns are units with owners."""
 
@@ -224,24 +256,9 @@ class TwoTower(nn.Module):
 
         `history` overrides the training matrices set by `set_history` (evaluation uses other data).
         """
-        table = self.user.history.weight
         source = history if history is not None else self.bag_matrices
-        out = []
-        for b in self.behaviours:
-            rows = source[b][users]
-            counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32))
-            coo = rows.tocoo()
-            idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-            sparse = torch.sparse_coo_tensor(
-                idx, torch.ones(coo.nnz), (len(users), self.n_items), check_invariants=False
-            )  # built from a valid scipy matrix: the invariant check would only cost time
-            total = torch.sparse.mm(sparse, table)  # (B, history_dim)
-            if leave_out is not None:
-                hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0)
-                total = total - table[torch.from_numpy(leave_out)] * hit.float().unsqueeze(1)
-                counts = counts - hit.float()
-            out.append(total / counts.clamp(min=1.0).pow(self.bag_power).unsqueeze(1))
-        return out
+        matrices = [source[b] for b in self.behaviours]
+        return pool_bags(self.user.history.weight, matrices, users, leave_out, self.bag_power)
 
     # ----- vectors and scores ------------------------------------------------------------------
     @property

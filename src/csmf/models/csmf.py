@@ -2,7 +2,9 @@
 
 The variants are config edits, not classes: `csmf-no-cpp` prunes a fixed share (PackNet) instead of
 CPP, `csmf-no-aml` sets the margin to 0, `csmf-no-ar` skips accuracy recovery, and `single-<stage>`
-trains the same backbone on one objective.
+trains the same backbone on one objective. Two baselines are config edits of the same trainer too:
+`packnet` (PackNet's fixed 50% share, no margin) and `naive-ft` (no masks: every stage fine-tunes all
+weights, and the final model scores every objective, so earlier objectives are forgotten).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ ABLATIONS = {
     "csmf-no-aml": lambda c: replace(c, aml_m0=0.0),
     "csmf-no-ar": lambda c: replace(c, recover_frac=0.0),
 }
+# Baselines that are config edits of the same trainer (issue: baselines and report).
+BASELINES = {
+    # PackNet (Mallya & Lazebnik 2018): fixed-share magnitude pruning, post-prune retraining, no margin.
+    "packnet": lambda c: replace(c, prune="fixed", fixed_fraction=c.packnet_fraction, aml_m0=0.0),
+    # Naive sequential fine-tuning: no masks; each stage fine-tunes all weights; one final model serves all.
+    "naive-ft": lambda c: replace(c, prune="none", aml_m0=0.0),
+}
+VARIANTS = {**ABLATIONS, **BASELINES}
 
 
 class CSMF(Retriever):
@@ -41,9 +51,9 @@ class CSMF(Retriever):
     def variant(cls, name: str, cfg: Config, **kw) -> CSMF:
         if name.startswith("single-"):
             return cls(cfg, objectives=(name.removeprefix("single-"),), name=name, **kw)
-        if name not in ABLATIONS:
+        if name not in VARIANTS:
             raise KeyError(name)
-        return cls(replace(cfg, cascade=ABLATIONS[name](cfg.cascade)), name=name, **kw)
+        return cls(replace(cfg, cascade=VARIANTS[name](cfg.cascade)), name=name, **kw)
 
     def fit(self, data: CascadeData) -> CSMF:
         objectives = self.objectives or data.stages
@@ -63,7 +73,10 @@ class CSMF(Retriever):
 
     def user_vectors(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
         """(B, D) query vectors with the objective weights folded in: <q, v_i> = sum_k w_k s_k(u, i)."""
-        by_stage = {self.trained.stage_number(name): w for name, w in weights.items()}
+        by_stage: dict[int, float] = {}
+        for name, w in weights.items():  # naive-ft maps every objective to its one final stage: add them up
+            k = self.trained.stage_number(name)
+            by_stage[k] = by_stage.get(k, 0.0) + float(w)
         if not any(by_stage.values()):
             raise ValueError(f"all objective weights are zero: {dict(weights)}")
         return self.trained.raw_user_vectors(users) * fold_weights(self.model.output_owner, by_stage)

@@ -1,0 +1,300 @@
+"""Multi-task two-tower baselines: shared-bottom, MMoE, PLE and MVKE-style, trained jointly on every objective.
+
+They read the same inputs as the CSMF backbone (pooled history bags with leave-target-out, user and item
+features), use the same D, softmax loss (in-batch + uniform negatives with logQ) and optimiser, and pick
+their epoch on validation (mean Recall@50 over the objectives). What differs is the network between the
+inputs and the vectors, and so what serving a fused query costs:
+
+- shared-bottom (Caruana 1997): one shared expert per tower, one output head per objective;
+- mmoe (Ma et al., KDD 2018): shared experts, one softmax gate per objective, in each tower;
+- ple (Tang et al., RecSys 2020; one CGC level): shared experts plus experts of each objective, gated;
+  these three give each objective its own user AND item vector, so a fused score
+  sum_k w_k <u_k, v_k> is one search over the concatenation [v_1; ...; v_S]: S x D floats per item;
+- mvke (Xu et al., KDD 2022, "MVKE-style"): virtual kernels attend over the user's input fields and
+  become experts; each objective's gate over the kernels gives its own user vector, and one item tower
+  gives one shared item vector, so sum_k w_k <u_k, v> = <sum_k w_k u_k, v>: one D-wide index.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from csmf.cascade import pairs_of, per_stage
+from csmf.config import Config
+from csmf.data.schema import CascadeData
+from csmf.evaluate import evaluate_stage
+from csmf.losses import in_batch_scores, softmax_loss
+from csmf.models.base import Retriever
+from csmf.towers import Features, pool_bags
+
+KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
+
+
+class GatedExperts(nn.Module):
+    """Experts over one input and a softmax gate per objective: (B, n_in) -> one (B, H) per objective.
+
+    shared-bottom = 1 shared expert, no gate; mmoe = `experts` shared experts; ple = shared experts plus
+    `specific` experts of each objective, each objective's gate choosing among the shared and its own.
+    """
+
+    def __init__(self, n_in: int, width: int, n_objectives: int, shared: int, specific: int):
+        super().__init__()
+        self.shared = nn.ModuleList(nn.Linear(n_in, width) for _ in range(shared))
+        self.specific = nn.ModuleList(
+            nn.ModuleList(nn.Linear(n_in, width) for _ in range(specific)) for _ in range(n_objectives)
+        )
+        n_choices = shared + specific
+        self.gates = nn.ModuleList(nn.Linear(n_in, n_choices) for _ in range(n_objectives)) if n_choices > 1 else None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        shared = [torch.relu(e(x)) for e in self.shared]
+        out = []
+        for t, own in enumerate(self.specific):
+            choices = torch.stack(shared + [torch.relu(e(x)) for e in own], dim=1)  # (B, E, H)
+            if self.gates is None:
+                out.append(choices[:, 0])
+            else:
+                gate = torch.softmax(self.gates[t](x), dim=1)  # (B, E)
+                out.append((gate.unsqueeze(2) * choices).sum(dim=1))  # (B, H)
+        return out
+
+
+class VirtualKernelExperts(nn.Module):
+    """MVKE-style user side: each virtual kernel attends over the input fields and feeds its own expert;
+    objective t mixes the kernel experts with weights softmax_k(<task_t, kernel_k>)."""
+
+    def __init__(self, field_widths: list[int], kernel_dim: int, kernels: int, width: int, n_objectives: int):
+        super().__init__()
+        self.project = nn.ModuleList(nn.Linear(w, kernel_dim) for w in field_widths)
+        self.kernels = nn.Parameter(torch.randn(kernels, kernel_dim) / math.sqrt(kernel_dim))
+        self.tasks = nn.Parameter(torch.randn(n_objectives, kernel_dim) / math.sqrt(kernel_dim))
+        self.experts = nn.ModuleList(nn.Linear(kernel_dim, width) for _ in range(kernels))
+
+    def forward(self, fields: list[torch.Tensor]) -> list[torch.Tensor]:
+        f = torch.stack([p(x) for p, x in zip(self.project, fields, strict=True)], dim=1)  # (B, F, A)
+        attn = torch.softmax(torch.einsum("bfa,ka->bkf", f, self.kernels) / math.sqrt(f.shape[2]), dim=2)
+        pooled = torch.einsum("bkf,bfa->bka", attn, f)  # (B, K, A): what each kernel reads of the user
+        experts = torch.stack([torch.relu(e(pooled[:, k])) for k, e in enumerate(self.experts)], dim=1)  # (B, K, H)
+        gates = torch.softmax(self.tasks @ self.kernels.T, dim=1)  # (S, K)
+        return [(g.view(1, -1, 1) * experts).sum(dim=1) for g in gates]  # S x (B, H)
+
+
+class MultiTaskTwoTower(nn.Module):
+    def __init__(self, kind: str, data: CascadeData, cfg: Config, n_objectives: int, seed: int):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown multi-task model {kind!r}; choose from {KINDS}")
+        torch.manual_seed(seed)  # every layer below draws its initial weights from this seed
+        m, mt = cfg.model, cfg.multitask
+        self.kind, self.dropout, self.bag_power = kind, m.dropout, m.bag_power
+        self.behaviours = data.behaviours if m.history else ()
+        self.n_items = data.n_items
+        self.history = nn.Parameter(torch.randn(data.n_items, m.history_dim) * 0.05) if self.behaviours else None
+        self.user_id = nn.Embedding(data.n_users, m.id_dim) if m.user_id else None
+        self.item_id = nn.Embedding(data.n_items, m.id_dim)
+        self.user_features = Features.from_arrays(data.user_features, m.max_categories)
+        self.item_features = Features.from_arrays(data.item_features, m.max_categories)
+        self.user_cat = nn.ModuleDict(
+            {k: nn.Embedding(c, m.feature_dim) for k, c in self.user_features.cardinality.items()}
+        )
+        self.item_cat = nn.ModuleDict(
+            {k: nn.Embedding(c, m.feature_dim) for k, c in self.item_features.cardinality.items()}
+        )
+        for emb in [self.item_id, *self.user_cat.values(), *self.item_cat.values()] + (
+            [self.user_id] if self.user_id else []
+        ):
+            nn.init.normal_(emb.weight, std=0.05)
+        user_widths = [m.history_dim] * len(self.behaviours) + ([m.id_dim] if self.user_id else [])
+        user_widths += [m.feature_dim] * len(self.user_cat) + [1] * self.user_features.n_dense
+        item_in = m.id_dim + m.feature_dim * len(self.item_cat) + self.item_features.n_dense
+        h = mt.expert_dim
+        if kind == "mvke":
+            self.user_body = VirtualKernelExperts(user_widths, mt.kernel_dim, mt.kernels, h, n_objectives)
+            self.item_body = GatedExperts(item_in, h, 1, shared=1, specific=0)
+        else:
+            shared, specific = {
+                "shared-bottom": (1, 0),
+                "mmoe": (mt.experts, 0),
+                "ple": (mt.experts, mt.specific_experts),
+            }[kind]
+            self.user_body = GatedExperts(sum(user_widths), h, n_objectives, shared, specific)
+            self.item_body = GatedExperts(item_in, h, n_objectives, shared, specific)
+        n_item_vectors = 1 if kind == "mvke" else n_objectives
+        self.user_heads = nn.ModuleList(nn.Linear(h, m.dim) for _ in range(n_objectives))
+        self.item_heads = nn.ModuleList(nn.Linear(h, m.dim) for _ in range(n_item_vectors))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+    def user_fields(self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None) -> list[torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
+        fields = []
+        if self.behaviours:
+            fields += pool_bags(self.history, [history[b] for b in self.behaviours], users, leave_out, self.bag_power)
+        if self.user_id is not None:
+            fields.append(self.user_id(ids))
+        fields += [emb(self.user_features.categorical[k][ids]) for k, emb in self.user_cat.items()]
+        if self.user_features.dense is not None:
+            dense = self.user_features.dense[ids]  # (B, n_dense): one width-1 field per column
+            fields += [dense[:, j : j + 1] for j in range(dense.shape[1])]
+        return [self._drop(x) for x in fields]
+
+    def user_vectors(self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None) -> list[torch.Tensor]:
+        """One (B, D) user vector per objective."""
+        fields = self.user_fields(users, history, leave_out)
+        hidden = self.user_body(fields) if self.kind == "mvke" else self.user_body(torch.cat(fields, dim=1))
+        return [head(x) for head, x in zip(self.user_heads, hidden, strict=True)]
+
+    def item_vectors(self, items: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One (N, D) item matrix per objective (one shared matrix for mvke)."""
+        ids = torch.arange(self.n_items) if items is None else items
+        x = [self.item_id(ids)] + [emb(self.item_features.categorical[k][ids]) for k, emb in self.item_cat.items()]
+        if self.item_features.dense is not None:
+            x.append(self.item_features.dense[ids])
+        hidden = self.item_body(self._drop(torch.cat(x, dim=1)))
+        return [head(v) for head, v in zip(self.item_heads, hidden, strict=True)]
+
+
+class MultiTask(Retriever):
+    """A multi-task two-tower baseline behind the Retriever interface (see the module docstring)."""
+
+    def __init__(self, kind: str, cfg: Config, progress: bool = False, log=None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown multi-task model {kind!r}; choose from {KINDS}")
+        self.name, self.kind, self.cfg, self.progress = kind, kind, cfg, progress
+        self.log = log or (lambda _msg: None)
+        self.model: MultiTaskTwoTower | None = None
+        self.objectives: tuple[str, ...] = ()
+        self.phases: list[dict] = []
+
+    # ----- training ------------------------------------------------------------------------------
+    def fit(self, data: CascadeData) -> MultiTask:
+        cfg, t = self.cfg, self.cfg.train
+        self.objectives = data.stages
+        tuning = data.tuning_view()
+        model = self.model = MultiTaskTwoTower(self.kind, data, cfg, len(self.objectives), cfg.seed)
+        self.history = {b: tuning.matrix(b) for b in model.behaviours}
+        pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
+        log_q = [self._log_q(items, data.n_items) for _, items in pairs]
+        optimizer = torch.optim.Adam(model.parameters(), lr=per_stage(t.lr, 1))
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
+        steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
+        best, best_state, best_epoch, epochs_log = -1.0, None, 0, []
+        for epoch in range(1, max(t.max_epochs) + 1):
+            model.train()
+            orders = [torch.randperm(len(u), generator=generator).numpy() for u, _ in pairs]
+            total = 0.0
+            for step in tqdm(range(steps), desc=f"{self.kind} epoch {epoch}", disable=not self.progress, leave=False):
+                loss = 0.0
+                for k, ((users, items), order) in enumerate(zip(pairs, orders, strict=True)):
+                    idx = np.take(order, np.arange(step * t.batch_size, (step + 1) * t.batch_size), mode="wrap")
+                    loss = loss + self._loss(k, users[idx], items[idx], log_q[k], len(items), data.n_items, generator)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+            valid = self._validate(tuning)
+            score = float(np.mean([v["recall@50"] for v in valid.values()])) if valid else 0.0
+            epochs_log.append({"epoch": epoch, "loss": round(total / steps, 5), "valid": valid})
+            self.log(f"  {self.kind} epoch {epoch}: loss {total / steps:.4f} mean valid recall@50 {score:.4f}")
+            if score > best:
+                best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+            elif epoch - best_epoch >= t.patience:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        self.phases = [{"phase": "joint", "epochs": epochs_log, "best_epoch": best_epoch}]
+        self.history = data.train | data.side
+        with torch.no_grad():
+            self.items = model.item_vectors()  # (N, D) per item vector
+        return self
+
+    @staticmethod
+    def _log_q(items: np.ndarray, n_items: int) -> torch.Tensor:
+        counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0
+        return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+    def _loss(self, k, users, items, log_q, n_pairs, n_items, generator) -> torch.Tensor:
+        """Objective k's softmax loss on a batch of its pairs: in-batch + uniform negatives, logQ-corrected."""
+        model, extra = self.model, self.cfg.train.extra_negatives
+        u = model.user_vectors(users, self.history, leave_out=items)[k]  # (B, D)
+        target_items = torch.from_numpy(items)
+        vk = min(k, len(model.item_heads) - 1)
+        v = model.item_vectors(target_items)[vk]  # (B, D)
+        scores, target = in_batch_scores(u, v, target_items)
+        correction = log_q[target_items] + np.log(n_pairs)
+        if extra:
+            negatives = torch.randint(0, n_items, (extra,), generator=generator)
+            scores = torch.cat([scores, u @ model.item_vectors(negatives)[vk].T], dim=1)  # (B, B + M)
+            correction = torch.cat([correction, torch.full((extra,), float(np.log(extra / n_items)))])
+        return softmax_loss(scores, target, self.cfg.model.temperature, log_q=correction)
+
+    def _validate(self, tuning: CascadeData) -> dict[str, dict[str, float]]:
+        self.model.eval()
+        with torch.no_grad():
+            self.items = self.model.item_vectors()
+        out = {}
+        for o in self.objectives:
+            if o in tuning.test and tuning.test[o].nnz:
+                r = evaluate_stage(self, tuning, o, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
+                out[o] = {k: round(v, 5) for k, v in r.items() if k != "users"}
+        return out
+
+    # ----- serving -------------------------------------------------------------------------------
+    def _objective(self, stage: str) -> int:
+        if stage not in self.objectives:
+            raise KeyError(f"unknown objective {stage!r}; this model serves {self.objectives}")
+        return self.objectives.index(stage)
+
+    def _users(self, users: np.ndarray) -> list[torch.Tensor]:
+        self.model.eval()
+        with torch.no_grad():
+            return self.model.user_vectors(np.asarray(users, dtype=np.int64), self.history)
+
+    def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
+        k = self._objective(stage)
+        return self._users(users)[k] @ self.items[min(k, len(self.items) - 1)].T  # (B, N)
+
+    def user_vectors(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
+        """The fused query: sum_k w_k u_k for mvke (B, D); [w_1 u_1, ..., w_S u_S] otherwise (B, S*D)."""
+        if not any(weights.values()):
+            raise ValueError(f"all objective weights are zero: {dict(weights)}")
+        per = self._users(users)
+        w = [float(weights.get(o, 0.0)) for o in self.objectives]
+        if self.kind == "mvke":
+            return sum(wk * u for wk, u in zip(w, per, strict=True))
+        return torch.cat([wk * u for wk, u in zip(w, per, strict=True)], dim=1)
+
+    def item_vectors(self) -> torch.Tensor:
+        """What the index holds: (N, D) for mvke, the concatenation (N, S*D) otherwise."""
+        return self.items[0] if len(self.items) == 1 else torch.cat(self.items, dim=1)
+
+    def score_fused(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
+        return self.user_vectors(users, weights) @ self.item_vectors().T  # (B, N): one search
+
+    def served(self, data: CascadeData) -> tuple[str, ...]:
+        return self.objectives
+
+    def num_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    def settings(self) -> dict:
+        return {
+            "objectives": list(self.objectives),
+            "vector_dim": int(self.item_vectors().shape[1]),
+            "vectors_per_item": len(self.items),
+            "serving": "shared item vector, fused user vector"
+            if self.kind == "mvke"
+            else "concatenated per-objective vectors",
+            "multitask": {k: v for k, v in vars(self.cfg.multitask).items()},
+        }
