@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from csmf.config import Config, override
+from csmf.cost import exact_top_k, query_cost
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.models.csmf import CSMF
@@ -122,3 +123,29 @@ def test_packnet_frees_half_of_each_stage_without_a_margin(data):
     model.fit(data)
     freed = [p["freed_share"] for p in model.phases if p["phase"] == "prune-1"][0]
     assert all(abs(share - 0.5) <= 0.07 for share in freed.values()), freed  # 8-wide groups: 4 of 8 units
+
+
+# ----- cost of a fused query ---------------------------------------------------------------------
+
+
+def test_exact_top_k_in_blocks_matches_one_full_topk():
+    g = torch.Generator().manual_seed(0)
+    queries, items = torch.randn(7, 5, generator=g), torch.randn(1000, 5, generator=g)
+    scores, ids = exact_top_k(queries, items, k=20, block=64)
+    full = torch.topk(queries @ items.T, k=20, dim=1)
+    torch.testing.assert_close(scores, full.values)
+    assert torch.equal(ids, full.indices)
+
+
+def test_query_cost_counts_the_index_each_model_serves(data, fitted):
+    csmf = CSMF.variant("csmf", CFG).fit(data)
+    costs = {name: query_cost(m, data, data.stages, CFG.model.dim, users=16, synthetic_items=2000, repeats=1)
+             for name, m in {"csmf": csmf, "mmoe": fitted["mmoe"], "mvke": fitted["mvke"]}.items()}  # fmt: skip
+    d, s = CFG.model.dim, len(data.stages)
+    assert costs["csmf"]["index_width"] == d and costs["csmf"]["vectors_per_item"] == 1  # weights folded in
+    assert costs["mvke"]["index_width"] == d and costs["mvke"]["vectors_per_item"] == 1  # shared item vector
+    assert costs["mmoe"]["index_width"] == s * d and costs["mmoe"]["vectors_per_item"] == s  # concatenation
+    assert costs["mmoe"]["index_bytes_per_item"] == 4 * s * d
+    for cost in costs.values():
+        assert cost["query_seconds_1m"] > 0 and cost["query_ratio_catalogue"] > 0
+        assert cost["params"] > 0

@@ -42,8 +42,11 @@ def sim_log_path(tmp_path_factory) -> Path:
 def bench_out(sim_log_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("results")
     argv = ["bench", "--dataset", str(sim_log_path), "--models", "popularity,als", "--no-tune", "--out", str(out)]
-    assert main([*argv, "--quiet"]) == 0
+    assert main([*argv, *SMALL_COST, "--quiet"]) == 0
     return out
+
+
+SMALL_COST = ["--set", "bench.cost_items=3000", "--set", "bench.cost_users=64", "--quiet"]
 
 
 def read_result(out: Path, dataset: str, model: str) -> dict:
@@ -89,14 +92,23 @@ def test_bench_result_layout(bench_out, sim_log_path):
     per_stage = [(data.n_users + data.n_items) * settings[s]["factors"] for s in data.stages]
     assert als["params"] == sum(per_stage)
     assert all(als["tuning"][s]["note"] == "not tuned" for s in data.stages)
+    # Cost: ALS serves a fused query over its concatenated per-objective factors; popularity has no index.
+    width = sum(settings[s]["factors"] for s in data.stages)
+    assert als["cost"]["index_width"] == width and als["cost"]["index_bytes_per_item"] == 4 * width
+    assert als["cost"]["vectors_per_item"] == len(data.stages) and als["cost"]["query_ratio_1m"] > 0
+    assert pop["cost"]["vectors_per_item"] == 0 and pop["cost"]["query_ratio_1m"] is None
 
 
 def test_bench_table_lists_every_model(bench_out):
     table = (bench_out / "sim" / "table.md").read_text()
-    lines = table.splitlines()
+    quality, cost = table.split("Cost of a fused top-50 query")
+    lines = quality.splitlines()
     assert lines[0] == "# sim"
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
     assert sorted(r.split("|")[1].strip() for r in rows) == ["als", "popularity"]
+    cost_rows = [line for line in cost.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert sorted(r.split("|")[1].strip() for r in cost_rows) == ["als", "popularity"]
+    assert "| popularity | 0 | 0 | 0 |" in cost  # no parameters, no vector index
     pop = read_result(bench_out, "sim", "popularity")
     pop_row = next(r for r in rows if r.startswith("| popularity "))
     assert f"{pop['metrics']['click']['recall@10']:.4f}" in pop_row
@@ -106,7 +118,7 @@ def test_bench_table_lists_every_model(bench_out):
 
 def test_bench_on_packaged_jd(tmp_path):
     assert (
-        main(["bench", "--dataset", "jd", "--models", "popularity", "--no-tune", "--out", str(tmp_path), "--quiet"])
+        main(["bench", "--dataset", "jd", "--models", "popularity", "--no-tune", "--out", str(tmp_path), *SMALL_COST])
         == 0
     )
     result = read_result(tmp_path, "jd", "popularity")
@@ -128,7 +140,7 @@ def test_bench_is_deterministic_for_a_seed(sim_log_path, tmp_path):
     runs = []
     for name in ("a", "b"):
         argv = ["bench", "--dataset", str(sim_log_path), "--models", "popularity,als", "--no-tune"]
-        assert main([*argv, "--out", str(tmp_path / name), *FAST_ALS, "--quiet"]) == 0
+        assert main([*argv, "--out", str(tmp_path / name), *FAST_ALS, *SMALL_COST, "--quiet"]) == 0
         runs.append({m: read_result(tmp_path / name, "sim", m)["metrics"] for m in ("popularity", "als")})
     assert runs[0] == runs[1]
     assert runs[0]["als"] != runs[0]["popularity"]
@@ -136,7 +148,7 @@ def test_bench_is_deterministic_for_a_seed(sim_log_path, tmp_path):
 
 def test_bench_records_the_seed(sim_log_path, tmp_path):
     argv = ["bench", "--dataset", str(sim_log_path), "--models", "popularity", "--no-tune", "--seed", "3"]
-    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 0
+    assert main([*argv, "--out", str(tmp_path), *SMALL_COST, "--quiet"]) == 0
     assert read_result(tmp_path, "sim", "popularity")["seed"] == 3
 
 

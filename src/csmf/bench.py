@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from csmf.config import Config, ConfigError, config_to_dict
+from csmf.cost import query_cost
 from csmf.data.jd import load_jd
 from csmf.data.logtable import load_log
 from csmf.data.schema import CascadeData
@@ -172,6 +173,12 @@ def run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool = 
     t2 = time.perf_counter()
     tuning = tuning or getattr(model, "phases", {})
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, model.served(data), progress)
+    b = cfg.bench
+    cost = (
+        query_cost(model, data, model.served(data), cfg.model.dim, b.cost_users, b.cost_items, seed=cfg.seed)
+        if b.cost_items > 0
+        else None
+    )
     return {
         "model": model_name,
         "dataset": data.name,
@@ -183,6 +190,7 @@ def run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool = 
         "params": model.num_params(),
         "metrics": {s: {k: v for k, v in m.items() if k != "users"} for s, m in metrics.items()},
         "eval_users": {s: m["users"] for s, m in metrics.items()},
+        "cost": cost,
         "tuning": tuning,
         "data_report": data.report.as_dict(),
     }
@@ -218,10 +226,31 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results: list[dict]) -> str:
+    """Parameters, index size and fused top-50 query time (ratio to a single D-wide two-tower, same run)."""
+    head = "| model | params | vectors / item | index bytes / item | query ratio (catalogue) | query ratio (1M items) |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        c = r.get("cost")
+        if not c:
+            continue
+        big = "n/a" if c.get("query_ratio_1m") is None else f"{c['query_ratio_1m']:.2f}"
+        lines.append(
+            f"| {r['model']} | {c['params']:,} | {c['vectors_per_item']} | {c['index_bytes_per_item']} | "
+            f"{c['query_ratio_catalogue']:.2f} | {big} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def write_table(out_dir: str | Path, dataset: str) -> tuple[Path, str]:
     folder = Path(out_dir) / dataset
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     table = markdown_table(results)
+    costs = cost_table(results)
+    if costs:
+        table += (
+            "\n\nCost of a fused top-50 query for a batch of users (ratio to a single-objective two-tower):\n\n" + costs
+        )
     path = folder / "table.md"
     path.write_text(f"# {dataset}\n\n{table}\n")
     return path, table

@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="tune, fit and evaluate models; write results/<dataset>/<model>.json")
     _data_flags(bench)
-    bench.add_argument("--models", help="comma-separated: popularity,als,itemknn (default: all)")
+    bench.add_argument(
+        "--models",
+        help="comma-separated, from popularity, als, itemknn, csmf, csmf-no-cpp, csmf-no-aml, csmf-no-ar, packnet, "
+        "naive-ft, shared-bottom, mmoe, ple, mvke, single-<stage> (default: popularity,als,itemknn)",
+    )
     bench.add_argument("--out", help="results folder (default: results)")
     bench.add_argument("--no-tune", action="store_true", help="skip validation search; use default settings")
     _common(bench)

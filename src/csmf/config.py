@@ -137,6 +137,8 @@ class MultiTaskConfig:
 class BenchConfig:
     models: tuple[str, ...] = ("popularity", "als", "itemknn")
     out_dir: str = "results"
+    cost_users: int = 1024  # query batch of the cost measurement (fused top-50 per user)
+    cost_items: int = 1_000_000  # synthetic catalogue size of the cost measurement; 0 = do not measure cost
     tune: bool = True  # False = no search: the settings' defaults (a grid's first value if the default is off-grid)
 
 
