@@ -117,11 +117,29 @@ def build_itemknn(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retri
     return _tuned(cfg, data, grid, fixed, ItemKNNSettings, lambda s: ItemKNN(s, k.num_threads), progress)
 
 
+def build_tuned_as(name: str, chosen: dict[str, dict], tuned_on: int):
+    """ALS or item-kNN with the per-stage settings an earlier run chose on validation (no new search):
+    the paper suite tunes on its first seed and refits the later seeds with the same settings."""
+
+    def build(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+        note = {s: {"note": f"settings chosen on validation with seed {tuned_on}"} for s in chosen}
+        if name == "als":
+            settings = {s: ALSSettings(**v) for s, v in chosen.items()}
+            return ALS(settings, cfg.seed, cfg.als.num_threads), note
+        if name == "itemknn":
+            return ItemKNN({s: ItemKNNSettings(**v) for s, v in chosen.items()}, cfg.itemknn.num_threads), note
+        raise ConfigError(f"{name}: only als and itemknn are tuned by search")
+
+    return build
+
+
 def build_neural(name: str) -> Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]:
     """CSMF, its ablations and single-objective two-towers: epochs are chosen on validation inside fit."""
 
     def build(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
-        return CSMF.variant(name, cfg, progress=progress), {}
+        b = cfg.bench
+        run_dir, cache = b.checkpoint_dir or None, b.pretrain_cache or None
+        return CSMF.variant(name, cfg, progress=progress, run_dir=run_dir, pretrain_cache=cache), {}
 
     return build
 
@@ -165,9 +183,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool = True) -> dict:
+def run_model(
+    cfg: Config, data: CascadeData, model_name: str, progress: bool = True, builder: Callable | None = None
+) -> dict:
     t0 = time.perf_counter()
-    model, tuning = model_builder(model_name)(cfg, data, progress)
+    model, tuning = (builder or model_builder(model_name))(cfg, data, progress)
     t1 = time.perf_counter()
     model.fit(data)
     t2 = time.perf_counter()
@@ -183,7 +203,8 @@ def run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool = 
         "model": model_name,
         "dataset": data.name,
         "seed": cfg.seed,
-        "config": {**config_to_dict(cfg), "model_settings": model.settings()},
+        # the model's own config: a variant (csmf-no-aml, packnet, ...) is the bench config edited
+        "config": {**config_to_dict(getattr(model, "cfg", cfg)), "model_settings": model.settings()},
         "versions": versions(),
         "train_seconds": round(t2 - t1, 3),
         "tuning_seconds": round(t1 - t0, 3),

@@ -5,11 +5,17 @@ its loss and validation metrics, and is checkpointed; a killed run resumes from 
 phase and ends with the same weights as an uninterrupted one. Training uses the tuning view of the data
 (validation pairs removed from train) and validation picks each stage's best epoch; the test split is
 never read here. A one-objective run is the plain two-tower (`single-<stage>` in the benchmark).
+
+Stage-1 pretraining depends only on the data, the seed and the model/train/eval config, not on anything
+that happens later in the cascade, so runs that differ only downstream (ablations, a tau sweep, the
+single stage-1 tower) may share it through `pretrain_cache`: a folder of pretrained states keyed by a
+hash of exactly those inputs. The result is bit-identical to pretraining afresh.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +29,7 @@ from tqdm import tqdm
 
 from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData, difference, union
+from csmf.determinism import deterministic_torch
 from csmf.evaluate import evaluate_stage
 from csmf.losses import aml_margin, in_batch_scores, softmax_loss
 from csmf.masks import claim_free
@@ -128,6 +135,7 @@ class CascadeTrainer:
         run_dir: str | Path | None = None,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        pretrain_cache: str | Path | None = None,
     ):
         self.data = data
         self.cfg = cfg
@@ -138,6 +146,7 @@ class CascadeTrainer:
         self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
         self.run_dir = Path(run_dir) if run_dir else None
+        self.pretrain_cache = Path(pretrain_cache) if pretrain_cache else None
         self.progress = progress
         self.log = log or (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
@@ -176,9 +185,47 @@ class CascadeTrainer:
         self.log(f"resuming after phase {self.phases[state['phase']].name} ({done[-1].name})")
         return state["phase"] + 1
 
+    def _pretrain_key(self) -> str:
+        """Hash of everything stage-1 pretraining reads: data identity, first objective, seed, config."""
+        c = config_to_dict(self.cfg)
+        inputs = {
+            "data": [self.data.name, self.data.n_users, self.data.n_items, self.data.stages, c["data"], c["sim"]],
+            "objective": self.objectives[0],
+            "seed": self.cfg.seed,
+            "model": c["model"],
+            "train": c["train"],
+            "eval": c["eval"],
+        }
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def _cached_pretrain(self) -> bool:
+        """Load stage 1 from the pretrain cache if it holds this run's pretraining (then phase 0 is done)."""
+        path = self.pretrain_cache / f"pretrain-{self._pretrain_key()}.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["state"])
+        self.history.append({**state["record"], "cached": True})
+        self.log(f"stage 1 pretraining loaded from the cache ({path.name})")
+        self._save(0)
+        return True
+
+    def _cache_pretrain(self) -> None:
+        self.pretrain_cache.mkdir(parents=True, exist_ok=True)
+        path = self.pretrain_cache / f"pretrain-{self._pretrain_key()}.pt"
+        tmp = path.with_suffix(".pt.partial")
+        torch.save({"state": self.model.state_dict(), "record": self.history[0]}, tmp)
+        tmp.replace(path)
+
     # ----- phases --------------------------------------------------------------------------------
     def run(self) -> TrainedCascade:
+        with deterministic_torch():
+            return self._run()
+
+    def _run(self) -> TrainedCascade:
         start = self._resume()
+        if start == 0 and self.pretrain_cache is not None and self._cached_pretrain():
+            start = 1
         for index in range(start, len(self.phases)):
             phase = self.phases[index]
             torch.manual_seed(self.cfg.seed * 1000 + index)
@@ -193,6 +240,8 @@ class CascadeTrainer:
             self.history.append(record)
             self.log(_describe(record))
             self._save(index)
+            if index == 0 and self.pretrain_cache is not None:
+                self._cache_pretrain()
         return self.retriever(self.data.train | self.data.side)
 
     def retriever(self, history: dict[str, sp.csr_matrix], top: int | None = None) -> TrainedCascade:

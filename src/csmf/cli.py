@@ -30,9 +30,9 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", help="stage columns / names in cascade order, comma-separated")
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
     cfg = load_config(args.config) if args.config else Config()
-    sets = list(args.set)
+    sets = [*presets, *args.set]  # presets first: the command line wins
     if getattr(args, "dataset", None):
         sets.append(f"data.dataset={args.dataset}")
     if getattr(args, "stages", None):
@@ -49,11 +49,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from csmf.bench import run_bench
+    from csmf.suite import QUICK_SETS, run_suite
 
-    cfg = _config(args)
+    if args.quick and not args.suite:
+        raise ConfigError("--quick shrinks a suite: use it with --suite paper")
+    if args.suite and (args.models or args.dataset):
+        raise ConfigError("--suite runs its own models and datasets: drop --models/--dataset (see bench.suite_*)")
+    cfg = _config(args, QUICK_SETS if args.quick else ())
     if args.no_tune:
         cfg = replace(cfg, bench=replace(cfg.bench, tune=False))
-    run_bench(cfg, progress=not args.quiet)
+    if args.suite:
+        run_suite(cfg, args.suite + ("-quick" if args.quick else ""), progress=not args.quiet)
+    else:
+        run_bench(cfg, progress=not args.quiet)
     return 0
 
 
@@ -138,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", help="results folder (default: results)")
     bench.add_argument("--no-tune", action="store_true", help="skip validation search; use default settings")
+    bench.add_argument(
+        "--suite", choices=["paper"],
+        help="paper: every model, the ablations and the tau sweep on bench.suite_datasets (jd, sim) over "
+        "bench.suite_seeds (0,1,2); writes results/paper/ and reports/paper.md with plots; resumable",
+    )  # fmt: skip
+    bench.add_argument("--quick", action="store_true", help="with --suite: a small smoke version (minutes)")
     _common(bench)
 
     simulate = sub.add_parser("simulate", help="write a simulated exposure -> click -> conversion log")

@@ -140,6 +140,14 @@ class BenchConfig:
     cost_users: int = 1024  # query batch of the cost measurement (fused top-50 per user)
     cost_items: int = 1_000_000  # synthetic catalogue size of the cost measurement; 0 = do not measure cost
     tune: bool = True  # False = no search: the settings' defaults (a grid's first value if the default is off-grid)
+    # Neural models: share stage-1 pretraining between runs through this folder ("" = off; see csmf.cascade)
+    pretrain_cache: str = ""
+    checkpoint_dir: str = ""  # neural models: phase checkpoints here, so a killed run resumes ("" = none)
+    # `csmf bench --suite`: seeds, datasets and the tau sweep of the paper suite
+    suite_seeds: tuple[int, ...] = (0, 1, 2)
+    suite_datasets: tuple[str, ...] = ("jd", "sim")
+    suite_taus: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    report_dir: str = "reports"
 
 
 @dataclass(frozen=True)

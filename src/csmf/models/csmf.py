@@ -41,9 +41,11 @@ class CSMF(Retriever):
     """A cascade over `objectives` (default: every stage of the data); one objective = a plain two-tower."""
 
     def __init__(self, cfg: Config, objectives: tuple[str, ...] | None = None, name: str = "csmf",
-                 run_dir: str | None = None, progress: bool = False, log=None):  # fmt: skip
+                 run_dir: str | None = None, progress: bool = False, log=None,
+                 pretrain_cache: str | None = None):  # fmt: skip
         self.cfg, self.objectives, self.name = cfg, objectives, name
         self.run_dir, self.progress, self.log = run_dir, progress, log
+        self.pretrain_cache = pretrain_cache  # shared stage-1 pretraining (see csmf.cascade)
         self.trained: TrainedCascade | None = None
         self.phases: list[dict] = []
 
@@ -60,7 +62,9 @@ class CSMF(Retriever):
         missing = [o for o in objectives if o not in data.stages]
         if missing:
             raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
-        trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log)
+        trainer = CascadeTrainer(
+            data, self.cfg, objectives, self.run_dir, self.progress, self.log, pretrain_cache=self.pretrain_cache
+        )
         self.trained = trainer.run()
         self.phases = trainer.history
         return self

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from csmf.cascade import pairs_of, per_stage
 from csmf.config import Config
 from csmf.data.schema import CascadeData
+from csmf.determinism import deterministic_torch
 from csmf.evaluate import evaluate_stage
 from csmf.losses import in_batch_scores, softmax_loss
 from csmf.models.base import Retriever
@@ -178,7 +179,12 @@ class MultiTask(Retriever):
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
+        with deterministic_torch():
+            return self._fit(data)
+
+    def _fit(self, data: CascadeData) -> MultiTask:
         cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(cfg.seed * 1000 + 7)  # dropout draws from the global generator
         self.objectives = data.stages
         tuning = data.tuning_view()
         model = self.model = MultiTaskTwoTower(self.kind, data, cfg, len(self.objectives), cfg.seed)

@@ -1,0 +1,253 @@
+"""The suite report: `<report_dir>/<suite>.md` and its PNG plots, built only from the suite's result files.
+
+Every number in the report is read from `<out_dir>/<suite>/<dataset>/<run>.json` (written by
+csmf.suite), so the report regenerates from the same run and never mixes in older results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a server or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from csmf.config import Config  # noqa: E402
+
+METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+SHORT = {"recall@10": "R@10", "ndcg@10": "N@10", "recall@50": "R@50", "ndcg@50": "N@50"}
+
+
+def load_results(folder: Path) -> dict[str, dict]:
+    """The suite's aggregated results of one dataset, in the suite's row order."""
+    results = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    return {r["model"]: r for r in sorted(results, key=lambda r: (r.get("row", 1_000), r["model"]))}
+
+
+def stages_of(results: dict[str, dict]) -> list[str]:
+    stages: list[str] = []
+    for r in results.values():
+        stages += [s for s in r["metrics"] if s not in stages]
+    return stages
+
+
+def _in(results: dict[str, dict], group: str) -> list[dict]:
+    return [r for r in results.values() if group in r.get("groups", [])]
+
+
+def _cell(r: dict, stage: str, metric: str, bold: bool = False) -> str:
+    if stage not in r["metrics"]:
+        return ""
+    mean, std = r["metrics"][stage][metric], r["metrics_std"][stage][metric]
+    text = f"{mean:.4f} ± {std:.4f}"
+    return f"**{text}**" if bold else text
+
+
+def metric_table(rows: list[dict], stages: list[str], metrics: tuple[str, ...] = METRICS) -> str:
+    """Mean ± std over seeds; the best mean of each column in bold."""
+    head = ["model"] + [f"{s} {SHORT[m]}" for s in stages for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    best = {
+        (s, m): max((r["metrics"][s][m] for r in rows if s in r["metrics"]), default=None)
+        for s in stages
+        for m in metrics
+    }
+    for r in rows:
+        cells = [r["model"] + (" *" if r.get("deterministic") else "")]
+        for s in stages:
+            for m in metrics:
+                top = s in r["metrics"] and r["metrics"][s][m] == best[(s, m)] and len(rows) > 1
+                cells.append(_cell(r, s, m, bold=top))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def standing(rows: list[dict], stages: list[str], reference: str = "csmf") -> list[str]:
+    """One line per column: where `reference` ranks, and every model whose mean is ahead of it."""
+    ref = next((r for r in rows if r["model"] == reference), None)
+    if ref is None:
+        return []
+    lines = []
+    for s in stages:
+        if s not in ref["metrics"]:
+            continue
+        for m in ("recall@50", "ndcg@50"):
+            mine = ref["metrics"][s][m]
+            ahead = sorted(
+                ((r["metrics"][s][m], r["model"]) for r in rows if s in r["metrics"] and r["metrics"][s][m] > mine),
+                reverse=True,
+            )
+            if ahead:
+                names = ", ".join(f"{name} {v:.4f}" for v, name in ahead)
+                lines.append(f"- {s} {SHORT[m]}: csmf {mine:.4f}; **ahead of it: {names}**")
+            else:
+                lines.append(f"- {s} {SHORT[m]}: csmf {mine:.4f} is the best of the table")
+    return lines
+
+
+def cost_table(rows: list[dict]) -> str:
+    head = (
+        "| model | params | vectors / item | index bytes / item | fused top-50 time ratio (catalogue) | "
+        "ratio (1M items) | train s / seed |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r.get("cost")
+        if not c:
+            continue
+        big = "n/a (no index)" if c.get("query_ratio_1m") is None else f"{c['query_ratio_1m']:.2f}"
+        lines.append(
+            f"| {r['model']} | {c['params']:,} | {c['vectors_per_item']} | {c['index_bytes_per_item']} | "
+            f"{c['query_ratio_catalogue']:.2f} | {big} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def ablation_deltas(rows: list[dict], stages: list[str]) -> list[str]:
+    ref = next((r for r in rows if r["model"] == "csmf"), None)
+    out = []
+    for r in rows:
+        if ref is None or r is ref:
+            continue
+        parts = []
+        for s in stages:
+            for m in ("recall@50", "ndcg@50"):
+                a, b = ref["metrics"][s][m], r["metrics"][s][m]
+                parts.append(f"{s} {SHORT[m]} {100 * (b - a) / a:+.1f}%")
+        not_hurt = [s for s in stages if r["metrics"][s]["recall@50"] >= ref["metrics"][s]["recall@50"]]
+        verdict = (
+            "the ablation is below csmf on every objective's R@50"
+            if not not_hurt
+            else f"**the ablation is not below csmf on R@50 of: {', '.join(not_hurt)}**"
+        )
+        out.append(f"- {r['model']} vs csmf: " + ", ".join(parts) + f" ({verdict})")
+    return out
+
+
+def later_stage_share(r: dict) -> str:
+    """Mean share of units owned by each stage after the cascade, over the masked layers (first seed)."""
+    ownership = r["config"].get("model_settings", {}).get("ownership", {})
+    if not ownership:
+        return ""
+    owners = sorted({int(k) for table in ownership.values() for k in table if int(k) > 0})
+    shares = [sum(float(t.get(str(o), t.get(o, 0.0))) for t in ownership.values()) / len(ownership) for o in owners]
+    return " / ".join(f"{v:.2f}" for v in shares)
+
+
+def tau_table(rows: list[dict], stages: list[str]) -> str:
+    head = ["tau", "units per stage"] + [f"{s} {SHORT[m]}" for s in stages for m in ("recall@50", "ndcg@50")]
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
+    for r in sorted(rows, key=lambda r: r["tau"]):
+        cells = [f"{r['tau']:g}", later_stage_share(r)]
+        cells += [_cell(r, s, m) for s in stages for m in ("recall@50", "ndcg@50")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----- plots --------------------------------------------------------------------------------------
+
+
+def plot_tau(rows: list[dict], stages: list[str], path: Path, dataset: str) -> None:
+    rows = sorted(rows, key=lambda r: r["tau"])
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    taus = [r["tau"] for r in rows]
+    for s in stages:
+        ax.errorbar(taus, [r["metrics"][s]["recall@50"] for r in rows],
+                    yerr=[r["metrics_std"][s]["recall@50"] for r in rows], marker="o", capsize=3, label=s)  # fmt: skip
+    ax.set_xlabel("tau (CPP cumulative-mass threshold)")
+    ax.set_ylabel("Recall@50")
+    ax.set_title(f"{dataset}: CSMF by tau (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_main(rows: list[dict], stages: list[str], path: Path, dataset: str) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 3.8), dpi=100)
+    width = 0.8 / len(stages)
+    for j, s in enumerate(stages):
+        xs = [i + (j - (len(stages) - 1) / 2) * width for i in range(len(rows))]
+        ys = [r["metrics"].get(s, {}).get("recall@50", 0.0) for r in rows]
+        es = [r["metrics_std"].get(s, {}).get("recall@50", 0.0) for r in rows]
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=s)
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=35, ha="right")
+    ax.set_ylabel("Recall@50")
+    ax.set_title(f"{dataset}: Recall@50 per objective (mean ± std)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_cost(rows: list[dict], path: Path, dataset: str) -> None:
+    rows = [r for r in rows if r.get("cost") and r["cost"].get("index_bytes_per_item")]
+    at_1m = all(r["cost"].get("query_ratio_1m") is not None for r in rows)
+    key = "query_ratio_1m" if at_1m else "query_ratio_catalogue"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 0.35 * len(rows) + 1.5), dpi=100)
+    names = [r["model"] for r in rows]
+    left.barh(names, [r["cost"][key] for r in rows], color="tab:blue")
+    left.axvline(1.0, color="grey", lw=0.8)
+    left.set_xlabel("fused top-50 time / single two-tower" + (" (1M items)" if key.endswith("1m") else ""))
+    right.barh(names, [r["cost"]["index_bytes_per_item"] for r in rows], color="tab:orange")
+    right.set_xlabel("index bytes per item")
+    right.set_yticks([])
+    fig.suptitle(f"{dataset}: serving cost of a fused query")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----- the report ---------------------------------------------------------------------------------
+
+
+def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, cfg: Config, minutes: float) -> Path:
+    plots = report_dir / suite
+    plots.mkdir(parents=True, exist_ok=True)
+    command = "csmf bench --suite paper" + (" --quick" if suite.endswith("-quick") else "")
+    seeds = ", ".join(map(str, cfg.bench.suite_seeds))
+    total = 0.0
+    body: list[str] = []
+    for dataset in datasets:
+        results = load_results(root / dataset)
+        total += sum(r.get("wall_seconds", 0.0) for r in results.values())
+        stages = stages_of(results)
+        main, ablation, taus = _in(results, "main"), _in(results, "ablation"), _in(results, "tau")
+        body += [f"## {dataset}", "", f"Objectives in cascade order: {' -> '.join(stages)}.", ""]
+        body += ["### Main table", "", metric_table(main, stages), ""]
+        body += ["Where CSMF stands on each objective (R@50, N@50; means over seeds):", "", *standing(main, stages), ""]
+        plot_main(main, stages, plots / f"main-{dataset}.png", dataset)
+        body += [f"![Recall@50 per model]({suite}/main-{dataset}.png)", ""]
+        body += ["### Cost of a fused multi-objective query", "", cost_table(main), ""]
+        plot_cost(main, plots / f"cost-{dataset}.png", dataset)
+        body += [f"![serving cost]({suite}/cost-{dataset}.png)", ""]
+        body += ["### Ablations", "", metric_table(ablation, stages), "", *ablation_deltas(ablation, stages), ""]
+        if taus:
+            body += ["### Tau sensitivity", "", tau_table(taus, stages), ""]
+            plot_tau(taus, stages, plots / f"tau-{dataset}.png", dataset)
+            body += [f"![tau sweep]({suite}/tau-{dataset}.png)", ""]
+    head = [
+        f"# CSMF benchmark report: `{suite}`",
+        "",
+        f"Regenerate: `{command}` (results in `{root}/`, resumable: finished runs are skipped). "
+        "Every number below is read from that run's result files.",
+        "",
+        f"- generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
+        f"with {os.cpu_count()} cores, Python {platform.python_version()}",
+        f"- seeds: {seeds} (mean ± sample std over seeds; `*` = deterministic model, one run); ALS and "
+        "item-kNN are tuned on validation with the first seed and refit with each seed",
+        f"- compute: {total / 60:.1f} min summed over every (model, seed) run; this invocation {minutes:.1f} min",
+        "- query cost: exact inner-product top-50 for a batch of users, first seed, as a ratio to a "
+        "single-objective two-tower (one D-wide vector per item) timed in the same call",
+        "",
+    ]
+    path = report_dir / f"{suite}.md"
+    path.write_text("\n".join(head + body))
+    return path

@@ -1,0 +1,212 @@
+"""`csmf bench --suite paper`: every model, the ablations and the tau sweep, over several seeds.
+
+Layout under `<out_dir>/<suite>/<dataset>/`:
+  seeds/<run>/seed-<k>.json   one result per (run, seed), written as soon as it finishes; a rerun skips
+                              every file already there (the suite resumes after a kill)
+  <run>.json                  the foundation layout with `metrics` = mean over seeds, `metrics_std`,
+                              and `seeds` = {seed: metrics}
+The report (`<report_dir>/<suite>.md` and its plots) is written by csmf.report from those files only.
+
+Runs that share stage-1 pretraining (single-<first stage>, csmf and its ablations, packnet, naive-ft, the
+tau sweep) load it from a per-suite cache instead of retraining it (bit-identical, see csmf.cascade).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from csmf.bench import build_tuned_as, load_dataset, run_model, versions
+from csmf.config import Config, ConfigError, config_to_dict, override
+from csmf.data.schema import CascadeData
+
+MAIN_BASELINES = ("popularity", "als", "itemknn")
+MAIN_NEURAL = ("naive-ft", "packnet", "shared-bottom", "mmoe", "ple", "mvke", "csmf")
+ABLATION = ("csmf", "csmf-no-cpp", "csmf-no-aml", "csmf-no-ar")
+TUNED = frozenset({"als", "itemknn"})  # searched on validation with the first seed, refit with the others
+DETERMINISTIC = frozenset({"popularity", "itemknn"})  # no seed enters them: one run stands for every seed
+
+# `--quick`: the same suite, shrunk to a smoke test (the small simulator only, 2 seeds, 2 taus, short
+# training, small grids and cost catalogue). Flags and --set given on the command line apply on top.
+QUICK_SETS = (
+    "bench.suite_datasets=sim",
+    "bench.suite_seeds=0,1",
+    "bench.suite_taus=0.1,0.3",
+    "bench.cost_items=100000",
+    "bench.cost_users=256",
+    "sim.n_users=1500",
+    "sim.n_items=1000",
+    "sim.exposures_per_user=30",
+    "train.max_epochs=4,4",
+    "als.factors=32,64",
+    "als.regularization=0.1",
+    "als.alpha=10",
+    "als.aux_weights=0,0.3",
+    "itemknn.neighbours=50,200",
+    "itemknn.aux_weights=0,0.3",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the suite: a model name from the bench, optionally with a cascade tau override."""
+
+    name: str
+    model: str
+    groups: tuple[str, ...]
+    tau: float | None = None
+    cost: bool = True  # measure query cost (first seed); a tau variant costs what csmf costs
+
+    def config(self, cfg: Config, seed: int) -> Config:
+        cfg = replace(cfg, seed=seed)
+        if self.tau is not None:
+            cfg = replace(cfg, cascade=replace(cfg.cascade, tau=(self.tau,)))
+        return cfg
+
+
+def suite_runs(cfg: Config, stages: tuple[str, ...]) -> list[Run]:
+    """The rows of one dataset: main table, ablations, tau sweep (a tau equal to csmf's default reuses csmf)."""
+    default_tau = cfg.cascade.tau[0] if len(set(cfg.cascade.tau)) == 1 else None
+    runs: dict[str, Run] = {}
+
+    def add(name: str, model: str, group: str, tau: float | None = None, cost: bool = True) -> None:
+        if name in runs:
+            runs[name] = replace(runs[name], groups=runs[name].groups + (group,))
+        else:
+            runs[name] = Run(name, model, (group,), tau, cost)
+
+    for name in MAIN_BASELINES + tuple(f"single-{s}" for s in stages) + MAIN_NEURAL:
+        add(name, name, "main")
+    for name in ABLATION:
+        add(name, name, "ablation", cost=name == "csmf")
+    for tau in cfg.bench.suite_taus:
+        if default_tau is not None and abs(tau - default_tau) < 1e-12:
+            add("csmf", "csmf", "tau")
+            runs["csmf"] = replace(runs["csmf"], tau=None)
+        else:
+            add(f"csmf-tau{tau:g}", "csmf", "tau", tau=tau, cost=False)
+    return list(runs.values())
+
+
+def tau_of(run: Run, cfg: Config) -> float:
+    return run.tau if run.tau is not None else cfg.cascade.tau[0]
+
+
+# ----- one (run, seed) -----------------------------------------------------------------------------
+
+
+def _comparable(config: dict) -> dict:
+    """The parts of a config that decide a result (where files go and which rows run do not)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k != "bench"}))  # tuples read back as lists
+
+
+def seed_result(
+    run: Run,
+    cfg: Config,
+    seed: int,
+    data: CascadeData,
+    folder: Path,
+    first: dict | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
+    """The result of `run` with `seed`, from its file when an earlier invocation wrote it.
+
+    `first` is the run's result on the suite's first seed (None for the first seed itself): ALS and
+    item-kNN reuse the settings it chose on validation, and only the first seed measures query cost."""
+    path = folder / "seeds" / run.name / f"seed-{seed}.json"
+    run_cfg = run.config(cfg, seed)
+    if path.exists():
+        done = json.loads(path.read_text())
+        if _comparable(done["suite_config"]) != _comparable(config_to_dict(run_cfg)):
+            raise ConfigError(
+                f"{path} was written with another config than this suite's; delete it or use another --out"
+            )
+        return done
+    checkpoints = folder / "checkpoints" / f"{run.name}-seed-{seed}"
+    bench = replace(
+        run_cfg.bench,
+        cost_items=run_cfg.bench.cost_items if (run.cost and first is None) else 0,
+        pretrain_cache=str(folder / "pretrain-cache"),
+        checkpoint_dir=str(checkpoints),
+    )
+    t0 = time.perf_counter()
+    builder = None
+    if first is not None and run.model in TUNED:
+        builder = build_tuned_as(run.model, first["config"]["model_settings"], first["seed"])
+    result = run_model(replace(run_cfg, bench=bench), data, run.model, progress, builder)
+    result.update(model=run.name, wall_seconds=round(time.perf_counter() - t0, 3), suite_config=config_to_dict(run_cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the result is safe: phase checkpoints are no longer needed
+    seconds = f"fit {result['train_seconds']:.1f}s, tuning {result['tuning_seconds']:.1f}s"
+    log(f"{data.name} {run.name} seed {seed}: {seconds}, {result['wall_seconds']:.0f}s in all")
+    return result
+
+
+def aggregate(run: Run, per_seed: dict[int, dict], deterministic: bool) -> dict:
+    """The foundation layout with mean metrics, their standard deviation and the per-seed metrics."""
+    first = per_seed[min(per_seed)]
+    stages = list(first["metrics"])
+    mean, std = {}, {}
+    for s in stages:
+        names = list(first["metrics"][s])
+        values = {m: [r["metrics"][s][m] for r in per_seed.values()] for m in names}
+        mean[s] = {m: statistics.fmean(v) for m, v in values.items()}
+        std[s] = {m: (statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in values.items()}
+    seconds = [r["train_seconds"] for r in per_seed.values()]
+    return {
+        **first,
+        "seed": min(per_seed),
+        "metrics": mean,
+        "metrics_std": std,
+        "seeds": {str(k): r["metrics"] for k, r in sorted(per_seed.items())},
+        "deterministic": deterministic,
+        "train_seconds": statistics.fmean(seconds),
+        "train_seconds_per_seed": {str(k): r["train_seconds"] for k, r in sorted(per_seed.items())},
+        "tuning_seconds": statistics.fmean(r["tuning_seconds"] for r in per_seed.values()),
+        "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in per_seed.values()),
+        "versions": versions(),
+    }
+
+
+# ----- the suite ------------------------------------------------------------------------------------
+
+
+def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) every row of the suite on every dataset and seed; write the report. Returns its path."""
+    from csmf.report import write_report
+
+    if not cfg.bench.suite_seeds:
+        raise ConfigError("bench.suite_seeds: give at least one seed")
+    root = Path(cfg.bench.out_dir) / suite
+    t0 = time.perf_counter()
+    datasets = []
+    for dataset in cfg.bench.suite_datasets:
+        dcfg = override(cfg, [f"data.dataset={dataset}"])
+        data = load_dataset(dcfg, progress)
+        log(data.summary())
+        folder = root / data.name
+        runs = suite_runs(dcfg, data.stages)
+        seeds = cfg.bench.suite_seeds
+        for row, run in enumerate(runs):
+            used = seeds[:1] if run.name in DETERMINISTIC else seeds
+            per_seed: dict[int, dict] = {}
+            for seed in used:
+                first = per_seed.get(used[0])
+                per_seed[seed] = seed_result(run, dcfg, seed, data, folder, first, progress, log)
+            result = aggregate(run, per_seed, run.name in DETERMINISTIC)
+            result.update(row=row, groups=list(run.groups), tau=tau_of(run, dcfg) if "tau" in run.groups else None)
+            (folder / f"{run.name}.json").write_text(json.dumps(result, indent=2))
+        datasets.append(data.name)
+    minutes = (time.perf_counter() - t0) / 60
+    path = write_report(root, datasets, Path(cfg.bench.report_dir), suite, cfg, minutes)
+    log(f"wrote {path} ({minutes:.1f} min this invocation)")
+    return path
