@@ -168,6 +168,10 @@ class CascadeTrainer:
         tmp.replace(path)  # a checkpoint is either complete or absent
         (self.run_dir / "phases.json").write_text(json.dumps(self.history, indent=2))
 
+    def resume_point(self) -> int:
+        """Load the last completed phase from run_dir; returns the next phase (len(phases) = finished)."""
+        return self._resume()
+
     def _resume(self) -> int:
         """Index of the first phase still to run (0 when starting fresh)."""
         if self.run_dir is None or not self.run_dir.exists():
@@ -395,6 +399,11 @@ class CascadeTrainer:
                 if upstream is not None:
                     upstream = torch.cat([upstream, (u * model.group_mask(stage - 1)) @ v_neg.T], dim=1)
         margin = aml_margin(upstream, target, m0) if upstream is not None else None
+        form = self.cfg.cascade.aml_form
+        if margin is not None and form == "weight":  # up-weight the positives the upstream stage misses
+            weight, margin = (1.0 if weight is None else weight) * (1.0 + margin), None
+        elif form not in ("margin", "weight"):
+            raise ValueError(f"cascade.aml_form must be 'margin' or 'weight', got {form!r}")
         return softmax_loss(scores, target, temperature, margin=margin, log_q=correction, weight=weight)
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from csmf.config import Config, ConfigError, load_config, override
 from csmf.data.errors import DataError
+from csmf.export import ArtifactError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +131,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "simulate": cmd_simulate, "data": cmd_data, "train": cmd_train}
+def cmd_export(args: argparse.Namespace) -> int:
+    from csmf.export import export_run, load_artifact
+
+    weights = None
+    if args.weights:  # stage names are checked against the run's data by export_run
+        weights = _parse_weights(args.weights, tuple(p.partition("=")[0].strip() for p in args.weights.split(",")))
+    export_run(args.run, args.out, weights)
+    load_artifact(args.out)  # what was written reads back (checksums, shapes)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from csmf.app import create_app
+    from csmf.export import load_artifact
+    from csmf.index import IndexSettings, build_index
+    from csmf.serve import Recommender
+
+    artifact = load_artifact(args.artifact)
+    settings = IndexSettings(kind=args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search)
+    recommender = Recommender(artifact, build_index(artifact.item_vectors, settings), args.fallback == "popularity")
+    print(f"serving {len(artifact.item_ids):,} items ({args.index} index) on http://{args.host}:{args.port}")
+    uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+COMMANDS = {
+    "bench": cmd_bench,
+    "simulate": cmd_simulate,
+    "data": cmd_data,
+    "train": cmd_train,
+    "export": cmd_export,
+    "serve": cmd_serve,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--user", help="original user id for the demo (default: an active test user)")
     _common(train)
 
+    export = sub.add_parser("export", help="write a serving artifact (vectors, ids, manifest) from a `csmf train` run")
+    export.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote")
+    export.add_argument("--out", required=True, help="artifact folder to write")
+    export.add_argument("--weights", metavar="STAGE=W,...", help="default objective weights (default: 1 each)")
+
+    serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
+    serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")
+    serve.add_argument("--index", choices=["exact", "hnsw"], default="exact", help="faiss index kind (default exact)")
+    serve.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default 32)")
+    serve.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch (default 128)")
+    serve.add_argument("--fallback", choices=["none", "popularity"], default="none",
+                       help="unknown users: 404 (none) or the most popular items")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)
     _common(data)
@@ -183,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, ArtifactError) as err:
         print(f"csmf: error: {err}", file=sys.stderr)
         return 2
 

@@ -119,6 +119,9 @@ class CascadeConfig:
     recover_frac: float = 0.3  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
     recover_epochs: int = 1
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
+    # "margin": m0 * upstream-miss share taken off the positive's logit (the notes' default); "weight": the
+    # same quantity as an extra loss weight 1 + m (the margin saturates: docs/method.md, AML finding)
+    aml_form: str = "margin"
     packnet_fraction: float = 0.5  # the packnet baseline: share of a stage's units freed per layer (PackNet's 50%)
 
 

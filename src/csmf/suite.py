@@ -105,6 +105,21 @@ def _comparable(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if k != "bench"}))  # tuples read back as lists
 
 
+def _same_config(stored: dict, current: dict) -> bool:
+    """Every field the stored result recorded equals the current one (a field added to the config since
+    then is not in the file and does not invalidate it)."""
+    stored, current = _comparable(stored), _comparable(current)
+    for section, values in stored.items():
+        if not isinstance(values, dict):
+            if current.get(section) != values:
+                return False
+            continue
+        now = current.get(section, {})
+        if any(now.get(k, v) != v for k, v in values.items()):
+            return False
+    return True
+
+
 def seed_result(
     run: Run,
     cfg: Config,
@@ -123,7 +138,7 @@ def seed_result(
     run_cfg = run.config(cfg, seed)
     if path.exists():
         done = json.loads(path.read_text())
-        if _comparable(done["suite_config"]) != _comparable(config_to_dict(run_cfg)):
+        if not _same_config(done["suite_config"], config_to_dict(run_cfg)):
             raise ConfigError(
                 f"{path} was written with another config than this suite's; delete it or use another --out"
             )
