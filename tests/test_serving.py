@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -175,3 +177,34 @@ def test_unknown_user_is_404_or_the_popularity_fallback(server, exported):
     assert result.fallback and [i["item_id"] for i in result.items] == [
         artifact.item_ids[i] for i in np.argsort(-artifact.popularity, kind="stable")[:3]
     ]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def test_page_updates_its_list_when_a_slider_moves(server):
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (Debian package `chromium`; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the [test] extra")
+    url, artifact = server
+    user = artifact.user_ids[int(np.argmax(np.diff(artifact.seen_indptr)))]  # the page's first user
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(f"{url}/")
+        page.wait_for_selector("#results tbody tr")
+        assert page.input_value("#user") == user
+        before = page.inner_text("#results tbody")
+        assert "index: exact" in page.inner_text("#status")
+        move = "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }"
+        for stage in artifact.stages:  # exposure only
+            page.eval_on_selector(f"#w-{stage}", move, "1" if stage == "exposure" else "0")
+        page.wait_for_function("b => document.querySelector('#results tbody').innerText !== b", arg=before)
+        page.wait_for_timeout(300)  # let the last slider's answer land
+        shown = [row.split("\t")[1] for row in page.inner_text("#results tbody").splitlines()]
+        assert shown == offline_top_k(artifact, artifact.user_ids.index(user), {"exposure": 1.0}, 10)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serving-page.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "serving-page.png").stat().st_size > 1000

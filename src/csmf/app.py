@@ -2,14 +2,16 @@
 
 GET  /recommend?user_id=..&k=..&weights=click:0.3,purchase:0.7&exclude_seen=true
 POST /recommend  {"user_ids": [...], "k": 10, "weights": {"click": 0.3}, "exclude_seen": true}
-GET  /health, GET /info; OpenAPI docs at /docs.
+GET  /health, GET /info, GET /users (example user ids); GET / is the scenario page; OpenAPI docs at /docs.
 Bad input answers 422 with the field named; an unknown user 404 (or the popularity fallback).
 """
 
 from __future__ import annotations
 
+from importlib import resources
+
 from fastapi import FastAPI, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from csmf.serve import MAX_K, Recommendation, Recommender, RequestError, UnknownUser, parse_weights
@@ -43,6 +45,17 @@ def create_app(recommender: Recommender) -> FastAPI:
             field = "user_id" if where == "query" else "user_ids"
             return _error(404, field, f"unknown user {err.user_id!r} (start the server with --fallback popularity "
                           "to answer unknown users)", where)  # fmt: skip
+
+    page = resources.files("csmf").joinpath("static/index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page() -> str:
+        return page  # the scenario page: one slider per objective
+
+    @app.get("/users")
+    def users(limit: int = Query(50, ge=1, le=1000)) -> dict:
+        """The most active users (most training interactions): handy examples for the page and for curl."""
+        return {"user_ids": recommender.sample_users(limit)}
 
     @app.get("/health")
     def health() -> dict:

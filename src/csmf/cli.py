@@ -158,7 +158,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from csmf.loadtest import run_loadtest
+
+    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, args.index, args.out)
+    return 0 if result["errors"] == 0 else 1
+
+
+def cmd_querybench(args: argparse.Namespace) -> int:
+    from csmf.querybench import run_querybench
+
+    run_querybench(args.out, args.items, args.users, args.artifact)
+    return 0
+
+
 COMMANDS = {
+    "loadtest": cmd_loadtest,
+    "querybench": cmd_querybench,
     "bench": cmd_bench,
     "simulate": cmd_simulate,
     "data": cmd_data,
@@ -222,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unknown users: 404 (none) or the most popular items")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+
+    load = sub.add_parser("loadtest", help="start csmf serve on 127.0.0.1 and drive it with concurrent clients")
+    load.add_argument("--artifact", required=True, help="folder written by `csmf export`")
+    load.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
+    load.add_argument("--requests", type=int, default=20_000, help="requests in all (default 20000)")
+    load.add_argument("--k", type=int, default=50, help="items per request (default 50)")
+    load.add_argument("--index", choices=["exact", "hnsw"], default="exact")
+    load.add_argument("--out", default="results/serving/loadtest.json", help="result JSON")
+
+    query = sub.add_parser("querybench", help="fused vs single-objective vs per-objective-index query time; HNSW")
+    query.add_argument("--items", type=int, default=1_000_000, help="synthetic catalogue size (default 1M)")
+    query.add_argument("--users", type=int, default=256, help="queries per batch (default 256)")
+    query.add_argument("--artifact", help="also measure HNSW recall@50 and speed-up on this artifact")
+    query.add_argument("--out", default="results/serving/querybench.json", help="result JSON")
 
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)

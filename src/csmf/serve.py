@@ -97,6 +97,10 @@ class Recommender:
             "popularity_fallback": self.popularity_fallback,
         }
 
+    def sample_users(self, limit: int) -> list[str]:
+        activity = np.diff(self.artifact.seen_indptr)
+        return [self.artifact.user_ids[i] for i in np.argsort(-activity, kind="stable")[:limit]]
+
     def query_vectors(self, rows: np.ndarray, weights: dict[str, float]) -> np.ndarray:
         return self.artifact.user_vectors[rows] * self.artifact.fold(weights)
 
