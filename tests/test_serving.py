@@ -208,3 +208,14 @@ def test_page_updates_its_list_when_a_slider_moves(server):
         page.screenshot(path=str(ARTIFACTS / "serving-page.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "serving-page.png").stat().st_size > 1000
+
+
+def test_milvus_lite_returns_the_faiss_exact_top_k(tmp_path):
+    pytest.importorskip("pymilvus", reason="pymilvus is in the [test] extra")
+    rng = np.random.default_rng(1)
+    items, queries = rng.normal(size=(800, 8)).astype(np.float32), rng.normal(size=(20, 8)).astype(np.float32)
+    milvus = build_index(items, IndexSettings(kind="milvus", milvus_uri=str(tmp_path / "items.db")))
+    exact_scores, exact_rows = build_index(items).search(queries, 10)
+    scores, rows = milvus.search(queries, 10)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)

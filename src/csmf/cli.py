@@ -151,7 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csmf.serve import Recommender
 
     artifact = load_artifact(args.artifact)
-    settings = IndexSettings(kind=args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search)
+    settings = IndexSettings(
+        kind=args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search, milvus_uri=args.milvus_uri
+    )
     recommender = Recommender(artifact, build_index(artifact.item_vectors, settings), args.fallback == "popularity")
     print(f"serving {len(artifact.item_ids):,} items ({args.index} index) on http://{args.host}:{args.port}")
     uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
@@ -231,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
     serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")
-    serve.add_argument("--index", choices=["exact", "hnsw"], default="exact", help="faiss index kind (default exact)")
+    serve.add_argument("--index", choices=["exact", "hnsw", "milvus"], default="exact",
+                       help="faiss exact (default), faiss hnsw, or milvus (see --milvus-uri)")  # fmt: skip
+    serve.add_argument("--milvus-uri", default="csmf-milvus.db",
+                       help="milvus: a .db file (embedded milvus-lite) or a server, http://host:19530")  # fmt: skip
     serve.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default 32)")
     serve.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch (default 128)")
     serve.add_argument("--fallback", choices=["none", "popularity"], default="none",

@@ -2,7 +2,8 @@
 
 Objective weights never touch the index: they are folded into the query vector (csmf.fusion), so one
 index built once serves every weighting. Back-ends: faiss exact inner product (default), faiss HNSW
-(approximate; M and efSearch configurable). Milvus is not wired in yet (see README, *Serving*).
+(approximate; M and efSearch configurable), and Milvus through pymilvus: a local file URI runs it
+embedded (milvus-lite), an http(s) URI talks to a Milvus server, with the same code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 
-KINDS = ("exact", "hnsw")
+KINDS = ("exact", "hnsw", "milvus")
 
 
 class Index(Protocol):
@@ -33,15 +34,21 @@ class IndexSettings:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128  # candidates kept while searching: recall against speed
     threads: int = 0  # faiss OpenMP threads; 0 = faiss's default (all cores)
+    milvus_uri: str = "csmf-milvus.db"  # a local .db file (milvus-lite) or a server, e.g. http://host:19530
+    milvus_collection: str = "csmf_items"
+    milvus_index: str = "FLAT"  # Milvus index type (FLAT = exact; HNSW, IVF_FLAT, ... for large catalogues)
+
+
+def _checked(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"item vectors must be a non-empty (N, D) matrix, got shape {vectors.shape}")
+    return vectors
 
 
 class FaissIndex:
     def __init__(self, vectors: np.ndarray, settings: IndexSettings = IndexSettings()):
-        if settings.kind not in KINDS:
-            raise ValueError(f"index kind must be one of {KINDS}, got {settings.kind!r}")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or len(vectors) == 0:
-            raise ValueError(f"item vectors must be a non-empty (N, D) matrix, got shape {vectors.shape}")
+        vectors = _checked(vectors)
         if settings.threads:
             faiss.omp_set_num_threads(settings.threads)
         self.kind, (self.n_items, self.dim) = settings.kind, vectors.shape
@@ -61,8 +68,46 @@ class FaissIndex:
         return scores, rows
 
 
+class MilvusIndex:
+    """The item vectors as a Milvus collection (id = item row), searched by inner product."""
+
+    def __init__(self, vectors: np.ndarray, settings: IndexSettings = IndexSettings(), batch: int = 10_000):
+        try:
+            from pymilvus import MilvusClient
+        except ImportError as err:
+            raise ImportError("the milvus index needs pymilvus and milvus-lite: pip install 'csmf[milvus]'") from err
+        vectors = _checked(vectors)
+        self.kind, (self.n_items, self.dim) = "milvus", vectors.shape
+        self.client, self.collection = MilvusClient(settings.milvus_uri), settings.milvus_collection
+        if self.client.has_collection(self.collection):  # an index mirrors one artifact: rebuild it
+            self.client.drop_collection(self.collection)
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="vector", index_type=settings.milvus_index, metric_type="IP")
+        self.client.create_collection(self.collection, dimension=self.dim, metric_type="IP", index_params=params)
+        for start in range(0, self.n_items, batch):
+            chunk = vectors[start : start + batch]
+            self.client.insert(self.collection, [{"id": start + i, "vector": v.tolist()} for i, v in enumerate(chunk)])
+        self.client.load_collection(self.collection)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (B, {self.dim}), got shape {queries.shape}")
+        k = min(k, self.n_items)
+        hits = self.client.search(self.collection, data=queries.tolist(), limit=k, output_fields=["id"],
+                                  search_params={"metric_type": "IP"})  # fmt: skip
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        for b, found in enumerate(hits):
+            for j, hit in enumerate(found):
+                scores[b, j], rows[b, j] = hit["distance"], hit["id"]
+        return scores, rows
+
+
 def build_index(vectors: np.ndarray, settings: IndexSettings = IndexSettings()) -> Index:
-    return FaissIndex(vectors, settings)
+    if settings.kind not in KINDS:
+        raise ValueError(f"index kind must be one of {KINDS}, got {settings.kind!r}")
+    return MilvusIndex(vectors, settings) if settings.kind == "milvus" else FaissIndex(vectors, settings)
 
 
 def recall_against(exact: Index, approximate: Index, queries: np.ndarray, k: int = 50) -> float:
