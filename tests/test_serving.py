@@ -147,6 +147,16 @@ def test_served_top_k_equals_the_offline_fused_top_k(server):
     assert [i["item_id"] for i in batch["results"][0]["items"]] == rankings[1]
 
 
+def test_search_with_a_callers_own_vector(server):
+    url, artifact = server
+    q = artifact.user_vectors[3] * artifact.fold({"exposure": 0.0, "click": 1.0, "conversion": 0.5})
+    body = httpx.post(f"{url}/search", json={"vector": q.tolist(), "k": 5}).json()
+    expected = np.argsort(-(artifact.item_vectors @ q), kind="stable")[:5]
+    assert [i["item_id"] for i in body["items"]] == [artifact.item_ids[i] for i in expected]
+    short = httpx.post(f"{url}/search", json={"vector": [1.0, 2.0], "k": 5})
+    assert short.status_code == 422 and short.json()["detail"][0]["loc"] == ["body", "vector"]
+
+
 @pytest.mark.parametrize(
     "params, field",
     [
@@ -219,3 +229,22 @@ def test_milvus_lite_returns_the_faiss_exact_top_k(tmp_path):
     scores, rows = milvus.search(queries, 10)
     np.testing.assert_array_equal(rows, exact_rows)
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+
+
+def test_loadtest_drives_a_real_server_and_reports_latency(exported, tmp_path):
+    from csmf.loadtest import run_loadtest
+
+    out = tmp_path / "load.json"
+    result = run_loadtest(exported[1], clients=4, requests=60, k=10, out=out, log=lambda _: None)
+    assert result["errors"] == 0 and result["requests"] == 60
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
+    assert json.loads(out.read_text())["throughput_rps"] > 0
+
+
+def test_querybench_measures_fused_single_and_per_index_queries(exported, tmp_path):
+    from csmf.querybench import run_querybench
+
+    result = run_querybench(tmp_path / "q.json", n_items=3000, users=8, artifact=str(exported[1]), log=lambda _: None)
+    fusion, hnsw = result["fusion"], result["hnsw"]
+    assert fusion["items"] == 3000 and fusion["fused_seconds"] > 0 and fusion["per_index_over_single"] > 0
+    assert 0.0 <= hnsw["recall_at_50"] <= 1.0 and hnsw["speedup"] > 0

@@ -2,6 +2,7 @@
 
 GET  /recommend?user_id=..&k=..&weights=click:0.3,purchase:0.7&exclude_seen=true
 POST /recommend  {"user_ids": [...], "k": 10, "weights": {"click": 0.3}, "exclude_seen": true}
+POST /search     {"vector": [...], "k": 10}: top-k for a caller's own query vector
 GET  /health, GET /info, GET /users (example user ids); GET / is the scenario page; OpenAPI docs at /docs.
 Bad input answers 422 with the field named; an unknown user 404 (or the popularity fallback).
 """
@@ -22,6 +23,11 @@ class BatchRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
     weights: dict[str, float] | None = None  # None = the artifact's default weights
     exclude_seen: bool = True
+
+
+class VectorQuery(BaseModel):
+    vector: list[float]  # a query vector of the artifact's dimension, weights already folded in if any
+    k: int = Field(10, ge=1, le=MAX_K)
 
 
 def _error(status: int, field: str | None, message: str, where: str = "query") -> JSONResponse:
@@ -88,5 +94,13 @@ def create_app(recommender: Recommender) -> FastAPI:
             return result
         seconds = result[0].seconds if result else 0.0
         return {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
+
+    @app.post("/search")
+    def search(query: VectorQuery):
+        """Top-k items for a caller's own query vector (for example a user vector computed elsewhere)."""
+        try:
+            return {"items": recommender.search_vector(query.vector, query.k), "index": recommender.index.kind}
+        except RequestError as err:
+            return _error(422, err.field, err.message, "body")
 
     return app

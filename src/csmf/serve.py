@@ -97,6 +97,18 @@ class Recommender:
             "popularity_fallback": self.popularity_fallback,
         }
 
+    def search_vector(self, vector: list[float], k: int) -> list[dict]:
+        q = np.asarray(vector, dtype=np.float32)
+        if q.shape != (self.artifact.dim,):
+            raise RequestError("vector", f"must have {self.artifact.dim} numbers, got {q.size}")
+        if not np.isfinite(q).all():
+            raise RequestError("vector", "must hold finite numbers only")
+        if not 1 <= k <= MAX_K:
+            raise RequestError("k", f"must be between 1 and {MAX_K}, got {k}")
+        scores, rows = self.index.search(q[None, :], k)
+        hits = zip(scores[0], rows[0], strict=True)
+        return [{"item_id": self.artifact.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
+
     def sample_users(self, limit: int) -> list[str]:
         activity = np.diff(self.artifact.seen_indptr)
         return [self.artifact.user_ids[i] for i in np.argsort(-activity, kind="stable")[:limit]]
