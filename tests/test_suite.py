@@ -18,7 +18,8 @@ from csmf.data.split import split_log
 from csmf.suite import suite_runs
 
 TINY_SUITE = [
-    "--set", "sim.n_users=160", "--set", "sim.n_items=120", "--set", "sim.exposures_per_user=20",
+    "--set", "bench.suite_sim_users=160", "--set", "bench.suite_sim_items=120",
+    "--set", "sim.exposures_per_user=20",
     "--set", "train.max_epochs=1,1", "--set", "bench.cost_items=2000", "--set", "bench.cost_users=32",
     "--set", "als.factors=8", "--set", "als.iterations=2", "--set", "itemknn.neighbours=20",
     "--set", "itemknn.aux_weights=0", "--set", "als.aux_weights=0", "--set", "multitask.expert_dim=16",

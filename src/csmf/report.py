@@ -220,7 +220,10 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
         total += sum(r.get("wall_seconds", 0.0) for r in results.values())
         stages = stages_of(results)
         main, ablation, taus = _in(results, "main"), _in(results, "ablation"), _in(results, "tau")
+        summary = root / dataset / "dataset.txt"
         body += [f"## {dataset}", "", f"Objectives in cascade order: {' -> '.join(stages)}.", ""]
+        if summary.exists():
+            body += ["```", summary.read_text().rstrip(), "```", ""]
         body += ["### Main table", "", metric_table(main, stages), ""]
         body += ["Where CSMF stands on each objective (R@50, N@50; means over seeds):", "", *standing(main, stages), ""]
         plot_main(main, stages, plots / f"main-{dataset}.png", dataset)

@@ -39,8 +39,8 @@ QUICK_SETS = (
     "bench.suite_taus=0.1,0.3",
     "bench.cost_items=100000",
     "bench.cost_users=256",
-    "sim.n_users=1500",
-    "sim.n_items=1000",
+    "bench.suite_sim_users=1500",
+    "bench.suite_sim_items=1000",
     "sim.exposures_per_user=30",
     "train.max_epochs=4,4",
     "als.factors=32,64",
@@ -195,6 +195,16 @@ def aggregate(run: Run, per_seed: dict[int, dict], deterministic: bool) -> dict:
 # ----- the suite ------------------------------------------------------------------------------------
 
 
+def _sim_size(cfg: Config, dataset: str) -> list[str]:
+    """The suite's simulator size (bench.suite_sim_*), applied to the sim dataset only."""
+    b, sets = cfg.bench, []
+    if dataset == "sim" and b.suite_sim_users > 0:
+        sets.append(f"sim.n_users={b.suite_sim_users}")
+    if dataset == "sim" and b.suite_sim_items > 0:
+        sets.append(f"sim.n_items={b.suite_sim_items}")
+    return sets
+
+
 def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every row of the suite on every dataset and seed; write the report. Returns its path."""
     from csmf.report import write_report
@@ -205,10 +215,12 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
     t0 = time.perf_counter()
     datasets = []
     for dataset in cfg.bench.suite_datasets:
-        dcfg = override(cfg, [f"data.dataset={dataset}"])
+        dcfg = override(cfg, [f"data.dataset={dataset}", *_sim_size(cfg, dataset)])
         data = load_dataset(dcfg, progress)
         log(data.summary())
         folder = root / data.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dataset.txt").write_text(data.summary() + "\n")
         runs = suite_runs(dcfg, data.stages)
         seeds = cfg.bench.suite_seeds
         for row, run in enumerate(runs):
