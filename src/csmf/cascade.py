@@ -180,7 +180,9 @@ class CascadeTrainer:
         if not done:
             return 0
         state = torch.load(done[-1], weights_only=False)
-        if state["objectives"] != list(self.objectives) or state["config"] != config_to_dict(self.cfg):
+        if state["objectives"] != list(self.objectives) or _training_part(state["config"]) != _training_part(
+            config_to_dict(self.cfg)
+        ):
             raise ValueError(
                 f"{self.run_dir} holds a run with another config or cascade; use a new --out folder or delete it"
             )
@@ -405,6 +407,11 @@ class CascadeTrainer:
         elif form not in ("margin", "weight"):
             raise ValueError(f"cascade.aml_form must be 'margin' or 'weight', got {form!r}")
         return softmax_loss(scores, target, temperature, margin=margin, log_q=correction, weight=weight)
+
+
+def _training_part(config: dict) -> dict:
+    """What decides a checkpoint's weights: everything but the bench section (output folders, row lists)."""
+    return {k: v for k, v in config.items() if k != "bench"}
 
 
 def _fmt(valid: dict) -> str:
