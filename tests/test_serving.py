@@ -87,11 +87,17 @@ def test_loading_refuses_a_changed_file_or_another_version(exported, tmp_path):
 
 def test_hnsw_recall_against_exact():
     rng = np.random.default_rng(0)
-    items, queries = rng.normal(size=(5000, 16)).astype(np.float32), rng.normal(size=(200, 16)).astype(np.float32)
+    items, queries = rng.normal(size=(5000, 8)).astype(np.float32), rng.normal(size=(200, 8)).astype(np.float32)
+    items *= rng.lognormal(0.0, 0.3, size=(5000, 1)).astype(np.float32)  # uneven norms, as trained item vectors have
+    queries = queries - 1.0  # queries off the origin, as fused user vectors are
     exact = build_index(items)
     hnsw = build_index(items, IndexSettings(kind="hnsw", hnsw_m=32, hnsw_ef_search=256))
     assert recall_against(exact, exact, queries) == 1.0
     assert recall_against(exact, hnsw, queries) >= 0.95
+    exact_scores, exact_rows = exact.search(queries[:5], 10)
+    hnsw_scores, hnsw_rows = hnsw.search(queries[:5], 10)
+    same = exact_rows == hnsw_rows
+    np.testing.assert_allclose(hnsw_scores[same], exact_scores[same], rtol=1e-3, atol=1e-3)  # IP recovered
     with pytest.raises(ValueError, match="index kind"):
         build_index(items, IndexSettings(kind="ivf"))
 

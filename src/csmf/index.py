@@ -54,18 +54,32 @@ class FaissIndex:
         self.kind, (self.n_items, self.dim) = settings.kind, vectors.shape
         if settings.kind == "exact":
             self.index = faiss.IndexFlatIP(self.dim)
-        else:
-            self.index = faiss.IndexHNSWFlat(self.dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = settings.hnsw_ef_construction
-            self.index.hnsw.efSearch = settings.hnsw_ef_search
-        self.index.add(vectors)
+            self.index.add(vectors)
+            return
+        # HNSW navigates well in a metric space but poorly under raw inner product when item norms differ
+        # (on JD it found 3% of the exact top-50). The standard MIPS -> L2 reduction: append
+        # sqrt(max_norm^2 - |v|^2) to each item and 0 to each query; then the nearest item in L2 is the
+        # largest inner product, and the score is recovered from the distance.
+        norms = (vectors.astype(np.float64) ** 2).sum(axis=1)
+        self.max_norm2 = float(norms.max())
+        extra = np.sqrt(np.maximum(self.max_norm2 - norms, 0.0)).astype(np.float32)[:, None]
+        self.index = faiss.IndexHNSWFlat(self.dim + 1, settings.hnsw_m)
+        self.index.hnsw.efConstruction = settings.hnsw_ef_construction
+        self.index.hnsw.efSearch = settings.hnsw_ef_search
+        self.index.add(np.ascontiguousarray(np.hstack([vectors, extra])))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got shape {queries.shape}")
-        scores, rows = self.index.search(queries, min(k, self.n_items))
-        return scores, rows
+        k = min(k, self.n_items)
+        if self.kind == "exact":
+            return self.index.search(queries, k)
+        padded = np.ascontiguousarray(np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)]))
+        distances, rows = self.index.search(padded, k)  # |q|^2 + max_norm^2 - 2 <q, v>
+        q2 = (queries.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
+        scores = ((q2 + self.max_norm2 - distances) / 2).astype(np.float32)
+        return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
 
 
 class MilvusIndex:
