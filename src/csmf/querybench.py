@@ -13,22 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from csmf.cost import timed
 from csmf.index import IndexSettings, build_index, recall_against
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-touch memory and thread start-up are not part of a query
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def fusion_cost(
@@ -59,9 +49,9 @@ def fusion_cost(
             out.append(cand[np.argsort(-score)[:k]])
         return out
 
-    t_single = _median_seconds(single, repeats)
-    t_fused = _median_seconds(fused, repeats)
-    t_per_index = _median_seconds(per_index, repeats)
+    t_single = timed(single, repeats)
+    t_fused = timed(fused, repeats)
+    t_per_index = timed(per_index, repeats)
     return {
         "items": n_items,
         "dim": dim,
@@ -89,8 +79,8 @@ def hnsw_quality(artifact_path: str | Path, m: int = 32, ef_search: int = 128, u
     exact = build_index(artifact.item_vectors)
     hnsw = build_index(artifact.item_vectors, IndexSettings(kind="hnsw", hnsw_m=m, hnsw_ef_search=ef_search))
     build_seconds = time.perf_counter() - t0
-    t_exact = _median_seconds(lambda: exact.search(queries, k), 5)
-    t_hnsw = _median_seconds(lambda: hnsw.search(queries, k), 5)
+    t_exact = timed(lambda: exact.search(queries, k), 5)
+    t_hnsw = timed(lambda: hnsw.search(queries, k), 5)
     return {
         "items": len(artifact.item_ids),
         "queries": len(rows),
