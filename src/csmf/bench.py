@@ -247,18 +247,22 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cost_table(results: list[dict]) -> str:
-    """Parameters, index size and fused top-50 query time (ratio to a single D-wide two-tower, same run)."""
-    head = "| model | params | vectors / item | index bytes / item | query ratio (catalogue) | query ratio (1M items) |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+def cost_table(results: list[dict], train_seconds: bool = False) -> str:
+    """Parameters, index size and fused top-50 query time (ratio to a single D-wide two-tower, same run);
+    `train_seconds` adds each model's fit time (the suite report's column)."""
+    head = (
+        "| model | params | vectors / item | index bytes / item | fused top-50 time ratio (catalogue) | "
+        "ratio (1M items) |" + (" train s / seed |" if train_seconds else "")
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|" + ("---:|" if train_seconds else "")]
     for r in results:
         c = r.get("cost")
         if not c:
             continue
-        big = "n/a" if c.get("query_ratio_1m") is None else f"{c['query_ratio_1m']:.2f}"
+        big = "n/a (no index)" if c.get("query_ratio_1m") is None else f"{c['query_ratio_1m']:.2f}"
         lines.append(
             f"| {r['model']} | {c['params']:,} | {c['vectors_per_item']} | {c['index_bytes_per_item']} | "
-            f"{c['query_ratio_catalogue']:.2f} | {big} |"
+            f"{c['query_ratio_catalogue']:.2f} | {big} |" + (f" {r['train_seconds']:.0f} |" if train_seconds else "")
         )
     return "\n".join(lines) if len(lines) > 2 else ""
 

@@ -76,8 +76,7 @@ class Artifact:
         """(D,) lambda: <u * lambda, v> = sum_k w_k s_k(u, v) (csmf.fusion, in numpy)."""
         lam = np.zeros(self.dim, dtype=np.float32)
         for name, w in weights.items():
-            k = self.stages.index(name) + 1
-            lam += np.float32(w) * ((self.output_owner >= 1) & (self.output_owner <= k))
+            lam += np.float32(w) * self.objective_mask(name)
         return lam
 
     def objective_mask(self, stage: str) -> np.ndarray:

@@ -31,8 +31,8 @@ def fusion_cost(
     weights = rng.random(stages).astype(np.float32) + 0.1
     lam = sum(w * (owner <= s + 1) for s, w in enumerate(weights)).astype(np.float32)
     index = build_index(items)
-    per_objective = [build_index(rng.standard_normal((n_items, dim), dtype=np.float32)) for _ in range(stages)]
-    stacked = [ix.index.reconstruct_n(0, n_items) for ix in per_objective]
+    stacked = [rng.standard_normal((n_items, dim), dtype=np.float32) for _ in range(stages)]  # one tower each
+    per_objective = [build_index(vectors) for vectors in stacked]
 
     def single():
         return index.search(raw, k)

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from csmf.bench import cost_table  # noqa: E402
 from csmf.config import Config  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -88,24 +89,6 @@ def standing(rows: list[dict], stages: list[str], reference: str = "csmf") -> li
             else:
                 lines.append(f"- {s} {SHORT[m]}: csmf {mine:.4f} is the best of the table")
     return lines
-
-
-def cost_table(rows: list[dict]) -> str:
-    head = (
-        "| model | params | vectors / item | index bytes / item | fused top-50 time ratio (catalogue) | "
-        "ratio (1M items) | train s / seed |"
-    )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        c = r.get("cost")
-        if not c:
-            continue
-        big = "n/a (no index)" if c.get("query_ratio_1m") is None else f"{c['query_ratio_1m']:.2f}"
-        lines.append(
-            f"| {r['model']} | {c['params']:,} | {c['vectors_per_item']} | {c['index_bytes_per_item']} | "
-            f"{c['query_ratio_catalogue']:.2f} | {big} | {r['train_seconds']:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 def ablation_deltas(rows: list[dict], stages: list[str]) -> list[str]:
@@ -228,7 +211,7 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
         body += ["Where CSMF stands on each objective (R@50, N@50; means over seeds):", "", *standing(main, stages), ""]
         plot_main(main, stages, plots / f"main-{dataset}.png", dataset)
         body += [f"![Recall@50 per model]({suite}/main-{dataset}.png)", ""]
-        body += ["### Cost of a fused multi-objective query", "", cost_table(main), ""]
+        body += ["### Cost of a fused multi-objective query", "", cost_table(main, train_seconds=True), ""]
         plot_cost(main, plots / f"cost-{dataset}.png", dataset)
         body += [f"![serving cost]({suite}/cost-{dataset}.png)", ""]
         body += ["### Ablations", "", metric_table(ablation, stages), "", *ablation_deltas(ablation, stages), ""]

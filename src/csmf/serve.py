@@ -137,17 +137,15 @@ class Recommender:
                 if exclude_seen:
                     candidates = candidates[~np.isin(candidates, self.artifact.seen(r))]
                 found[u] = candidates[:k].tolist()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # the search itself, shared by the batch
         out = []
         for u in user_ids:
             if u in found:
-                out.append(Recommendation(u, self._describe(self.user_rows[u], found[u], weights), weights, False, 0))
+                items = self._describe(self.user_rows[u], found[u], weights)
             else:
                 items = [{"item_id": self.artifact.item_ids[i], "popularity": float(self.artifact.popularity[i])}
                          for i in self.popular[:k]]  # fmt: skip
-                out.append(Recommendation(u, items, weights, True, 0))
-        for r in out:
-            r.seconds = seconds
+            out.append(Recommendation(u, items, weights, u not in found, seconds))
         return out
 
     def _describe(self, row: int, items: list[int], weights: dict[str, float]) -> list[dict]:
