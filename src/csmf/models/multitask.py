@@ -200,10 +200,10 @@ class MultiTask(Retriever):
             orders = [torch.randperm(len(u), generator=generator).numpy() for u, _ in pairs]
             total = 0.0
             for step in tqdm(range(steps), desc=f"{self.kind} epoch {epoch}", disable=not self.progress, leave=False):
-                loss = 0.0
-                for k, ((users, items), order) in enumerate(zip(pairs, orders, strict=True)):
-                    idx = np.take(order, np.arange(step * t.batch_size, (step + 1) * t.batch_size), mode="wrap")
-                    loss = loss + self._loss(k, users[idx], items[idx], log_q[k], len(items), data.n_items, generator)
+                rows = np.arange(step * t.batch_size, (step + 1) * t.batch_size)
+                picks = [np.take(order, rows, mode="wrap") for order in orders]
+                batches = [(u[p], i[p]) for (u, i), p in zip(pairs, picks, strict=True)]
+                loss = self._loss(batches, log_q, [len(i) for _, i in pairs], data.n_items, generator)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -230,20 +230,35 @@ class MultiTask(Retriever):
         counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0
         return torch.from_numpy(np.log(counts / counts.sum())).float()
 
-    def _loss(self, k, users, items, log_q, n_pairs, n_items, generator) -> torch.Tensor:
-        """Objective k's softmax loss on a batch of its pairs: in-batch + uniform negatives, logQ-corrected."""
+    def _loss(self, batches, log_q, n_pairs, n_items, generator) -> torch.Tensor:
+        """Sum over objectives of each one's softmax loss on its batch of pairs: in-batch + uniform extra
+        negatives, logQ-corrected.
+
+        batches[k]: (users, items) of objective k. All objectives go through each tower in one call (the
+        towers compute every head anyway), and they share one draw of extra negatives, so the item tower
+        runs over it once per step rather than once per objective: together a fifth of an epoch on JD.
+        """
         model, extra = self.model, self.cfg.train.extra_negatives
-        u = model.user_vectors(users, self.history, leave_out=items)[k]  # (B, D)
-        target_items = torch.from_numpy(items)
-        vk = min(k, len(model.item_heads) - 1)
-        v = model.item_vectors(target_items)[vk]  # (B, D)
-        scores, target = in_batch_scores(u, v, target_items)
-        correction = log_q[target_items] + np.log(n_pairs)
+        users = np.concatenate([u for u, _ in batches])
+        items = np.concatenate([i for _, i in batches])
+        user_heads = model.user_vectors(users, self.history, leave_out=items)  # per head (K * B, D)
+        item_heads = model.item_vectors(torch.from_numpy(items))
         if extra:
             negatives = torch.randint(0, n_items, (extra,), generator=generator)
-            scores = torch.cat([scores, u @ model.item_vectors(negatives)[vk].T], dim=1)  # (B, B + M)
-            correction = torch.cat([correction, torch.full((extra,), float(np.log(extra / n_items)))])
-        return softmax_loss(scores, target, self.cfg.model.temperature, log_q=correction)
+            negative_heads = model.item_vectors(negatives)
+        loss, start = 0.0, 0
+        for k, (_, batch_items) in enumerate(batches):
+            rows = slice(start, start + len(batch_items))
+            start += len(batch_items)
+            vk = min(k, len(item_heads) - 1)  # mvke: one shared item vector
+            u, v, target_items = user_heads[k][rows], item_heads[vk][rows], torch.from_numpy(batch_items)
+            scores, target = in_batch_scores(u, v, target_items)
+            correction = log_q[k][target_items] + np.log(n_pairs[k])
+            if extra:
+                scores = torch.cat([scores, u @ negative_heads[vk].T], dim=1)  # (B, B + M)
+                correction = torch.cat([correction, torch.full((extra,), float(np.log(extra / n_items)))])
+            loss = loss + softmax_loss(scores, target, self.cfg.model.temperature, log_q=correction)
+        return loss
 
     def _validate(self, tuning: CascadeData) -> dict[str, dict[str, float]]:
         self.model.eval()
