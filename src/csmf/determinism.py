@@ -6,7 +6,8 @@ metrics. Deterministic mode fixes the order; the flags are restored afterwards, 
 csmf never changes them for the caller's own code.
 
 Deterministic mode also fills every freshly allocated tensor with NaN by default (a guard against reading
-uninitialised memory, which csmf never does): that fill cost ~8% of a training step, so it is switched off.
+uninitialised memory, which csmf never does): that fill cost ~4% of a multi-task training step on JD
+(profiled), so it is switched off.
 """
 
 from __future__ import annotations
