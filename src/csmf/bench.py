@@ -26,9 +26,11 @@ from csmf.evaluate import evaluate, evaluate_stage
 from csmf.models.als import ALS, ALSSettings
 from csmf.models.base import Retriever
 from csmf.models.csmf import CSMF, VARIANTS
+from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.multitask import KINDS, MultiTask
 from csmf.models.popularity import Popularity
+from csmf.sweep import weight_sweep
 from csmf.tuning import coordinate_search
 
 
@@ -117,6 +119,12 @@ def build_itemknn(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retri
     return _tuned(cfg, data, grid, fixed, ItemKNNSettings, lambda s: ItemKNN(s, k.num_threads), progress)
 
 
+def build_ease(cfg: Config, data: CascadeData, progress: bool) -> tuple[Retriever, dict]:
+    e = cfg.ease
+    grid = {"l2": e.l2, "aux_weight": e.aux_weights}
+    return _tuned(cfg, data, grid, {}, EASESettings, EASE, progress)
+
+
 def build_tuned_as(name: str, chosen: dict[str, dict], tuned_on: int):
     """ALS or item-kNN with the per-stage settings an earlier run chose on validation (no new search):
     the paper suite tunes on its first seed and refits the later seeds with the same settings."""
@@ -128,7 +136,9 @@ def build_tuned_as(name: str, chosen: dict[str, dict], tuned_on: int):
             return ALS(settings, cfg.seed, cfg.als.num_threads), note
         if name == "itemknn":
             return ItemKNN({s: ItemKNNSettings(**v) for s, v in chosen.items()}, cfg.itemknn.num_threads), note
-        raise ConfigError(f"{name}: only als and itemknn are tuned by search")
+        if name == "ease":
+            return EASE({s: EASESettings(**v) for s, v in chosen.items()}), note
+        raise ConfigError(f"{name}: only als, itemknn and ease are tuned by search")
 
     return build
 
@@ -157,6 +167,7 @@ MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]]
     "popularity": build_popularity,
     "als": build_als,
     "itemknn": build_itemknn,
+    "ease": build_ease,
     **{name: build_neural(name) for name in VARIANTS},
     **{kind: build_multitask(kind) for kind in KINDS},
 }
@@ -199,6 +210,9 @@ def run_model(
         if b.cost_items > 0
         else None
     )
+    served = model.served(data)
+    sweep = weight_sweep(model, data, served, b.sweep_points, budget_mb=cfg.eval.score_budget_mb) if (
+        b.sweep_points >= 2 and len(served) >= 2) else None  # fmt: skip
     return {
         "model": model_name,
         "dataset": data.name,
@@ -212,6 +226,7 @@ def run_model(
         "metrics": {s: {k: v for k, v in m.items() if k != "users"} for s, m in metrics.items()},
         "eval_users": {s: m["users"] for s, m in metrics.items()},
         "cost": cost,
+        "weight_sweep": sweep,
         "tuning": tuning,
         "data_report": data.report.as_dict(),
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,15 @@ from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
 from csmf.evaluate import evaluate_stage
-from csmf.losses import aml_margin, in_batch_scores, softmax_loss
+from csmf.graph import GraphTwoTower, graph_weights
+from csmf.losses import (
+    aml_margin,
+    cross_stage_hinge,
+    distillation_loss,
+    in_batch_scores,
+    softmax_loss,
+    user_softmax_loss,
+)
 from csmf.masks import claim_free
 from csmf.prune import cpp_free, fixed_free, release
 from csmf.towers import Features, TwoTower
@@ -69,8 +78,48 @@ def pairs_of(mat: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return coo.row[order].astype(np.int64), coo.col[order].astype(np.int64)
 
 
-def build_model(data: CascadeData, cfg: Config, seed: int) -> TwoTower:
+def stage_pairs(
+    data: CascadeData, objective: str, aux_weight: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(users, items, weights) an objective trains on: its own pairs (weight 1), plus the pairs of every other
+    training behaviour that are not already its positives, at `aux_weight` (None = all weight 1)."""
+    own = data.train[objective]
+    if aux_weight <= 0:
+        return (*pairs_of(own), None)
+    others = [data.matrix(b) for b in data.behaviours if b != objective]
+    aux = difference(union(*others), own) if others else own[:0]
+    users, items = pairs_of(own)
+    aux_users, aux_items = pairs_of(aux)
+    weights = np.concatenate([np.ones(len(users)), np.full(len(aux_users), aux_weight)]).astype(np.float32)
+    return np.concatenate([users, aux_users]), np.concatenate([items, aux_items]), weights
+
+
+def target_matrix(
+    users: np.ndarray, items: np.ndarray, weights: np.ndarray | None, n_users: int, n_items: int
+) -> sp.csr_matrix:
+    """(U, N) weight of every training positive: the per-user full-catalogue loss reads its rows."""
+    values = np.ones(len(users), dtype=np.float32) if weights is None else weights.astype(np.float32)
+    mat = sp.csr_matrix((values, (users, items)), shape=(n_users, n_items), dtype=np.float32)
+    mat.sum_duplicates()
+    return mat
+
+
+def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str, ...] | None = None):
+    """The backbone `model.encoder` names: GraphTwoTower ("graph") or TwoTower ("mlp")."""
     m = cfg.model
+    user_features = Features.from_arrays(data.user_features, m.max_categories)
+    item_features = Features.from_arrays(data.item_features, m.max_categories)
+    if m.encoder == "graph":
+        stage_weights = [
+            graph_weights(o, data.stages, data.behaviours, m.graph_up_weight, m.graph_down_weight, m.graph_side_weight)
+            for o in (objectives or data.stages)
+        ]
+        return GraphTwoTower(
+            data.n_users, data.n_items, m.dim, stage_weights, m.graph_hops, user_features, item_features, seed,
+            init_scale=m.init_scale,
+        )  # fmt: skip
+    if m.encoder != "mlp":
+        raise ValueError(f"model.encoder must be 'graph' or 'mlp', got {m.encoder!r}")
     return TwoTower(
         n_users=data.n_users,
         n_items=data.n_items,
@@ -81,8 +130,8 @@ def build_model(data: CascadeData, cfg: Config, seed: int) -> TwoTower:
         user_id_dim=m.id_dim if m.user_id else 0,
         history_dim=m.history_dim,
         behaviours=data.behaviours if m.history else (),
-        user_features=Features.from_arrays(data.user_features, m.max_categories),
-        item_features=Features.from_arrays(data.item_features, m.max_categories),
+        user_features=user_features,
+        item_features=item_features,
         feature_dim=m.feature_dim,
         seed=seed,
         dropout=m.dropout,
@@ -141,7 +190,7 @@ class CascadeTrainer:
         self.cfg = cfg
         self.objectives = objectives or data.stages
         self.tuning = data.tuning_view()
-        self.model = build_model(data, cfg, cfg.seed)
+        self.model = build_model(data, cfg, cfg.seed, self.objectives)
         self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
         self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
@@ -151,6 +200,9 @@ class CascadeTrainer:
         self.log = log or (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
         self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items
+        # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
+        self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
+        self._teachers: dict[str, sp.csr_matrix] = {}
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, index: int) -> Path:
@@ -263,18 +315,7 @@ class CascadeTrainer:
         return {k: round(v, 5) for k, v in result.items() if k != "users"}
 
     def _stage_pairs(self, stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(users, items, weights) a stage trains on: its own pairs (weight 1), plus the pairs of every other
-        training behaviour that are not already its positives, at `train.aux_weight` (None = all weight 1)."""
-        own = self.tuning.train[self.objectives[stage - 1]]
-        aux_weight = per_stage(self.cfg.train.aux_weight, stage)
-        if aux_weight <= 0:
-            return (*pairs_of(own), None)
-        others = [self.tuning.matrix(b) for b in self.tuning.behaviours if b != self.objectives[stage - 1]]
-        aux = difference(union(*others), own) if others else own[:0]
-        users, items = pairs_of(own)
-        aux_users, aux_items = pairs_of(aux)
-        weights = np.concatenate([np.ones(len(users)), np.full(len(aux_users), aux_weight)]).astype(np.float32)
-        return np.concatenate([users, aux_users]), np.concatenate([items, aux_items]), weights
+        return stage_pairs(self.tuning, self.objectives[stage - 1], per_stage(self.cfg.train.aux_weight, stage))
 
     def _train(self, stage: int, index: int) -> dict:
         if stage > 1:
@@ -303,13 +344,18 @@ class CascadeTrainer:
         tau = per_stage(c.tau, stage)
         # Pruning happens only when a later stage follows: each group frees at least one unit for it
         # (without an output dimension of its own, the next objective would just repeat this one).
-        cpp = {name: cpp_free(mag, owner, stage, tau, min_free=1) for name, mag, owner in groups}
+        # The output dimensions also keep `min_share` of D for each stage still to come.
+        to_come = len(self.objectives) - stage
+        floor = {"output": max(1, math.ceil(c.min_share * len(self.model.output_owner) * to_come - 1e-9))}
+        cpp = {name: cpp_free(mag, owner, stage, tau, min_free=floor.get(name, 1)) for name, mag, owner in groups}
         if c.prune == "cpp":
             frees = cpp
         elif c.prune == "fixed":
             owned = sum(int((owner == stage).sum()) for _, _, owner in groups)
             share = c.fixed_fraction if c.fixed_fraction >= 0 else sum(int(f.sum()) for f in cpp.values()) / owned
-            frees = {name: fixed_free(mag, owner, stage, share, min_free=1) for name, mag, owner in groups}
+            frees = {
+                name: fixed_free(mag, owner, stage, share, min_free=floor.get(name, 1)) for name, mag, owner in groups
+            }
         else:
             raise ValueError(f"cascade.prune must be 'cpp', 'fixed' or 'none', got {c.prune!r}")
         for name, _, owner in groups:
@@ -334,18 +380,31 @@ class CascadeTrainer:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + seed)
         m0 = self.cfg.cascade.aml_m0 if stage > 1 else 0.0
-        log_q = self._log_q(items)
+        if self.per_user:  # a batch is a set of users with all their positives
+            targets = target_matrix(users, items, weights, self.data.n_users, self.data.n_items)
+            units = np.flatnonzero(np.diff(targets.indptr))
+            batch_size = t.user_batch_size
+            extras = self._stage_extras(stage)
+
+            def batch_loss(idx: np.ndarray) -> torch.Tensor:
+                return self._user_loss(stage, units[idx], targets, m0, generator, extras)
+        else:  # a batch is a set of (user, item) pairs
+            units, batch_size = users, t.batch_size
+            log_q = self._log_q(items)
+
+            def batch_loss(idx: np.ndarray) -> torch.Tensor:
+                weight = None if weights is None else torch.from_numpy(weights[idx])
+                return self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight)
+
         best, best_state, best_epoch, epochs_log = -1.0, None, 0, []
         for epoch in range(1, epochs + 1):
             model.train()
-            order = torch.randperm(len(users), generator=generator).numpy()
+            order = torch.randperm(len(units), generator=generator).numpy()
             total, batches = 0.0, 0
-            steps = range(0, len(order), t.batch_size)
+            steps = range(0, len(order), batch_size)
             desc = f"stage {stage} epoch {epoch}"
             for start in tqdm(steps, desc=desc, unit="batch", disable=not self.progress, leave=False):
-                idx = order[start : start + t.batch_size]
-                weight = None if weights is None else torch.from_numpy(weights[idx])
-                loss = self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight)
+                loss = batch_loss(order[start : start + batch_size])
                 optimizer.zero_grad()
                 loss.backward()
                 model.mask_grads(stage)  # only the stage's own units learn; earlier stages stay bit-identical
@@ -372,13 +431,83 @@ class CascadeTrainer:
             "best_epoch": best_epoch if select else epochs,
         }
 
+    # ----- the graph encoder's full-catalogue loss (one softmax per user) ----------------------------
+    def _stage_extras(self, stage: int) -> dict:
+        """What the per-user loss reads besides the positives: upstream-only items (hinge AML), the items
+        each user has seen and the teacher's lists (distillation). Computed once per phase."""
+        objective, extras = self.objectives[stage - 1], {}
+        c, t = self.cfg.cascade, self.cfg.train
+        if stage > 1 and c.aml_m0 > 0 and c.aml_form == "hinge":
+            previous = self.tuning.matrix(self.objectives[stage - 2])
+            extras["upstream_only"] = difference(previous, self.tuning.matrix(objective))
+        if t.distill:
+            extras["seen"] = self.tuning.excluded(objective)
+            extras["teacher"] = self._teacher(objective)
+        return extras
+
+    def _teacher(self, objective: str) -> sp.csr_matrix:
+        """The distillation teacher's lists for `objective`, fit on the tuning data (never validation or test)."""
+        from csmf.distill import teacher_lists  # the classical models load only when distillation is on
+
+        if objective not in self._teachers:
+            t0 = time.perf_counter()
+            self._teachers[objective] = teacher_lists(self.tuning, objective, self.cfg)
+            self.log(f"  teacher {self.cfg.train.distill} for {objective}: {time.perf_counter() - t0:.1f}s")
+        return self._teachers[objective]
+
+    def _user_loss(self, stage: int, users: np.ndarray, targets: sp.csr_matrix, m0: float,
+                   generator: torch.Generator, extras: dict) -> torch.Tensor:  # fmt: skip
+        model, temperature, c = self.model, self.cfg.model.temperature, self.cfg.cascade
+        u, v = model.vectors(users, stage)  # (B, D), (N, D)
+        scores = u @ v.T  # (B, N)
+        coo = targets[users].tocoo()
+        rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+        weight = torch.from_numpy(coo.data)
+        margin, hinge = None, None
+        if m0 > 0:
+            upstream = ((u * model.group_mask(stage - 1)) @ v.T).detach()  # (B, N) frozen earlier objective
+            if c.aml_form == "hinge":
+                hinge = self._hinge(scores, upstream, users, rows, cols, extras["upstream_only"], m0, generator)
+            elif c.aml_form in ("margin", "weight"):
+                up_pos = upstream[rows, cols]  # (P,)
+                above = torch.cat([(upstream[rows[i : i + 1024]] > up_pos[i : i + 1024, None]).float().mean(dim=1)
+                                   for i in range(0, len(rows), 1024)])  # fmt: skip
+                margin = m0 * above  # (P,) as losses.aml_margin, over the whole catalogue
+                if c.aml_form == "weight":
+                    weight, margin = weight * (1.0 + margin), None
+            else:
+                raise ValueError(f"cascade.aml_form must be 'margin', 'weight' or 'hinge', got {c.aml_form!r}")
+        loss = user_softmax_loss(scores, rows, cols, weight, temperature, margin=margin)
+        if hinge is not None:
+            loss = loss + hinge
+        if "teacher" in extras:
+            seen = torch.from_numpy(extras["seen"][users].toarray() > 0)  # (B, N)
+            teacher = torch.from_numpy(extras["teacher"][users].toarray())  # (B, N)
+            weight_kd = per_stage(self.cfg.train.distill_weight, stage)
+            loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
+        return loss
+
+    def _hinge(self, scores, upstream, users, rows, cols, upstream_only: sp.csr_matrix, m0, generator):
+        """Cross-stage hinge over one upstream-only item per positive, drawn uniformly from the user's."""
+        sub = upstream_only[users]  # (B, N)
+        counts = torch.from_numpy(np.diff(sub.indptr).astype(np.int64))[rows]  # (P,)
+        starts = torch.from_numpy(sub.indptr[:-1].astype(np.int64))[rows]
+        draw = (torch.rand(len(rows), generator=generator) * counts).long()
+        has = counts > 0
+        if not bool(has.any()):
+            return None
+        indices = torch.from_numpy(sub.indices.astype(np.int64))
+        negatives = indices[(starts + draw)[has]]
+        return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, m0, self.cfg.model.temperature)
+
     def _log_q(self, items: np.ndarray) -> torch.Tensor:
         counts = np.bincount(items, minlength=self.data.n_items).astype(np.float64) + 1.0
         return torch.from_numpy(np.log(counts / counts.sum())).float()
 
     def _loss(self, stage, users, items, m0, log_q, generator, weight=None) -> torch.Tensor:
         model, temperature = self.model, self.cfg.model.temperature
-        u = model.user_vectors(users, stage, leave_out=items if model.user.history is not None else None)
+        leave_out = items if isinstance(model, TwoTower) and model.user.history is not None else None
+        u = model.user_vectors(users, stage, leave_out=leave_out)
         target_items = torch.from_numpy(items)
         if self.full_softmax:
             v = model.item_vectors(stage)  # (N, D)

@@ -78,7 +78,16 @@ class ItemKNNConfig:
 
 
 @dataclass(frozen=True)
+class EASEConfig:
+    l2: tuple[float, ...] = (400.0, 100.0, 1500.0)  # ridge weight, searched on validation
+    aux_weights: tuple[float, ...] = (0.2, 0.1, 0.5)  # weight of other stages' train pairs in X
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    # "graph": one item table, user = degree-normalised bag of its history, both sides smoothed over the
+    # multi-behaviour graph (csmf/graph.py); "mlp": ID + mean-pooled history bags -> masked MLP (csmf/towers.py)
+    encoder: str = "mlp"
     dim: int = 64  # D: the user / item vector size, split into per-stage groups by CSMF
     user_hidden: tuple[int, ...] = ()  # user-tower MLP widths before the D-wide output layer (JD: linear is best)
     item_hidden: tuple[int, ...] = ()  # item-tower MLP widths (JD items are IDs only: a linear map is enough)
@@ -91,11 +100,17 @@ class ModelConfig:
     bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
     dropout: float = 0.3  # dropout on each tower's input during training
     temperature: float = 0.1  # softmax temperature of the training loss (scores are u . v)
+    graph_hops: int = 1  # graph encoder: item-smoothing steps S = Â^T Â (0-3); the user reads the smoothed items
+    graph_up_weight: float = 0.2  # graph encoder: edge weight of earlier stages' pairs in a stage's graph
+    graph_down_weight: float = 1.0  # ... of later stages' pairs (a purchase implies the view)
+    graph_side_weight: float = 0.5  # ... of side behaviours (JD favorites)
+    init_scale: float = 0.1  # graph encoder: std of the initial item table
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 1024
+    batch_size: int = 1024  # training pairs per batch (in-batch negatives)
+    user_batch_size: int = 512  # graph encoder, full-catalogue loss: users per batch (all their positives at once)
     lr: tuple[float, ...] = (3e-3,)  # Adam learning rate per trained stage (last value repeats)
     max_epochs: tuple[int, ...] = (12, 15)  # per trained stage (last value repeats); best epoch on validation
     patience: int = 2  # stop a stage after this many epochs without a validation gain
@@ -107,6 +122,13 @@ class TrainConfig:
     # Each stage also trains on the pairs of the behaviours before it (upstream stages, side behaviours
     # such as JD favorites) at this loss weight, as ALS and item-kNN use them; 0 = the stage's pairs only.
     aux_weight: tuple[float, ...] = (0.0,)  # per trained stage (last value repeats)
+    # Distillation: a teacher fit on the same training data ("ease", "als", "itemknn"; "" = off) gives each
+    # training user its top-`distill_top` unseen items weighted exp(-rank / distill_decay); the student adds the
+    # cross-entropy of its full-catalogue softmax (seen items masked) against that list at `distill_weight`.
+    distill: str = ""
+    distill_top: int = 100
+    distill_decay: float = 20.0
+    distill_weight: tuple[float, ...] = (1.0,)  # per trained stage (last value repeats)
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,12 @@ class CascadeConfig:
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
     # "margin": m0 * upstream-miss share taken off the positive's logit (the notes' default); "weight": the
     # same quantity as an extra loss weight 1 + m (the margin saturates: docs/method.md, AML finding)
+    # "hinge": a cross-stage hinge on top of the softmax, ranking each stage positive above an upstream-only
+    # positive of the same user (viewed but not bought) by m0 * sigmoid((upstream score gap) / T)
     aml_form: str = "margin"
+    # each stage that follows keeps at least this share of the output dimensions: CPP frees at least
+    # min_share * D * (stages still to come) output units, so a 3-stage cascade gives its last objective room
+    min_share: float = 0.0
     packnet_fraction: float = 0.5  # the packnet baseline: share of a stage's units freed per layer (PackNet's 50%)
 
 
@@ -142,6 +169,7 @@ class BenchConfig:
     out_dir: str = "results"
     cost_users: int = 1024  # query batch of the cost measurement (fused top-50 per user)
     cost_items: int = 1_000_000  # synthetic catalogue size of the cost measurement; 0 = do not measure cost
+    sweep_points: int = 6  # objective-weight sweep: weights per pair of objectives (0 = no sweep; csmf.sweep)
     tune: bool = True  # False = no search: the settings' defaults (a grid's first value if the default is off-grid)
     # Neural models: share stage-1 pretraining between runs through this folder ("" = off; see csmf.cascade)
     pretrain_cache: str = ""
@@ -165,6 +193,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     als: ALSConfig = field(default_factory=ALSConfig)
     itemknn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
+    ease: EASEConfig = field(default_factory=EASEConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)

@@ -58,3 +58,67 @@ def in_batch_scores(user: torch.Tensor, item: torch.Tensor, items: torch.Tensor)
     same = items.unsqueeze(0) == items.unsqueeze(1)
     same.fill_diagonal_(False)
     return scores.masked_fill(same, float("-inf")), torch.arange(len(items))
+
+
+def user_softmax_loss(
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+    margin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Full-catalogue softmax over every positive of each user at once: the weighted mean over positive
+    pairs (rows[p], cols[p]) of -log softmax(scores[rows[p]] / T)[cols[p]], one log-partition per user.
+
+    Equal to the per-pair full softmax loss (each pair's row holds the same catalogue), at the cost of one
+    softmax per user instead of one per pair. `margin` (P,) lowers each positive's own logit in its own
+    softmax, exactly: the partition swaps exp(z) for exp(z - m). scores: (B, N); rows, cols, weight: (P,).
+    """
+    z = scores / temperature  # (B, N)
+    log_partition = torch.logsumexp(z, dim=1)[rows]  # (P,)
+    z_pos = z[rows, cols]  # (P,)
+    if margin is None:
+        per_pair = log_partition - z_pos
+    else:
+        shifted = torch.log1p(torch.exp(z_pos - log_partition) * torch.expm1(-margin))  # log(Z') - log(Z)
+        per_pair = log_partition + shifted - (z_pos - margin)
+    return (per_pair * weight).sum() / weight.sum()
+
+
+def cross_stage_hinge(
+    scores: torch.Tensor,
+    upstream: torch.Tensor,
+    rows: torch.Tensor,
+    positives: torch.Tensor,
+    upstream_only: torch.Tensor,
+    m0: float,
+    temperature: float,
+) -> torch.Tensor:
+    """AML as a ranking hinge across stages: each positive i of this stage should score above an item j
+    the same user reached only upstream (viewed but not bought) by an adaptive margin
+    m = m0 * sigmoid((s_up(j) - s_up(i)) / T): large where the frozen upstream objective ranks j above i
+    (what this stage must add), small where it already agrees. Logit units; upstream is detached.
+
+    scores, upstream: (B, N); rows, positives, upstream_only: (P,) one (user row, i, j) triple per pair.
+    """
+    up = upstream.detach()
+    margin = m0 * torch.sigmoid((up[rows, upstream_only] - up[rows, positives]) / temperature)  # (P,)
+    gap = (scores[rows, positives] - scores[rows, upstream_only]) / temperature  # (P,)
+    return torch.relu(margin - gap).mean()
+
+
+def distillation_loss(
+    scores: torch.Tensor, seen: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Cross-entropy of the student's full-catalogue softmax (seen items masked) against a teacher's list.
+
+    scores: (B, N); seen: (B, N) bool, items the user already has (never recommended, so never taught);
+    teacher: (B, N) rows summing to 1 (or 0 for a user the teacher has nothing for, who adds nothing).
+    """
+    log_p = torch.log_softmax((scores / temperature).masked_fill(seen, float("-inf")), dim=1)  # (B, N)
+    taught = teacher.sum(dim=1) > 0
+    if not bool(taught.any()):
+        return scores.sum() * 0.0
+    per_user = -(teacher * log_p.masked_fill(seen, 0.0)).sum(dim=1)  # (B,)
+    return per_user[taught].mean()

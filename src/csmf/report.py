@@ -132,6 +132,47 @@ def tau_table(rows: list[dict], stages: list[str]) -> str:
     return "\n".join(lines)
 
 
+def sweep_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("weight_sweep")]
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Per model and pair of objectives: each objective's R@K of the fused ranking at every weight."""
+    lines = []
+    for r in rows:
+        for entry in r["weight_sweep"]:
+            a, b = entry["pair"]
+            k = entry["k"]
+            head = [f"weight on {b} (1 - on {a})"] + [f"{s} R@{k}" for s in entry["recall"]]
+            lines += [
+                f"**{r['model']}**, {a} -> {b} (top-{k} overlap of the end points: {entry['overlap']:.1%})",
+                "",
+                "| " + " | ".join(head) + " |",
+                "|---:|" + "---:|" * len(entry["recall"]),
+            ]
+            for j, w in enumerate(entry["weights"]):
+                lines.append(f"| {w:g} | " + " | ".join(f"{v[j]:.4f}" for v in entry["recall"].values()) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def sweep_summary(rows: list[dict]) -> list[str]:
+    """One line per model and pair: how far each end objective moves between the end points."""
+    out = []
+    for r in rows:
+        for entry in r["weight_sweep"]:
+            a, b = entry["pair"]
+            ra, rb = entry["recall"][a], entry["recall"][b]
+            rising = all(y >= x - 1e-9 for x, y in zip(rb, rb[1:], strict=False))
+            falling = all(y <= x + 1e-9 for x, y in zip(ra, ra[1:], strict=False))
+            shape = "monotone" if rising and falling else "not monotone"
+            out.append(
+                f"- {r['model']} {a} -> {b}: {b} R@50 {rb[0]:.4f} -> {rb[-1]:.4f}, {a} R@50 {ra[0]:.4f} -> "
+                f"{ra[-1]:.4f} ({shape}); end-point top-50 overlap {entry['overlap']:.1%}"
+            )
+    return out
+
+
 # ----- plots --------------------------------------------------------------------------------------
 
 
@@ -188,6 +229,27 @@ def plot_cost(rows: list[dict], path: Path, dataset: str) -> None:
     plt.close(fig)
 
 
+def plot_sweep(rows: list[dict], path: Path, dataset: str) -> None:
+    """Trade-off curves: R@50 of the pair's first objective (x) against its second (y), one line per model."""
+    pairs = [tuple(e["pair"]) for e in rows[0]["weight_sweep"]]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.2), dpi=100, squeeze=False)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        for r in rows:
+            entry = next((e for e in r["weight_sweep"] if tuple(e["pair"]) == pair), None)
+            if entry is None:
+                continue
+            xs, ys = entry["recall"][pair[0]], entry["recall"][pair[1]]
+            ax.plot(xs, ys, marker="o", ms=3, label=r["model"], lw=2.2 if r["model"] == "csmf" else 1.0)
+        ax.set_xlabel(f"{pair[0]} Recall@50")
+        ax.set_ylabel(f"{pair[1]} Recall@50")
+        ax.set_title(f"{dataset}: weight {pair[0]} -> {pair[1]}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ----- the report ---------------------------------------------------------------------------------
 
 
@@ -214,6 +276,15 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
         body += ["### Cost of a fused multi-objective query", "", cost_table(main, train_seconds=True), ""]
         plot_cost(main, plots / f"cost-{dataset}.png", dataset)
         body += [f"![serving cost]({suite}/cost-{dataset}.png)", ""]
+        swept = sweep_rows(main)
+        if swept:
+            body += ["### Objective weights", "",
+                     "Each row of a table is one fused ranking, (1 - w) s_a + w s_b, scored on every objective's test "
+                     "users (mean over seeds). The end-point overlap is the share of the top-50 the two single-"
+                     "objective weightings have in common: 100% means the weight knob does nothing.", "",
+                     *sweep_summary(swept), ""]  # fmt: skip
+            plot_sweep(swept, plots / f"weights-{dataset}.png", dataset)
+            body += [f"![weight trade-off]({suite}/weights-{dataset}.png)", "", sweep_table(swept), ""]
         body += ["### Ablations", "", metric_table(ablation, stages), "", *ablation_deltas(ablation, stages), ""]
         if taus:
             body += ["### Tau sensitivity", "", tau_table(taus, stages), ""]

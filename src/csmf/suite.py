@@ -24,12 +24,13 @@ from pathlib import Path
 from csmf.bench import build_tuned_as, load_dataset, run_model, versions
 from csmf.config import Config, ConfigError, config_to_dict, override
 from csmf.data.schema import CascadeData
+from csmf.sweep import mean_sweeps
 
-MAIN_BASELINES = ("popularity", "als", "itemknn")
+MAIN_BASELINES = ("popularity", "als", "itemknn", "ease")
 MAIN_NEURAL = ("naive-ft", "packnet", "shared-bottom", "mmoe", "ple", "mvke", "csmf")
 ABLATION = ("csmf", "csmf-no-cpp", "csmf-no-aml", "csmf-no-ar")
-TUNED = frozenset({"als", "itemknn"})  # searched on validation with the first seed, refit with the others
-DETERMINISTIC = frozenset({"popularity", "itemknn"})  # no seed enters them: one run stands for every seed
+TUNED = frozenset({"als", "itemknn", "ease"})  # searched on validation with the first seed, refit with the others
+DETERMINISTIC = frozenset({"popularity", "itemknn", "ease"})  # no seed enters them: one run stands for every seed
 
 # `--quick`: the same suite, shrunk to a smoke test (the small simulator only, 2 seeds, 2 taus, short
 # training, small grids and cost catalogue). Flags and --set given on the command line apply on top.
@@ -177,12 +178,14 @@ def aggregate(run: Run, per_seed: dict[int, dict], deterministic: bool) -> dict:
         mean[s] = {m: statistics.fmean(v) for m, v in values.items()}
         std[s] = {m: (statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in values.items()}
     seconds = [r["train_seconds"] for r in per_seed.values()]
+    sweeps = [r["weight_sweep"] for r in per_seed.values() if r.get("weight_sweep")]
     return {
         **first,
         "seed": min(per_seed),
         "metrics": mean,
         "metrics_std": std,
         "seeds": {str(k): r["metrics"] for k, r in sorted(per_seed.items())},
+        "weight_sweep": mean_sweeps(sweeps) if sweeps else None,  # mean over seeds
         "deterministic": deterministic,
         "train_seconds": statistics.fmean(seconds),
         "train_seconds_per_seed": {str(k): r["train_seconds"] for k, r in sorted(per_seed.items())},

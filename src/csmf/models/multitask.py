@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from csmf.cascade import pairs_of, per_stage
+from csmf.cascade import pairs_of, per_stage, stage_pairs, target_matrix
 from csmf.config import Config
 from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch
 from csmf.evaluate import evaluate_stage
-from csmf.losses import in_batch_scores, softmax_loss
+from csmf.graph import StageGraph, graph_weights
+from csmf.losses import in_batch_scores, softmax_loss, user_softmax_loss
 from csmf.models.base import Retriever
 from csmf.towers import Features, pool_bags
 
@@ -97,11 +98,25 @@ class MultiTaskTwoTower(nn.Module):
         torch.manual_seed(seed)  # every layer below draws its initial weights from this seed
         m, mt = cfg.model, cfg.multitask
         self.kind, self.dropout, self.bag_power = kind, m.dropout, m.bag_power
-        self.behaviours = data.behaviours if m.history else ()
         self.n_items = data.n_items
-        self.history = nn.Parameter(torch.randn(data.n_items, m.history_dim) * 0.05) if self.behaviours else None
-        self.user_id = nn.Embedding(data.n_users, m.id_dim) if m.user_id else None
-        self.item_id = nn.Embedding(data.n_items, m.id_dim)
+        # graph encoder: the experts read the graph backbone's vectors (one per objective's graph, from one
+        # item table E) instead of ID embeddings and mean-pooled bags: the same inputs CSMF's columns see
+        self.graph = m.encoder == "graph"
+        self.stage_weights = [
+            graph_weights(o, data.stages, data.behaviours, m.graph_up_weight, m.graph_down_weight, m.graph_side_weight)
+            for o in data.stages[:n_objectives]
+        ]
+        self.graphs: list[StageGraph] = []
+        self.hops = m.graph_hops
+        self.table = nn.Parameter(torch.randn(data.n_items, m.dim) * m.init_scale) if self.graph else None
+        self.behaviours = data.behaviours if (m.history or self.graph) else ()
+        self.history = (
+            nn.Parameter(torch.randn(data.n_items, m.history_dim) * 0.05)
+            if self.behaviours and not self.graph
+            else None
+        )
+        self.user_id = nn.Embedding(data.n_users, m.id_dim) if m.user_id and not self.graph else None
+        self.item_id = nn.Embedding(data.n_items, m.id_dim) if not self.graph else None
         self.user_features = Features.from_arrays(data.user_features, m.max_categories)
         self.item_features = Features.from_arrays(data.item_features, m.max_categories)
         self.user_cat = nn.ModuleDict(
@@ -110,13 +125,18 @@ class MultiTaskTwoTower(nn.Module):
         self.item_cat = nn.ModuleDict(
             {k: nn.Embedding(c, m.feature_dim) for k, c in self.item_features.cardinality.items()}
         )
-        for emb in [self.item_id, *self.user_cat.values(), *self.item_cat.values()] + (
-            [self.user_id] if self.user_id else []
-        ):
+        for emb in [*self.user_cat.values(), *self.item_cat.values()] + [
+            e for e in (self.item_id, self.user_id) if e is not None
+        ]:
             nn.init.normal_(emb.weight, std=0.05)
-        user_widths = [m.history_dim] * len(self.behaviours) + ([m.id_dim] if self.user_id else [])
+        if self.graph:
+            user_widths = [m.dim] * n_objectives
+            item_in = m.dim * n_objectives
+        else:
+            user_widths = [m.history_dim] * len(self.behaviours) + ([m.id_dim] if self.user_id else [])
+            item_in = m.id_dim
         user_widths += [m.feature_dim] * len(self.user_cat) + [1] * self.user_features.n_dense
-        item_in = m.id_dim + m.feature_dim * len(self.item_cat) + self.item_features.n_dense
+        item_in += m.feature_dim * len(self.item_cat) + self.item_features.n_dense
         h = mt.expert_dim
         if kind == "mvke":
             self.user_body = VirtualKernelExperts(user_widths, mt.kernel_dim, mt.kernels, h, n_objectives)
@@ -134,12 +154,27 @@ class MultiTaskTwoTower(nn.Module):
         self.item_heads = nn.ModuleList(nn.Linear(h, m.dim) for _ in range(n_item_vectors))
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph:  # the graph backbone trains without input dropout, as CSMF's does
+            return x
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+    def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
+        """Graph encoder: the training matrices each objective's graph is built from."""
+        if self.graph:
+            self.graphs = [StageGraph(w, matrices, self.n_items) for w in self.stage_weights]
+
+    def smoothed_items(self) -> list[torch.Tensor]:
+        """Graph encoder: the item table smoothed over each objective's graph, (N, D) each."""
+        return [g.smooth(self.table, self.hops) for g in self.graphs]
 
     def user_fields(self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None) -> list[torch.Tensor]:
         ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
         fields = []
-        if self.behaviours:
+        if self.graph:  # the user as a degree-normalised bag over each objective's graph (no leave-out)
+            users = np.asarray(users, dtype=np.int64)
+            for g, items in zip(self.graphs, self.smoothed_items(), strict=True):
+                fields.append(torch.sparse.mm(g.user_rows(users, history), items))  # (B, N) @ (N, D)
+        elif self.behaviours:
             fields += pool_bags(self.history, [history[b] for b in self.behaviours], users, leave_out, self.bag_power)
         if self.user_id is not None:
             fields.append(self.user_id(ids))
@@ -158,7 +193,8 @@ class MultiTaskTwoTower(nn.Module):
     def item_vectors(self, items: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One (N, D) item matrix per objective (one shared matrix for mvke)."""
         ids = torch.arange(self.n_items) if items is None else items
-        x = [self.item_id(ids)] + [emb(self.item_features.categorical[k][ids]) for k, emb in self.item_cat.items()]
+        x = [torch.cat(self.smoothed_items(), dim=1)[ids]] if self.graph else [self.item_id(ids)]
+        x += [emb(self.item_features.categorical[k][ids]) for k, emb in self.item_cat.items()]
         if self.item_features.dense is not None:
             x.append(self.item_features.dense[ids])
         hidden = self.item_body(self._drop(torch.cat(x, dim=1)))
@@ -189,21 +225,42 @@ class MultiTask(Retriever):
         tuning = data.tuning_view()
         model = self.model = MultiTaskTwoTower(self.kind, data, cfg, len(self.objectives), cfg.seed)
         self.history = {b: tuning.matrix(b) for b in model.behaviours}
-        pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
-        log_q = [self._log_q(items, data.n_items) for _, items in pairs]
+        model.set_history(self.history)
         optimizer = torch.optim.Adam(model.parameters(), lr=per_stage(t.lr, 1))
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
-        steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
+        if model.graph and data.n_items <= t.full_softmax_max_items:
+            # one full-catalogue softmax per user and objective over all of its positives (as CSMF's graph path)
+            targets = [
+                target_matrix(*stage_pairs(tuning, o, per_stage(t.aux_weight, k + 1)), data.n_users, data.n_items)
+                for k, o in enumerate(self.objectives)
+            ]
+            active = np.flatnonzero(sum(np.diff(m.indptr) for m in targets) > 0)
+            steps = math.ceil(len(active) / t.user_batch_size)
+
+            def epoch_batches():
+                order = active[torch.randperm(len(active), generator=generator).numpy()]
+                for step in range(steps):
+                    yield self._user_loss(order[step * t.user_batch_size : (step + 1) * t.user_batch_size], targets)
+        else:
+            pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
+            log_q = [self._log_q(items, data.n_items) for _, items in pairs]
+            steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
+
+            def epoch_batches():
+                orders = [torch.randperm(len(u), generator=generator).numpy() for u, _ in pairs]
+                for step in range(steps):
+                    rows = np.arange(step * t.batch_size, (step + 1) * t.batch_size)
+                    picks = [np.take(order, rows, mode="wrap") for order in orders]
+                    batches = [(u[p], i[p]) for (u, i), p in zip(pairs, picks, strict=True)]
+                    yield self._loss(batches, log_q, [len(i) for _, i in pairs], data.n_items, generator)
+
         best, best_state, best_epoch, epochs_log = -1.0, None, 0, []
         for epoch in range(1, max(t.max_epochs) + 1):
             model.train()
-            orders = [torch.randperm(len(u), generator=generator).numpy() for u, _ in pairs]
             total = 0.0
-            for step in tqdm(range(steps), desc=f"{self.kind} epoch {epoch}", disable=not self.progress, leave=False):
-                rows = np.arange(step * t.batch_size, (step + 1) * t.batch_size)
-                picks = [np.take(order, rows, mode="wrap") for order in orders]
-                batches = [(u[p], i[p]) for (u, i), p in zip(pairs, picks, strict=True)]
-                loss = self._loss(batches, log_q, [len(i) for _, i in pairs], data.n_items, generator)
+            losses = epoch_batches()
+            for _ in tqdm(range(steps), desc=f"{self.kind} epoch {epoch}", disable=not self.progress, leave=False):
+                loss = next(losses)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -258,6 +315,21 @@ class MultiTask(Retriever):
                 scores = torch.cat([scores, u @ negative_heads[vk].T], dim=1)  # (B, B + M)
                 correction = torch.cat([correction, torch.full((extra,), float(np.log(extra / n_items)))])
             loss = loss + softmax_loss(scores, target, self.cfg.model.temperature, log_q=correction)
+        return loss
+
+    def _user_loss(self, users: np.ndarray, targets: list[sp.csr_matrix]) -> torch.Tensor:
+        """Sum over objectives of the per-user full-catalogue softmax (graph encoder)."""
+        model = self.model
+        user_heads = model.user_vectors(users, self.history)  # per objective (B, D)
+        item_heads = model.item_vectors()  # per item vector (N, D)
+        loss = torch.zeros(())
+        for k, mat in enumerate(targets):
+            coo = mat[users].tocoo()
+            if coo.nnz == 0:
+                continue
+            scores = user_heads[k] @ item_heads[min(k, len(item_heads) - 1)].T  # (B, N)
+            rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+            loss = loss + user_softmax_loss(scores, rows, cols, torch.from_numpy(coo.data), self.cfg.model.temperature)
         return loss
 
     def _validate(self, tuning: CascadeData) -> dict[str, dict[str, float]]:

@@ -1,0 +1,69 @@
+"""Distillation teachers: a classical model fit on the student's own training data gives each training user
+a soft list of its top unseen items (backbone notes, *Distillation*).
+
+The teacher is fit on the same data the student trains on (the tuning view inside the cascade trainer),
+so it never sees a validation or test pair. Each user's list is its top-`distill_top` items outside the
+user's seen items, weighted exp(-rank / distill_decay) and normalised to sum to 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from csmf.config import Config
+from csmf.data.schema import CascadeData
+from csmf.models.base import Retriever
+
+TEACHERS = ("ease", "als", "itemknn")
+
+
+def fit_teacher(data: CascadeData, objective: str, cfg: Config) -> Retriever:
+    """The teacher named by `train.distill`, at the first value of each of its config grids (no search:
+    tuning it would read validation inside training)."""
+    kind = cfg.train.distill
+    if kind == "ease":
+        from csmf.models.ease import EASE, EASESettings
+
+        return EASE({objective: EASESettings(l2=cfg.ease.l2[0], aux_weight=cfg.ease.aux_weights[0])}).fit(data)
+    if kind == "als":
+        from csmf.models.als import ALS, ALSSettings
+
+        a = cfg.als
+        s = ALSSettings(a.factors[0], a.regularization[0], a.alpha[0], a.aux_weights[0], a.iterations)
+        return ALS({objective: s}, cfg.seed, a.num_threads).fit(data)
+    if kind == "itemknn":
+        from csmf.models.itemknn import ItemKNN, ItemKNNSettings
+
+        k = cfg.itemknn
+        s = ItemKNNSettings(k.similarity[0], k.neighbours[0], k.aux_weights[0], k.bm25_k1, k.bm25_b)
+        return ItemKNN({objective: s}, k.num_threads).fit(data)
+    raise ValueError(f"train.distill must be one of {TEACHERS} or empty, got {kind!r}")
+
+
+def teacher_lists(data: CascadeData, objective: str, cfg: Config, batch: int = 2048) -> sp.csr_matrix:
+    """(U, N) float32: each training user's teacher distribution over its top unseen items (rows sum to 1)."""
+    t = cfg.train
+    teacher = fit_teacher(data, objective, cfg)
+    seen = data.excluded(objective)
+    users = np.flatnonzero(np.diff(seen.indptr))  # users with any training history
+    decay = np.exp(-np.arange(t.distill_top) / t.distill_decay).astype(np.float32)  # (K,)
+    rows, cols, vals = [], [], []
+    for start in range(0, len(users), batch):
+        chunk = users[start : start + batch]
+        scores = teacher.score(chunk, objective).clone()  # (B, N)
+        mask = torch.from_numpy(seen[chunk].toarray() > 0)
+        scores[mask] = float("-inf")
+        k = min(t.distill_top, scores.shape[1])
+        top = torch.topk(scores, k, dim=1)
+        ok = torch.isfinite(top.values).numpy()  # (B, K) a user with fewer unseen items than K
+        w = np.where(ok, decay[None, :k], 0.0)
+        w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+        r, c = np.nonzero(ok)
+        rows.append(chunk[r])
+        cols.append(top.indices.numpy()[r, c])
+        vals.append(w[r, c])
+    shape = (data.n_users, data.n_items)
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape,
+                         dtype=np.float32)  # fmt: skip

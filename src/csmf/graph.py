@@ -1,0 +1,240 @@
+"""The graph-propagation backbone: tied, degree-normalised history bags over the multi-behaviour graph.
+
+Follows shared/docs/backbone-notes.md (LightGCN-style, He et al. SIGIR 2020, without a user table).
+One item table E (items x D) and no MLP:
+- each stage k has its own weighted user x item graph A_k (its own behaviour at weight 1, later stages
+  of the cascade at `graph_down_weight`, earlier ones at `graph_up_weight`, side behaviours such as JD
+  favorites at `graph_side_weight`), normalised as Â_k = D_u^-1/2 A_k D_i^-1/2;
+- item vector = mean of the layers E, S E, ..., S^h E with S = Â^T Â (`graph_hops` = h item-smoothing
+  steps, each one user-item-user... round trip);
+- user vector = Â · (item vector): a bag of the user's history items, each weighted by
+  1/sqrt(user degree * item degree), read from the same table that gives the item vectors (the
+  1/sqrt(item degree) weight acts like IDF: the notes' largest single gain);
+- features enter through D-wide embedding columns (item features before propagation, user features added
+  to the user vector).
+
+Stage ownership is one owner per output column (method notes §2, design (B)): column d of E, of every
+feature table and of the dense-feature maps belongs to one stage. Propagation mixes rows (users, items),
+never columns, so stage k's columns see only their own weights and the cascade isolation of the MLP
+backbone holds exactly; the columns of stage k propagate over stage k's own graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from csmf.masks import active
+from csmf.towers import Features
+
+
+def graph_weights(objective: str, stages: tuple[str, ...], behaviours: tuple[str, ...], up: float, down: float,
+                  side: float) -> dict[str, float]:  # fmt: skip
+    """Edge weight of each training behaviour in the graph of `objective` (JD purchases: buy 1, view up, fav side)."""
+    weights = {}
+    for b in behaviours:
+        if b == objective:
+            weights[b] = 1.0
+        elif b in stages:
+            weights[b] = down if stages.index(b) > stages.index(objective) else up
+        else:
+            weights[b] = side
+    return {b: w for b, w in weights.items() if w > 0}
+
+
+def _torch_sparse(mat: sp.spmatrix) -> torch.Tensor:
+    coo = mat.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    values = torch.from_numpy(coo.data.astype(np.float32))
+    # built from a valid scipy matrix: the invariant check would only cost time
+    return torch.sparse_coo_tensor(idx, values, mat.shape, check_invariants=False).coalesce()
+
+
+class StageGraph:
+    """One stage's weighted graph: the training adjacency for item smoothing and the rule that turns any
+    user's history into the normalised row Â[u] (item degrees always from the training graph)."""
+
+    def __init__(self, weights: dict[str, float], matrices: dict[str, sp.csr_matrix], n_items: int):
+        self.weights = weights
+        adjacency = self.adjacency(matrices)  # (U, N) weighted
+        self.item_scale = 1.0 / np.sqrt(np.maximum(np.asarray(adjacency.sum(axis=0)).ravel(), 1e-12))  # (N,)
+        self.item_scale[np.asarray(adjacency.sum(axis=0)).ravel() == 0] = 0.0  # items nobody touched
+        normalised = self.normalise(adjacency)
+        self.forward_op = _torch_sparse(normalised)  # (U, N): Â
+        self.backward_op = _torch_sparse(normalised.T.tocsr())  # (N, U): Â^T
+
+    def adjacency(self, matrices: dict[str, sp.csr_matrix], users: np.ndarray | None = None) -> sp.csr_matrix:
+        total = None
+        for b, w in self.weights.items():
+            part = matrices[b] if users is None else matrices[b][users]
+            total = part * w if total is None else total + part * w
+        return sp.csr_matrix(total, dtype=np.float64)
+
+    def normalise(self, adjacency: sp.csr_matrix) -> sp.csr_matrix:
+        user_degree = np.asarray(adjacency.sum(axis=1)).ravel()
+        user_scale = np.where(user_degree > 0, 1.0 / np.sqrt(np.maximum(user_degree, 1e-12)), 0.0)
+        return sp.csr_matrix(sp.diags(user_scale) @ adjacency @ sp.diags(self.item_scale))
+
+    def user_rows(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix]) -> torch.Tensor:
+        """(B, N) sparse Â rows of `users` built from `matrices` (training or evaluation history)."""
+        return _torch_sparse(self.normalise(self.adjacency(matrices, users)))
+
+    def smooth(self, x: torch.Tensor, hops: int) -> torch.Tensor:
+        """Mean of x, S x, ..., S^hops x with S = Â^T Â.  x: (N, D) -> (N, D)."""
+        total, layer = x, x
+        for _ in range(hops):
+            layer = torch.sparse.mm(self.backward_op, torch.sparse.mm(self.forward_op, layer))  # (N,U)@(U,D)
+            total = total + layer
+        return total / (hops + 1)
+
+
+class GraphTwoTower(nn.Module):
+    """The graph backbone behind the same interface as towers.TwoTower (the trainer and TrainedCascade
+    use either). `stage_weights[k-1]` is the graph of stage k (its behaviour -> edge weight)."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        stage_weights: list[dict[str, float]],
+        hops: int,
+        user_features: Features,
+        item_features: Features,
+        seed: int,
+        init_scale: float = 0.1,
+    ):
+        super().__init__()
+        if not 0 <= hops <= 3:
+            raise ValueError(f"model.graph_hops must be 0..3, got {hops}")
+        g = torch.Generator().manual_seed(seed)
+        self.n_users, self.n_items, self.hops = n_users, n_items, hops
+        self.stage_weights = stage_weights
+        self.behaviours = tuple(dict.fromkeys(b for w in stage_weights for b in w))
+        self.items = nn.Parameter(torch.randn(n_items, dim, generator=g) * init_scale)  # E: (N, D)
+        self.register_buffer("owner", torch.ones(dim, dtype=torch.long))  # column d's stage (0 = free)
+        self.user_features, self.item_features = user_features, item_features
+
+        def tables(features: Features) -> nn.ParameterDict:
+            return nn.ParameterDict(
+                {
+                    n: nn.Parameter(torch.randn(c, dim, generator=g) * init_scale)
+                    for n, c in features.cardinality.items()
+                }
+            )
+
+        def dense_map(features: Features) -> nn.Parameter | None:
+            n = features.n_dense
+            return nn.Parameter(torch.randn(n, dim, generator=g) * init_scale / max(n, 1) ** 0.5) if n else None
+
+        self.item_tables, self.user_tables = tables(item_features), tables(user_features)
+        self.item_dense, self.user_dense = dense_map(item_features), dense_map(user_features)
+        self.graphs: list[StageGraph] = []
+        self.history: dict[str, sp.csr_matrix] = {}
+
+    # ----- graph --------------------------------------------------------------------------------
+    def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
+        """Training matrices (binary users x items) the graphs are built from."""
+        self.history = {b: matrices[b] for b in self.behaviours}
+        self.graphs = [StageGraph(w, self.history, self.n_items) for w in self.stage_weights]
+
+    # ----- parameters by column -----------------------------------------------------------------
+    def column_tensors(self) -> list[nn.Parameter]:
+        """Every parameter whose last axis is the D output columns."""
+        out = [self.items, *self.item_tables.values(), *self.user_tables.values()]
+        return out + [p for p in (self.item_dense, self.user_dense) if p is not None]
+
+    def _base_items(self) -> torch.Tensor:
+        x = self.items
+        for name, table in self.item_tables.items():
+            x = x + table[self.item_features.categorical[name]]
+        if self.item_dense is not None:
+            x = x + self.item_features.dense @ self.item_dense  # (N, n_dense) @ (n_dense, D)
+        return x  # (N, D)
+
+    def _user_side(self, users: torch.Tensor) -> torch.Tensor | None:
+        x = None
+        for name, table in self.user_tables.items():
+            part = table[self.user_features.categorical[name][users]]
+            x = part if x is None else x + part
+        if self.user_dense is not None:
+            part = self.user_features.dense[users] @ self.user_dense  # (B, n_dense) @ (n_dense, D)
+            x = part if x is None else x + part
+        return x  # (B, D) or None
+
+    # ----- vectors and scores -------------------------------------------------------------------
+    def stage_items(self, stage: int) -> list[torch.Tensor]:
+        """Per stage k <= `stage`: the smoothed item vectors on stage k's columns (zero elsewhere). (N, D) each."""
+        base = self._base_items()
+        out = []
+        for k in range(1, stage + 1):
+            cols = (self.owner == k).float()
+            if not bool(cols.any()):
+                out.append(None)
+                continue
+            out.append(self.graphs[k - 1].smooth(base * cols, self.hops))
+        return out
+
+    def vectors(
+        self, users: np.ndarray, stage: int, history: dict[str, sp.csr_matrix] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user vectors (B, D), item vectors (N, D)) of objective `stage`, sharing one propagation."""
+        source = history if history is not None else self.history
+        layers = self.stage_items(stage)
+        users = np.asarray(users, dtype=np.int64)
+        u = torch.zeros(len(users), self.items.shape[1])
+        v = torch.zeros_like(self.items)
+        for k, layer in enumerate(layers, start=1):
+            if layer is None:
+                continue
+            rows = self.graphs[k - 1].user_rows(users, source)  # (B, N)
+            u = u + torch.sparse.mm(rows, layer)  # (B, N) @ (N, D)
+            v = v + layer
+        side = self._user_side(torch.from_numpy(users))
+        if side is not None:
+            u = u + side * self.group_mask(stage)
+        return u, v
+
+    def user_vectors(
+        self,
+        users: np.ndarray,
+        stage: int,
+        leave_out: np.ndarray | None = None,
+        history: dict[str, sp.csr_matrix] | None = None,
+    ) -> torch.Tensor:
+        """(B, D). The bag holds the user's own history (no leave-target-out: LightGCN's form)."""
+        return self.vectors(users, stage, history)[0]
+
+    def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:
+        layers = [x for x in self.stage_items(stage) if x is not None]
+        v = torch.stack(layers).sum(dim=0) if layers else torch.zeros_like(self.items)
+        return v if items is None else v[items]  # (N, D) or (B, D)
+
+    @property
+    def output_owner(self) -> torch.Tensor:
+        return self.owner
+
+    def group_mask(self, stage: int) -> torch.Tensor:
+        """(D,) 1 on the columns objective `stage` scores with (owners 1..stage)."""
+        return active(self.owner, stage).float()
+
+    def mask_grads(self, stage: int) -> None:
+        """Only the columns `stage` owns learn; earlier stages' columns stay bit-identical."""
+        keep = (self.owner == stage).float()
+        for p in self.column_tensors():
+            if p.grad is not None:
+                p.grad *= keep
+
+    def sync_output_owner(self) -> None:
+        """One owner vector serves both sides: nothing to copy."""
+
+    def prunable(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """One unit group, the D columns; a column's magnitude is its L1 mass over every column tensor."""
+        magnitude = sum(p.detach().abs().sum(dim=0) for p in self.column_tensors())
+        return [("output", magnitude, self.owner)]
+
+    def ownership(self) -> dict[str, dict[int, float]]:
+        values, counts = torch.unique(self.owner, return_counts=True)
+        return {"output": {int(v): round(float(c) / len(self.owner), 4) for v, c in zip(values, counts, strict=True)}}

@@ -1,0 +1,237 @@
+"""The graph backbone (csmf/graph.py) and what trains over it: the tied degree-normalised bag, column
+ownership through propagation (cascade isolation, exact), the per-user softmax, the cross-stage hinge,
+distillation and EASE.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from csmf.cascade import CascadeTrainer, TrainedCascade
+from csmf.config import Config, override
+from csmf.data.logtable import load_log
+from csmf.data.split import split_log
+from csmf.distill import teacher_lists
+from csmf.graph import GraphTwoTower, graph_weights
+from csmf.losses import cross_stage_hinge, distillation_loss, softmax_loss, user_softmax_loss
+from csmf.models.ease import EASE, EASESettings, ease_weights
+from csmf.towers import Features
+
+CFG = override(
+    Config(),
+    [
+        "model.encoder=graph",
+        "model.dim=16",
+        "model.graph_hops=2",
+        "train.max_epochs=2",
+        "train.user_batch_size=64",
+        "train.full_softmax_max_items=100000",
+        "cascade.min_share=0.125",
+        "cascade.aml_form=hinge",
+    ],
+)
+STAGES = ("exposure", "click", "conversion")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(sim_parquet, one_thread):
+    return split_log(load_log(sim_parquet[0]), test_frac=0.2, valid_frac=0.1, seed=0, by="random", name="sim")
+
+
+def no_features() -> Features:
+    return Features({}, {}, None)
+
+
+# ----- the encoder ---------------------------------------------------------------------------------
+
+
+def test_graph_weights_follow_the_cascade_order():
+    w = graph_weights("purchase", ("view", "purchase"), ("view", "purchase", "favorite"), 0.2, 1.0, 0.5)
+    assert w == {"view": 0.2, "purchase": 1.0, "favorite": 0.5}
+    w = graph_weights("view", ("view", "purchase"), ("view", "purchase", "favorite"), 0.2, 1.0, 0.0)
+    assert w == {"view": 1.0, "purchase": 1.0}  # a zero weight drops the behaviour
+
+
+def test_user_vector_is_the_degree_normalised_bag_of_item_rows():
+    # 2 users x 3 items; hops 0: item vector = E, user = sum_j a_uj e_j / sqrt(d_u d_j)
+    a = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1]], dtype=np.float32))
+    model = GraphTwoTower(2, 3, 4, [{"buy": 1.0}], 0, no_features(), no_features(), seed=0)
+    model.set_history({"buy": a})
+    e = model.items.detach()
+    d_items = np.array([1.0, 2.0, 1.0])
+    expected_u0 = (e[0] / np.sqrt(2 * 1.0) + e[1] / np.sqrt(2 * 2.0)).float()
+    u, v = model.vectors(np.array([0, 1]), 1)
+    assert torch.allclose(u[0], expected_u0, atol=1e-6)
+    assert torch.allclose(v, e)
+    # an evaluation history overrides the user's row, item degrees stay the training graph's
+    other = {"buy": sp.csr_matrix(np.array([[0, 0, 1], [0, 0, 0]], dtype=np.float32))}
+    u_other = model.user_vectors(np.array([0, 1]), 1, history=other)
+    assert torch.allclose(u_other[0], e[2] / np.sqrt(1.0 * d_items[2]), atol=1e-6)
+    assert torch.equal(u_other[1], torch.zeros(4))  # no history: no vector
+    # one smoothing step: item = (E + Â^T Â E) / 2
+    model.hops = 1
+    a_hat = np.diag(1 / np.sqrt([2.0, 2.0])) @ a.toarray() @ np.diag(1 / np.sqrt(d_items))
+    smooth = (e.numpy() + a_hat.T @ a_hat @ e.numpy()) / 2
+    assert np.allclose(model.item_vectors(1).detach().numpy(), smooth, atol=1e-6)
+
+
+def test_columns_of_other_stages_do_not_move_a_stage_score():
+    """Propagation mixes rows, never columns: changing stage 2's columns leaves stage 1's scores exact."""
+    a = sp.random(20, 30, density=0.2, random_state=0, format="csr")
+    a.data[:] = 1
+    b = sp.random(20, 30, density=0.1, random_state=1, format="csr")
+    b.data[:] = 1
+    model = GraphTwoTower(20, 30, 8, [{"x": 1.0, "y": 0.2}, {"y": 1.0, "x": 0.2}], 2, no_features(), no_features(), 0)
+    model.set_history({"x": a, "y": b})
+    model.owner.copy_(torch.tensor([1, 1, 1, 1, 1, 2, 2, 2]))
+    users = np.arange(20)
+    u, v = model.vectors(users, 1)
+    before = (u @ v.T).detach().clone()
+    with torch.no_grad():
+        model.items[:, 5:] += 3.0
+    u, v = model.vectors(users, 1)
+    assert torch.equal(before, (u @ v.T).detach())
+    u2, v2 = model.vectors(users, 2)
+    assert not torch.equal(before, (u2 @ v2.T).detach())
+
+
+# ----- a 3-stage cascade over the graph encoder -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def staged(data):
+    tr = CascadeTrainer(data, CFG)
+    assert tr.per_user and isinstance(tr.model, GraphTwoTower)
+    s = {"trainer": tr}
+    history = data.train | data.side
+    tr._train(1, 0)
+    s["prune_1"] = tr._prune(1)
+    s["owner_1"] = tr.model.owner.clone()
+    tr._recover(1, 2)
+    s["before_2"] = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    s["scores_1"] = TrainedCascade(copy.deepcopy(tr.model), STAGES, history, 1).score(
+        np.arange(data.n_users), "exposure"
+    )
+    tr._train(2, 3)
+    tr._prune(2)
+    tr._recover(2, 5)
+    tr._train(3, 6)
+    s["after"] = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    s["scores_1_after"] = TrainedCascade(tr.model, STAGES, history, 3).score(np.arange(data.n_users), "exposure")
+    return s
+
+
+def test_min_share_gives_each_later_stage_its_floor(staged):
+    owner = staged["after"]["owner"]
+    dim = len(owner)
+    # stage 1 frees at least 1/8 of D for each of the 2 stages to come; stage 3 owns at least 1/8 of D
+    assert int((staged["owner_1"] == 0).sum()) >= 2 * dim // 8
+    assert int((owner == 3).sum()) >= dim // 8
+    assert int((owner == 2).sum()) >= 1 and int((owner == 0).sum()) == 0
+
+
+def test_earlier_columns_are_bit_identical_after_later_stages(staged):
+    before, after = staged["before_2"], staged["after"]
+    stage_1 = after["owner"] == 1
+    for key in after:
+        if key == "owner":
+            continue
+        assert torch.equal(before[key][..., stage_1], after[key][..., stage_1]), key
+        assert not torch.equal(before[key], after[key]), f"{key}: later stages trained nothing"
+    assert torch.equal(staged["scores_1"], staged["scores_1_after"])
+
+
+def test_graph_cascade_is_deterministic(data):
+    cfg = override(CFG, ["train.max_epochs=1"])
+    a = CascadeTrainer(data, cfg).run().score(np.arange(50), "conversion")
+    b = CascadeTrainer(data, cfg).run().score(np.arange(50), "conversion")
+    assert torch.equal(a, b)
+
+
+# ----- losses --------------------------------------------------------------------------------------
+
+
+def test_user_softmax_equals_the_per_pair_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 7, generator=g)
+    rows, cols = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 4, 0, 2, 3, 6])
+    weight = torch.tensor([1.0, 0.2, 1.0, 1.0, 0.2, 0.2])
+    margin = torch.tensor([0.0, 0.5, 1.0, 0.3, 0.0, 2.0])
+    per_pair = softmax_loss(scores[rows], cols, 0.1, weight=weight)
+    assert torch.allclose(user_softmax_loss(scores, rows, cols, weight, 0.1), per_pair, atol=1e-5)
+    per_pair_m = softmax_loss(scores[rows], cols, 0.1, margin=margin, weight=weight)
+    assert torch.allclose(user_softmax_loss(scores, rows, cols, weight, 0.1, margin=margin), per_pair_m, atol=1e-5)
+
+
+def test_cross_stage_hinge_hand_case():
+    scores = torch.tensor([[0.5, 0.2, 0.0]])
+    upstream = torch.tensor([[0.0, 0.1, 0.0]])
+    # positive 0 vs upstream-only 1: margin = m0 * sigmoid((0.1 - 0.0) / 1) ; gap = 0.3
+    m = 2.0 * torch.sigmoid(torch.tensor(0.1))
+    got = cross_stage_hinge(scores, upstream, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), 2.0, 1.0)
+    assert torch.allclose(got, torch.relu(m - 0.3))
+    # a positive already far above: no loss
+    far = cross_stage_hinge(scores * 100, upstream, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), 2.0, 1.0)
+    assert float(far) == 0.0
+
+
+def test_distillation_masks_seen_items_and_matches_cross_entropy():
+    scores = torch.tensor([[1.0, 2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    seen = torch.tensor([[False, True, False, False], [False, False, False, False]])
+    teacher = torch.tensor([[0.75, 0.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])  # user 2: nothing taught
+    log_p = F.log_softmax(torch.tensor([1.0, 0.5, 0.0]), dim=0)  # seen item 1 dropped from the softmax
+    expected = -(0.75 * log_p[0] + 0.25 * log_p[1])
+    assert torch.allclose(distillation_loss(scores, seen, teacher, 1.0), expected)
+
+
+# ----- EASE and the teacher ------------------------------------------------------------------------
+
+
+def test_ease_matches_the_closed_form():
+    x = sp.random(40, 12, density=0.3, random_state=3, format="csr", dtype=np.float32)
+    x.data[:] = 1
+    b = ease_weights(x, 5.0).numpy()
+    g = (x.T @ x).toarray().astype(np.float64) + 5.0 * np.eye(12)
+    p = np.linalg.inv(g)
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    assert np.allclose(b, expected, atol=1e-4)
+    assert np.all(np.diag(b) == 0)
+
+
+def test_ease_and_teacher_lists_on_the_simulator(data):
+    model = EASE({"click": EASESettings(l2=50.0, aux_weight=0.2)}).fit(data)
+    assert model.score(np.arange(5), "click").shape == (5, data.n_items)
+    cfg = override(CFG, ["train.distill=ease", "train.distill_top=10", "ease.l2=50"])
+    lists = teacher_lists(data, "click", cfg)
+    seen = data.excluded("click")
+    sums = np.asarray(lists.sum(axis=1)).ravel()
+    has_history = np.diff(seen.indptr) > 0
+    assert np.allclose(sums[has_history], 1.0, atol=1e-5) and np.all(sums[~has_history] == 0)
+    assert lists.multiply(seen).nnz == 0  # never teaches an item the user already has
+    user = int(np.flatnonzero(has_history)[0])
+    row = lists[user].toarray().ravel()
+    scores = model.score(np.array([user]), "click").numpy().ravel()
+    scores[seen[user].indices] = -np.inf
+    assert np.count_nonzero(row) == 10 and int(np.argmax(row)) == int(np.argmax(scores))
+
+
+def test_distillation_trains_and_changes_the_student(data):
+    base = override(CFG, ["train.max_epochs=1", "cascade.prune=none"])
+    plain = CascadeTrainer(data, base, objectives=("click",)).run().score(np.arange(30), "click")
+    taught = CascadeTrainer(data, override(base, ["train.distill=ease", "ease.l2=50"]), objectives=("click",))
+    assert not torch.equal(plain, taught.run().score(np.arange(30), "click"))
