@@ -149,3 +149,22 @@ def test_query_cost_counts_the_index_each_model_serves(data, fitted):
     for cost in costs.values():
         assert cost["query_seconds_1m"] > 0 and cost["query_ratio_catalogue"] > 0
         assert cost["params"] > 0
+
+
+# ----- the MLP encoder and distillation in the multi-task towers -------------------------------------
+
+
+def test_multitask_on_the_mlp_encoder_still_trains(data):
+    model = MultiTask("mmoe", override(CFG, ["model.encoder=mlp", "train.full_softmax_max_items=0"])).fit(data)
+    assert model.model.graph is False and model.model.item_id is not None
+    assert torch.isfinite(model.score(np.arange(5), "click")).all()
+    assert not model.model.graph and "table" not in dict(model.model.named_parameters())
+
+
+def test_multitask_distillation_changes_the_heads_and_needs_the_full_softmax(data):
+    cfg = override(CFG, ["train.max_epochs=1"])
+    plain = MultiTask("shared-bottom", cfg).fit(data).score(np.arange(20), "click")
+    taught = MultiTask("shared-bottom", override(cfg, ["train.distill=ease", "ease.l2=50"])).fit(data)
+    assert not torch.equal(plain, taught.score(np.arange(20), "click"))
+    with pytest.raises(ValueError, match="train.distill needs the full-catalogue loss"):
+        MultiTask("mmoe", override(cfg, ["train.distill=ease", "train.full_softmax_max_items=0"])).fit(data)

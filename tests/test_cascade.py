@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from csmf.cascade import CascadeTrainer, TrainedCascade
-from csmf.config import Config, config_to_dict, load_config, override, save_config
+from csmf.config import config_to_dict, load_config, override, save_config
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.evaluate import evaluate
@@ -25,7 +25,7 @@ from csmf.prune import cpp_free
 
 TAU = (0.3, 0.6)  # stage 2 frees one of its two output dims (with 0.3 it may free none: see below)
 CFG = override(
-    Config(),
+    load_config("mlp"),  # this module tests the MLP backbone (towers.py); tests/test_graph.py the graph one
     [
         "model.user_hidden=16",
         "model.user_id=true",  # the group counts below include the user-ID table

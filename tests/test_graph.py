@@ -235,3 +235,44 @@ def test_distillation_trains_and_changes_the_student(data):
     plain = CascadeTrainer(data, base, objectives=("click",)).run().score(np.arange(30), "click")
     taught = CascadeTrainer(data, override(base, ["train.distill=ease", "ease.l2=50"]), objectives=("click",))
     assert not torch.equal(plain, taught.run().score(np.arange(30), "click"))
+
+
+# ----- the weight sweep, presets -------------------------------------------------------------------
+
+
+def test_weight_sweep_moves_from_one_objective_to_the_other(data):
+    from csmf.models.csmf import CSMF
+    from csmf.sweep import mean_sweeps, weight_sweep
+
+    model = CSMF(override(CFG, ["train.max_epochs=1"])).fit(data)
+    sweep = weight_sweep(model, data, data.stages, points=5)
+    assert [tuple(e["pair"]) for e in sweep] == [
+        ("exposure", "click"),
+        ("exposure", "conversion"),
+        ("click", "conversion"),
+    ]
+    entry = sweep[2]
+    assert entry["weights"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # the end points are the single objectives' own rankings
+    from csmf.evaluate import evaluate_stage
+
+    own = evaluate_stage(model, data, "conversion", (50,))["recall@50"]
+    assert abs(entry["recall"]["conversion"][-1] - round(own, 5)) < 1e-6
+    assert 0.0 <= entry["overlap"] <= 1.0
+    assert mean_sweeps([sweep, sweep]) == sweep
+
+
+def test_mlp_preset_loads_and_unknown_names_fail():
+    from csmf.config import ConfigError, load_config, presets
+
+    assert "mlp" in presets()
+    cfg = load_config("mlp")
+    assert cfg.model.encoder == "mlp" and cfg.train.full_softmax_max_items == 0 and cfg.model.dim == 64
+    with pytest.raises(ConfigError, match="not a preset"):
+        load_config("no-such-preset")
+
+
+def test_distillation_refuses_the_in_batch_loss(data):
+    cfg = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=0"])
+    with pytest.raises(ValueError, match="train.distill needs the full-catalogue loss"):
+        CascadeTrainer(data, cfg)

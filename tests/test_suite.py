@@ -30,7 +30,7 @@ def test_suite_rows_reuse_csmf_for_the_default_tau():
     cfg = override(Config(), ["bench.suite_taus=0.05,0.1,0.3"])
     runs = {r.name: r for r in suite_runs(cfg, ("view", "purchase"))}
     assert set(runs) == {
-        "popularity", "als", "itemknn", "single-view", "single-purchase", "naive-ft", "packnet",
+        "popularity", "als", "itemknn", "ease", "single-view", "single-purchase", "naive-ft", "packnet",
         "shared-bottom", "mmoe", "ple", "mvke", "csmf", "csmf-no-cpp", "csmf-no-aml", "csmf-no-ar",
         "csmf-tau0.05", "csmf-tau0.3",
     }  # fmt: skip
@@ -115,7 +115,7 @@ def test_suite_resumes_without_retraining_and_refuses_another_config(tiny_suite,
 
     monkeypatch.setattr(suite_module, "run_model", no_training)
     assert main(argv) == 0  # every (run, seed) file exists: only the report is rebuilt
-    sets = [*suite_module.QUICK_SETS, *(a for a in argv if "=" in a), f"bench.out_dir={out}", "train.lr=0.01"]
+    sets = [*suite_module.QUICK_SETS, *(a for a in argv if "=" in a), f"bench.out_dir={out}", "train.lr=0.02"]
     with pytest.raises(ConfigError, match="another config"):
         suite_module.run_suite(override(Config(), sets), "paper-quick", progress=False, log=lambda _: None)
 

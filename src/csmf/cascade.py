@@ -203,6 +203,12 @@ class CascadeTrainer:
         # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
         self._teachers: dict[str, sp.csr_matrix] = {}
+        if cfg.train.distill and not self.per_user:
+            raise ValueError(
+                "train.distill needs the full-catalogue loss of the graph encoder (model.encoder = 'graph' and at "
+                f"most train.full_softmax_max_items = {cfg.train.full_softmax_max_items:,} items; this data has "
+                f"{data.n_items:,}); set train.distill = '' or change those"
+            )
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, index: int) -> Path:
@@ -440,7 +446,7 @@ class CascadeTrainer:
         if stage > 1 and c.aml_m0 > 0 and c.aml_form == "hinge":
             previous = self.tuning.matrix(self.objectives[stage - 2])
             extras["upstream_only"] = difference(previous, self.tuning.matrix(objective))
-        if t.distill:
+        if t.distill and per_stage(t.distill_weight, stage) > 0:
             extras["seen"] = self.tuning.excluded(objective)
             extras["teacher"] = self._teacher(objective)
         return extras

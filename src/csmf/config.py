@@ -87,7 +87,7 @@ class EASEConfig:
 class ModelConfig:
     # "graph": one item table, user = degree-normalised bag of its history, both sides smoothed over the
     # multi-behaviour graph (csmf/graph.py); "mlp": ID + mean-pooled history bags -> masked MLP (csmf/towers.py)
-    encoder: str = "mlp"
+    encoder: str = "graph"
     dim: int = 64  # D: the user / item vector size, split into per-stage groups by CSMF
     user_hidden: tuple[int, ...] = ()  # user-tower MLP widths before the D-wide output layer (JD: linear is best)
     item_hidden: tuple[int, ...] = ()  # item-tower MLP widths (JD items are IDs only: a linear map is enough)
@@ -100,7 +100,7 @@ class ModelConfig:
     bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
     dropout: float = 0.3  # dropout on each tower's input during training
     temperature: float = 0.1  # softmax temperature of the training loss (scores are u . v)
-    graph_hops: int = 1  # graph encoder: item-smoothing steps S = Â^T Â (0-3); the user reads the smoothed items
+    graph_hops: int = 2  # graph encoder: item-smoothing steps S = Â^T Â (0-3); the user reads the smoothed items
     graph_up_weight: float = 0.2  # graph encoder: edge weight of earlier stages' pairs in a stage's graph
     graph_down_weight: float = 1.0  # ... of later stages' pairs (a purchase implies the view)
     graph_side_weight: float = 0.5  # ... of side behaviours (JD favorites)
@@ -111,17 +111,18 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 1024  # training pairs per batch (in-batch negatives)
     user_batch_size: int = 512  # graph encoder, full-catalogue loss: users per batch (all their positives at once)
-    lr: tuple[float, ...] = (3e-3,)  # Adam learning rate per trained stage (last value repeats)
-    max_epochs: tuple[int, ...] = (12, 15)  # per trained stage (last value repeats); best epoch on validation
-    patience: int = 2  # stop a stage after this many epochs without a validation gain
-    # Full-catalogue softmax up to this many items, else in-batch + logQ. Default 0: on JD, in-batch plus
-    # 2048 uniform negatives matched the full softmax on validation at a quarter of the time (docs/method.md).
-    full_softmax_max_items: int = 0
+    lr: tuple[float, ...] = (1e-2,)  # Adam learning rate per trained stage (last value repeats)
+    max_epochs: tuple[int, ...] = (24,)  # per trained stage (last value repeats); best epoch on validation
+    patience: int = 4  # stop a stage after this many epochs without a validation gain
+    # Full-catalogue softmax up to this many items, else in-batch + logQ. The graph encoder computes every item
+    # vector each step anyway, so its full softmax (one per user) is cheap on JD-sized catalogues; the MLP
+    # preset uses 0 (in-batch + 2048 uniform negatives matched the full softmax there: docs/method.md).
+    full_softmax_max_items: int = 100_000
     extra_negatives: int = 2048  # in-batch mode: uniformly sampled extra negatives per batch
     select_metric: str = "recall@50"  # validation metric that picks each stage's best epoch
     # Each stage also trains on the pairs of the behaviours before it (upstream stages, side behaviours
     # such as JD favorites) at this loss weight, as ALS and item-kNN use them; 0 = the stage's pairs only.
-    aux_weight: tuple[float, ...] = (0.0,)  # per trained stage (last value repeats)
+    aux_weight: tuple[float, ...] = (0.2,)  # per trained stage (last value repeats)
     # Distillation: a teacher fit on the same training data ("ease", "als", "itemknn"; "" = off) gives each
     # training user its top-`distill_top` unseen items weighted exp(-rank / distill_decay); the student adds the
     # cross-entropy of its full-catalogue softmax (seen items masked) against that list at `distill_weight`.
@@ -148,7 +149,7 @@ class CascadeConfig:
     aml_form: str = "margin"
     # each stage that follows keeps at least this share of the output dimensions: CPP frees at least
     # min_share * D * (stages still to come) output units, so a 3-stage cascade gives its last objective room
-    min_share: float = 0.0
+    min_share: float = 0.125
     packnet_fraction: float = 0.5  # the packnet baseline: share of a stage's units freed per layer (PackNet's 50%)
 
 
@@ -266,8 +267,21 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the config files shipped with csmf (`--config <name>`)."""
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
 def load_config(path: str | Path) -> Config:
+    """A TOML config file, or the name of a shipped preset (`mlp`: the previous MLP backbone's settings)."""
     path = Path(path)
+    if not path.exists() and path.suffix == "" and (PRESETS / f"{path}.toml").exists():
+        path = PRESETS / f"{path}.toml"
+    elif not path.exists() and path.suffix == "":
+        raise ConfigError(f"config file {path} does not exist and is not a preset; presets: {presets()}")
     try:
         with path.open("rb") as fh:
             values = tomllib.load(fh)

@@ -34,7 +34,7 @@ from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch
 from csmf.evaluate import evaluate_stage
 from csmf.graph import StageGraph, graph_weights
-from csmf.losses import in_batch_scores, softmax_loss, user_softmax_loss
+from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
 from csmf.models.base import Retriever
 from csmf.towers import Features, pool_bags
 
@@ -212,6 +212,7 @@ class MultiTask(Retriever):
         self.model: MultiTaskTwoTower | None = None
         self.objectives: tuple[str, ...] = ()
         self.phases: list[dict] = []
+        self._teachers: dict[int, tuple[sp.csr_matrix, sp.csr_matrix]] = {}
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
@@ -234,6 +235,7 @@ class MultiTask(Retriever):
                 target_matrix(*stage_pairs(tuning, o, per_stage(t.aux_weight, k + 1)), data.n_users, data.n_items)
                 for k, o in enumerate(self.objectives)
             ]
+            self._teachers = self._teacher_lists(tuning)
             active = np.flatnonzero(sum(np.diff(m.indptr) for m in targets) > 0)
             steps = math.ceil(len(active) / t.user_batch_size)
 
@@ -242,6 +244,12 @@ class MultiTask(Retriever):
                 for step in range(steps):
                     yield self._user_loss(order[step * t.user_batch_size : (step + 1) * t.user_batch_size], targets)
         else:
+            if t.distill:
+                raise ValueError(
+                    "train.distill needs the full-catalogue loss of the graph encoder (model.encoder = 'graph' and at "
+                    f"most train.full_softmax_max_items = {t.full_softmax_max_items:,} items; this data has "
+                    f"{data.n_items:,}); set train.distill = '' or change those"
+                )
             pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
             log_q = [self._log_q(items, data.n_items) for _, items in pairs]
             steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
@@ -330,7 +338,27 @@ class MultiTask(Retriever):
             scores = user_heads[k] @ item_heads[min(k, len(item_heads) - 1)].T  # (B, N)
             rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
             loss = loss + user_softmax_loss(scores, rows, cols, torch.from_numpy(coo.data), self.cfg.model.temperature)
+            if k in self._teachers:  # distillation: each objective's head learns its own teacher's lists
+                seen, teacher = self._teachers[k]
+                kd = distillation_loss(
+                    scores, torch.from_numpy(seen[users].toarray() > 0), torch.from_numpy(teacher[users].toarray()),
+                    self.cfg.model.temperature,
+                )  # fmt: skip
+                loss = loss + per_stage(self.cfg.train.distill_weight, k + 1) * kd
         return loss
+
+    def _teacher_lists(self, tuning: CascadeData) -> dict[int, tuple[sp.csr_matrix, sp.csr_matrix]]:
+        """Objective index -> (seen items, teacher lists) for the objectives `train.distill_weight` distils."""
+        from csmf.distill import teacher_lists
+
+        t = self.cfg.train
+        if not t.distill:
+            return {}
+        return {
+            k: (tuning.excluded(o), teacher_lists(tuning, o, self.cfg))
+            for k, o in enumerate(self.objectives)
+            if per_stage(t.distill_weight, k + 1) > 0
+        }
 
     def _validate(self, tuning: CascadeData) -> dict[str, dict[str, float]]:
         self.model.eval()
