@@ -8,11 +8,14 @@ user's seen items, weighted exp(-rank / distill_decay) and normalised to sum to 
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.config import Config
+from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData
 from csmf.models.base import Retriever
 
@@ -42,8 +45,42 @@ def fit_teacher(data: CascadeData, objective: str, cfg: Config) -> Retriever:
     raise ValueError(f"train.distill must be one of {TEACHERS} or empty, got {kind!r}")
 
 
+# Teachers are deterministic functions of their training data and settings: runs in one process (the suite's
+# rows and seeds, ablations) share them instead of refitting (an EASE fit on JD costs ~30 s).
+_CACHE: dict[str, sp.csr_matrix] = {}
+_CACHE_SIZE = 8
+
+
+def _fingerprint(data: CascadeData, objective: str, cfg: Config) -> str:
+    digest = hashlib.sha256()
+    for name in data.behaviours:
+        mat = data.matrix(name)
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(mat.indptr).tobytes())
+        digest.update(np.ascontiguousarray(mat.indices).tobytes())
+    distill = {k: v for k, v in config_to_dict(cfg.train).items() if k.startswith("distill")}
+    settings = {
+        "objective": objective,
+        "exclude": data.exclude[objective],
+        "distill": distill,
+        "teachers": [config_to_dict(c) for c in (cfg.ease, cfg.als, cfg.itemknn)],
+        "seed": cfg.seed if cfg.train.distill == "als" else None,  # ALS is the only seeded teacher
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def teacher_lists(data: CascadeData, objective: str, cfg: Config, batch: int = 2048) -> sp.csr_matrix:
     """(U, N) float32: each training user's teacher distribution over its top unseen items (rows sum to 1)."""
+    key = _fingerprint(data, objective, cfg)
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _teacher_lists(data, objective, cfg, batch)
+    return _CACHE[key]
+
+
+def _teacher_lists(data: CascadeData, objective: str, cfg: Config, batch: int) -> sp.csr_matrix:
     t = cfg.train
     teacher = fit_teacher(data, objective, cfg)
     seen = data.excluded(objective)
