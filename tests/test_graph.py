@@ -276,3 +276,14 @@ def test_distillation_refuses_the_in_batch_loss(data):
     cfg = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=0"])
     with pytest.raises(ValueError, match="train.distill needs the full-catalogue loss"):
         CascadeTrainer(data, cfg)
+
+
+def test_share_above_matches_the_direct_comparison():
+    from csmf.losses import share_above
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 5, (4, 9), generator=g).float()  # ties on purpose
+    rows = torch.tensor([0, 0, 0, 2, 3, 3])
+    cols = torch.tensor([1, 4, 8, 0, 2, 3])
+    direct = (scores[rows] > scores[rows, cols].unsqueeze(1)).float().mean(dim=1)
+    assert torch.equal(share_above(scores, rows, cols), direct)

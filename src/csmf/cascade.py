@@ -38,6 +38,7 @@ from csmf.losses import (
     cross_stage_hinge,
     distillation_loss,
     in_batch_scores,
+    share_above,
     softmax_loss,
     user_softmax_loss,
 )
@@ -475,10 +476,7 @@ class CascadeTrainer:
             if c.aml_form == "hinge":
                 hinge = self._hinge(scores, upstream, users, rows, cols, extras["upstream_only"], m0, generator)
             elif c.aml_form in ("margin", "weight"):
-                up_pos = upstream[rows, cols]  # (P,)
-                above = torch.cat([(upstream[rows[i : i + 1024]] > up_pos[i : i + 1024, None]).float().mean(dim=1)
-                                   for i in range(0, len(rows), 1024)])  # fmt: skip
-                margin = m0 * above  # (P,) as losses.aml_margin, over the whole catalogue
+                margin = m0 * share_above(upstream, rows, cols)  # (P,) as losses.aml_margin, whole catalogue
                 if c.aml_form == "weight":
                     weight, margin = weight * (1.0 + margin), None
             else:
