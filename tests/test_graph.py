@@ -278,12 +278,12 @@ def test_distillation_refuses_the_in_batch_loss(data):
         CascadeTrainer(data, cfg)
 
 
-def test_share_above_matches_the_direct_comparison():
+def test_share_above_counts_the_candidates_ranked_above_the_positive():
     from csmf.losses import share_above
 
-    g = torch.Generator().manual_seed(1)
-    scores = torch.randint(0, 5, (4, 9), generator=g).float()  # ties on purpose
-    rows = torch.tensor([0, 0, 0, 2, 3, 3])
-    cols = torch.tensor([1, 4, 8, 0, 2, 3])
-    direct = (scores[rows] > scores[rows, cols].unsqueeze(1)).float().mean(dim=1)
-    assert torch.equal(share_above(scores, rows, cols), direct)
+    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 0, 1])
+    every = torch.arange(5)
+    assert torch.equal(share_above(scores, rows, cols, every), torch.tensor([1 / 5, 0.0, 3 / 5]))  # ties not above
+    some = torch.tensor([0, 4])
+    assert torch.equal(share_above(scores, rows, cols, some), torch.tensor([0.5, 0.0, 0.5]))

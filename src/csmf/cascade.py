@@ -476,7 +476,10 @@ class CascadeTrainer:
             if c.aml_form == "hinge":
                 hinge = self._hinge(scores, upstream, users, rows, cols, extras["upstream_only"], m0, generator)
             elif c.aml_form in ("margin", "weight"):
-                margin = m0 * share_above(upstream, rows, cols)  # (P,) as losses.aml_margin, whole catalogue
+                # as losses.aml_margin, against a uniform sample of the catalogue (an exact rank over all
+                # items would sort every user's scores each step: more than the rest of the step together)
+                sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=generator)
+                margin = m0 * share_above(upstream, rows, cols, sample)  # (P,)
                 if c.aml_form == "weight":
                     weight, margin = weight * (1.0 + margin), None
             else:

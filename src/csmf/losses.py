@@ -86,20 +86,14 @@ def user_softmax_loss(
     return (per_pair * weight).sum() / weight.sum()
 
 
-def share_above(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(P,) share of row rows[p]'s candidates scoring strictly above scores[rows[p], cols[p]].
+def share_above(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(P,) share of `candidates` (item columns) that row rows[p] scores strictly above its positive cols[p].
 
-    One sort per row and a binary search per pair (rows must be sorted, as a CSR's row indices are),
-    instead of comparing every pair with the whole row. scores: (B, N); rows, cols: (P,).
+    With a uniform sample of the catalogue as candidates this estimates the positive's upstream rank share
+    without comparing every positive with every item. scores: (B, N); rows, cols: (P,); candidates: (M,).
     """
-    n = scores.shape[1]
-    ordered = torch.sort(scores, dim=1).values  # (B, N) ascending
-    counts = torch.bincount(rows, minlength=scores.shape[0])  # (B,) pairs per row
-    slot = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)  # (P,)
-    padded = torch.full((scores.shape[0], int(counts.max()) if len(rows) else 0), float("inf"))
-    padded[rows, slot] = scores[rows, cols]  # (B, max pairs per row)
-    at_or_below = torch.searchsorted(ordered, padded, right=True)  # (B, max pairs) items <= the positive
-    return (n - at_or_below[rows, slot]).float() / n
+    pool = scores[:, candidates]  # (B, M)
+    return (pool[rows] > scores[rows, cols].unsqueeze(1)).float().mean(dim=1)  # (P,)
 
 
 def cross_stage_hinge(
