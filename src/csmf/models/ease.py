@@ -57,8 +57,9 @@ class EASE(Retriever):
         return self
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
-        x = torch.from_numpy(self.history[stage][users].toarray())  # (B, N)
-        return x @ self.weights[stage]  # (B, N)
+        # scipy's sparse x dense product costs nnz x N (a history is short); torch's dense one B x N x N
+        scores = self.history[stage][users] @ self.weights[stage].numpy()  # (B, N)
+        return torch.from_numpy(np.asarray(scores, dtype=np.float32))
 
     def settings(self) -> dict:
         return {stage: asdict(s) for stage, s in self.stage_settings.items()}
