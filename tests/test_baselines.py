@@ -155,7 +155,9 @@ def test_query_cost_counts_the_index_each_model_serves(data, fitted):
 
 
 def test_multitask_on_the_mlp_encoder_still_trains(data):
-    model = MultiTask("mmoe", override(CFG, ["model.encoder=mlp", "train.full_softmax_max_items=0"])).fit(data)
+    model = MultiTask(
+        "mmoe", override(CFG, ["model.encoder=mlp", "train.full_softmax_max_items=0", "train.distill="])
+    ).fit(data)
     assert model.model.graph is False and model.model.item_id is not None
     assert torch.isfinite(model.score(np.arange(5), "click")).all()
     assert not model.model.graph and "table" not in dict(model.model.named_parameters())
