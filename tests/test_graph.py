@@ -287,3 +287,12 @@ def test_share_above_counts_the_candidates_ranked_above_the_positive():
     assert torch.equal(share_above(scores, rows, cols, every), torch.tensor([1 / 5, 0.0, 3 / 5]))  # ties not above
     some = torch.tensor([0, 4])
     assert torch.equal(share_above(scores, rows, cols, some), torch.tensor([0.5, 0.0, 0.5]))
+
+
+def test_frozen_stage_cache_changes_no_number(data, monkeypatch):
+    """Smoothing the frozen stages once per phase gives the same weights as smoothing them every step."""
+    cfg = override(CFG, ["train.max_epochs=1", "train.distill="])
+    cached = CascadeTrainer(data, cfg).run().score(np.arange(40), "conversion")
+    monkeypatch.setattr(GraphTwoTower, "freeze_below", lambda self, stage: None)
+    fresh = CascadeTrainer(data, cfg).run().score(np.arange(40), "conversion")
+    assert torch.equal(cached, fresh)

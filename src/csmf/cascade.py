@@ -384,7 +384,6 @@ class CascadeTrainer:
         t = self.cfg.train
         model = self.model
         lr = per_stage(t.lr, stage)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + seed)
         m0 = self.cfg.cascade.aml_m0 if stage > 1 else 0.0
         if self.per_user:  # a batch is a set of users with all their positives
@@ -403,6 +402,17 @@ class CascadeTrainer:
                 weight = None if weights is None else torch.from_numpy(weights[idx])
                 return self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight)
 
+        if isinstance(model, GraphTwoTower):
+            model.freeze_below(stage)
+        try:
+            return self._epoch_loop(stage, units, batch_size, batch_loss, epochs, select, generator, lr, len(users))
+        finally:
+            if isinstance(model, GraphTwoTower):
+                model.freeze_below(None)
+
+    def _epoch_loop(self, stage, units, batch_size, batch_loss, epochs, select, generator, lr, n_pairs) -> dict:
+        t, model = self.cfg.train, self.model
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         best, best_state, best_epoch, epochs_log = -1.0, None, 0, []
         for epoch in range(1, epochs + 1):
             model.train()
@@ -433,7 +443,7 @@ class CascadeTrainer:
             model.load_state_dict(best_state)
         return {
             "lr": lr,
-            "pairs": int(len(users)),
+            "pairs": int(n_pairs),
             "epochs": epochs_log,
             "best_epoch": best_epoch if select else epochs,
         }

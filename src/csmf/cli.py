@@ -14,7 +14,9 @@ from csmf.export import ArtifactError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML file with config sections ([data], [als], ...)")
+    parser.add_argument(
+        "--config", help="TOML file with config sections ([data], [als], ...), or a shipped preset: mlp"
+    )
     parser.add_argument(
         "--set",
         action="append",

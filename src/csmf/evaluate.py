@@ -26,7 +26,7 @@ def batch_size_for(n_items: int, budget_mb: int) -> int:
     return max(1, int(budget_mb * 2**20 // (8 * max(n_items, 1))))
 
 
-def _rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Tensor:
+def rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Tensor:
     """(B, N) bool tensor marking each user's pairs in `mat`."""
     sub = mat[users]
     rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
@@ -63,9 +63,7 @@ def evaluate_stage(
         ub = users[start : start + batch]
         with torch.no_grad():
             scores = model.score(ub, stage).float()  # (B, N)
-        hits = topk_hits(
-            scores, _rows_mask(excluded, ub, data.n_items), _rows_mask(truth_mat, ub, data.n_items), max(ks)
-        )
+        hits = topk_hits(scores, rows_mask(excluded, ub, data.n_items), rows_mask(truth_mat, ub, data.n_items), max(ks))
         if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
             hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
         for name, values in recall_ndcg(hits, n_pos[start : start + batch], ks).items():

@@ -133,6 +133,7 @@ class GraphTwoTower(nn.Module):
         self.item_dense, self.user_dense = dense_map(item_features), dense_map(user_features)
         self.graphs: list[StageGraph] = []
         self.history: dict[str, sp.csr_matrix] = {}
+        self._frozen: dict[int, torch.Tensor] = {}  # stage -> its smoothed item layer, while a later stage trains
 
     # ----- graph --------------------------------------------------------------------------------
     def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
@@ -165,16 +166,31 @@ class GraphTwoTower(nn.Module):
         return x  # (B, D) or None
 
     # ----- vectors and scores -------------------------------------------------------------------
+    def freeze_below(self, stage: int | None) -> None:
+        """While `stage` trains, the columns of earlier stages cannot change: smooth them once, not every step
+        (the same numbers, computed once). None drops the cache; the trainer calls it when a phase ends."""
+        self._frozen = {}
+        if stage is None:
+            return
+        with torch.no_grad():
+            base = self._base_items()
+            for k in range(1, stage):
+                cols = (self.owner == k).float()
+                if bool(cols.any()):
+                    self._frozen[k] = self.graphs[k - 1].smooth(base * cols, self.hops)
+
     def stage_items(self, stage: int) -> list[torch.Tensor]:
         """Per stage k <= `stage`: the smoothed item vectors on stage k's columns (zero elsewhere). (N, D) each."""
         base = self._base_items()
         out = []
         for k in range(1, stage + 1):
             cols = (self.owner == k).float()
-            if not bool(cols.any()):
+            if k in self._frozen:
+                out.append(self._frozen[k])
+            elif not bool(cols.any()):
                 out.append(None)
-                continue
-            out.append(self.graphs[k - 1].smooth(base * cols, self.hops))
+            else:
+                out.append(self.graphs[k - 1].smooth(base * cols, self.hops))
         return out
 
     def vectors(
