@@ -167,12 +167,14 @@ class MultiTaskTwoTower(nn.Module):
         """Graph encoder: the item table smoothed over each objective's graph, (N, D) each."""
         return [g.smooth(self.table, self.hops) for g in self.graphs]
 
-    def user_fields(self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None) -> list[torch.Tensor]:
+    def user_fields(
+        self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None, smoothed=None
+    ) -> list[torch.Tensor]:
         ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
         fields = []
         if self.graph:  # the user as a degree-normalised bag over each objective's graph (no leave-out)
             users = np.asarray(users, dtype=np.int64)
-            for g, items in zip(self.graphs, self.smoothed_items(), strict=True):
+            for g, items in zip(self.graphs, smoothed or self.smoothed_items(), strict=True):
                 fields.append(torch.sparse.mm(g.user_rows(users, history), items))  # (B, N) @ (N, D)
         elif self.behaviours:
             fields += pool_bags(self.history, [history[b] for b in self.behaviours], users, leave_out, self.bag_power)
@@ -184,16 +186,18 @@ class MultiTaskTwoTower(nn.Module):
             fields += [dense[:, j : j + 1] for j in range(dense.shape[1])]
         return [self._drop(x) for x in fields]
 
-    def user_vectors(self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None) -> list[torch.Tensor]:
+    def user_vectors(
+        self, users: np.ndarray, history: dict[str, sp.csr_matrix], leave_out=None, smoothed=None
+    ) -> list[torch.Tensor]:
         """One (B, D) user vector per objective."""
-        fields = self.user_fields(users, history, leave_out)
+        fields = self.user_fields(users, history, leave_out, smoothed)
         hidden = self.user_body(fields) if self.kind == "mvke" else self.user_body(torch.cat(fields, dim=1))
         return [head(x) for head, x in zip(self.user_heads, hidden, strict=True)]
 
-    def item_vectors(self, items: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def item_vectors(self, items: torch.Tensor | None = None, smoothed=None) -> list[torch.Tensor]:
         """One (N, D) item matrix per objective (one shared matrix for mvke)."""
         ids = torch.arange(self.n_items) if items is None else items
-        x = [torch.cat(self.smoothed_items(), dim=1)[ids]] if self.graph else [self.item_id(ids)]
+        x = [torch.cat(smoothed or self.smoothed_items(), dim=1)[ids]] if self.graph else [self.item_id(ids)]
         x += [emb(self.item_features.categorical[k][ids]) for k, emb in self.item_cat.items()]
         if self.item_features.dense is not None:
             x.append(self.item_features.dense[ids])
@@ -328,8 +332,9 @@ class MultiTask(Retriever):
     def _user_loss(self, users: np.ndarray, targets: list[sp.csr_matrix]) -> torch.Tensor:
         """Sum over objectives of the per-user full-catalogue softmax (graph encoder)."""
         model = self.model
-        user_heads = model.user_vectors(users, self.history)  # per objective (B, D)
-        item_heads = model.item_vectors()  # per item vector (N, D)
+        smoothed = model.smoothed_items()  # one propagation per step serves both towers
+        user_heads = model.user_vectors(users, self.history, smoothed=smoothed)  # per objective (B, D)
+        item_heads = model.item_vectors(smoothed=smoothed)  # per item vector (N, D)
         loss = torch.zeros(())
         for k, mat in enumerate(targets):
             coo = mat[users].tocoo()
