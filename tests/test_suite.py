@@ -100,11 +100,30 @@ def test_suite_writes_seeds_means_and_the_report(tiny_suite):
     assert "seed 0" in json.dumps(als_seed1["tuning"])  # refit with the settings chosen on seed 0
     assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())
     report = (reports / "paper-quick.md").read_text()
-    for section in ("### Main table", "### Cost of a fused", "### Ablations", "### Tau sensitivity"):
+    for section in ("### Main table", "### Cost of a fused", "### Objective weights", "### Ablations",
+                    "### Tau sensitivity"):  # fmt: skip
         assert section in report
+    sweep = csmf["weight_sweep"]  # mean over the seeds' sweeps, one entry per pair of objectives
+    assert [e["pair"] for e in sweep] == [["exposure", "click"], ["exposure", "conversion"], ["click", "conversion"]]
+    assert "top-50 overlap" in report and (reports / "paper-quick" / "weights-sim.png").exists()
     assert f"{csmf['metrics']['conversion']['recall@50']:.4f} ± " in report
     for plot in ("main-sim.png", "cost-sim.png", "tau-sim.png"):
         assert (reports / "paper-quick" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suite_rows_runs_a_subset_and_names_unknown_rows(tiny_suite, monkeypatch, capsys):
+    out, reports, argv = tiny_suite
+    trained = []
+
+    def record(cfg, data, name, *args, **kwargs):
+        trained.append(name)
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(suite_module, "run_model", record)
+    assert main([*argv, "--set", "bench.suite_rows=csmf,als"]) == 0  # both finished: nothing retrains
+    assert trained == []
+    assert main([*argv, "--set", "bench.suite_rows=cmsf"]) == 2
+    assert "bench.suite_rows: no rows named ['cmsf']" in capsys.readouterr().err
 
 
 def test_suite_resumes_without_retraining_and_refuses_another_config(tiny_suite, monkeypatch):

@@ -146,7 +146,7 @@ class CascadeConfig:
     # same quantity as an extra loss weight 1 + m (the margin saturates: docs/method.md, AML finding)
     # "hinge": a cross-stage hinge on top of the softmax, ranking each stage positive above an upstream-only
     # positive of the same user (viewed but not bought) by m0 * sigmoid((upstream score gap) / T)
-    aml_form: str = "hinge"
+    aml_form: str = "margin"
     # each stage that follows keeps at least this share of the output dimensions: CPP frees at least
     # min_share * D * (stages still to come) output units, so a 3-stage cascade gives its last objective room
     min_share: float = 0.125
@@ -179,6 +179,8 @@ class BenchConfig:
     suite_seeds: tuple[int, ...] = (0, 1, 2)
     suite_datasets: tuple[str, ...] = ("jd", "sim")
     suite_taus: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    # run only these rows (csmf, als, csmf-tau0.3, ...; () = all); the others keep the results they have
+    suite_rows: tuple[str, ...] = ()
     # the suite simulates a smaller cascade than `csmf bench --dataset sim` so 3 seeds of every row fit the
     # 2-hour budget on 2 cores next to JD (0 = keep [sim] as it is)
     suite_sim_users: int = 2000

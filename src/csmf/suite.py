@@ -225,8 +225,13 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "dataset.txt").write_text(data.summary() + "\n")
         runs = suite_runs(dcfg, data.stages)
+        unknown = sorted(set(cfg.bench.suite_rows) - {r.name for r in runs})
+        if unknown:
+            raise ConfigError(f"bench.suite_rows: no rows named {unknown}; rows: {[r.name for r in runs]}")
         seeds = cfg.bench.suite_seeds
         for row, run in enumerate(runs):
+            if cfg.bench.suite_rows and run.name not in cfg.bench.suite_rows:
+                continue  # a subset: this row keeps whatever results it already has
             used = seeds[:1] if run.name in DETERMINISTIC else seeds
             per_seed: dict[int, dict] = {}
             for seed in used:
