@@ -89,6 +89,7 @@ class ModelConfig:
     # multi-behaviour graph (csmf/graph.py); "mlp": ID + mean-pooled history bags -> masked MLP (csmf/towers.py)
     encoder: str = "graph"
     dim: int = 128  # D: the user / item vector size, split into per-stage groups by CSMF
+    # user_hidden .. dropout: the MLP encoder only (the graph encoder has one D-wide item table, no dropout)
     user_hidden: tuple[int, ...] = ()  # user-tower MLP widths before the D-wide output layer (JD: linear is best)
     item_hidden: tuple[int, ...] = ()  # item-tower MLP widths (JD items are IDs only: a linear map is enough)
     id_dim: int = 64  # width of the user / item ID embeddings
