@@ -236,10 +236,12 @@ def plot_sweep(rows: list[dict], path: Path, dataset: str) -> None:
     for ax, pair in zip(axes[0], pairs, strict=True):
         for r in rows:
             entry = next((e for e in r["weight_sweep"] if tuple(e["pair"]) == pair), None)
-            if entry is None:
+            if entry is None or r["model"] == "popularity":  # far below the rest: it would flatten the plot
                 continue
             xs, ys = entry["recall"][pair[0]], entry["recall"][pair[1]]
-            ax.plot(xs, ys, marker="o", ms=3, label=r["model"], lw=2.2 if r["model"] == "csmf" else 1.0)
+            mine = r["model"] == "csmf"
+            ax.plot(xs, ys, marker="o", ms=3, label=r["model"], lw=2.4 if mine else 1.0, zorder=3 if mine else 2,
+                    color="black" if mine else None)  # fmt: skip
         ax.set_xlabel(f"{pair[0]} Recall@50")
         ax.set_ylabel(f"{pair[1]} Recall@50")
         ax.set_title(f"{dataset}: weight {pair[0]} -> {pair[1]}")
