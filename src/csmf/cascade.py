@@ -205,11 +205,9 @@ class CascadeTrainer:
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
         self._teachers: dict[str, sp.csr_matrix] = {}
         if cfg.train.distill and not self.per_user:
-            raise ValueError(
-                "train.distill needs the full-catalogue loss of the graph encoder (model.encoder = 'graph' and at "
-                f"most train.full_softmax_max_items = {cfg.train.full_softmax_max_items:,} items; this data has "
-                f"{data.n_items:,}); set train.distill = '' or change those"
-            )
+            from csmf.distill import distillation_error
+
+            raise distillation_error(cfg, data.n_items)
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, index: int) -> Path:

@@ -22,6 +22,15 @@ from csmf.models.base import Retriever
 TEACHERS = ("ease", "als", "itemknn")
 
 
+def distillation_error(cfg: Config, n_items: int) -> ValueError:
+    """The error for distillation asked of a model that does not train with the full-catalogue softmax."""
+    return ValueError(
+        "train.distill needs the full-catalogue loss of the graph encoder (model.encoder = 'graph' and at most "
+        f"train.full_softmax_max_items = {cfg.train.full_softmax_max_items:,} items; this data has {n_items:,}); "
+        "set train.distill = '' or change those"
+    )
+
+
 def fit_teacher(data: CascadeData, objective: str, cfg: Config) -> Retriever:
     """The teacher named by `train.distill`, at the first value of each of its config grids (no search:
     tuning it would read validation inside training)."""

@@ -249,11 +249,9 @@ class MultiTask(Retriever):
                     yield self._user_loss(order[step * t.user_batch_size : (step + 1) * t.user_batch_size], targets)
         else:
             if t.distill:
-                raise ValueError(
-                    "train.distill needs the full-catalogue loss of the graph encoder (model.encoder = 'graph' and at "
-                    f"most train.full_softmax_max_items = {t.full_softmax_max_items:,} items; this data has "
-                    f"{data.n_items:,}); set train.distill = '' or change those"
-                )
+                from csmf.distill import distillation_error
+
+                raise distillation_error(cfg, data.n_items)
             pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
             log_q = [self._log_q(items, data.n_items) for _, items in pairs]
             steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
