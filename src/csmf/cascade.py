@@ -203,7 +203,6 @@ class CascadeTrainer:
         self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items
         # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
-        self._teachers: dict[str, sp.csr_matrix] = {}
         if cfg.train.distill and not self.per_user:
             from csmf.distill import distillation_error
 
@@ -461,14 +460,14 @@ class CascadeTrainer:
         return extras
 
     def _teacher(self, objective: str) -> sp.csr_matrix:
-        """The distillation teacher's lists for `objective`, fit on the tuning data (never validation or test)."""
+        """The distillation teacher's lists for `objective`, fit on the tuning data (never validation or test);
+        csmf.distill caches them per process, so later phases and runs reuse one fit."""
         from csmf.distill import teacher_lists  # the classical models load only when distillation is on
 
-        if objective not in self._teachers:
-            t0 = time.perf_counter()
-            self._teachers[objective] = teacher_lists(self.tuning, objective, self.cfg)
-            self.log(f"  teacher {self.cfg.train.distill} for {objective}: {time.perf_counter() - t0:.1f}s")
-        return self._teachers[objective]
+        t0 = time.perf_counter()
+        lists = teacher_lists(self.tuning, objective, self.cfg)
+        self.log(f"  teacher {self.cfg.train.distill} for {objective}: {time.perf_counter() - t0:.1f}s")
+        return lists
 
     def _user_loss(self, stage: int, users: np.ndarray, targets: sp.csr_matrix, m0: float,
                    generator: torch.Generator, extras: dict) -> torch.Tensor:  # fmt: skip

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from csmf.masks import active
-from csmf.towers import Features
+from csmf.towers import Features, ownership
 
 
 def graph_weights(objective: str, stages: tuple[str, ...], behaviours: tuple[str, ...], up: float, down: float,
@@ -252,5 +252,4 @@ class GraphTwoTower(nn.Module):
         return [("output", magnitude, self.owner)]
 
     def ownership(self) -> dict[str, dict[int, float]]:
-        values, counts = torch.unique(self.owner, return_counts=True)
-        return {"output": {int(v): round(float(c) / len(self.owner), 4) for v, c in zip(values, counts, strict=True)}}
+        return ownership(self.prunable())

@@ -311,9 +311,13 @@ class TwoTower(nn.Module):
         return out
 
     def ownership(self) -> dict[str, dict[int, float]]:
-        """Per unit group: the fraction of units each owner (0 = free) holds."""
-        table = {}
-        for name, _, owner in self.prunable():
-            values, counts = torch.unique(owner, return_counts=True)
-            table[name] = {int(v): round(float(c) / len(owner), 4) for v, c in zip(values, counts, strict=False)}
-        return table
+        return ownership(self.prunable())
+
+
+def ownership(groups: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, dict[int, float]]:
+    """Per unit group (name, magnitude, owner): the fraction of units each owner (0 = free) holds."""
+    table = {}
+    for name, _, owner in groups:
+        values, counts = torch.unique(owner, return_counts=True)
+        table[name] = {int(v): round(float(c) / len(owner), 4) for v, c in zip(values, counts, strict=False)}
+    return table
