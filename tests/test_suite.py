@@ -106,6 +106,11 @@ def test_suite_writes_seeds_means_and_the_report(tiny_suite):
     sweep = csmf["weight_sweep"]  # mean over the seeds' sweeps, one entry per pair of objectives
     assert [e["pair"] for e in sweep] == [["exposure", "click"], ["exposure", "conversion"], ["click", "conversion"]]
     assert "top-50 overlap" in report and (reports / "paper-quick" / "weights-sim.png").exists()
+    # the other tau ran the first seed only (bench.suite_tau_seeds = 1); the tau table compares csmf on it
+    assert set(json.loads((folder / "csmf-tau0.3.json").read_text())["seeds"]) == {"0"}
+    seed0 = csmf["seeds"]["0"]["conversion"]["recall@50"]
+    tau_section = report.split("### Tau sensitivity")[1]
+    assert "seeds all of them ran (0;" in tau_section and f"| {seed0:.4f}" in tau_section.split("| 0.1 |")[1]
     assert f"{csmf['metrics']['conversion']['recall@50']:.4f} ± " in report
     for plot in ("main-sim.png", "cost-sim.png", "tau-sim.png"):
         assert (reports / "paper-quick" / plot).read_bytes()[:4] == b"\x89PNG"

@@ -94,6 +94,15 @@ def suite_runs(cfg: Config, stages: tuple[str, ...]) -> list[Run]:
     return list(runs.values())
 
 
+def seeds_of(run: Run, seeds: tuple[int, ...], tau_seeds: int) -> tuple[int, ...]:
+    """The seeds a row runs: one for a deterministic model, the first `tau_seeds` for a tau-sweep-only row."""
+    if run.name in DETERMINISTIC:
+        return seeds[:1]
+    if run.groups == ("tau",) and tau_seeds > 0:
+        return seeds[:tau_seeds]
+    return seeds
+
+
 def tau_of(run: Run, cfg: Config) -> float:
     return run.tau if run.tau is not None else cfg.cascade.tau[0]
 
@@ -232,7 +241,7 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
         for row, run in enumerate(runs):
             if cfg.bench.suite_rows and run.name not in cfg.bench.suite_rows:
                 continue  # a subset: this row keeps whatever results it already has
-            used = seeds[:1] if run.name in DETERMINISTIC else seeds
+            used = seeds_of(run, seeds, cfg.bench.suite_tau_seeds)
             per_seed: dict[int, dict] = {}
             for seed in used:
                 first = per_seed.get(used[0])
