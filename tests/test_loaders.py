@@ -314,7 +314,8 @@ def test_stage_inference_stops_at_the_first_non_binary_column(tmp_path):
     log = load_log(path)
     assert log.stages == ("click", "cart", "buy")
     assert log.labels.sum(axis=0).tolist() == [3, 1, 1]
-    assert any("stages inferred" in note and "click -> cart -> buy" in note for note in log.report.notes)
+    note = next(n for n in log.report.notes if n.startswith("stages inferred"))
+    assert "'click', 'cart', 'buy'" in note and "ended by 'price', which is not 0/1" in note and "--stages" in note
 
 
 def test_explicit_stages_set_the_order_and_may_skip_columns(tmp_path):
@@ -409,3 +410,93 @@ def test_cold_test_users_counted_after_split(tmp_path):
     assert data.train["click"][solo].nnz == 1
     assert data.test["click"][solo].nnz == 0
     assert np.diff(data.test["click"].indptr).tolist() == [0] + [1] * 5
+
+
+# ----- damaged files: a clear error with the line, never a stage silently dropped --------------------
+
+STAGED = "user_id,item_id,view,cart,buy\n" + "".join(
+    f"{u},{i},1,{(u + i) % 2},{(u * i) % 2}\n" for u in range(1, 6) for i in range(1, 5)
+)
+
+
+@pytest.mark.parametrize("bad", ["2", "yes", ""])
+@pytest.mark.parametrize("column", [3, 4])  # cart or buy: a stage column after the first
+def test_a_damaged_later_stage_column_is_an_error_not_a_dropped_stage(tmp_path, bad, column):
+    lines = STAGED.splitlines()
+    cells = lines[7].split(",")
+    cells[column] = bad
+    lines[7] = ",".join(cells)  # data row 7 is line 8
+    path = write_csv(tmp_path, "\n".join(lines) + "\n")
+    name = ("cart", "buy")[column - 3]
+    expected = {"2": "has value 2", "yes": "has value 'yes'", "": "is empty"}[bad]  # 2 stays a number
+    with pytest.raises(DataError, match=re.escape(f"{path}:8: stage column {name!r} {expected}")) as err:
+        load_log(path)
+    assert "--stages" in str(err.value) and "cells are 0 or 1" in str(err.value)
+
+
+def test_a_damaged_stage_cell_in_parquet_names_the_row(tmp_path):
+    buy = [1, 0, 1, 0, 2, 0]  # one 2 at row 5
+    path = write_parquet(tmp_path, {"user_id": [1, 1, 2, 2, 3, 3], "item_id": [1, 2, 1, 3, 2, 3],
+                                    "view": [1] * 6, "buy": buy})  # fmt: skip
+    with pytest.raises(DataError, match=re.escape(f"{path} row 5: stage column 'buy' has value 2")):
+        load_log(path)
+
+
+def test_a_feature_column_that_is_mostly_not_binary_ends_the_stages_and_the_report_says_why(tmp_path):
+    path = write_csv(tmp_path, "user_id,item_id,view,buy,age\n1,1,1,0,31\n1,2,1,1,31\n2,1,1,1,1\n")
+    log = load_log(path)
+    assert log.stages == ("view", "buy")
+    note = next(n for n in log.report.notes if n.startswith("stages inferred"))
+    assert "'view', 'buy'" in note and "ended by 'age', which is not 0/1" in note
+
+
+def test_a_binary_feature_after_the_stages_is_reported_as_a_stage_and_stages_opt_out(tmp_path):
+    path = write_csv(tmp_path, "user_id,item_id,view,buy,is_new\n1,1,1,0,1\n1,2,1,1,0\n2,1,1,1,1\n")
+    assert load_log(path).stages == ("view", "buy", "is_new")  # what inference can see: said in the report
+    assert "up to the last column" in next(n for n in load_log(path).report.notes if n.startswith("stages"))
+    assert load_log(path, stages=("view", "buy")).stages == ("view", "buy")
+
+
+def test_text_stage_cells_read_as_binary(tmp_path):
+    path = write_csv(tmp_path, "user_id,item_id,view,buy\n1,1,1,TRUE\n1,2,1,0\n2,1,1,1\n")
+    log = load_log(path)
+    assert log.stages == ("view", "buy") and log.labels[:, 1].sum() == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("user_id,item_id,view\n1,2,1\n3,4\n5,6,1\n", 3, "expected 3 columns (as in the header), got 2: '3,4'"),
+        ("user_id,item_id,view\n1,2,1\n5,6,1\n3,4,1,1\n", 4, "expected 3 columns (as in the header), got 4"),
+        ('user_id,item_id,view\n1,2,1\n"3,4,1\n5,6,1\n', 3, "a quote that is never closed"),
+    ],
+)
+def test_csv_shape_errors_name_the_line(tmp_path, text, line, message):
+    path = write_csv(tmp_path, text)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: ") + ".*" + re.escape(message)):
+        load_log(path)
+
+
+@pytest.mark.parametrize("huge", ["99999999999999999999999", "1e300", "inf"])
+def test_an_id_too_large_to_read_exactly_names_the_line(tmp_path, huge):
+    path = write_csv(tmp_path, f"user_id,item_id,view\n1,2,1\n{huge},3,1\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: column 'user_id' has id") + ".*too large"):
+        load_log(path)
+
+
+def test_jd_ids_beyond_int64_name_the_line(tmp_path):
+    folder = write_jd(tmp_path / "jd", {"trn_fav": "1 2\n1 99999999999999999999999\n"})
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'trn_fav.txt'}:2: ids must be at most")):
+        jd_raw_matrices(folder)
+
+
+def test_a_stray_huge_jd_id_is_remapped_not_a_catalogue_of_millions(tmp_path):
+    from csmf.data.jd import jd_raw
+
+    report = LoadReport("jd")
+    folder = write_jd(tmp_path / "jd", {"trn_pv": "1 1\n1 2\n2 3\n2 5000000\n"})
+    files, user_ids, item_ids = jd_raw(folder, report)
+    assert files["trn_pv"].shape == (3, 5) and item_ids.tolist() == [1, 2, 3, 4, 5000000]
+    assert user_ids.tolist() == [1, 2, 3]  # dense: kept as they are
+    assert files["trn_pv"][1, 4] == 1.0  # (user 2, item 5000000)
+    assert any("item ids go up to 5,000,000 but only 5 are used" in n for n in report.notes)

@@ -18,6 +18,12 @@ from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
 from csmf.data.split import JD_DEFAULT_STAGES, split_jd
 
 JD_FILES = ("trn_pv", "trn_fav", "trn_buy", "vld_buy", "tst_buy")
+MAX_ID = 2**62  # ids are held as int64
+# JD ids are dense (1..N), so an id is its index; when the largest id is this much above the number of
+# distinct ids (a stray 5,000,000 among 13k items), the ids are remapped to 0..n-1 and the report says so,
+# rather than building a catalogue of millions of empty items
+SPARSE_IDS = 2
+SPARSE_SLACK = 1000
 
 
 def _open_text(path: Path) -> str:
@@ -49,6 +55,8 @@ def read_pair_file(path: Path, text: str | None = None) -> tuple[np.ndarray, np.
             u, i = int(parts[0]), int(parts[1])
         except ValueError:
             raise DataError(f"{path}:{lineno}: ids must be integers, got {line!r}") from None
+        if u > MAX_ID or i > MAX_ID:
+            raise DataError(f"{path}:{lineno}: ids must be at most {MAX_ID:,}, got {line!r}")
         if u < 1 or i < 1:
             raise DataError(f"{path}:{lineno}: ids must be >= 1 (JD ids are 1-based), got {line!r}")
         users[kept], items[kept] = u - 1, i - 1
@@ -70,6 +78,26 @@ def _locate(folder: Path | None, stem: str) -> Path:
 
 def jd_raw_matrices(folder: str | Path | None = None, report: LoadReport | None = None) -> dict[str, sp.csr_matrix]:
     """The five JD files as 0/1 user x item matrices, unsplit. Repeats and blank lines go to `report`."""
+    return jd_raw(folder, report)[0]
+
+
+def _index(ids: list[np.ndarray], kind: str, report: LoadReport) -> tuple[list[np.ndarray], np.ndarray]:
+    """0-based ids -> (indices, original 1-based id per index): the id itself while ids are dense."""
+    distinct = np.unique(np.concatenate(ids))
+    top = int(distinct[-1]) + 1
+    if top <= SPARSE_IDS * len(distinct) + SPARSE_SLACK:
+        return ids, np.arange(1, top + 1)
+    report.notes.append(
+        f"{kind} ids go up to {top:,} but only {len(distinct):,} are used: remapped to 1..{len(distinct):,} "
+        "(the original ids are kept for serving)"
+    )
+    return [np.searchsorted(distinct, x) for x in ids], distinct + 1
+
+
+def jd_raw(
+    folder: str | Path | None = None, report: LoadReport | None = None
+) -> tuple[dict[str, sp.csr_matrix], np.ndarray, np.ndarray]:
+    """The five JD files as matrices, and the original user and item id of each index."""
     folder = Path(folder) if folder else None
     report = report or LoadReport("jd")
     raw = {}
@@ -79,8 +107,11 @@ def jd_raw_matrices(folder: str | Path | None = None, report: LoadReport | None 
         report.rows_read += len(users)
         report.skip(f"blank lines in {path.name}", blank)
         raw[stem] = (users, items)
-    n_users = int(max(u.max() for u, _ in raw.values() if len(u))) + 1
-    n_items = int(max(i.max() for _, i in raw.values() if len(i))) + 1
+    stems = list(raw)
+    users, user_ids = _index([raw[s][0] for s in stems], "user", report)
+    items, item_ids = _index([raw[s][1] for s in stems], "item", report)
+    raw = {s: (u, i) for s, u, i in zip(stems, users, items, strict=True)}
+    n_users, n_items = len(user_ids), len(item_ids)
     files = {}
     for stem, (users, items) in raw.items():
         if len(users) == 0:
@@ -90,7 +121,7 @@ def jd_raw_matrices(folder: str | Path | None = None, report: LoadReport | None 
         if repeats:
             report.duplicate_pairs += repeats
             report.notes.append(f"{stem}: {repeats} repeated pairs counted once")
-    return files
+    return files, user_ids, item_ids
 
 
 def load_jd(
@@ -102,5 +133,7 @@ def load_jd(
 ) -> CascadeData:
     """Load and split JD. `folder=None` reads the copy shipped in the package."""
     report = LoadReport(f"jd ({folder or 'packaged copy'})")
-    files = jd_raw_matrices(folder, report)
-    return split_jd(files, stages=tuple(stages), test_frac=test_frac, valid_frac=valid_frac, seed=seed, report=report)
+    files, user_ids, item_ids = jd_raw(folder, report)
+    data = split_jd(files, stages=tuple(stages), test_frac=test_frac, valid_frac=valid_frac, seed=seed, report=report)
+    data.user_ids, data.item_ids = user_ids, item_ids
+    return data

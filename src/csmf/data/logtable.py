@@ -28,13 +28,52 @@ def read_table(path: Path) -> pa.Table:
         if suffix.startswith(".parquet") or suffix == ".pq":
             return pq.read_table(path)
         if suffix.startswith(".csv") or suffix.startswith(".tsv"):
-            delimiter = "\t" if suffix.startswith(".tsv") else ","
-            # Empty cells are nulls in every column, so an empty id is reported rather than read as "".
-            convert = pacsv.ConvertOptions(strings_can_be_null=True)
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
+            return _read_csv(path, "\t" if suffix.startswith(".tsv") else ",")
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: cannot parse: {err}") from None
     raise DataError(f"{path}: unknown log format {suffix!r}; use .csv, .tsv or .parquet (optionally .gz)")
+
+
+def _read_csv(path: Path, delimiter: str) -> pa.Table:
+    # Empty cells are nulls in every column, so an empty id is reported rather than read as "".
+    convert = pacsv.ConvertOptions(strings_can_be_null=True)
+    try:
+        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
+    except pa.ArrowInvalid:
+        bad = _first_bad_row(path, delimiter)
+        if bad is None:
+            raise
+        raise DataError(bad) from None
+
+
+def _first_bad_row(path: Path, delimiter: str) -> str | None:
+    """The parse error with its line: the threaded reader does not know line numbers, so on an error the
+    file is read again on one thread, which does (only on this path: it is slower)."""
+    found = []
+
+    def record(row) -> str:
+        found.append(row)
+        return "error"
+
+    parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=record)
+    try:
+        pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False), parse_options=parse)
+    except pa.ArrowInvalid:
+        pass
+    if not found:
+        return None
+    row = found[0]
+    line = f"{path}:{row.number}" if row.number is not None else str(path)
+    text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+    hint = (
+        "; a quote that is never closed joins the lines after it into one cell"
+        if '"' in row.text and row.text.count('"') % 2
+        else ""
+    )
+    return (
+        f"{line}: expected {row.expected_columns} columns (as in the header), got {row.actual_columns}: "
+        f"{text!r}{hint}"
+    )
 
 
 class _Locator:
@@ -60,6 +99,16 @@ class _Locator:
         return row + 2
 
 
+# a float64 holds every integer up to 2^53 exactly; a larger id read as a number may merge with its neighbour
+MAX_EXACT_ID = 2**53
+
+# a column right after the stages in which more than this share of the cells is 0 or 1 is taken for a
+# damaged stage column (an error naming the first bad cell), not the first feature: a wrong guess must
+# be an error the user can answer with --stages, never a stage silently dropped
+DAMAGED_STAGE_SHARE = 0.5
+STAGE_TEXT = ("0", "1", "0.0", "1.0", "true", "false")
+
+
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -72,6 +121,13 @@ def _encode_ids(table: pa.Table, col: str, where: _Locator) -> tuple[np.ndarray,
         raise DataError(f"{where(row)}: column {col!r} is empty; every row needs a {col}")
     if pa.types.is_floating(arr.type):
         values = arr.to_numpy()
+        huge = ~(np.abs(values) <= MAX_EXACT_ID)  # also catches inf and nan
+        if huge.any():
+            row = _first(huge)
+            raise DataError(
+                f"{where(row)}: column {col!r} has id {values[row].item()!r}, too large to be read exactly as a "
+                f"number (at most {MAX_EXACT_ID:,}); quote the ids or store them as strings"
+            )
         bad = values != np.floor(values)
         if bad.any():
             row = _first(bad)
@@ -100,12 +156,25 @@ def _stage_values(table: pa.Table, col: str) -> np.ndarray | None:
         return None
     if pa.types.is_boolean(arr.type):
         return arr.to_numpy(zero_copy_only=False).astype(bool)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):  # "1", "TRUE", "0.0" mixed
+        text = np.char.lower(arr.to_numpy(zero_copy_only=False).astype(str))
+        if not np.isin(text, STAGE_TEXT).all():
+            return None
+        return np.isin(text, ("1", "1.0", "true"))
     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
         return None
     values = arr.to_numpy()
     if not np.isin(values, (0, 1)).all():
         return None
     return values.astype(bool)
+
+
+def _stage_share(arr: pa.ChunkedArray) -> float:
+    """Share of the cells of a column that read as 0 or 1 (an empty cell does not)."""
+    if pa.types.is_boolean(arr.type):
+        return 1.0 - arr.null_count / max(len(arr), 1)
+    text = pc.utf8_lower(pc.cast(arr, pa.string()))
+    return float(np.asarray(pc.fill_null(pc.is_in(text, pa.array(STAGE_TEXT)), False)).mean()) if len(arr) else 0.0
 
 
 def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
@@ -117,10 +186,44 @@ def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
         row = _first(np.asarray(pc.is_null(arr)))
         raise DataError(f"{where(row)}: stage column {col!r} is empty; stage columns hold 0 or 1")
     raw = arr.to_numpy(zero_copy_only=False)
-    bad = ~np.isin(raw.astype(str), ("0", "1", "0.0", "1.0", "True", "False"))
+    bad = ~np.isin(np.char.lower(raw.astype(str)), STAGE_TEXT)
     row = _first(bad) if bad.any() else 0
     value = raw[row].item() if isinstance(raw[row], np.generic) else raw[row]
     raise DataError(f"{where(row)}: stage column {col!r} has value {value!r}; stage columns hold 0 or 1")
+
+
+def _infer_stages(
+    table: pa.Table, item_col: str, stops: tuple[str, ...], where: _Locator
+) -> tuple[dict[str, np.ndarray], str]:
+    """The run of 0/1 columns right after the item column, and what ended it (for the load report)."""
+    columns = table.column_names
+    labels: dict[str, np.ndarray] = {}
+    ended_by = "up to the last column"
+    for col in columns[columns.index(item_col) + 1 :]:
+        if col in stops:
+            ended_by = f"ended by {col!r}"
+            break
+        values = _stage_values(table, col)
+        if values is None:
+            if not labels or _stage_share(table.column(col)) > DAMAGED_STAGE_SHARE:
+                try:
+                    _check_stage(table, col, where)  # raises naming the row with the first non-0/1 value
+                except DataError as err:
+                    raise DataError(
+                        f"{err}. Column {col!r} is taken for a stage column (it follows {item_col!r}"
+                        + (f" and the stage column(s) {list(labels)}" if labels else "")
+                        + f" and {_stage_share(table.column(col)):.0%} of its cells are 0 or 1): fix the value, or "
+                        "name the stage columns with --stages if it is a feature"
+                    ) from None
+            ended_by = f"ended by {col!r}, which is not 0/1"
+            break
+        labels[col] = values
+    if not labels:
+        raise DataError(
+            f"{where.path}: no stage columns after {item_col!r}; put the 0/1 stage columns right after the id "
+            f"columns, or name them with --stages (columns are {columns})"
+        )
+    return labels, ended_by
 
 
 def load_log(
@@ -158,24 +261,12 @@ def load_log(
             raise DataError(f"{path}: missing stage column(s) {missing}; columns are {columns}")
         labels = {s: _check_stage(table, s, where) for s in stages}
     else:
-        labels = {}
-        after_items = columns[columns.index(item_col) + 1 :]
-        for col in after_items:
-            if col == timestamp_col or col == user_col:
-                break
-            values = _stage_values(table, col)
-            if values is None:
-                break
-            labels[col] = values
-        if not labels:
-            if after_items and after_items[0] not in (timestamp_col, user_col):
-                _check_stage(table, after_items[0], where)  # raises naming the row with the first non-0/1 value
-            raise DataError(
-                f"{path}: no stage columns after {item_col!r}; put the 0/1 stage columns right after the id "
-                f"columns, or name them with --stages (columns are {columns})"
-            )
+        labels, ended_by = _infer_stages(table, item_col, (timestamp_col, user_col), where)
         stages = tuple(labels)
-        report.notes.append(f"stages inferred from the columns after {item_col!r}: {' -> '.join(stages)}")
+        report.notes.append(
+            f"stages inferred: {', '.join(map(repr, stages))} (the run of 0/1 columns right after {item_col!r}, "
+            f"{ended_by}); if one of them is a feature, name the stages with --stages"
+        )
     for s in stages:
         if not labels[s].any():
             raise DataError(f"{path}: stage column {s!r} has no positive (1) rows; every stage needs positives")
