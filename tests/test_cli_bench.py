@@ -317,3 +317,17 @@ def test_override_assignments():
     with pytest.raises(ConfigError, match="expected section.field=value"):
         override(Config(), ["als.factors"])
     assert config_from_dict({}) == Config()
+
+
+def test_bench_on_a_catalogue_smaller_than_k(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["user_id,item_id,view,buy"]
+    for u in range(60):
+        for i in rng.choice(10, size=6, replace=False):
+            rows.append(f"{u},{i},1,{int(rng.random() < 0.4)}")
+    path = tmp_path / "ten-items.csv"
+    path.write_text("\n".join(rows) + "\n")
+    argv = ["bench", "--dataset", str(path), "--models", "popularity,csmf", "--no-tune", "--out", str(tmp_path)]
+    assert main([*argv, "--set", "train.max_epochs=1,1", *SMALL_COST]) == 0  # k = 50 > 10 items
+    result = read_result(tmp_path, "ten-items", "csmf")
+    assert result["cost"]["query_seconds_1m"] > 0 and 0 < result["metrics"]["buy"]["recall@50"] <= 1

@@ -85,6 +85,7 @@ def query_cost(
 ) -> dict:
     """The cost object of one model (see the module docstring); `dim` is the single two-tower's D."""
     rng = torch.Generator().manual_seed(seed)
+    k = min(k, data.n_items)  # a catalogue smaller than k ranks every item
     batch = np.resize(np.arange(data.n_users), users)  # `users` query rows (users repeat on small data)
     weights = {s: 1.0 / len(stages) for s in stages}
     items, vectors_per_item = index_of(model, stages)

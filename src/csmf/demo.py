@@ -38,7 +38,7 @@ def top_k_table(model: CSMF, data: CascadeData, user: int, weights: dict[str, fl
     fused = model.score_fused(users, weights)[0].clone()  # (N,)
     seen = data.excluded(data.stages[-1])[user].indices
     fused[torch.from_numpy(seen.astype(np.int64))] = float("-inf")  # already bought: not recommended
-    top = torch.topk(fused, k).indices.numpy()
+    top = torch.topk(fused, min(k, fused.shape[-1])).indices.numpy()
     per_stage = {s: model.score(users, s)[0, top].numpy() for s in data.stages}
     truth = {s: set(data.test[s][user].indices.tolist()) for s in data.stages}
     item_ids = data.item_ids if data.item_ids is not None else np.arange(data.n_items)
