@@ -1,56 +1,183 @@
-"""The HTTP layer of `csmf serve` (FastAPI): routes, request models and error mapping only.
+"""The HTTP layer of `csmf serve` (FastAPI): routes, request models, input strictness and error mapping only.
 
 GET  /recommend?user_id=..&k=..&weights=click:0.3,purchase:0.7&exclude_seen=true
 POST /recommend  {"user_ids": [...], "k": 10, "weights": {"click": 0.3}, "exclude_seen": true}
 POST /search     {"vector": [...], "k": 10}: top-k for a caller's own query vector
 GET  /health, GET /info, GET /users (example user ids); GET / is the scenario page; OpenAPI docs at /docs.
-Bad input answers 422 with the field named; an unknown user 404 (or the popularity fallback).
+
+Bad input answers 422 with the field named in `loc`; an unknown user 404 (or the popularity fallback); a body
+over ServeLimits.max_body_bytes 413. Input is read strictly, so an ambiguous request is refused rather than
+guessed at: JSON types are not coerced (`"k": true` is not 1), unknown or repeated keys and query parameters
+are refused, query integers are ASCII digits only (not `1_0`, not full-width digits). Error bodies never
+echo an input whole: `input` is cut to a short text.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from importlib import resources
 
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from csmf.export import clip
 from csmf.serve import MAX_K, Recommendation, Recommender, RequestError, UnknownUser, parse_weights
+
+ECHO_CHARS = 200  # the most of an input an error body repeats
 
 
 class BatchRequest(BaseModel):
-    user_ids: list[str] = Field(min_length=1, max_length=10_000)
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    user_ids: list[str] = Field(min_length=1)  # at most ServeLimits.max_ids, checked with the work bound
     k: int = Field(10, ge=1, le=MAX_K)
     weights: dict[str, float] | None = None  # None = the artifact's default weights
     exclude_seen: bool = True
 
 
 class VectorQuery(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     vector: list[float]  # a query vector of the artifact's dimension, weights already folded in if any
     k: int = Field(10, ge=1, le=MAX_K)
 
 
+class BodyTooLarge(HTTPException):
+    """Raised from the body reader, so FastAPI passes it through its body parsing as an HTTP error."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over this server's limit of {limit:,} bytes (csmf serve --max-body-bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` answers 413, at once when Content-Length says so, else as soon as
+    the bytes read pass the limit (a chunked body), before anything is parsed or kept."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = [value for name, value in scope["headers"] if name == b"content-length"]
+        if declared and (len(declared) > 1 or not declared[0].isdigit() or int(declared[0]) > self.max_bytes):
+            return await _error(413, None, BodyTooLarge(self.max_bytes).detail, "body")(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+async def unique_json_keys(request: Request) -> None:
+    """A JSON object with a key given twice is refused (a JSON parser would silently keep the last)."""
+    try:
+        json.loads(await request.body(), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as dup:
+        field = dup.key if dup.key in BatchRequest.model_fields or dup.key in VectorQuery.model_fields else "weights"
+        message = f"key {clip(repr(dup.key))} appears twice in one JSON object; give each key once"
+        raise RequestError(field, message) from None
+    except ValueError:
+        pass  # not JSON: FastAPI has already answered that
+
+
+def strict_query(allowed: tuple[str, ...], integers: tuple[str, ...] = ()):
+    """A dependency refusing query parameters that are unknown, repeated, or integers not in ASCII digits."""
+
+    def check(request: Request) -> None:
+        given: set[str] = set()
+        for name, value in request.query_params.multi_items():
+            if name not in allowed:
+                raise RequestError(clip(name), f"unknown query parameter; this route takes {list(allowed)}")
+            if name in given:
+                raise RequestError(name, "given more than once; give it once")
+            given.add(name)
+            if name in integers and not re.fullmatch(r"[0-9]{1,9}", value):
+                raise RequestError(name, f"must be a whole number in the digits 0-9, got {clip(repr(value))}")
+
+    return check
+
+
 def _error(status: int, field: str | None, message: str, where: str = "query") -> JSONResponse:
-    loc = [where, field] if field else []
+    loc = [where, field] if field else [where]
     return JSONResponse(status_code=status, content={"detail": [{"loc": loc, "msg": message}]})
 
 
+def _where(request: Request) -> str:
+    return "query" if request.method == "GET" else "body"
+
+
+def _short_input(value: object) -> str:
+    """An input as at most ECHO_CHARS of JSON-ish text (never a non-finite float, which JSON cannot hold)."""
+    try:
+        text = json.dumps(jsonable_encoder(value))
+    except (TypeError, ValueError):
+        text = repr(value)
+    return clip(text, ECHO_CHARS)
+
+
 def _as_json(r: Recommendation) -> dict:
-    return {"user_id": r.user_id, "fallback": r.fallback, "weights": r.weights, "items": r.items}
+    out = {"user_id": r.user_id, "fallback": r.fallback, "weights": r.weights, "items": r.items}
+    return {**out, "note": r.note} if r.note else out
 
 
 def create_app(recommender: Recommender) -> FastAPI:
     app = FastAPI(title="csmf", description="Multi-objective retrieval with per-request objective weights")
+    app.add_middleware(BodyLimit, max_bytes=recommender.limits.max_body_bytes)
 
-    def answer(user_ids: list[str], k: int, weights: dict[str, float] | None, exclude_seen: bool, where: str):
-        try:
-            return recommender.recommend(user_ids, k, weights, exclude_seen)
-        except RequestError as err:
-            return _error(422, err.field, err.message, where)
-        except UnknownUser as err:
-            field = "user_id" if where == "query" else "user_ids"
-            return _error(404, field, f"unknown user {err.user_id!r} (start the server with --fallback popularity "
-                          "to answer unknown users)", where)  # fmt: skip
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> JSONResponse:
+        return _error(422, err.field, err.message, _where(request))
+
+    @app.exception_handler(UnknownUser)
+    async def unknown_user(request: Request, err: UnknownUser) -> JSONResponse:
+        field = "user_id" if request.method == "GET" else "user_ids"
+        message = f"unknown user {clip(repr(err.user_id))} (start the server with --fallback popularity to answer them)"
+        return _error(404, field, message, _where(request))
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return _error(413, None, err.detail, "body")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, with `input` cut short (its default repeats a 10 MB body) and no non-finite floats."""
+        detail = []
+        for e in err.errors():
+            item = {"loc": [str(part) for part in e.get("loc", ())], "msg": clip(str(e.get("msg", "")), ECHO_CHARS)}
+            item["type"] = str(e.get("type", ""))
+            if "input" in e:
+                item["input"] = _short_input(e["input"])
+            if isinstance(e.get("ctx"), dict) and isinstance(e["ctx"].get("error"), str):
+                item["ctx"] = {"error": clip(e["ctx"]["error"], ECHO_CHARS)}
+            detail.append(item)
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     page = resources.files("csmf").joinpath("static/index.html").read_text()
 
@@ -58,7 +185,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     def index_page() -> str:
         return page  # the scenario page: one slider per objective
 
-    @app.get("/users")
+    @app.get("/users", dependencies=[Depends(strict_query(("limit",), integers=("limit",)))])
     def users(limit: int = Query(50, ge=1, le=1000)) -> dict:
         """The most active users (most training interactions): handy examples for the page and for curl."""
         return {"user_ids": recommender.sample_users(limit)}
@@ -71,36 +198,29 @@ def create_app(recommender: Recommender) -> FastAPI:
     def info() -> dict:
         return recommender.info()
 
-    @app.get("/recommend")
+    recommend_query = strict_query(("user_id", "k", "weights", "exclude_seen"), integers=("k",))
+
+    @app.get("/recommend", dependencies=[Depends(recommend_query)])
     def recommend(
         user_id: str,
         k: int = Query(10, ge=1, le=MAX_K),
         weights: str | None = Query(None, description="stage:weight,... (default: the artifact's weights)"),
         exclude_seen: bool = True,
     ):
-        try:
-            parsed = parse_weights(weights, recommender.stages) if weights is not None else None
-        except RequestError as err:
-            return _error(422, err.field, err.message)
-        result = answer([user_id], k, parsed, exclude_seen, "query")
-        if isinstance(result, JSONResponse):
-            return result
-        return {**_as_json(result[0]), "seconds": result[0].seconds, "index": recommender.index.kind}
+        parsed = parse_weights(weights, recommender.stages) if weights is not None else None
+        result = recommender.recommend([user_id], k, parsed, exclude_seen)[0]
+        return {**_as_json(result), "seconds": result.seconds, "index": recommender.index.kind}
 
-    @app.post("/recommend")
+    @app.post("/recommend", dependencies=[Depends(unique_json_keys)])
     def recommend_batch(request: BatchRequest):
-        result = answer(request.user_ids, request.k, request.weights, request.exclude_seen, "body")
-        if isinstance(result, JSONResponse):
-            return result
+        result = recommender.recommend(request.user_ids, request.k, request.weights, request.exclude_seen)
         seconds = result[0].seconds if result else 0.0
         return {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
 
-    @app.post("/search")
+    @app.post("/search", dependencies=[Depends(unique_json_keys)])
     def search(query: VectorQuery):
         """Top-k items for a caller's own query vector (for example a user vector computed elsewhere)."""
-        try:
-            return {"items": recommender.search_vector(query.vector, query.k), "index": recommender.index.kind}
-        except RequestError as err:
-            return _error(422, err.field, err.message, "body")
+        items, note = recommender.search_vector(query.vector, query.k)
+        return {"items": items, "index": recommender.index.kind, **({"note": note} if note else {})}
 
     return app

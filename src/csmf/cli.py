@@ -150,13 +150,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csmf.app import create_app
     from csmf.export import load_artifact
     from csmf.index import IndexSettings, build_index
-    from csmf.serve import Recommender
+    from csmf.serve import Recommender, ServeLimits
 
     artifact = load_artifact(args.artifact)
     settings = IndexSettings(
         kind=args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search, milvus_uri=args.milvus_uri
     )
-    recommender = Recommender(artifact, build_index(artifact.item_vectors, settings), args.fallback == "popularity")
+    try:
+        limits = ServeLimits(max_ids=args.max_ids, max_results=args.max_results, max_body_bytes=args.max_body_bytes)
+    except ValueError as err:
+        raise ConfigError(f"csmf serve: {err}") from None
+    index = build_index(artifact.item_vectors, settings)
+    recommender = Recommender(artifact, index, args.fallback == "popularity", limits)
     print(f"serving {len(artifact.item_ids):,} items ({args.index} index) on http://{args.host}:{args.port}")
     uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
     return 0
@@ -189,6 +194,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from csmf.serve import ServeLimits  # numpy only: the defaults of csmf serve's request limits
+
     parser = argparse.ArgumentParser(prog="csmf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -243,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch (default 128)")
     serve.add_argument("--fallback", choices=["none", "popularity"], default="none",
                        help="unknown users: 404 (none) or the most popular items")  # fmt: skip
+    serve.add_argument("--max-ids", type=int, default=ServeLimits.max_ids,
+                       help=f"most user ids in one POST /recommend (default {ServeLimits.max_ids:,})")  # fmt: skip
+    serve.add_argument("--max-results", type=int, default=ServeLimits.max_results,
+                       help=f"most items per request, user ids x k (default {ServeLimits.max_results:,})")  # fmt: skip
+    serve.add_argument("--max-body-bytes", type=int, default=ServeLimits.max_body_bytes,
+                       help=f"largest request body, else 413 (default {ServeLimits.max_body_bytes:,})")  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
 

@@ -11,27 +11,79 @@ Artifact folder:
   popularity.npy       (N,) float32 training interactions per item (the unknown-user fallback)
   user_ids.json, item_ids.json        original ids, in index order
 
-Loading checks the format version and every checksum before anything is used, and names what is wrong.
+The manifest carries `manifest_sha256`, a digest of its own canonical JSON (every key but that one, sorted,
+compact), so the file digests, stages, dimension groups and default weights are all covered. A checksum is
+not a signature: it catches damage and hand edits, not someone who rewrites it. So loading also checks the
+content: format version, every checksum, every array read without pickle (dtype, shape), vectors finite and
+within +-MAX_ABS, stage names against the dimension groups the owners give, default weights by the same
+rules as a request's, seen indices within the catalogue, ids unique. Every failure is an ArtifactError that
+names the file and the field. Artifacts of format version 1 (no manifest checksum) are refused with the
+command that exports them again: their manifest cannot be verified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 FORMAT = "csmf-serving"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest checksums itself (manifest_sha256) and its content is validated at load
 ARRAYS = ("item_vectors", "user_vectors", "output_owner", "seen_indptr", "seen_indices", "popularity")
 JSONS = ("user_ids", "item_ids")
+MAX_ABS = 1e6  # bound on every vector entry, served or sent: scores stay finite in float32 (D * 1e6 * 1e6 * S)
+MAX_WEIGHT = 1e6  # bound on one objective weight (float32 folds it exactly enough, never to inf)
+MIN_WEIGHT_SUM = 1e-6  # weights summing to less rank by rounding noise (1e-300 folds to 0 in float32)
 
 
 class ArtifactError(ValueError):
     """A serving artifact that is missing, damaged, or of another format version."""
+
+
+class WeightError(ValueError):
+    """Objective weights that break a rule of check_weights (the message says which)."""
+
+
+def check_weights(weights: dict, stages: tuple[str, ...]) -> dict[str, float]:
+    """Objective weights -> one float per stage (stages not named get 0), or WeightError saying what is wrong.
+
+    The one set of rules for a request's weights and an artifact's default weights: known stage names,
+    numbers (not booleans), 0 <= w <= MAX_WEIGHT, and a sum above MIN_WEIGHT_SUM. Weights are used as given,
+    not normalised: a ranking does not change when every weight is scaled, and the bounds keep the fold
+    q = u * lambda finite in float32.
+    """
+    if not isinstance(weights, dict) or not weights:
+        raise WeightError(f"give at least one stage:weight; stages are {list(stages)}")
+    for name, w in weights.items():
+        if name not in stages:
+            raise WeightError(f"unknown stage {clip(repr(name))}; stages are {list(stages)}")
+        if isinstance(w, bool) or not isinstance(w, int | float):
+            raise WeightError(f"weight of {name!r} must be a number, got {clip(repr(w))}")
+        if not (math.isfinite(w) and 0 <= w <= MAX_WEIGHT):
+            raise WeightError(f"weight of {name!r} must be between 0 and {MAX_WEIGHT:g}, got {w!r}")
+    if math.fsum(weights.values()) <= MIN_WEIGHT_SUM:
+        raise WeightError(f"weights sum to {math.fsum(weights.values())!r}: give a sum above {MIN_WEIGHT_SUM:g} "
+                          "(all zero, or so small that float32 rounds them away, ranks by nothing)")  # fmt: skip
+    return {s: float(weights.get(s, 0.0)) for s in stages}
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """Text short enough to put in an error message (inputs are never echoed whole): clip(repr(value))."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, compact, ASCII), without manifest_sha256 itself."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -99,6 +151,10 @@ def write_artifact(
     source: dict,
 ) -> Path:
     out = Path(out)
+    try:
+        check_weights(default_weights, tuple(stages))
+    except WeightError as err:
+        raise ArtifactError(f"default weights {clip(repr(default_weights))}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     arrays = {
         "item_vectors": np.ascontiguousarray(item_vectors, dtype=np.float32),
@@ -121,7 +177,7 @@ def write_artifact(
         "format_version": FORMAT_VERSION,
         "versions": {"csmf": _version("csmf"), "numpy": np.__version__},
         "stages": list(stages),
-        "default_weights": default_weights,
+        "default_weights": {s: float(w) for s, w in default_weights.items()},
         "dim": int(dim),
         "n_items": int(n_items),
         "n_users": int(arrays["user_vectors"].shape[0]),
@@ -129,6 +185,10 @@ def write_artifact(
         "source": source,
         "files": files,
     }
+    manifest = json.loads(json.dumps(manifest))  # the digest is of what a reader gets back (tuples -> lists)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    ids = {"user_ids": [str(v) for v in user_ids], "item_ids": [str(v) for v in item_ids]}
+    _validate(out / "manifest.json", manifest, arrays, ids)  # refuse to write what loading would refuse
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -140,32 +200,131 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{path}: no manifest.json here; is this a folder written by `csmf export`?")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{manifest_path}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: holds a {type(manifest).__name__}, expected a JSON object")
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ArtifactError(f"{manifest_path}: format {clip(repr(manifest.get('format')))}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
+        run = manifest.get("source", {}).get("run_dir", "RUN") if isinstance(manifest.get("source"), dict) else "RUN"
         raise ArtifactError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r}; this csmf reads version "
-            f"{FORMAT_VERSION}: export the model again with this csmf"
+            f"{manifest_path}: format_version {clip(repr(manifest.get('format_version')))}; this csmf reads version "
+            f"{FORMAT_VERSION} (a manifest checksum and checked content): export the model again with this csmf: "
+            f"csmf export --run {run} --out {path}"
         )
+    try:
+        digest = manifest_digest(manifest)
+    except ValueError as err:  # NaN or Infinity somewhere: not canonical JSON
+        raise ArtifactError(f"{manifest_path}: holds a value JSON cannot write ({err})") from err
+    if manifest.get("manifest_sha256") != digest:
+        raise ArtifactError(f"{manifest_path}: manifest_sha256 does not match the manifest's content (it was "
+                            "edited or damaged); export the model again rather than editing the manifest")  # fmt: skip
     expected = {f"{n}.npy" for n in ARRAYS} | {f"{n}.json" for n in JSONS}
-    files = manifest.get("files", {})
-    if set(files) != expected:
-        raise ArtifactError(f"{manifest_path}: lists files {sorted(files)}, expected {sorted(expected)}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != expected:
+        raise ArtifactError(f"{manifest_path}: files lists {clip(repr(files))}, expected {sorted(expected)}")
     for name, digest in files.items():
         file = path / name
-        if not file.exists():
+        if not file.is_file():
             raise ArtifactError(f"{file}: missing from the artifact")
         if _sha256(file) != digest:
             raise ArtifactError(f"{file}: checksum does not match the manifest (the file changed or is damaged)")
-    arrays = {n: np.load(path / f"{n}.npy", allow_pickle=False) for n in ARRAYS}
-    ids = {n: json.loads((path / f"{n}.json").read_text()) for n in JSONS}
-    n_items, n_users = len(ids["item_ids"]), len(ids["user_ids"])
-    if arrays["item_vectors"].shape != (n_items, manifest["dim"]) or arrays["user_vectors"].shape[0] != n_users:
-        raise ArtifactError(f"{path}: vector shapes do not match the id lists and the manifest's dim")
+    arrays = {n: _read_array(path / f"{n}.npy") for n in ARRAYS}
+    ids = {n: _read_ids(path / f"{n}.json") for n in JSONS}
+    _validate(manifest_path, manifest, arrays, ids)
     stages, weights = tuple(manifest["stages"]), manifest["default_weights"]
     return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest)
+
+
+def _read_array(file: Path) -> np.ndarray:
+    """One .npy array, never unpickled: a pickle, an .npz, a cut or padded file is an ArtifactError naming it."""
+    try:
+        with open(file, "rb") as f:
+            array = np.lib.format.read_array(f, allow_pickle=False)
+            trailing = f.read(1)
+    except (ValueError, EOFError, OSError) as err:  # numpy says what it found: pickled data, a short read, ...
+        raise ArtifactError(f"{file}: not a readable .npy array ({clip(str(err), 200)}); export again") from err
+    if trailing:
+        raise ArtifactError(f"{file}: has bytes after the array it declares (damaged); export again")
+    return array
+
+
+def _read_ids(file: Path) -> list[str]:
+    try:
+        ids = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{file}: not valid JSON ({err}); export again") from err
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ArtifactError(f"{file}: expected a JSON list of strings (ids in index order); export again")
+    if len(set(ids)) != len(ids):
+        repeated = next(i for i, n in Counter(ids).items() if n > 1)
+        raise ArtifactError(f"{file}: id {clip(repr(repeated))} appears more than once; ids must be unique")
+    return ids
+
+
+def _validate(manifest_path: Path, manifest: dict, arrays: dict[str, np.ndarray], ids: dict[str, list[str]]) -> None:
+    """Every field of the manifest against the arrays and ids it describes; the first problem found is raised."""
+
+    def fail(field: str, problem: str) -> NoReturn:
+        raise ArtifactError(f"{manifest_path}: {field}: {problem}; export the model again with `csmf export`")
+
+    stages = manifest.get("stages")
+    if not (isinstance(stages, list) and stages and all(isinstance(s, str) and s for s in stages)):
+        fail("stages", f"expected a non-empty list of stage names, got {clip(repr(stages))}")
+    if len(set(stages)) != len(stages):
+        fail("stages", f"a stage name appears twice in {stages}")
+    for field in ("dim", "n_items", "n_users"):
+        value = manifest.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "n_users" else 1):
+            least = "non-negative" if field == "n_users" else "positive"
+            fail(field, f"expected a {least} integer, got {clip(repr(value))}")
+    dim, n_items, n_users = manifest["dim"], manifest["n_items"], manifest["n_users"]
+
+    def array(name: str, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = arrays[name]
+        file = f"{name}.npy"
+        if a.dtype.kind != kind or (kind == "f" and a.dtype != np.float32) or a.dtype.byteorder == ">":
+            fail(file, f"dtype {a.dtype}, expected {'float32' if kind == 'f' else 'native integers'}")
+        if a.shape != shape:
+            fail(file, f"shape {a.shape}, expected {shape} (dim {dim}, n_items {n_items}, n_users {n_users})")
+        return a
+
+    n_stages = len(stages)
+    for name, rows in (("item_vectors", n_items), ("user_vectors", n_users)):
+        v = array(name, "f", (rows, dim))
+        if not np.isfinite(v).all():
+            fail(f"{name}.npy", f"row {int(np.nonzero(~np.isfinite(v).all(axis=1))[0][0])} is not finite (NaN or inf)")
+        if v.size and np.abs(v).max() > MAX_ABS:
+            fail(f"{name}.npy", f"holds {float(np.abs(v).max()):g}, beyond +-{MAX_ABS:g} (scores would overflow)")
+    owner = array("output_owner", "i", (dim,))
+    if owner.size and (owner.min() < 0 or owner.max() > n_stages):
+        fail("output_owner.npy", f"owners lie in 0 (unused) to {n_stages} (stages), got {owner.min()}..{owner.max()}")
+    groups = {s: int((owner == k + 1).sum()) for k, s in enumerate(stages)}
+    if manifest.get("dimension_groups") != groups:
+        given = clip(repr(manifest.get("dimension_groups")))
+        fail("dimension_groups", f"{given} but output_owner gives {groups} for stages {stages}")
+    if groups[stages[0]] == 0:
+        fail("dimension_groups", f"the first stage {stages[0]!r} owns no dimension: every objective would score 0")
+    indptr = array("seen_indptr", "i", (n_users + 1,))
+    indices = arrays["seen_indices"]
+    if indices.ndim != 1 or indices.dtype.kind != "i":
+        fail("seen_indices.npy", f"expected a 1-D integer array, got {indices.dtype} of shape {indices.shape}")
+    if indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+        fail("seen_indptr.npy", f"not a CSR row pointer over {len(indices)} seen items (must start at 0, never "
+             "decrease, end at the number of seen items)")  # fmt: skip
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
+        fail("seen_indices.npy", f"item rows must lie in 0..{n_items - 1}, got {indices.min()}..{indices.max()}")
+    popularity = array("popularity", "f", (n_items,))
+    if not np.isfinite(popularity).all() or (popularity < 0).any():
+        fail("popularity.npy", "must be finite and >= 0 (training interactions per item)")
+    for name, n in (("user_ids", n_users), ("item_ids", n_items)):
+        if len(ids[name]) != n:
+            fail(f"{name}.json", f"{len(ids[name])} ids, expected {n}")
+    try:
+        check_weights(manifest.get("default_weights"), tuple(stages))
+    except WeightError as err:
+        fail("default_weights", str(err))
 
 
 def _ids(original: np.ndarray | None, n: int) -> list[str]:

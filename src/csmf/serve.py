@@ -3,20 +3,46 @@
 The weights of a request are folded into the user's query vector (q = u * lambda), so every weighting is
 one search of the same index. Per-objective scores of the returned items are exact inner products over
 each objective's dimension groups, so a client sees why an item ranks where it does.
+
+Every input is bounded before it reaches the index (ServeLimits, MAX_K, csmf.export's MAX_ABS and weight
+rules), so scores stay finite in float32 and an answer holds min(k, items the user may get) items, or says
+why it holds fewer in `note`.
 """
 
 from __future__ import annotations
 
-import math
+import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from csmf.export import Artifact
-from csmf.index import Index
+from csmf.export import MAX_ABS, Artifact, WeightError, clip
+from csmf.export import check_weights as _check_weights
 
-MAX_K = 1000
+if TYPE_CHECKING:  # csmf.index loads faiss; the CLI reads ServeLimits' defaults without it
+    from csmf.index import Index
+
+MAX_K = 1000  # largest k of one request
+CANDIDATE_BLOCK = 1 << 20  # most (users x candidates) one index search returns at once: bounds its memory
+# a weight in a query string: ASCII digits only, so '1_0' and full-width digits are refused, not read as 10
+WEIGHT_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of the server (`csmf serve --max-ids/--max-results/--max-body-bytes`)."""
+
+    max_ids: int = 1000  # most user ids in one POST /recommend
+    max_results: int = 20_000  # most items one request may ask for (user ids x k): bounds its time and answer size
+    max_body_bytes: int = 1 << 20  # largest request body in bytes; a larger one answers 413 before it is parsed
+
+    def __post_init__(self):
+        for name in ("max_ids", "max_results", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServeLimits.{name} must be a positive integer, got {value!r}")
 
 
 class RequestError(ValueError):
@@ -34,32 +60,39 @@ class UnknownUser(KeyError):
 
 
 def parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
-    """'click:0.3,purchase:0.7' -> {click: 0.3, purchase: 0.7}; stages not named get weight 0."""
+    """'click:0.3,purchase:0.7' -> {click: 0.3, purchase: 0.7}; stages not named get weight 0.
+
+    Strict: a stage named twice, or a number Python would read leniently ('1_0', full-width digits, 'inf',
+    'nan') is a RequestError, not a guess.
+    """
     weights: dict[str, float] = {}
     for part in text.split(","):
-        if not part.strip():
+        if not part.strip(" "):
             continue
         name, sep, value = part.partition(":")
+        name, value = name.strip(" "), value.strip(" ")
         if not sep:
-            raise RequestError("weights", f"{part!r} is not stage:weight (e.g. {stages[-1]}:0.7)")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise RequestError("weights", f"weight of {name.strip()!r} is not a number: {value!r}") from None
+            raise RequestError("weights", f"{clip(repr(part))} is not stage:weight (e.g. {stages[-1]}:0.7)")
+        if name in weights:
+            raise RequestError("weights", f"stage {clip(repr(name))} is given twice; give each stage once")
+        if not WEIGHT_NUMBER.fullmatch(value):
+            raise RequestError("weights", f"weight of {clip(repr(name))} is not a plain decimal number (ASCII digits, "
+                               f"'.', an exponent): {clip(repr(value))}")  # fmt: skip
+        weights[name] = float(value)
     return weights
 
 
 def check_weights(weights: dict[str, float], stages: tuple[str, ...]) -> dict[str, float]:
-    if not weights:
-        raise RequestError("weights", f"give at least one stage:weight; stages are {list(stages)}")
-    for name, w in weights.items():
-        if name not in stages:
-            raise RequestError("weights", f"unknown stage {name!r}; stages are {list(stages)}")
-        if not math.isfinite(w) or w < 0:
-            raise RequestError("weights", f"weight of {name!r} must be finite and >= 0, got {w}")
-    if not any(weights.values()):
-        raise RequestError("weights", "all weights are zero: nothing to rank by")
-    return {s: float(weights.get(s, 0.0)) for s in stages}
+    """The rules of csmf.export.check_weights (0 <= w <= 1e6 each, sum > 1e-6), as a 422 on `weights`."""
+    try:
+        return _check_weights(weights, stages)
+    except WeightError as err:
+        raise RequestError("weights", str(err)) from None
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+        raise RequestError("k", f"must be a whole number between 1 and {MAX_K}, got {clip(repr(k))}")
 
 
 @dataclass
@@ -69,13 +102,20 @@ class Recommendation:
     weights: dict[str, float]
     fallback: bool
     seconds: float
+    note: str | None = None  # why `items` holds fewer than k, when it does
 
 
 class Recommender:
     """An artifact plus an index: user id + weights -> ranked items with per-objective and fused scores."""
 
-    def __init__(self, artifact: Artifact, index: Index, popularity_fallback: bool = False):
+    def __init__(
+        self, artifact: Artifact, index: Index, popularity_fallback: bool = False, limits: ServeLimits = ServeLimits()
+    ):
+        if (index.n_items, index.dim) != (len(artifact.item_ids), artifact.dim):
+            raise ValueError(f"the index holds {index.n_items} x {index.dim} vectors, the artifact "
+                             f"{len(artifact.item_ids)} x {artifact.dim}: build it from this artifact")  # fmt: skip
         self.artifact, self.index, self.popularity_fallback = artifact, index, popularity_fallback
+        self.limits = limits
         self.user_rows = {u: i for i, u in enumerate(artifact.user_ids)}
         self.masks = np.stack([artifact.objective_mask(s) for s in artifact.stages])  # (S, D)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
@@ -95,32 +135,50 @@ class Recommender:
             "dim": a.dim,
             "dimension_groups": a.manifest["dimension_groups"],
             "popularity_fallback": self.popularity_fallback,
+            "limits": {"max_k": MAX_K, "max_abs": MAX_ABS, **vars(self.limits)},
         }
 
-    def search_vector(self, vector: list[float], k: int) -> list[dict]:
-        q = np.asarray(vector, dtype=np.float32)
+    def search_vector(self, vector: list[float], k: int) -> tuple[list[dict], str | None]:
+        """Top-k items for a caller's query vector, and a note when fewer than k come back."""
+        check_k(k)
+        try:
+            q = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise RequestError("vector", "must be a list of numbers") from None
         if q.shape != (self.artifact.dim,):
-            raise RequestError("vector", f"must have {self.artifact.dim} numbers, got {q.size}")
+            raise RequestError("vector", f"must be a list of {self.artifact.dim} numbers, got shape {q.shape}")
         if not np.isfinite(q).all():
             raise RequestError("vector", "must hold finite numbers only")
-        if not 1 <= k <= MAX_K:
-            raise RequestError("k", f"must be between 1 and {MAX_K}, got {k}")
-        scores, rows = self.index.search(q[None, :], k)
+        if np.abs(q).max() > MAX_ABS:
+            raise RequestError("vector", f"entries must lie within +-{MAX_ABS:g}, got {np.abs(q).max():g}")
+        scores, rows = self.index.search(q.astype(np.float32)[None, :], k)  # (1, k), (1, k)
         hits = zip(scores[0], rows[0], strict=True)
-        return [{"item_id": self.artifact.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
+        items = [{"item_id": self.artifact.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
+        n = len(self.artifact.item_ids)
+        return items, self._note(len(items), k, n, f"the catalogue holds {n} items")
 
     def sample_users(self, limit: int) -> list[str]:
         activity = np.diff(self.artifact.seen_indptr)
         return [self.artifact.user_ids[i] for i in np.argsort(-activity, kind="stable")[:limit]]
 
     def query_vectors(self, rows: np.ndarray, weights: dict[str, float]) -> np.ndarray:
-        return self.artifact.user_vectors[rows] * self.artifact.fold(weights)
+        return self.artifact.user_vectors[rows] * self.artifact.fold(weights)  # (B, D)
+
+    def check_request(self, n_ids: int, k: int) -> None:
+        """The bounds on one request's work, before any of it is done (RequestError naming the field)."""
+        check_k(k)
+        if n_ids > self.limits.max_ids:
+            raise RequestError("user_ids", f"{n_ids:,} ids, more than this server's limit of {self.limits.max_ids:,} "
+                               "per request (csmf serve --max-ids): split the batch")  # fmt: skip
+        if n_ids * k > self.limits.max_results:
+            raise RequestError("user_ids" if n_ids > 1 else "k", f"{n_ids:,} ids x k {k:,} = {n_ids * k:,} items, more "
+                               f"than this server's limit of {self.limits.max_results:,} per request (csmf serve "
+                               "--max-results): send fewer ids per request or a smaller k")  # fmt: skip
 
     def recommend(
         self, user_ids: list[str], k: int, weights: dict[str, float] | None, exclude_seen: bool
     ) -> list[Recommendation]:
-        if not 1 <= k <= MAX_K:
-            raise RequestError("k", f"must be between 1 and {MAX_K}, got {k}")
+        self.check_request(len(user_ids), k)
         weights = check_weights(weights if weights is not None else self.artifact.default_weights, self.stages)
         t0 = time.perf_counter()
         known = [u for u in user_ids if u in self.user_rows]
@@ -128,32 +186,57 @@ class Recommender:
         if unknown and not self.popularity_fallback:
             raise UnknownUser(unknown[0])
         rows = np.array([self.user_rows[u] for u in known], dtype=np.int64)
-        found: dict[str, list[int]] = {}
-        if len(rows):
-            extra = max((len(self.artifact.seen(r)) for r in rows), default=0) if exclude_seen else 0
-            _, top = self.index.search(self.query_vectors(rows, weights), k + extra)
-            for u, r, candidates in zip(known, rows, top, strict=True):
-                candidates = candidates[candidates >= 0]
-                if exclude_seen:
-                    candidates = candidates[~np.isin(candidates, self.artifact.seen(r))]
-                found[u] = candidates[:k].tolist()
+        found = dict(zip(known, self._top(rows, k, weights, exclude_seen), strict=True))
         seconds = time.perf_counter() - t0  # the search itself, shared by the batch
+        n = len(self.artifact.item_ids)
         out = []
         for u in user_ids:
             if u in found:
                 items = self._describe(self.user_rows[u], found[u], weights)
+                seen = len(np.unique(self.artifact.seen(self.user_rows[u]))) if exclude_seen else 0
+                why = f"this user has seen all but {n - seen} of the {n} items (exclude_seen)" if seen else (
+                    f"the catalogue holds {n} items")  # fmt: skip
+                note = self._note(len(items), k, n - seen, why)
             else:
                 items = [{"item_id": self.artifact.item_ids[i], "popularity": float(self.artifact.popularity[i])}
                          for i in self.popular[:k]]  # fmt: skip
-            out.append(Recommendation(u, items, weights, u not in found, seconds))
+                note = self._note(len(items), k, n, f"the catalogue holds {n} items")
+            out.append(Recommendation(u, items, weights, u not in found, seconds, note))
         return out
 
-    def _describe(self, row: int, items: list[int], weights: dict[str, float]) -> list[dict]:
+    def _top(self, rows: np.ndarray, k: int, weights: dict[str, float], exclude_seen: bool) -> list[np.ndarray]:
+        """Each user's top-k item rows, seen items left out; searched in blocks of <= CANDIDATE_BLOCK candidates."""
+        seen = [self.artifact.seen(r) for r in rows]
+        width = [min(k + (len(s) if exclude_seen else 0), self.index.n_items) for s in seen]  # candidates per user
+        out, start = [], 0
+        while start < len(rows):
+            stop, wide = start + 1, width[start]
+            while stop < len(rows) and (stop - start + 1) * max(wide, width[stop]) <= CANDIDATE_BLOCK:
+                wide, stop = max(wide, width[stop]), stop + 1
+            _, top = self.index.search(self.query_vectors(rows[start:stop], weights), wide)  # (b, wide)
+            for candidates, s in zip(top, seen[start:stop], strict=True):
+                candidates = candidates[candidates >= 0]
+                if exclude_seen:
+                    candidates = candidates[~np.isin(candidates, s)]
+                out.append(candidates[:k])
+            start = stop
+        return out
+
+    def _note(self, got: int, k: int, available: int, why: str) -> str | None:
+        """Why an answer holds fewer than k items: fewer exist for this request, or the index missed some."""
+        if got >= k:
+            return None
+        if got >= available:
+            return f"{got} items, not {k}: {why}"
+        return (f"{got} items, not {min(k, available)}: the {self.index.kind} index returned fewer candidates "
+                "than asked (an approximate index can miss items; the exact index does not)")  # fmt: skip
+
+    def _describe(self, row: int, items: np.ndarray, weights: dict[str, float]) -> list[dict]:
         """Each item's per-objective scores s_k = <u * mask_k, v> and the fused sum_k w_k s_k."""
         u, v = self.artifact.user_vectors[row], self.artifact.item_vectors[items]  # (D,), (k, D)
         per_stage = (v * u) @ self.masks.T  # (k, S)
         w = np.array([weights[s] for s in self.stages], dtype=np.float32)
-        fused = per_stage @ w
+        fused = per_stage @ w  # (k,)
         return [
             {
                 "item_id": self.artifact.item_ids[i],
