@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -19,10 +20,10 @@ from csmf.app import create_app
 from csmf.bench import load_dataset
 from csmf.cli import main
 from csmf.config import load_config
-from csmf.export import ArtifactError, load_artifact
+from csmf.export import ArtifactError, load_artifact, manifest_digest, write_artifact
 from csmf.index import IndexSettings, build_index, recall_against
 from csmf.models.csmf import CSMF
-from csmf.serve import Recommender
+from csmf.serve import Recommender, RequestError, ServeLimits
 
 TINY = [
     "--set", "model.user_hidden=16", "--set", "model.id_dim=8", "--set", "model.history_dim=8",
@@ -254,3 +255,292 @@ def test_querybench_measures_fused_single_and_per_index_queries(exported, tmp_pa
     fusion, hnsw = result["fusion"], result["hnsw"]
     assert fusion["items"] == 3000 and fusion["fused_seconds"] > 0 and fusion["per_index_over_single"] > 0
     assert 0.0 <= hnsw["recall_at_50"] <= 1.0 and hnsw["speedup"] > 0
+
+
+# ---- the serving artifact: every field checked at load, the manifest covered by its own checksum ----
+
+STAGES = ("view", "click", "buy")
+
+
+def small_artifact(out: Path, n_items: int = 50, n_users: int = 20, seed: int = 0) -> Path:
+    """An artifact written without training: 8 dimensions owned 3/2/2 by three stages, one left unused."""
+    rng = np.random.default_rng(seed)
+    seen = [rng.choice(n_items, size=int(rng.integers(0, 10)), replace=False) for _ in range(n_users)]
+    seen[0] = np.arange(n_items - 3)  # user u0 has seen all but 3 items
+    return write_artifact(
+        out,
+        item_vectors=rng.normal(size=(n_items, 8)),
+        user_vectors=rng.normal(size=(n_users, 8)),
+        output_owner=np.array([1, 1, 1, 2, 2, 3, 3, 0]),
+        seen_indptr=np.concatenate([[0], np.cumsum([len(s) for s in seen])]),
+        seen_indices=np.concatenate(seen),
+        popularity=rng.integers(0, 9, n_items).astype(np.float32),
+        user_ids=[f"u{i}" for i in range(n_users)],
+        item_ids=[f"i{i}" for i in range(n_items)],
+        stages=STAGES,
+        default_weights={"click": 1.0},
+        source={"run_dir": "runs/small", "dataset": "synthetic", "seed": seed},
+    )
+
+
+def resign(folder: Path, manifest: dict) -> None:
+    """What someone who edits an artifact on purpose does: recompute every file digest and the manifest's own."""
+    for name in manifest["files"]:
+        manifest["files"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _swap_stages(folder: Path, m: dict) -> None:
+    m["stages"] = ["buy", "click", "view"]
+
+
+def _save(name: str, change):
+    def edit(folder: Path, m: dict) -> None:
+        np.save(folder / f"{name}.npy", change(np.load(folder / f"{name}.npy")))
+
+    return edit
+
+
+def _nan_row(v: np.ndarray) -> np.ndarray:
+    v = v.copy()
+    v[7, 2] = np.nan
+    return v
+
+
+def _pickled(folder: Path, m: dict) -> None:
+    np.save(folder / "popularity.npy", np.array([{"payload": 1}] * 50, dtype=object), allow_pickle=True)
+
+
+def _truncated(folder: Path, m: dict) -> None:
+    data = (folder / "item_vectors.npy").read_bytes()
+    (folder / "item_vectors.npy").write_bytes(data[: len(data) - 40])
+
+
+def _duplicate_id(folder: Path, m: dict) -> None:
+    (folder / "item_ids.json").write_text(json.dumps(["i0"] + [f"i{i}" for i in range(49)]))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_swap_stages, r"manifest.json: dimension_groups: .* output_owner gives \{'buy': 3, 'click': 2, 'view': 2\}"),
+        (lambda f, m: m.update(stages=["view", "view", "buy"]), "stages: a stage name appears twice"),
+        (lambda f, m: m.update(default_weights={"click": -1.0}), r"default_weights: weight of 'click' must be between"),
+        (lambda f, m: m.update(default_weights={"clicks": 1.0}), "default_weights: unknown stage 'clicks'"),
+        (lambda f, m: m.update(default_weights={"click": 0.0}), "default_weights: weights sum to 0.0"),
+        (lambda f, m: m.update(default_weights={"click": True}), "default_weights: weight of 'click' must be a number"),
+        (lambda f, m: m.update(dim=9), r"item_vectors.npy: shape \(50, 8\), expected \(50, 9\)"),
+        (lambda f, m: m.update(n_users="20"), "n_users: expected a non-negative integer, got '20'"),
+        (_save("item_vectors", _nan_row), "item_vectors.npy: row 7 is not finite"),
+        (_save("user_vectors", lambda v: v * 1e7), r"user_vectors.npy: holds .* beyond \+-1e\+06"),
+        (_save("user_vectors", lambda v: v[:-1]), r"user_vectors.npy: shape \(19, 8\), expected \(20, 8\)"),
+        (_save("item_vectors", lambda v: v.astype(np.float64)), "item_vectors.npy: dtype float64, expected float32"),
+        (_save("seen_indices", lambda s: s + 50), r"seen_indices.npy: item rows must lie in 0..49"),
+        (_save("seen_indptr", lambda p: p[::-1].copy()), "seen_indptr.npy: not a CSR row pointer"),
+        (_save("output_owner", lambda o: o + 3), r"output_owner.npy: owners lie in 0 \(unused\) to 3"),
+        (_save("popularity", lambda p: -p - 1), "popularity.npy: must be finite and >= 0"),
+        (_pickled, r"popularity.npy: not a readable .npy array \(.*allow_pickle"),
+        (_truncated, r"item_vectors.npy: not a readable .npy array"),
+        (_duplicate_id, "item_ids.json: id 'i0' appears more than once"),
+    ],
+)
+def test_artifact_content_is_checked_even_when_every_checksum_was_updated(tmp_path, edit, message):
+    path = small_artifact(tmp_path / "a")
+    load_artifact(path)  # the untouched artifact loads
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(path, manifest)
+    resign(path, manifest)
+    with pytest.raises(ArtifactError, match=message) as err:
+        load_artifact(path)
+    assert str(path) in str(err.value)  # names the file
+
+
+def test_an_edited_manifest_fails_its_own_checksum_and_an_old_artifact_is_told_to_re_export(tmp_path):
+    path = small_artifact(tmp_path / "a")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "stages": ["buy", "click", "view"]}))
+    with pytest.raises(ArtifactError, match="manifest.json: manifest_sha256 does not match"):
+        load_artifact(path)
+    old = {k: v for k, v in manifest.items() if k != "manifest_sha256"}  # what csmf wrote before version 2
+    (path / "manifest.json").write_text(json.dumps({**old, "format_version": 1}))
+    with pytest.raises(ArtifactError, match=r"format_version 1; .*export the model again.*--run runs/small"):
+        load_artifact(path)
+
+
+def test_export_refuses_default_weights_that_every_request_would_refuse(tmp_path):
+    with pytest.raises(ArtifactError, match="weight of 'click' must be between 0 and 1e"):
+        write_artifact(tmp_path, np.ones((2, 1)), np.ones((1, 1)), np.array([1]), np.array([0, 0]), np.array([]),
+                       np.ones(2), ["u"], ["a", "b"], ("click",), {"click": 1e308}, {})  # fmt: skip
+
+
+def test_serve_cli_reports_a_damaged_artifact_without_a_traceback(tmp_path, capsys):
+    path = small_artifact(tmp_path / "a")
+    manifest = json.loads((path / "manifest.json").read_text())
+    _pickled(path, manifest)
+    resign(path, manifest)
+    assert main(["serve", "--artifact", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "popularity.npy: not a readable .npy array" in err and "Traceback" not in err
+
+
+# ---- the service: bounded weights, vectors and work; strict parsing; answers that say why they are short ----
+
+
+@pytest.mark.parametrize(
+    "params, field, message",
+    [
+        ({"weights": "exposure:1e308"}, "weights", "weight of 'exposure' must be between 0 and 1e+06, got 1e+308"),
+        ({"weights": "exposure:3.3e38"}, "weights", "must be between 0 and 1e+06"),
+        ({"weights": "exposure:1e-300"}, "weights", "weights sum to 1e-300: give a sum above 1e-06"),
+        ({"weights": "click:1,click:2"}, "weights", "stage 'click' is given twice"),
+        ({"weights": "click:1_0"}, "weights", "weight of 'click' is not a plain decimal number"),
+        ({"weights": "click:\uff11"}, "weights", "not a plain decimal number"),  # full-width 1
+        ({"weights": "click:inf"}, "weights", "not a plain decimal number"),
+        ({"k": "1_0"}, "k", "must be a whole number in the digits 0-9, got '1_0'"),
+        ({"k": "\uff11\uff10"}, "k", "digits 0-9"),  # full-width 10
+        ({"k": "10.0"}, "k", "digits 0-9"),
+        ({"weight": "click:1"}, "weight", "unknown query parameter"),  # a typo would silently use the defaults
+    ],
+)
+def test_ambiguous_or_unbounded_query_is_422_naming_the_field(server, params, field, message):
+    url, artifact = server
+    response = httpx.get(f"{url}/recommend", params={"user_id": artifact.user_ids[0], **params})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["query", field] and message in detail["msg"]
+
+
+def test_repeated_query_parameters_are_refused(server):
+    url, artifact = server
+    for name, values in (("user_id", artifact.user_ids[:2]), ("k", ["5", "6"]), ("weights", ["click:1"] * 2)):
+        params = [("user_id", artifact.user_ids[0])] * (name != "user_id") + [(name, v) for v in values]
+        response = httpx.get(f"{url}/recommend", params=params)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == [{"loc": ["query", name], "msg": "given more than once; give it once"}]
+
+
+OVER_MAX_RESULTS = "21 ids x k 1,000 = 21,000 items, more than this server's limit of 20,000 per request (csmf serve"
+
+
+def _post(url: str, path: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "body, field, message",
+    [
+        ({"k": True}, "k", "Input should be a valid integer"),
+        ({"k": "10"}, "k", "Input should be a valid integer"),
+        ({"exclude_seen": 1}, "exclude_seen", "Input should be a valid boolean"),
+        ({"weights": {"click": 1e308}}, "weights", "weight of 'click' must be between 0 and 1e+06"),
+        ({"weights": {"click": 1e-300}}, "weights", "weights sum to 1e-300"),
+        ({"weights": {"click": "1"}}, "click", "Input should be a valid number"),
+        ({"weight": {"click": 1}}, "weight", "Extra inputs are not permitted"),
+        ({"user_ids": ["U"] * 21, "k": 1000}, "user_ids", OVER_MAX_RESULTS),
+        ({"user_ids": ["U"] * 1001, "k": 1}, "user_ids", "1,001 ids, more than this server's limit of 1,000"),
+    ],
+)
+def test_ambiguous_or_unbounded_body_is_422_naming_the_field(server, body, field, message):
+    url, artifact = server
+    body = {"user_ids": [artifact.user_ids[0]], **body}
+    body["user_ids"] = [artifact.user_ids[0] if u == "U" else u for u in body["user_ids"]]
+    response = httpx.post(f"{url}/recommend", json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"][0] == "body" and detail["loc"][-1] == field and message in detail["msg"], detail
+
+
+def test_duplicate_json_keys_are_refused(server):
+    url, artifact = server
+    user = json.dumps(artifact.user_ids[0])
+    for path, body, field in (
+        ("/recommend", f'{{"user_ids": [{user}], "weights": {{"click": 1, "click": 2}}}}', "weights"),
+        ("/recommend", f'{{"user_ids": [{user}], "k": 5, "k": 6}}', "k"),
+        ("/search", '{"vector": [1, 1, 1, 1, 1, 1, 1, 1], "k": 5, "k": 6}', "k"),
+    ):
+        response = _post(url, path, body.encode())
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"][0]
+        assert detail["loc"] == ["body", field] and "appears twice in one JSON object" in detail["msg"]
+
+
+@pytest.mark.parametrize(
+    "vector, message",
+    [
+        ([-3.4e38] * 8, "entries must lie within +-1e+06, got 3.4e+38"),  # answered 500 before
+        ([1e38] * 8, "entries must lie within +-1e+06"),  # answered 200 with no items before
+        ("[NaN, 1, 1, 1, 1, 1, 1, 1]", "must hold finite numbers only"),
+        ("[1e400, 1, 1, 1, 1, 1, 1, 1]", "must hold finite numbers only"),
+        ([1.0] * 9, "must be a list of 8 numbers"),
+    ],
+)
+def test_search_refuses_vectors_it_cannot_score(server, vector, message):
+    url, _ = server
+    text = vector if isinstance(vector, str) else json.dumps(vector)
+    response = _post(url, "/search", f'{{"vector": {text}, "k": 5}}'.encode())
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", "vector"] and message in detail["msg"]
+
+
+def test_extreme_but_allowed_input_answers_k_finite_items(server):
+    url, artifact = server
+    n = len(artifact.item_ids)
+    body = httpx.post(f"{url}/search", json={"vector": [-1e6] * 8, "k": 7}).json()
+    assert len(body["items"]) == 7 and all(np.isfinite(i["score"]) for i in body["items"])
+    user = artifact.user_ids[0]
+    for weights in ("exposure:1e6,click:1e6,conversion:1e6", "conversion:1.5e-6", "exposure:1e6,click:1e-300"):
+        response = httpx.get(f"{url}/recommend", params={"user_id": user, "k": 9, "weights": weights})
+        assert response.status_code == 200, response.text
+        items = response.json()["items"]
+        assert len(items) == 9 and all(np.isfinite(i["score"]) for i in items) and "note" not in response.json()
+    whole = httpx.post(f"{url}/search", json={"vector": [1.0] * 8, "k": 1000}).json()
+    assert len(whole["items"]) == n and whole["note"] == f"{n} items, not 1000: the catalogue holds {n} items"
+
+
+def test_an_answer_shorter_than_k_says_why(server):
+    url, artifact = server
+    row = int(np.argmax(np.diff(artifact.seen_indptr)))  # the user who has seen most
+    unseen = len(artifact.item_ids) - len(artifact.seen(row))
+    body = httpx.get(f"{url}/recommend", params={"user_id": artifact.user_ids[row], "k": 1000}).json()
+    assert len(body["items"]) == unseen
+    assert body["note"] == (f"{unseen} items, not 1000: this user has seen all but {unseen} of the "
+                            f"{len(artifact.item_ids)} items (exclude_seen)")  # fmt: skip
+    body = httpx.get(f"{url}/recommend", params={"user_id": artifact.user_ids[row], "k": 1000, "exclude_seen": "false"})
+    assert len(body.json()["items"]) == len(artifact.item_ids)
+
+
+def test_request_body_is_bounded_and_errors_never_echo_a_huge_input(server):
+    url, artifact = server
+    huge = json.dumps({"user_ids": [str(i) for i in range(300_000)]}).encode()  # 2.5 MB, over the 1 MiB default
+    response = _post(url, "/recommend", huge)
+    assert response.status_code == 413 and "limit of 1,048,576 bytes (csmf serve --max-body-bytes)" in response.text
+
+    def chunks():  # no Content-Length: the bytes read are counted
+        yield b'{"user_ids": ['
+        for _ in range(3000):  # 1.5 MB
+            yield b'"x", ' * 100
+        yield b'"x"]}'
+
+    response = httpx.post(f"{url}/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    wrong_type = json.dumps({"user_ids": list(range(100_000))}).encode()  # 0.7 MB: under the limit, every id wrong
+    response = _post(url, "/recommend", wrong_type)
+    assert response.status_code == 422 and len(response.content) < 3000, len(response.content)
+    assert response.json()["detail"][-1]["msg"] == "and 99,990 more errors"
+    long_id = json.dumps({"user_ids": ["x" * 500_000]}).encode()
+    response = _post(url, "/recommend", long_id)
+    assert response.status_code == 404 and len(response.content) < 1000
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_limits_are_configurable_and_checked(exported):
+    artifact = load_artifact(exported[1])
+    tight = Recommender(artifact, build_index(artifact.item_vectors), limits=ServeLimits(max_results=50))
+    with pytest.raises(RequestError, match="limit of 50 per request"):
+        tight.recommend([artifact.user_ids[0]], 51, None, True)
+    assert len(tight.recommend([artifact.user_ids[0]], 50, None, False)[0].items) == 50
+    with pytest.raises(ValueError, match="ServeLimits.max_ids must be a positive integer"):
+        ServeLimits(max_ids=0)
+    assert main(["serve", "--artifact", str(exported[1]), "--max-body-bytes", "0"]) == 2

@@ -28,6 +28,7 @@ from csmf.export import clip
 from csmf.serve import MAX_K, Recommendation, Recommender, RequestError, UnknownUser, parse_weights
 
 ECHO_CHARS = 200  # the most of an input an error body repeats
+MAX_ERRORS = 10  # the most validation errors one 422 lists (100,000 ids of the wrong type would be 100,000)
 
 
 class BatchRequest(BaseModel):
@@ -168,8 +169,9 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         """FastAPI's 422, with `input` cut short (its default repeats a 10 MB body) and no non-finite floats."""
+        errors = err.errors()
         detail = []
-        for e in err.errors():
+        for e in errors[:MAX_ERRORS]:
             item = {"loc": [str(part) for part in e.get("loc", ())], "msg": clip(str(e.get("msg", "")), ECHO_CHARS)}
             item["type"] = str(e.get("type", ""))
             if "input" in e:
@@ -177,6 +179,8 @@ def create_app(recommender: Recommender) -> FastAPI:
             if isinstance(e.get("ctx"), dict) and isinstance(e["ctx"].get("error"), str):
                 item["ctx"] = {"error": clip(e["ctx"]["error"], ECHO_CHARS)}
             detail.append(item)
+        if len(errors) > MAX_ERRORS:
+            detail.append({"loc": detail[-1]["loc"][:1], "msg": f"and {len(errors) - MAX_ERRORS:,} more errors"})
         return JSONResponse(status_code=422, content={"detail": detail})
 
     page = resources.files("csmf").joinpath("static/index.html").read_text()
