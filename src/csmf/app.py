@@ -138,8 +138,8 @@ def _short_input(value: object) -> str:
     """An input as at most ECHO_CHARS of JSON-ish text (never a non-finite float, which JSON cannot hold)."""
     try:
         text = json.dumps(jsonable_encoder(value))
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError):  # ValueError: an int too long to print, among others
+        text = f"<{type(value).__name__}>"
     return clip(text, ECHO_CHARS)
 
 

@@ -1,0 +1,368 @@
+"""10,000+ seeded random and adversarial requests against `csmf serve` on loopback.
+
+The server runs as the real command (`python -m csmf.cli serve`) in a subprocess with tight limits, over a
+small artifact written without training. Each request is built from parts the generator knows to be valid
+or not, so the test holds an oracle: a request made only of valid parts must answer 200; any request must
+answer a 4xx or 200, never a 5xx, with a short error body. Every 200 must hold min(k, items the user may get)
+items with finite scores (or say why in `note`; with the exact index that never happens), and the server
+must answer reference requests identically after the storm.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlencode
+
+import numpy as np
+import pytest
+
+from csmf.export import load_artifact, write_artifact
+from csmf.loadtest import _free_port, _wait_healthy
+
+STAGES = ("view", "click", "buy")
+N_ITEMS, N_USERS, DIM = 300, 120, 8
+MAX_IDS, MAX_RESULTS, MAX_BODY = 200, 5000, 65_536  # tighter than the defaults, so the storm reaches them
+REQUESTS = 10_000
+ODD_IDS = ["ユーザー", "x,y:z", "a b", "%41", "&k=5"]  # ids a query string must escape
+
+
+def _artifact(out: Path) -> Path:
+    rng = np.random.default_rng(7)
+    seen = [rng.choice(N_ITEMS, size=int(rng.integers(0, 40)), replace=False) for _ in range(N_USERS)]
+    seen[0], seen[1], seen[2] = np.arange(N_ITEMS - 3), np.arange(N_ITEMS), np.array([], dtype=int)
+    user_ids = [f"u{i}" for i in range(N_USERS - len(ODD_IDS))] + ODD_IDS
+    return write_artifact(
+        out,
+        item_vectors=rng.normal(size=(N_ITEMS, DIM)) * rng.lognormal(0, 0.5, size=(N_ITEMS, 1)),
+        user_vectors=rng.normal(size=(N_USERS, DIM)),
+        output_owner=np.array([1, 1, 1, 2, 2, 3, 3, 0]),
+        seen_indptr=np.concatenate([[0], np.cumsum([len(s) for s in seen])]),
+        seen_indices=np.concatenate(seen),
+        popularity=rng.integers(0, 50, N_ITEMS).astype(np.float32),
+        user_ids=user_ids,
+        item_ids=[f"item-{i}" for i in range(N_ITEMS)],
+        stages=STAGES,
+        default_weights={"click": 1.0, "buy": 0.5},
+        source={"dataset": "fuzz"},
+    )
+
+
+JSON = {"content-type": "application/json"}
+
+
+class Shot(NamedTuple):
+    """One request, whether it is valid (so must answer 200), and what a 200 must hold."""
+
+    method: str
+    path: str
+    body: bytes | Iterator[bytes] | None = None  # an iterator is sent chunked (no Content-Length)
+    headers: dict | None = None
+    valid: bool = False
+    check: tuple = ("none", None)  # ("one" | "many", [(user, k, exclude_seen)]) or ("search", k)
+
+
+class Client:
+    """One keep-alive connection; each call returns (status, body bytes)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def __call__(self, shot: Shot) -> tuple[int, bytes]:
+        """(status, body); (0, the error) when the server dropped the connection instead of answering."""
+        chunked = shot.body is not None and not isinstance(shot.body, bytes)
+        headers = {**(shot.headers or {}), **({"transfer-encoding": "chunked"} if chunked else {})}
+        try:
+            self.conn.request(shot.method, shot.path, body=shot.body, headers=headers, encode_chunked=chunked)
+            response = self.conn.getresponse()
+            return response.status, response.read()
+        except (ConnectionError, http.client.HTTPException) as err:
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            return 0, repr(err).encode()
+
+
+class Storm:
+    """Seeded request generator: each request comes with whether it is valid and what a 200 must hold."""
+
+    def __init__(self, seed: int, artifact):
+        self.rng = np.random.default_rng(seed)
+        self.users = artifact.user_ids
+        counts = np.diff(artifact.seen_indptr)
+        self.unseen = {u: N_ITEMS - int(c) for u, c in zip(artifact.user_ids, counts, strict=True)}
+
+    def pick(self, options):
+        return options[int(self.rng.integers(len(options)))]
+
+    def chance(self, p: float) -> bool:
+        return bool(self.rng.random() < p)
+
+    # ---- parts: (wire value, valid, meaning) ----
+
+    def user(self) -> str:
+        """A known id, or an unknown one (the popularity fallback answers it, so it is valid too)."""
+        if self.chance(0.8):
+            return self.pick(self.users)
+        if self.chance(0.5):
+            return f"nobody-{int(self.rng.integers(1000))}"
+        return self.pick(["", " ", "\x00", "u1\n", "\u00fc" * 300, "u1" * 2000, "null", "[]", "U1", "u1 "])
+
+    def k(self) -> tuple[object, bool]:
+        if self.chance(0.85):
+            common = self.chance(0.7)
+            return int(self.pick([1, 2, 5, 10, 10, 20, 50, 300, 1000]) if common else self.rng.integers(1, 1001)), True
+        return self.pick([0, -1, 1001, 10**12, 2**63, "1_0", "\uff11\uff10", "10.0", "1e3", "", " 10", "+10", "0x10",
+                          "true", True, False, None, 10.0, 1e400, [10], {"k": 1}]), False  # fmt: skip
+
+    def weight_value(self) -> tuple[str, float]:
+        kind = int(self.rng.integers(6))
+        if kind == 0:
+            return "0", 0.0
+        if kind == 1:
+            w = float(10 ** self.rng.uniform(-6, 6))
+            return repr(w), w
+        if kind == 2:
+            n = int(self.rng.integers(0, 11))
+            return str(n), float(n)
+        if kind == 3:
+            return self.pick([("1e6", 1e6), (".5", 0.5), ("5.", 5.0), ("+2", 2.0), ("1E-3", 1e-3), ("1e-6", 1e-6)])
+        w = float(self.rng.random())
+        return f"{w:.4f}", float(f"{w:.4f}")
+
+    def weights(self) -> tuple[dict[str, float] | None, bool, list[str] | None]:
+        """(numbers, valid, query-string parts); None numbers = no weights (the artifact's defaults)."""
+        if self.chance(0.15):
+            return None, True, None
+        if self.chance(0.8):
+            names = [s for s in STAGES if self.chance(0.6)] or [self.pick(STAGES)]
+            texts, numbers = zip(*(self.weight_value() for _ in names), strict=True)
+            weights = dict(zip(names, numbers, strict=True))
+            valid = math.fsum(weights.values()) > 1e-6
+            return weights, valid, [f"{n}:{t}" for n, t in zip(names, texts, strict=True)]
+        bad = self.pick([("view", "1e308"), ("view", "3.3e38"), ("view", "1e-300"), ("view", "-1"), ("view", "nan"),
+                         ("view", "inf"), ("click", "1_0"), ("click", "\uff11"), ("clicks", "1"), ("", "1"),
+                         ("view", ""), ("view", "0x1"), ("view", "1e6000"), ("buy", "1000001")])  # fmt: skip
+        parts = [f"{bad[0]}:{bad[1]}"] + (["view:1", "view:2"] if self.chance(0.3) else [])
+        return {"view": -1.0}, False, parts
+
+    def vector(self) -> tuple[list, bool]:
+        length = DIM if self.chance(0.9) else int(self.pick([0, 1, DIM - 1, DIM + 1, 100]))
+        scale = float(self.pick([1e-30, 1e-3, 1.0, 1e3, 1e5]))
+        values: list = (self.rng.normal(size=length) * scale).clip(-1e6, 1e6).tolist()
+        valid = length == DIM
+        if length and self.chance(0.1):
+            values[int(self.rng.integers(length))] = self.pick([1e6, -1e6, -0.0, 3])  # edges that are allowed
+        if length and self.chance(0.3):
+            bad = [1.000001e6, 1e38, -3.4e38, math.nan, math.inf, -math.inf, "1", None, True, 2**70, [1.0], 10**400]
+            values[int(self.rng.integers(length))] = self.pick(bad)
+            valid = False
+        return values, valid
+
+    # ---- requests ----
+
+    def get_recommend(self):
+        user, valid = self.user(), True
+        params: list[tuple[str, object]] = [("user_id", user)]
+        k, k_ok = (10, True) if self.chance(0.2) else self.k()
+        if k != 10 or not k_ok or self.chance(0.5):
+            params.append(("k", k))
+        weights, w_ok, parts = self.weights()
+        if parts is not None:
+            params.append(("weights", ",".join(parts)))
+        exclude = True
+        if self.chance(0.3):
+            text, exclude = self.pick([("true", True), ("false", False), ("1", True), ("0", False)])
+            params.append(("exclude_seen", text))
+        valid = valid and k_ok and w_ok
+        if self.chance(0.05):
+            params.append(self.pick([("user_id", "u3"), ("k", "5"), ("weight", "view:1"), ("exclude_seen", "maybe")]))
+            valid = False
+        if self.chance(0.03):
+            params = params[1:]  # no user_id
+            valid = False
+        query = urlencode([(n, v if isinstance(v, str) else json.dumps(v)) for n, v in params])
+        expect = [(user, int(k), exclude)] if valid else None
+        return Shot("GET", f"/recommend?{query}", valid=valid, check=("one", expect))
+
+    def post_recommend(self):
+        n = int(self.pick([1, 1, 2, 3, 5, 8, 20])) if self.chance(0.9) else int(self.rng.integers(0, 260))
+        ids = [self.user() for _ in range(n)]
+        valid = n >= 1
+        body: dict = {"user_ids": ids}
+        k, k_ok = self.k()
+        if self.chance(0.8):
+            body["k"] = k
+        else:
+            k, k_ok = 10, True
+        weights, w_ok, parts = self.weights()
+        if parts is not None:
+            if w_ok:
+                body["weights"] = weights
+            else:
+                body["weights"] = self.pick([{"view": 1e308}, {"view": -1.0}, {"view": math.nan}, {"view": 1e-300},
+                                             {"clicks": 1.0}, {}, {"view": "1"}, {"view": True}, ["view", 1],
+                                             {"view": None}, {"view": 10**400}])  # fmt: skip
+        exclude = True
+        if self.chance(0.3):
+            exclude, e_ok = self.pick([(True, True), (False, True), (1, False), ("true", False), (None, False)])
+            body["exclude_seen"] = exclude
+            valid = valid and e_ok
+        if self.chance(0.03):
+            body["weight"] = {"view": 1.0}
+            valid = False
+        if not self.chance(0.97):
+            body["user_ids"] = self.pick([[], "u1", [1, 2], [["u1"]], None, [None]])
+            valid = False
+        valid = valid and k_ok and w_ok and n <= MAX_IDS and n * int(k) <= MAX_RESULTS
+        raw = json.dumps(body).encode()
+        if self.chance(0.05):  # damage the text
+            raw, valid = self.pick([raw[: len(raw) // 2], raw + b"}", raw.replace(b'"user_ids"', b'"k": 5, "user_ids"'),
+                                    b"\xff\xfe" + raw, b"[" * 5000, b"[]", b"null", b'{"user_ids": ["u1"], "k": 1'
+                                    + b"0" * 5000 + b"}", raw.replace(b"[", b"{", 1)]), False  # fmt: skip
+        if len(raw) > MAX_BODY:
+            valid = False
+        headers = JSON
+        if self.chance(0.02):
+            headers, valid = self.pick([{}, {"content-type": "text/plain"}]), False
+        expect = [(u, int(k), exclude) for u in ids] if valid else None
+        body = iter([raw[i : i + 4096] for i in range(0, len(raw), 4096)]) if self.chance(0.05) else raw
+        return Shot("POST", "/recommend", body, headers, valid, ("many", expect))
+
+    def post_search(self):
+        vector, valid = self.vector()
+        body: dict = {"vector": vector}
+        k, k_ok = self.k()
+        if self.chance(0.8):
+            body["k"] = k
+        else:
+            k, k_ok = 10, True
+        valid = valid and k_ok
+        return Shot("POST", "/search", json.dumps(body).encode(), JSON, valid, ("search", int(k) if valid else None))
+
+    def other(self):
+        choice = int(self.rng.integers(7))
+        if choice == 0:
+            limit, ok = self.pick([("5", True), ("1000", True), ("0", False), ("1_0", False), ("\uff11", False)])
+            return Shot("GET", f"/users?{urlencode({'limit': limit})}", valid=ok)
+        if choice in (1, 2):
+            return Shot("GET", "/info" if choice == 1 else "/health", valid=True)
+        if choice == 3:
+            return Shot("GET", "/no-such-route")
+        if choice == 4:
+            return Shot("DELETE", "/recommend")
+        if choice == 5:  # over the body limit, declared by Content-Length
+            return Shot("POST", "/recommend", json.dumps({"user_ids": ["u1"] * 20_000}).encode(), JSON)
+        return Shot("POST", "/search", iter([b'{"vector": ['] + [b"1.0, " * 2000] * 10 + [b"1.0]}"]), JSON)  # chunked
+
+    def __iter__(self):
+        kinds = [self.get_recommend] * 40 + [self.post_recommend] * 30 + [self.post_search] * 25 + [self.other] * 5
+        for _ in range(REQUESTS):
+            yield self.pick(kinds)()
+
+
+def _check_items(items: list[dict], k: int, available: int, fallback: bool, answer: dict) -> str | None:
+    if len(items) != min(k, available):
+        return f"{len(items)} items, expected min(k={k}, available={available})"
+    if len(items) < k and "note" not in answer:
+        return "fewer than k items without a note saying why"
+    for item in items:
+        numbers = [item["popularity"]] if fallback else [item["score"], *item.get("scores", {}).values()]
+        if not all(isinstance(x, float | int) and math.isfinite(x) for x in numbers):
+            return f"a score that is not a finite number: {item}"
+    return None
+
+
+def _problem(storm: Storm, status: int, data: bytes, shot: Shot) -> str | None:
+    if status == 0:
+        return "no answer: the connection was dropped"
+    if status >= 500:
+        return f"server error {status}"
+    if status not in (200, 400, 404, 405, 413, 422):
+        return f"unexpected status {status}"
+    if shot.valid and status != 200:
+        return f"a valid request answered {status}"
+    if status != 200:
+        return None if len(data) <= 4096 else f"an error body of {len(data)} bytes (inputs must not be echoed)"
+    kind, expect = shot.check
+    answer = json.loads(data)
+    if kind in ("one", "many") and expect:
+        results = [answer] if kind == "one" else answer["results"]
+        if len(results) != len(expect):
+            return f"{len(results)} results for {len(expect)} ids"
+        for (user, k, exclude), result in zip(expect, results, strict=True):
+            known = user in storm.unseen
+            available = (storm.unseen[user] if exclude else N_ITEMS) if known else N_ITEMS
+            if result["user_id"] != user or result["fallback"] == known:
+                return f"result for {result['user_id']!r} (fallback {result['fallback']}) in place of {user!r}"
+            if problem := _check_items(result["items"], k, available, not known, result):
+                return problem
+    if kind == "search" and expect:
+        return _check_items(answer["items"], expect, N_ITEMS, False, answer)
+    return None
+
+
+REFERENCE = [
+    Shot("GET", "/recommend?" + urlencode({"user_id": "u5", "k": 20, "weights": "view:0.2,click:0.3,buy:0.5"})),
+    Shot("GET", "/recommend?" + urlencode({"user_id": "ユーザー", "k": 1000})),
+    Shot("POST", "/recommend", json.dumps({"user_ids": ["u0", "u1", "u2", "nobody"], "k": 7}).encode(), JSON),
+    Shot("POST", "/search", json.dumps({"vector": [0.5, -1, 2, 0, 1e-3, 3, -2, 1], "k": 15}).encode(), JSON),
+]
+
+
+def _reference(client: Client) -> list:
+    out = []
+    for shot in REFERENCE:
+        status, data = client(shot)
+        answer = json.loads(data)
+        for part in [answer, *answer.get("results", [])]:
+            part.pop("seconds", None)  # a timing, not an answer
+        out.append((status, answer))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    path = _artifact(tmp_path_factory.mktemp("fuzz") / "artifact")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("fuzz-log") / "serve.log"
+    command = [sys.executable, "-m", "csmf.cli", "serve", "--artifact", str(path), "--port", str(port),
+               "--fallback", "popularity", "--max-ids", str(MAX_IDS), "--max-results", str(MAX_RESULTS),
+               "--max-body-bytes", str(MAX_BODY)]  # fmt: skip
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy())
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}", process, timeout=60)
+            yield port, load_artifact(path), log
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_ten_thousand_random_and_adversarial_requests(fuzz_server):
+    port, artifact, log = fuzz_server
+    client = Client(port)
+    before = _reference(client)
+    assert [status for status, _ in before] == [200] * len(REFERENCE)
+    storm = Storm(seed=20240613, artifact=artifact)
+    problems, statuses, t0 = [], {}, time.perf_counter()
+    for n, shot in enumerate(storm):
+        status, data = client(shot)
+        statuses[status] = statuses.get(status, 0) + 1
+        if problem := _problem(storm, status, data, shot):
+            sent = f"{shot.method} {shot.path[:200]} {str(shot.body)[:200]}"
+            problems.append(f"#{n} {sent}: {problem}; answer {data[:300]!r}")
+    seconds = time.perf_counter() - t0
+    assert sum(statuses.values()) >= 10_000
+    assert not problems, f"{len(problems)} problems, first: {problems[:5]}\nserver log: {log.read_text()[-3000:]}"
+    assert statuses.get(200, 0) > 4000 and statuses.get(422, 0) > 1000 and statuses.get(413, 0) > 50, statuses
+    assert _reference(client) == before, "the server answers the reference requests differently after the storm"
+    print(f"{sum(statuses.values()):,} requests in {seconds:.1f}s: {dict(sorted(statuses.items()))}")
