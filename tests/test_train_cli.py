@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -60,3 +64,80 @@ def test_bench_runs_csmf_variants_and_single(sim_parquet, tmp_path, capsys):
     assert no_ar["params"] == single["params"] > 0  # same backbone, no extra parameters
     assert not any(p["phase"].startswith("recover") for p in no_ar["tuning"])
     assert "item vectors of dimension 8" in capsys.readouterr().out
+
+
+# ----- run folders and checkpoints: never silently reused, never code ---------------------------------
+
+
+class Payload:
+    """What an attacker would plant: unpickling it writes a file (a stand-in for running any code)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.marker), "code ran"))
+
+
+def _shuffled_copy(path, out):
+    """The same log with its item column shuffled: the same users, items and size, other pairs."""
+    table = pq.read_table(path)
+    items = table.column("item_id").to_numpy()
+    shuffled = np.random.default_rng(1).permutation(items)
+    pq.write_table(table.set_column(table.column_names.index("item_id"), "item_id", pa.array(shuffled)), out)
+    return out
+
+
+def test_retraining_on_other_data_into_the_same_folder_is_refused_until_overwrite(sim_parquet, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(out), "--quiet", *TINY]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    other = _shuffled_copy(sim_parquet[0], tmp_path / "other.parquet")
+    argv = ["train", "--dataset", str(other), "--out", str(out), "--quiet", *TINY]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints trained on other data" in err and "--overwrite" in err and str(out) in err
+    assert json.loads((out / "metrics.json").read_text()) == first  # nothing was overwritten
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["metrics"] != first["metrics"]  # trained afresh
+
+
+def test_a_planted_pickle_checkpoint_is_refused_and_never_runs(sim_parquet, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "pwned.txt"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"state": Payload(marker)}, out / "checkpoints" / "phase-00-train-1.pt")
+    assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(out), "--quiet", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "phase-00-train-1.pt: refused" in err and "never code" in err
+    assert not marker.exists()
+
+
+def test_a_planted_pretrain_cache_file_is_refused(sim_data, tmp_path):
+    from csmf.cascade import CascadeTrainer
+    from csmf.checkpoints import CheckpointError
+    from csmf.config import Config, override
+
+    cfg = override(Config(), ["model.dim=8", "train.max_epochs=1"])
+    marker = tmp_path / "pwned.txt"
+    trainer = CascadeTrainer(sim_data, cfg, pretrain_cache=tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    torch.save(Payload(marker), tmp_path / "cache" / f"pretrain-{trainer._pretrain_key()}.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        trainer.run()
+    assert not marker.exists()
+
+
+def test_export_works_from_another_directory(sim_parquet, tmp_path, monkeypatch):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(sim_parquet[0], work / "log.parquet")
+    monkeypatch.chdir(work)
+    assert main(["train", "--dataset", "log.parquet", "--out", "run", "--quiet", *TINY]) == 0  # relative paths
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["export", "--run", str(work / "run"), "--out", "artifact"]) == 0
+    assert (elsewhere / "artifact" / "manifest.json").exists()

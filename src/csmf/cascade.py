@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
+from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
@@ -196,6 +197,7 @@ class CascadeTrainer:
         self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
         self.run_dir = Path(run_dir) if run_dir else None
+        self.data_fingerprint = data.fingerprint() if (run_dir or pretrain_cache) else None
         self.pretrain_cache = Path(pretrain_cache) if pretrain_cache else None
         self.progress = progress
         self.log = log or (lambda _msg: None)
@@ -215,14 +217,10 @@ class CascadeTrainer:
     def _save(self, index: int) -> None:
         if self.run_dir is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self._checkpoint_path(index)
-        tmp = path.with_suffix(".pt.partial")
-        state = {"state": self.model.state_dict(), "phase": index, "history": self.history,
-                 "objectives": list(self.objectives), "config": config_to_dict(self.cfg)}  # fmt: skip
-        torch.save(state, tmp)
-        tmp.replace(path)  # a checkpoint is either complete or absent
-        (self.run_dir / "phases.json").write_text(json.dumps(self.history, indent=2))
+        meta = {"phase": index, "history": self.history, "objectives": list(self.objectives),
+                "config": config_to_dict(self.cfg), "data": self.data_fingerprint}  # fmt: skip
+        save_checkpoint(self._checkpoint_path(index), self.model.state_dict(), meta)
+        (self.run_dir / "phases.json").write_text(json.dumps(self.history, indent=2, default=float))
 
     def resume_point(self) -> int:
         """Load the last completed phase from run_dir; returns the next phase (len(phases) = finished)."""
@@ -235,23 +233,27 @@ class CascadeTrainer:
         done = sorted(self.run_dir.glob("phase-*.pt"))
         if not done:
             return 0
-        state = torch.load(done[-1], weights_only=False)
-        if state["objectives"] != list(self.objectives) or _training_part(state["config"]) != _training_part(
-            config_to_dict(self.cfg)
-        ):
-            raise ValueError(
-                f"{self.run_dir} holds a run with another config or cascade; use a new --out folder or delete it"
+        state, meta = load_checkpoint(done[-1])
+        fix = "use a new --out folder, or --overwrite to discard the checkpoints"
+        if meta.get("data") != self.data_fingerprint:
+            raise CheckpointError(
+                f"{self.run_dir} holds checkpoints trained on other data (data fingerprint {meta.get('data')}, "
+                f"this data {self.data_fingerprint}); {fix}"
             )
-        self.model.load_state_dict(state["state"])
-        self.history = state["history"]
-        self.log(f"resuming after phase {self.phases[state['phase']].name} ({done[-1].name})")
-        return state["phase"] + 1
+        if meta["objectives"] != list(self.objectives) or _training_part(meta["config"]) != _training_part(
+            json.loads(json.dumps(config_to_dict(self.cfg)))
+        ):
+            raise CheckpointError(f"{self.run_dir} holds checkpoints of a run with another config or cascade; {fix}")
+        self.model.load_state_dict(state)
+        self.history = meta["history"]
+        self.log(f"resuming after phase {self.phases[meta['phase']].name} ({done[-1].name})")
+        return meta["phase"] + 1
 
     def _pretrain_key(self) -> str:
         """Hash of everything stage-1 pretraining reads: data identity, first objective, seed, config."""
         c = config_to_dict(self.cfg)
         inputs = {
-            "data": [self.data.name, self.data.n_users, self.data.n_items, self.data.stages, c["data"], c["sim"]],
+            "data": [self.data.name, self.data.stages, c["data"], c["sim"], self.data_fingerprint],
             "objective": self.objectives[0],
             "seed": self.cfg.seed,
             "model": c["model"],
@@ -265,19 +267,18 @@ class CascadeTrainer:
         path = self.pretrain_cache / f"pretrain-{self._pretrain_key()}.pt"
         if not path.exists():
             return False
-        state = torch.load(path, weights_only=False)
-        self.model.load_state_dict(state["state"])
-        self.history.append({**state["record"], "cached": True})
+        state, meta = load_checkpoint(path)
+        self.model.load_state_dict(state)
+        self.history.append({**meta["record"], "cached": True})
         self.log(f"stage 1 pretraining loaded from the cache ({path.name})")
         self._save(0)
         return True
 
     def _cache_pretrain(self) -> None:
-        self.pretrain_cache.mkdir(parents=True, exist_ok=True)
         path = self.pretrain_cache / f"pretrain-{self._pretrain_key()}.pt"
-        tmp = path.with_suffix(".pt.partial")
-        torch.save({"state": self.model.state_dict(), "record": self.history[0]}, tmp)
-        tmp.replace(path)
+        save_checkpoint(
+            path, self.model.state_dict(), {"record": json.loads(json.dumps(self.history[0], default=float))}
+        )
 
     # ----- phases --------------------------------------------------------------------------------
     def run(self) -> TrainedCascade:

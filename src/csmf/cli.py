@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
-from csmf.config import Config, ConfigError, load_config, override
+from csmf.checkpoints import CheckpointError
+from csmf.config import Config, ConfigError, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
 from csmf.export import ArtifactError
 
@@ -119,8 +122,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from csmf.bench import load_dataset
     from csmf.demo import train_and_report
 
-    cfg = _config(args)
+    cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
     data = load_dataset(cfg, progress=not args.quiet)
+    checkpoints = Path(args.out) / "checkpoints"
+    if args.overwrite and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+        print(f"--overwrite: removed the checkpoints in {checkpoints}", file=sys.stderr)
     weightings = [_parse_weights(w, data.stages) for w in args.weights] or None
     user = None
     if args.user is not None:
@@ -229,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs/csmf", help="run folder: config, checkpoints, metrics (default runs/csmf)"
     )
     train.add_argument(
+        "--overwrite", action="store_true", help="discard the checkpoints already in --out instead of resuming"
+    )
+    train.add_argument(
         "--weights", action="append", default=[], metavar="STAGE=W,...",
         help="objective weights of one demo query, e.g. view=1,purchase=0.2 (repeatable; default: two scenarios)",
     )  # fmt: skip
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ConfigError, ArtifactError) as err:
+    except (DataError, ConfigError, ArtifactError, CheckpointError) as err:
         print(f"csmf: error: {err}", file=sys.stderr)
         return 2
 

@@ -208,6 +208,14 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
+def absolute_data_paths(cfg: Config) -> Config:
+    """The config with its data paths made absolute (`jd` and `sim` stay names), for a run folder."""
+    d = cfg.data
+    dataset = d.dataset if d.dataset in ("jd", "sim") else str(Path(d.dataset).expanduser().resolve())
+    jd_dir = str(Path(d.jd_dir).expanduser().resolve()) if d.jd_dir else ""
+    return replace(cfg, data=replace(d, dataset=dataset, jd_dir=jd_dir))
+
+
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the field."""
 

@@ -71,8 +71,7 @@ def _first_bad_row(path: Path, delimiter: str) -> str | None:
         else ""
     )
     return (
-        f"{line}: expected {row.expected_columns} columns (as in the header), got {row.actual_columns}: "
-        f"{text!r}{hint}"
+        f"{line}: expected {row.expected_columns} columns (as in the header), got {row.actual_columns}: {text!r}{hint}"
     )
 
 

@@ -7,6 +7,8 @@ Pairs are scipy CSR matrices (users x items) with int32 indices and float32 ones
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,6 +210,24 @@ class CascadeData:
             item_features=self.item_features,
             report=self.report,
         )
+
+    def fingerprint(self) -> str:
+        """A hash of every pair of every split and of the features: two loads agree on it exactly when
+        a model trained on one is a model of the other (run folders compare it before resuming)."""
+        h = hashlib.sha256(json.dumps([self.name, self.stages, self.n_users, self.n_items]).encode())
+        for part, mats in (("train", self.train), ("valid", self.valid), ("test", self.test), ("side", self.side)):
+            for name in sorted(mats):
+                m = mats[name].tocsr()
+                m.sort_indices()
+                h.update(f"{part}/{name}/{m.shape}".encode())
+                h.update(np.ascontiguousarray(m.indptr, dtype=np.int64).tobytes())
+                h.update(np.ascontiguousarray(m.indices, dtype=np.int64).tobytes())
+                h.update(np.ascontiguousarray(m.data, dtype=np.float64).tobytes())
+        for kind, features in (("user", self.user_features), ("item", self.item_features)):
+            for name in sorted(features):
+                h.update(f"{kind}/{name}".encode())
+                h.update(np.ascontiguousarray(features[name]).tobytes())
+        return h.hexdigest()[:24]
 
     def summary(self) -> str:
         lines = [f"{self.name}: {self.n_users:,} users x {self.n_items:,} items, cascade {' -> '.join(self.stages)}"]
