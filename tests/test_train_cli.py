@@ -141,3 +141,20 @@ def test_export_works_from_another_directory(sim_parquet, tmp_path, monkeypatch)
     monkeypatch.chdir(elsewhere)
     assert main(["export", "--run", str(work / "run"), "--out", "artifact"]) == 0
     assert (elsewhere / "artifact" / "manifest.json").exists()
+
+
+def test_export_names_data_that_moved_or_changed(sim_parquet, tmp_path, capsys):
+    import shutil
+
+    log = tmp_path / "log.parquet"
+    shutil.copy(sim_parquet[0], log)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(log), "--out", str(run), "--quiet", *TINY]) == 0
+    moved = tmp_path / "moved.parquet"
+    log.rename(moved)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
+    assert f"trained on {log}, which is not there any more" in capsys.readouterr().err
+    _shuffled_copy(moved, log)  # other data under the old name
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "trained on other data" in err and "point the run's config.toml at the original data" in err

@@ -339,6 +339,7 @@ def export_run(
 
     from csmf.bench import load_dataset
     from csmf.cascade import CascadeTrainer
+    from csmf.checkpoints import CheckpointError
     from csmf.config import load_config
     from csmf.data.schema import union
 
@@ -346,9 +347,23 @@ def export_run(
     if not (run_dir / "config.toml").exists():
         raise ArtifactError(f"{run_dir}: no config.toml; give the folder `csmf train --out` wrote")
     cfg = load_config(run_dir / "config.toml")
+    d = cfg.data
+    for field_name, where in (("data.dataset", d.dataset), ("data.jd_dir", d.jd_dir)):
+        if where and where not in ("jd", "sim") and not Path(where).exists():
+            raise ArtifactError(
+                f"{run_dir}: the run was trained on {where}, which is not there any more; move the data back "
+                f"or set {field_name} in {run_dir / 'config.toml'} to where it is now"
+            )
     data = load_dataset(cfg)
     trainer = CascadeTrainer(data, cfg, run_dir=run_dir / "checkpoints", log=log)
-    if trainer.resume_point() != len(trainer.phases):
+    try:
+        resume = trainer.resume_point()
+    except CheckpointError as err:
+        raise ArtifactError(
+            f"{err}. The data now at {d.dataset if d.dataset != 'jd' else d.jd_dir or 'the packaged JD'} is not what "
+            "this run was trained on: point the run's config.toml at the original data"
+        ) from None
+    if resume != len(trainer.phases):
         raise ArtifactError(f"{run_dir}: training has not finished; rerun `csmf train --out {run_dir}` to finish it")
     history = data.train | data.side
     trained = trainer.retriever(history)
