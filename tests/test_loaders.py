@@ -500,3 +500,5 @@ def test_a_stray_huge_jd_id_is_remapped_not_a_catalogue_of_millions(tmp_path):
     assert user_ids.tolist() == [1, 2, 3]  # dense: kept as they are
     assert files["trn_pv"][1, 4] == 1.0  # (user 2, item 5000000)
     assert any("item ids go up to 5,000,000 but only 5 are used" in n for n in report.notes)
+    files, user_ids, _ = jd_raw(write_jd(tmp_path / "jd2", {"trn_buy": "1 1\n2 3\n2147483648 4\n"}))
+    assert files["trn_buy"].shape == (3, 4) and user_ids.tolist() == [1, 2, 2147483648]  # >= 2^31: remapped
