@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -302,12 +303,12 @@ def test_save_and_load_round_trip(tmp_path, cfg):
 def test_override_assignments():
     cfg = override(
         Config(),
-        ["als.factors=64,128", "data.user_features=none", "bench.tune=false", "eval.ks=5", "seed=9"],
+        ["als.factors=64,128", "data.user_features=none", "bench.tune=false", "eval.ks=5,50", "seed=9"],
     )
     assert cfg.als.factors == (64, 128)
     assert cfg.data.user_features is None
     assert cfg.bench.tune is False
-    assert cfg.eval.ks == (5,)
+    assert cfg.eval.ks == (5, 50)
     assert cfg.seed == 9
     assert override(Config(), ["data.user_features=a, b"]).data.user_features == ("a", "b")
     with pytest.raises(ConfigError, match="'als' is a section"):
@@ -331,3 +332,32 @@ def test_bench_on_a_catalogue_smaller_than_k(tmp_path):
     assert main([*argv, "--set", "train.max_epochs=1,1", *SMALL_COST]) == 0  # k = 50 > 10 items
     result = read_result(tmp_path, "ten-items", "csmf")
     assert result["cost"]["query_seconds_1m"] > 0 and 0 < result["metrics"]["buy"]["recall@50"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("cascade.prune=cpq", "cascade.prune: 'cpq' is not one of ['cpp', 'fixed', 'none']"),
+        ("model.encoder=gnn", "model.encoder: 'gnn' is not one of ['graph', 'mlp']"),
+        ("train.distill=bert", "train.distill: 'bert' is not one of ['ease', 'als', 'itemknn', '']"),
+        ("itemknn.similarity=bm25,jaccard", "itemknn.similarity: 'jaccard' is not one of ['bm25', 'cosine']"),
+        ("cascade.tau=0.1,1.5", "cascade.tau: must be one or more thresholds in [0, 1), got 0.1,1.5"),
+        ("model.dim=0", "model.dim: must be > 0, got 0"),
+        ("train.select_metric=recall@7", "train.select_metric: 'recall@7' needs K = 7 in eval.ks"),
+        ("train.select_metric=hits@50", "train.select_metric: must be recall@K or ndcg@K"),
+    ],
+)
+def test_a_bad_config_value_fails_before_any_work_naming_key_and_choices(assignment, message, capsys, monkeypatch):
+    def no_work(*_args, **_kw):
+        raise AssertionError("the data was loaded before the config was checked")
+
+    monkeypatch.setattr("csmf.bench.load_dataset", no_work)
+    assert main(["train", "--dataset", "jd", "--out", "unused", "--set", assignment, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_value_in_a_config_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[cascade]\nprune = "cpq"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: cascade.prune: 'cpq' is not one of")):
+        load_config(path)

@@ -7,18 +7,76 @@ keys are errors that name the key, so a typo never silently falls back to a defa
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import tomli_w
 
 
+def _positive(v) -> bool:
+    return all(x > 0 for x in (v if isinstance(v, tuple) else (v,)))
+
+
+def _at_least(low):
+    return lambda v: all(x >= low for x in (v if isinstance(v, tuple) else (v,)))
+
+
+def _in(low, high, closed_high=False):
+    return lambda v: all(low <= x < high or (closed_high and x == high) for x in (v if isinstance(v, tuple) else (v,)))
+
+
+def _nonempty(v) -> bool:
+    return len(v) > 0
+
+
+METRIC = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
+
+
+class Checked:
+    """Checks every field when a section is built (so `--set` and TOML typos fail before any work starts):
+    Literal fields against their choices, the rest against the section's RULES (field -> (test, words))."""
+
+    SECTION: ClassVar[str] = ""
+    RULES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, key = getattr(self, f.name), f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            _check_choice(value, hints[f.name], key)
+            rule = self.RULES.get(f.name)
+            if rule is not None and value is not None and not rule[0](value):
+                raise ConfigError(f"{key}: must be {rule[1]}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def _check_choice(value: Any, annotation: Any, key: str) -> None:
+    """A Literal field (or a tuple of them) holds one of its choices."""
+    if typing.get_origin(annotation) is tuple:
+        for v in value:
+            _check_choice(v, typing.get_args(annotation)[0], key)
+    elif typing.get_origin(annotation) is Literal and value not in typing.get_args(annotation):
+        raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
+    SECTION: ClassVar[str] = "data"
+    RULES: ClassVar[dict] = {
+        "stages": (lambda v: len(set(v)) == len(v), "stage names without repeats"),
+        "test_frac": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+        "valid_frac": (_in(0.0, 1.0), "in [0, 1)"),
+    }
+
     dataset: str = "jd"  # "jd", "sim", or a path to a generic log (.csv / .parquet)
     stages: tuple[str, ...] = ()  # cascade order; () = the dataset's default (JD: view, purchase)
     jd_dir: str = ""  # read JD .txt files from this folder instead of the copy shipped in the package
@@ -27,14 +85,26 @@ class DataConfig:
     timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
     user_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per user)
     item_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per item)
-    split: str = "random"  # generic log: "random" per-user hold-out, or "time" (each user's latest rows)
+    split: Literal["random", "time"] = (
+        "random"  # generic log: "random" per-user hold-out, or "time" (each user's latest rows)
+    )
     test_frac: float = 0.2  # share of each user's pairs held out as test (JD: of trn_pv for the click test)
     valid_frac: float = 0.1  # share of each user's remaining train pairs used as a tuning fold
     split_seed: int = 0  # seed of every random hold-out (JD click test: seed 0 by protocol)
 
 
 @dataclass(frozen=True)
-class SimConfig:
+class SimConfig(Checked):
+    SECTION: ClassVar[str] = "sim"
+    RULES: ClassVar[dict] = {
+        "n_users": (_positive, "> 0"),
+        "n_items": (_positive, "> 0"),
+        "exposures_per_user": (_positive, "> 0"),
+        "dim": (_positive, "> 0"),
+        "candidates_per_exposure": (_positive, "> 0"),
+        "chunk_users": (_positive, "> 0"),
+    }
+
     n_users: int = 4000
     n_items: int = 3000
     exposures_per_user: int = 40  # mean; per-user counts vary (geometric-ish activity)
@@ -50,14 +120,31 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Checked):
+    SECTION: ClassVar[str] = "eval"
+    RULES: ClassVar[dict] = {
+        "ks": (lambda v: _nonempty(v) and _positive(v), "one or more cut-offs > 0"),
+        "score_budget_mb": (_positive, "> 0"),
+        "tune_metric": (METRIC.fullmatch, "recall@K or ndcg@K"),
+    }
+
     ks: tuple[int, ...] = (10, 20, 50)
     score_budget_mb: int = 256  # max size of one (users x items) score block; sets the user batch size
     tune_metric: str = "recall@50"  # validation metric that selects hyper-parameters
 
 
 @dataclass(frozen=True)
-class ALSConfig:
+class ALSConfig(Checked):
+    SECTION: ClassVar[str] = "als"
+    RULES: ClassVar[dict] = {
+        "factors": (lambda v: _nonempty(v) and _positive(v), "one or more sizes > 0"),
+        "regularization": (_at_least(0.0), ">= 0"),
+        "alpha": (_at_least(0.0), ">= 0"),
+        "iterations": (_positive, "> 0"),
+        "aux_weights": (_at_least(0.0), ">= 0"),
+        "num_threads": (_at_least(0), ">= 0 (0 = all cores)"),
+    }
+
     # Grids searched on the validation split of each objective; the best point is refit on train.
     factors: tuple[int, ...] = (64, 128, 256)
     regularization: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -68,8 +155,15 @@ class ALSConfig:
 
 
 @dataclass(frozen=True)
-class ItemKNNConfig:
-    similarity: tuple[str, ...] = ("bm25", "cosine")
+class ItemKNNConfig(Checked):
+    SECTION: ClassVar[str] = "itemknn"
+    RULES: ClassVar[dict] = {
+        "neighbours": (lambda v: _nonempty(v) and _positive(v), "one or more counts > 0"),
+        "aux_weights": (_at_least(0.0), ">= 0"),
+        "num_threads": (_at_least(0), ">= 0 (0 = all cores)"),
+    }
+
+    similarity: tuple[Literal["bm25", "cosine"], ...] = ("bm25", "cosine")
     neighbours: tuple[int, ...] = (50, 100, 200, 400)  # K: neighbours kept per item
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
@@ -78,16 +172,40 @@ class ItemKNNConfig:
 
 
 @dataclass(frozen=True)
-class EASEConfig:
+class EASEConfig(Checked):
+    SECTION: ClassVar[str] = "ease"
+    RULES: ClassVar[dict] = {
+        "l2": (lambda v: _nonempty(v) and _positive(v), "one or more weights > 0"),
+        "aux_weights": (_at_least(0.0), ">= 0"),
+    }
+
     l2: tuple[float, ...] = (400.0, 100.0, 1500.0)  # ridge weight, searched on validation
     aux_weights: tuple[float, ...] = (0.2, 0.1, 0.5)  # weight of other stages' train pairs in X
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
+    SECTION: ClassVar[str] = "model"
+    RULES: ClassVar[dict] = {
+        "dim": (_positive, "> 0"),
+        "user_hidden": (_positive, "widths > 0"),
+        "item_hidden": (_positive, "widths > 0"),
+        "id_dim": (_positive, "> 0"),
+        "history_dim": (_positive, "> 0"),
+        "feature_dim": (_positive, "> 0"),
+        "max_categories": (_at_least(0), ">= 0"),
+        "dropout": (_in(0.0, 1.0), "in [0, 1)"),
+        "temperature": (_positive, "> 0"),
+        "graph_hops": (_in(0, 4), "0, 1, 2 or 3"),
+        "graph_up_weight": (_at_least(0.0), ">= 0"),
+        "graph_down_weight": (_at_least(0.0), ">= 0"),
+        "graph_side_weight": (_at_least(0.0), ">= 0"),
+        "init_scale": (_positive, "> 0"),
+    }
+
     # "graph": one item table, user = degree-normalised bag of its history, both sides smoothed over the
     # multi-behaviour graph (csmf/graph.py); "mlp": ID + mean-pooled history bags -> masked MLP (csmf/towers.py)
-    encoder: str = "graph"
+    encoder: Literal["graph", "mlp"] = "graph"
     dim: int = 128  # D: the user / item vector size, split into per-stage groups by CSMF
     # user_hidden .. dropout: the MLP encoder only (the graph encoder has one D-wide item table, no dropout)
     user_hidden: tuple[int, ...] = ()  # user-tower MLP widths before the D-wide output layer (JD: linear is best)
@@ -109,7 +227,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
+    SECTION: ClassVar[str] = "train"
+    RULES: ClassVar[dict] = {
+        "batch_size": (_positive, "> 0"),
+        "user_batch_size": (_positive, "> 0"),
+        "lr": (lambda v: _nonempty(v) and _positive(v), "one or more rates > 0"),
+        "max_epochs": (lambda v: _nonempty(v) and _positive(v), "one or more epoch counts > 0"),
+        "patience": (_positive, "> 0"),
+        "full_softmax_max_items": (_at_least(0), ">= 0"),
+        "extra_negatives": (_at_least(0), ">= 0"),
+        "select_metric": (METRIC.fullmatch, "recall@K or ndcg@K"),
+        "aux_weight": (lambda v: _nonempty(v) and _at_least(0.0)(v), "one or more weights >= 0"),
+        "distill_top": (_positive, "> 0"),
+        "distill_decay": (_positive, "> 0"),
+        "distill_weight": (lambda v: _nonempty(v) and _at_least(0.0)(v), "one or more weights >= 0"),
+    }
+
     batch_size: int = 1024  # training pairs per batch (in-batch negatives)
     user_batch_size: int = 512  # graph encoder, full-catalogue loss: users per batch (all their positives at once)
     lr: tuple[float, ...] = (1e-2,)  # Adam learning rate per trained stage (last value repeats)
@@ -127,18 +261,29 @@ class TrainConfig:
     # Distillation: a teacher fit on the same training data ("ease", "als", "itemknn"; "" = off) gives each
     # training user its top-`distill_top` unseen items weighted exp(-rank / distill_decay); the student adds the
     # cross-entropy of its full-catalogue softmax (seen items masked) against that list at `distill_weight`.
-    distill: str = "ease"
+    distill: Literal["ease", "als", "itemknn", ""] = "ease"
     distill_top: int = 100
     distill_decay: float = 5.0  # a sharp list: a flat one (20) lifted R@50 but cost N@50 on JD
     distill_weight: tuple[float, ...] = (1.0,)  # per trained stage (last value repeats)
 
 
 @dataclass(frozen=True)
-class CascadeConfig:
+class CascadeConfig(Checked):
+    SECTION: ClassVar[str] = "cascade"
+    RULES: ClassVar[dict] = {
+        "tau": (lambda v: _nonempty(v) and _in(0.0, 1.0)(v), "one or more thresholds in [0, 1)"),
+        "fixed_fraction": (lambda v: v < 1.0, "< 1 (a share; < 0 = CPP's overall share)"),
+        "recover_frac": (_in(0.0, 1.0, closed_high=True), "in [0, 1]"),
+        "recover_epochs": (_at_least(0), ">= 0"),
+        "aml_m0": (_at_least(0.0), ">= 0"),
+        "min_share": (_in(0.0, 1.0), "in [0, 1)"),
+        "packnet_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    }
+
     tau: tuple[float, ...] = (0.1,)  # CPP: free the smallest units holding <= tau of a layer's L1 mass, per stage
     # "cpp"; "fixed" (PackNet's fixed share: the "w/o CPP" ablation and the packnet baseline); "none" (no masks:
     # each stage fine-tunes every weight and all objectives score with the final model, the naive-ft baseline)
-    prune: str = "cpp"
+    prune: Literal["cpp", "fixed", "none"] = "cpp"
     fixed_fraction: float = -1.0  # "fixed": share of a stage's units freed per layer; < 0 = CPP's overall share
     recover_frac: float = 0.3  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
     recover_epochs: int = 1
@@ -147,7 +292,7 @@ class CascadeConfig:
     # same quantity as an extra loss weight 1 + m (the margin saturates: docs/method.md, AML finding)
     # "hinge": a cross-stage hinge on top of the softmax, ranking each stage positive above an upstream-only
     # positive of the same user (viewed but not bought) by m0 * sigmoid((upstream score gap) / T)
-    aml_form: str = "margin"
+    aml_form: Literal["margin", "weight", "hinge"] = "margin"
     # each stage that follows keeps at least this share of the output dimensions: CPP frees at least
     # min_share * D * (stages still to come) output units, so a 3-stage cascade gives its last objective room
     min_share: float = 0.125
@@ -155,8 +300,17 @@ class CascadeConfig:
 
 
 @dataclass(frozen=True)
-class MultiTaskConfig:
+class MultiTaskConfig(Checked):
     """The multi-task two-tower baselines (shared-bottom, mmoe, ple, mvke); inputs, D, loss as `model`/`train`."""
+
+    SECTION: ClassVar[str] = "multitask"
+    RULES: ClassVar[dict] = {
+        "expert_dim": (_positive, "> 0"),
+        "experts": (_positive, "> 0"),
+        "specific_experts": (_at_least(0), ">= 0"),
+        "kernels": (_positive, "> 0"),
+        "kernel_dim": (_positive, "> 0"),
+    }
 
     expert_dim: int = 128  # hidden width of each expert (shared-bottom: its one shared expert)
     experts: int = 4  # MMoE: experts shared by every objective; PLE: its shared experts
@@ -166,7 +320,18 @@ class MultiTaskConfig:
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(Checked):
+    SECTION: ClassVar[str] = "bench"
+    RULES: ClassVar[dict] = {
+        "cost_users": (_positive, "> 0"),
+        "cost_items": (_at_least(0), ">= 0 (0 = no cost measurement)"),
+        "sweep_points": (lambda v: v == 0 or v >= 2, "0 (no sweep) or >= 2"),
+        "suite_taus": (_in(0.0, 1.0), "thresholds in [0, 1)"),
+        "suite_tau_seeds": (_at_least(0), ">= 0 (0 = every seed)"),
+        "suite_sim_users": (_at_least(0), ">= 0"),
+        "suite_sim_items": (_at_least(0), ">= 0"),
+    }
+
     models: tuple[str, ...] = ("popularity", "als", "itemknn")
     out_dir: str = "results"
     cost_users: int = 1024  # query batch of the cost measurement (fused top-50 per user)
@@ -207,6 +372,15 @@ class Config:
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
+    def __post_init__(self) -> None:
+        for key, metric in (
+            ("eval.tune_metric", self.eval.tune_metric),
+            ("train.select_metric", self.train.select_metric),
+        ):
+            k = int(metric.split("@")[1])
+            if k not in self.eval.ks:
+                raise ConfigError(f"{key}: {metric!r} needs K = {k} in eval.ks, which are {list(self.eval.ks)}")
+
 
 def absolute_data_paths(cfg: Config) -> Config:
     """The config with its data paths made absolute (`jd` and `sim` stay names), for a run folder."""
@@ -224,6 +398,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Turn a TOML/CLI value into the declared field type, or raise naming the field."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Literal:  # checked against its choices when the section is built
+        return value.strip() if isinstance(value, str) else value
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             if type(None) in args:
