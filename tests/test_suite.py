@@ -20,7 +20,7 @@ from csmf.suite import suite_runs
 TINY_SUITE = [
     "--set", "bench.suite_sim_users=160", "--set", "bench.suite_sim_items=120",
     "--set", "sim.exposures_per_user=20",
-    "--set", "train.max_epochs=1,1", "--set", "bench.cost_items=2000", "--set", "bench.cost_users=32",
+    "--set", "train.max_epochs=1,1", "--set", "bench.suite_cost_items=2000", "--set", "bench.cost_users=32",
     "--set", "als.factors=8", "--set", "als.iterations=2", "--set", "itemknn.neighbours=20",
     "--set", "itemknn.aux_weights=0", "--set", "als.aux_weights=0", "--set", "multitask.expert_dim=16",
 ]  # fmt: skip
@@ -147,3 +147,19 @@ def test_suite_resumes_without_retraining_and_refuses_another_config(tiny_suite,
 def test_quick_needs_a_suite(capsys):
     assert main(["bench", "--quick"]) == 2
     assert "--suite" in capsys.readouterr().err
+
+
+def test_suite_without_matplotlib_fails_before_training(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["bench", "--suite", "paper", "--quick", "--out", str(tmp_path)]) == 2
+    assert "pip install 'csmf[report]'" in capsys.readouterr().err
+    assert not (tmp_path / "paper-quick").exists()
+
+
+def test_plain_bench_does_not_time_a_synthetic_catalogue_unless_asked(sim_parquet, tmp_path):
+    argv = ["bench", "--dataset", str(sim_parquet[0]), "--models", "popularity", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "sim" / "popularity.json").read_text())["cost"] is None

@@ -13,6 +13,7 @@ tau sweep) load it from a per-suite cache instead of retraining it (bit-identica
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import statistics
@@ -38,7 +39,7 @@ QUICK_SETS = (
     "bench.suite_datasets=sim",
     "bench.suite_seeds=0,1",
     "bench.suite_taus=0.1,0.3",
-    "bench.cost_items=100000",
+    "bench.suite_cost_items=100000",
     "bench.cost_users=256",
     "bench.suite_sim_users=1500",
     "bench.suite_sim_items=1000",
@@ -156,7 +157,7 @@ def seed_result(
     checkpoints = folder / "checkpoints" / f"{run.name}-seed-{seed}"
     bench = replace(
         run_cfg.bench,
-        cost_items=run_cfg.bench.cost_items if (run.cost and first is None) else 0,
+        cost_items=run_cfg.bench.suite_cost_items if (run.cost and first is None) else 0,
         pretrain_cache=str(folder / "pretrain-cache"),
         checkpoint_dir=str(checkpoints),
     )
@@ -223,6 +224,8 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
 
     if not cfg.bench.suite_seeds:
         raise ConfigError("bench.suite_seeds: give at least one seed")
+    if importlib.util.find_spec("matplotlib") is None:  # fail now, not after hours of training
+        raise ConfigError("the suite's report draws plots with matplotlib: pip install 'csmf[report]'")
     root = Path(cfg.bench.out_dir) / suite
     t0 = time.perf_counter()
     datasets = []
