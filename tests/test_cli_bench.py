@@ -351,7 +351,7 @@ def test_a_bad_config_value_fails_before_any_work_naming_key_and_choices(assignm
     def no_work(*_args, **_kw):
         raise AssertionError("the data was loaded before the config was checked")
 
-    monkeypatch.setattr("csmf.bench.load_dataset", no_work)
+    monkeypatch.setattr("csmf.data.datasets.load_dataset", no_work)
     assert main(["train", "--dataset", "jd", "--out", "unused", "--set", assignment, "--quiet"]) == 2
     assert message in capsys.readouterr().err
 

@@ -11,7 +11,7 @@ import torch
 from csmf.data.schema import CascadeData, pairs_to_csr
 from csmf.evaluate import batch_size_for, evaluate
 from csmf.metrics import discounts, recall_ndcg
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 
 LOG2_3 = math.log2(3)  # 1/log2(3) = 0.6309297535714575
 INV = {r: 1 / math.log2(r + 1) for r in range(1, 11)}  # discount of rank r

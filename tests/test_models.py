@@ -79,6 +79,8 @@ def test_num_params(sim_data, model_name):
     if model_name == "als":
         per_stage = (sim_data.n_users + sim_data.n_items) * FACTORS
         assert model.num_params() == len(sim_data.stages) * per_stage == 3 * (300 + 200) * 8
+    elif model_name == "itemknn":  # the neighbour weights it stores: at most K per item and objective
+        assert 0 < model.num_params() == sum(m.nnz for m in model.similarity.values())
     else:
         assert model.num_params() == 0
 

@@ -17,9 +17,9 @@ import torch
 import uvicorn
 
 from csmf.app import create_app
-from csmf.bench import load_dataset
 from csmf.cli import main
 from csmf.config import load_config
+from csmf.data.datasets import load_dataset
 from csmf.export import ArtifactError, load_artifact, manifest_digest, write_artifact
 from csmf.index import IndexSettings, build_index, recall_against
 from csmf.models.csmf import CSMF

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,46 +16,18 @@ from pathlib import Path
 
 from csmf.config import Config, ConfigError, config_to_dict
 from csmf.cost import query_cost
-from csmf.data.jd import load_jd
-from csmf.data.logtable import load_log
+from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.bench.load_dataset)
 from csmf.data.schema import CascadeData
-from csmf.data.simulate import simulate
-from csmf.data.split import split_log
 from csmf.evaluate import evaluate, evaluate_stage
 from csmf.models.als import ALS, ALSSettings
-from csmf.models.base import Retriever
 from csmf.models.csmf import CSMF, VARIANTS
 from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.multitask import KINDS, MultiTask
 from csmf.models.popularity import Popularity
+from csmf.retriever import Retriever
 from csmf.sweep import weight_sweep
 from csmf.tuning import coordinate_search
-
-
-def dataset_name(spec: str) -> str:
-    return spec if spec in ("jd", "sim") else Path(spec).name.split(".")[0]
-
-
-def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
-    """The CascadeData that `cfg.data.dataset` names: "jd", "sim" (simulated afresh), or a log path."""
-    d = cfg.data
-    if d.dataset == "jd":
-        stages = d.stages or ("view", "purchase")
-        return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
-    if d.dataset == "sim":
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "sim.parquet"
-            simulate(cfg.sim, path, progress=progress)
-            return _load_log_dataset(cfg, path, "sim")
-    return _load_log_dataset(cfg, Path(d.dataset), dataset_name(d.dataset))
-
-
-def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
-    d = cfg.data
-    log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features)
-    return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=name)
-
 
 # ----- model builders: tune on the validation view, then fit on train ------------------------------
 

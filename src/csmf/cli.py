@@ -93,7 +93,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from csmf.bench import load_dataset
+    from csmf.data.datasets import load_dataset
     from csmf.data.schema import leak_violations
 
     cfg = _config(args)
@@ -119,7 +119,7 @@ def _parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from csmf.bench import load_dataset
+    from csmf.data.datasets import load_dataset
     from csmf.demo import train_and_report
 
     cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory

@@ -10,14 +10,12 @@ models (popularity, item-kNN) have no vector index; their fused query is timed a
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
+from csmf.timing import timed
 
 
 def exact_top_k(
@@ -42,34 +40,17 @@ def exact_top_k(
     return best_scores, best_ids
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of `fn` over `repeats` runs, after one untimed warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _synthetic_query_seconds(query: torch.Tensor, n_items: int, k: int, repeats: int, rng: torch.Generator) -> float:
     """Fused top-k time over `n_items` random item vectors as wide as the query (timing depends on shapes)."""
     items = torch.randn(n_items, query.shape[1], generator=rng)  # freed when this returns
     return timed(lambda: exact_top_k(query, items, k), repeats)
 
 
-def index_of(model: Retriever, stages: tuple[str, ...]) -> tuple[torch.Tensor | None, int]:
+def index_of(model: Retriever) -> tuple[torch.Tensor | None, int]:
     """(item matrix the fused query searches, vectors per item); (None, 0) for a model without one."""
-    try:
-        items = model.item_vectors()  # CSMF, multi-task models: already the served index
-    except TypeError:  # per-objective factors (ALS): the fused index is their concatenation
-        per = [model.item_vectors(s) for s in stages]
-        return torch.cat(per, dim=1), len(per)
-    except (AttributeError, NotImplementedError):
+    if not model.has_vectors:
         return None, 0
-    vectors = model.settings().get("vectors_per_item", 1) if hasattr(model, "settings") else 1
-    return items, int(vectors)
+    return model.item_vectors(), model.vectors_per_item()
 
 
 def query_cost(
@@ -88,7 +69,7 @@ def query_cost(
     k = min(k, data.n_items)  # a catalogue smaller than k ranks every item
     batch = np.resize(np.arange(data.n_users), users)  # `users` query rows (users repeat on small data)
     weights = {s: 1.0 / len(stages) for s in stages}
-    items, vectors_per_item = index_of(model, stages)
+    items, vectors_per_item = index_of(model)
 
     # The reference: a single-objective two-tower's query, one D-wide vector per item, same call.
     ref_items = torch.randn(data.n_items, dim, generator=rng)

@@ -17,7 +17,7 @@ import torch
 
 from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 
 TEACHERS = ("ease", "als", "itemknn")
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from csmf.data.schema import CascadeData
 from csmf.metrics import recall_ndcg
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 
 
 def users_with_positives(mat: sp.csr_matrix) -> np.ndarray:

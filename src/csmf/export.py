@@ -337,10 +337,10 @@ def export_run(
     """Write the serving artifact of a finished `csmf train` run folder (its config.toml and checkpoints)."""
     import torch
 
-    from csmf.bench import load_dataset
     from csmf.cascade import CascadeTrainer
     from csmf.checkpoints import CheckpointError
     from csmf.config import load_config
+    from csmf.data.datasets import load_dataset
     from csmf.data.schema import union
 
     run_dir = Path(run_dir)

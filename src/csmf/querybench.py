@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csmf.cost import timed
 from csmf.index import IndexSettings, build_index, recall_against
+from csmf.timing import timed
 
 
 def fusion_cost(

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from csmf.bench import build_tuned_as, load_dataset, run_model, versions
+from csmf.bench import build_tuned_as, run_model, versions
 from csmf.config import Config, ConfigError, config_to_dict, override
+from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
 from csmf.sweep import mean_sweeps
 

@@ -16,7 +16,7 @@ import torch
 from csmf.data.schema import CascadeData, union
 from csmf.evaluate import batch_size_for, rows_mask, topk_hits, users_with_positives
 from csmf.metrics import recall_ndcg
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 
 
 def objective_pairs(served: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ Each objective's model trains on its stage's pairs plus the other behaviours at 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -14,7 +15,8 @@ from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
 from csmf.data.schema import CascadeData
-from csmf.models.base import Retriever, input_matrix
+from csmf.models.base import input_matrix
+from csmf.retriever import Retriever
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class ALSSettings:
 
 
 class ALS(Retriever):
+    has_vectors = True
     name = "als"
 
     def __init__(self, settings: dict[str, ALSSettings], seed: int = 0, num_threads: int = 0) -> None:
@@ -54,14 +57,23 @@ class ALS(Retriever):
             self.item_factors[stage] = torch.from_numpy(np.ascontiguousarray(model.item_factors))
         return self
 
-    def user_vectors(self, users: np.ndarray, stage: str) -> torch.Tensor:
+    def stage_user_vectors(self, users: np.ndarray, stage: str) -> torch.Tensor:
         return self.user_factors[stage][torch.from_numpy(np.asarray(users, dtype=np.int64))]
 
-    def item_vectors(self, stage: str) -> torch.Tensor:
-        return self.item_factors[stage]
-
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
-        return self.user_vectors(users, stage) @ self.item_vectors(stage).T  # (B, N)
+        return self.stage_user_vectors(users, stage) @ self.item_factors[stage].T  # (B, N)
+
+    def user_vectors(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
+        """[w_1 u_1, ..., w_S u_S]: with item_vectors' [v_1, ..., v_S], one search ranks by sum_k w_k <u_k, v_k>."""
+        if not any(weights.values()):
+            raise ValueError(f"all objective weights are zero: {dict(weights)}")
+        return torch.cat([float(weights.get(s, 0.0)) * self.stage_user_vectors(users, s) for s in self.user_factors], 1)
+
+    def item_vectors(self) -> torch.Tensor:
+        return torch.cat([self.item_factors[s] for s in self.user_factors], dim=1)  # (N, S * factors)
+
+    def vectors_per_item(self) -> int:
+        return len(self.item_factors)
 
     def num_params(self) -> int:
         return int(sum(u.numel() + self.item_factors[s].numel() for s, u in self.user_factors.items()))

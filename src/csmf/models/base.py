@@ -1,54 +1,11 @@
-"""The one interface every model implements: fit on a CascadeData, score users against all items.
-
-Evaluation, the benchmark and (later) indexes and the server see only this, so every model is
-measured the same way. Vector models also expose user and item vectors.
-"""
+"""Helpers the classical models share (the Retriever contract itself is csmf.retriever)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Mapping
-
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from csmf.data.schema import CascadeData
-
-
-class Retriever(ABC):
-    name: str = "retriever"
-
-    @abstractmethod
-    def fit(self, data: CascadeData) -> Retriever:
-        """Train on `data.train` (and `data.side`); never read `data.valid` or `data.test`."""
-
-    @abstractmethod
-    def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
-        """(len(users), n_items) float32 scores of objective `stage` over the whole catalogue."""
-
-    def score_fused(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
-        """Linear fusion of objective scores: sum_k weights[k] * score_k."""
-        total = None
-        for stage, w in weights.items():
-            if w:
-                part = w * self.score(users, stage)
-                total = part if total is None else total + part
-        if total is None:
-            raise ValueError(f"all objective weights are zero: {dict(weights)}")
-        return total
-
-    def served(self, data: CascadeData) -> tuple[str, ...]:
-        """The objectives this model scores (a single-objective model serves one)."""
-        return data.stages
-
-    def num_params(self) -> int:
-        """Trainable parameters (0 for count- and neighbourhood-based models)."""
-        return 0
-
-    def settings(self) -> dict:
-        """The hyper-parameters this model was fit with (recorded in results)."""
-        return {}
 
 
 def input_matrix(data: CascadeData, stage: str, aux_weight: float) -> sp.csr_matrix:

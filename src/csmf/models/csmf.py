@@ -19,7 +19,7 @@ from csmf.cascade import CascadeTrainer, TrainedCascade
 from csmf.config import Config
 from csmf.data.schema import CascadeData
 from csmf.fusion import fold_weights
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 
 ABLATIONS = {
     "csmf": lambda c: c,
@@ -38,6 +38,7 @@ VARIANTS = {**ABLATIONS, **BASELINES}
 
 
 class CSMF(Retriever):
+    has_vectors = True
     """A cascade over `objectives` (default: every stage of the data); one objective = a plain two-tower."""
 
     def __init__(self, cfg: Config, objectives: tuple[str, ...] | None = None, name: str = "csmf",

@@ -15,7 +15,8 @@ import scipy.sparse as sp
 import torch
 
 from csmf.data.schema import CascadeData
-from csmf.models.base import Retriever, input_matrix
+from csmf.models.base import input_matrix
+from csmf.retriever import Retriever
 
 MAX_ITEMS = 60_000  # a dense N x N float32 matrix of this size is 14 GB
 
@@ -62,6 +63,10 @@ class EASE(Retriever):
         # scipy's sparse x dense product costs nnz x N (a history is short); torch's dense one B x N x N
         scores = self.history[stage][users] @ self.weights[stage].numpy()  # (B, N)
         return torch.from_numpy(np.asarray(scores, dtype=np.float32))
+
+    def num_params(self) -> int:
+        """The dense item-item weights, N x N per objective (the diagonal is fixed at 0)."""
+        return int(sum(w.numel() - w.shape[0] for w in self.weights.values()))
 
     def settings(self) -> dict:
         return {stage: asdict(s) for stage, s in self.stage_settings.items()}

@@ -16,7 +16,8 @@ import torch
 from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
 
 from csmf.data.schema import CascadeData
-from csmf.models.base import Retriever, input_matrix
+from csmf.models.base import input_matrix
+from csmf.retriever import Retriever
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class ItemKNN(Retriever):
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
         scores = (self.history[stage][users] @ self.similarity[stage]).toarray()  # (B, N)
         return torch.from_numpy(scores.astype(np.float32, copy=False))
+
+    def num_params(self) -> int:
+        """The stored neighbour weights: what the model learned (at most K per item per objective)."""
+        return int(sum(m.nnz for m in self.similarity.values()))
 
     def settings(self) -> dict:
         return {stage: asdict(s) for stage, s in self.stage_settings.items()}

@@ -35,7 +35,7 @@ from csmf.determinism import deterministic_torch
 from csmf.evaluate import evaluate_stage
 from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 from csmf.towers import Features, pool_bags
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
@@ -206,6 +206,7 @@ class MultiTaskTwoTower(nn.Module):
 
 
 class MultiTask(Retriever):
+    has_vectors = True
     """A multi-task two-tower baseline behind the Retriever interface (see the module docstring)."""
 
     def __init__(self, kind: str, cfg: Config, progress: bool = False, log=None):
@@ -405,6 +406,9 @@ class MultiTask(Retriever):
 
     def score_fused(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
         return self.user_vectors(users, weights) @ self.item_vectors().T  # (B, N): one search
+
+    def vectors_per_item(self) -> int:
+        return len(self.items)
 
     def served(self, data: CascadeData) -> tuple[str, ...]:
         return self.objectives

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData
-from csmf.models.base import Retriever
+from csmf.retriever import Retriever
 
 
 class Popularity(Retriever):

@@ -1,0 +1,38 @@
+"""Load the dataset a config names: the JD data (a folder or the packaged copy), a fresh simulation, or a
+generic log file, split by the config's protocol."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from csmf.config import Config
+from csmf.data.jd import load_jd
+from csmf.data.logtable import load_log
+from csmf.data.schema import CascadeData
+from csmf.data.simulate import simulate
+from csmf.data.split import split_log
+
+
+def dataset_name(spec: str) -> str:
+    return spec if spec in ("jd", "sim") else Path(spec).name.split(".")[0]
+
+
+def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
+    """The CascadeData that `cfg.data.dataset` names: "jd", "sim" (simulated afresh), or a log path."""
+    d = cfg.data
+    if d.dataset == "jd":
+        stages = d.stages or ("view", "purchase")
+        return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
+    if d.dataset == "sim":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "sim.parquet"
+            simulate(cfg.sim, path, progress=progress)
+            return _load_log_dataset(cfg, path, "sim")
+    return _load_log_dataset(cfg, Path(d.dataset), dataset_name(d.dataset))
+
+
+def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
+    d = cfg.data
+    log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features)
+    return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=name)
