@@ -19,7 +19,7 @@ from csmf.cascade import CascadeTrainer, TrainedCascade
 from csmf.config import config_to_dict, load_config, override, save_config
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
-from csmf.evaluate import evaluate
+from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
 from csmf.prune import cpp_free
 

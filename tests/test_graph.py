@@ -254,7 +254,7 @@ def test_weight_sweep_moves_from_one_objective_to_the_other(data):
     entry = sweep[2]
     assert entry["weights"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     # the end points are the single objectives' own rankings
-    from csmf.evaluate import evaluate_stage
+    from csmf.evaluation import evaluate_stage
 
     own = evaluate_stage(model, data, "conversion", (50,))["recall@50"]
     assert abs(entry["recall"]["conversion"][-1] - round(own, 5)) < 1e-6

@@ -13,7 +13,7 @@ SRC = Path(csmf.__file__).parent
 SERVING = {"export", "index", "serve", "app", "loadtest", "querybench"}
 EXPERIMENTS = {"bench", "suite", "report", "cost", "tuning", "sweep"}
 INTERFACE = {"cli", "demo", "__init__"}
-BELOW_MODELS = {"retriever", "evaluate", "metrics"}
+BELOW_MODELS = {"retriever", "evaluation", "metrics"}
 
 
 def module_of(path: Path) -> str:

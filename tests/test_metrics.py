@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from csmf.data.schema import CascadeData, pairs_to_csr
-from csmf.evaluate import batch_size_for, evaluate
+from csmf.evaluation import batch_size_for, evaluate
 from csmf.metrics import discounts, recall_ndcg
 from csmf.retriever import Retriever
 

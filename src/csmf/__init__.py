@@ -1,8 +1,40 @@
-"""csmf: multi-objective embedding-based retrieval with Cascaded Selective Mask Fine-Tuning."""
+"""csmf: multi-objective embedding-based retrieval with Cascaded Selective Mask Fine-Tuning.
 
-from importlib import metadata
+The public API (imported on first use, so `import csmf` stays light):
+
+    from csmf import CSMF, Config, evaluate, export_model, load_dataset, override
+
+- `Config`, `override(cfg, ["section.field=value", ...])`, `load_config(path)`: the one typed config;
+- `load_dataset(cfg)`: the dataset `cfg.data.dataset` names ("jd", "sim" or a log file), split;
+- `load_log(path)`: read your own CSV/Parquet log (then `split_log`);
+- `CSMF(cfg).fit(data)`, `.score(users, stage)`, `.score_fused(users, weights)`,
+  `.user_vectors(users, weights)` / `.item_vectors()`, `.save(folder)`, `CSMF.load(folder)`;
+- `evaluate(model, data)`: full-catalogue Recall / NDCG per objective on the test split;
+- `export_model(model, folder)`: the serving artifact `csmf serve --artifact folder` serves.
+"""
+
+from importlib import import_module, metadata
 
 try:
     __version__ = metadata.version("csmf")
 except metadata.PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
+
+_API = {
+    "Config": "csmf.config",
+    "override": "csmf.config",
+    "load_config": "csmf.config",
+    "load_dataset": "csmf.data.datasets",
+    "load_log": "csmf.data.logtable",
+    "split_log": "csmf.data.split",
+    "CSMF": "csmf.models.csmf",
+    "evaluate": "csmf.evaluation",
+    "export_model": "csmf.export",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'csmf' has no attribute {name!r}")

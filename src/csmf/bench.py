@@ -18,7 +18,7 @@ from csmf.config import Config, ConfigError, config_to_dict
 from csmf.cost import query_cost
 from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.bench.load_dataset)
 from csmf.data.schema import CascadeData
-from csmf.evaluate import evaluate, evaluate_stage
+from csmf.evaluation import evaluate, evaluate_stage
 from csmf.models.als import ALS, ALSSettings
 from csmf.models.csmf import CSMF, VARIANTS
 from csmf.models.ease import EASE, EASESettings

@@ -32,7 +32,7 @@ from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
-from csmf.evaluate import evaluate_stage
+from csmf.evaluation import evaluate_stage
 from csmf.graph import GraphTwoTower, graph_weights
 from csmf.losses import (
     aml_margin,

@@ -85,9 +85,8 @@ class DataConfig(Checked):
     timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
     user_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per user)
     item_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per item)
-    split: Literal["random", "time"] = (
-        "random"  # generic log: "random" per-user hold-out, or "time" (each user's latest rows)
-    )
+    # generic log: "random" per-user hold-out, or "time" (each user's latest rows)
+    split: Literal["random", "time"] = "random"
     test_frac: float = 0.2  # share of each user's pairs held out as test (JD: of trn_pv for the click test)
     valid_frac: float = 0.1  # share of each user's remaining train pairs used as a tuning fold
     split_seed: int = 0  # seed of every random hold-out (JD click test: seed 0 by protocol)

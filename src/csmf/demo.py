@@ -14,7 +14,7 @@ import torch
 
 from csmf.config import Config, config_to_dict, save_config
 from csmf.data.schema import CascadeData
-from csmf.evaluate import evaluate
+from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
 
 

@@ -335,13 +335,11 @@ def export_run(
     run_dir: str | Path, out: str | Path, default_weights: dict[str, float] | None = None, log=print
 ) -> Path:
     """Write the serving artifact of a finished `csmf train` run folder (its config.toml and checkpoints)."""
-    import torch
 
     from csmf.cascade import CascadeTrainer
     from csmf.checkpoints import CheckpointError
     from csmf.config import load_config
     from csmf.data.datasets import load_dataset
-    from csmf.data.schema import union
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
@@ -365,16 +363,33 @@ def export_run(
         ) from None
     if resume != len(trainer.phases):
         raise ArtifactError(f"{run_dir}: training has not finished; rerun `csmf train --out {run_dir}` to finish it")
-    history = data.train | data.side
-    trained = trainer.retriever(history)
-    users = np.arange(data.n_users)
+    from csmf.models.csmf import CSMF
+
+    model = CSMF(cfg, run_dir=str(run_dir / "checkpoints")).fit(data)  # every phase is done: this only loads
+    return export_model(model, out, default_weights, source={"run_dir": str(run_dir)}, log=log)
+
+
+def export_model(
+    model, out: str | Path, default_weights: dict[str, float] | None = None, source: dict | None = None, log=print
+) -> Path:
+    """Write the serving artifact of a fitted (or loaded) CSMF model: its item vectors, every user's vector
+    from the training history it holds, the seen items, popularity and ids."""
+    import torch
+
+    from csmf.data.schema import union
+
+    trained, inputs = model.trained, model._saved
+    if trained is None:
+        raise ArtifactError(f"{model.name} is not fitted; fit or load it before exporting")
+    users = np.arange(inputs.n_users)
     user_vectors = torch.cat([trained.raw_user_vectors(users[i : i + 4096]) for i in range(0, len(users), 4096)])
-    seen = union(*history.values()).tocsr()
+    seen = union(*trained.history.values()).tocsr()
     seen.sort_indices()
-    weights = default_weights or {s: 1.0 for s in data.stages}
-    unknown = [s for s in weights if s not in data.stages]
+    stages = tuple(trained.objectives)
+    weights = default_weights or {s: 1.0 for s in stages}
+    unknown = [s for s in weights if s not in stages]
     if unknown:
-        raise ArtifactError(f"default weights name {unknown}, not stages of {data.name} {data.stages}")
+        raise ArtifactError(f"default weights name {unknown}, not stages of {inputs.name} {stages}")
     path = write_artifact(
         out,
         item_vectors=trained.items.numpy(),
@@ -383,11 +398,13 @@ def export_run(
         seen_indptr=seen.indptr,
         seen_indices=seen.indices,
         popularity=np.asarray(seen.sum(axis=0)).ravel(),
-        user_ids=_ids(data.user_ids, data.n_users),
-        item_ids=_ids(data.item_ids, data.n_items),
-        stages=data.stages,
+        user_ids=_ids(inputs.user_ids, inputs.n_users),
+        item_ids=_ids(inputs.item_ids, inputs.n_items),
+        stages=stages,
         default_weights=weights,
-        source={"run_dir": str(run_dir), "dataset": data.name, "seed": cfg.seed},
+        source={**(source or {}), "dataset": inputs.name, "seed": model.cfg.seed},
     )
-    log(f"wrote {path}: {data.n_items:,} item vectors of dimension {trained.items.shape[1]}, {data.n_users:,} users")
+    log(
+        f"wrote {path}: {inputs.n_items:,} item vectors of dimension {trained.items.shape[1]}, {inputs.n_users:,} users"
+    )
     return path

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData, union
-from csmf.evaluate import batch_size_for, rows_mask, topk_hits, users_with_positives
+from csmf.evaluation import batch_size_for, rows_mask, topk_hits, users_with_positives
 from csmf.metrics import recall_ndcg
 from csmf.retriever import Retriever
 

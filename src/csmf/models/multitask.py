@@ -32,7 +32,7 @@ from csmf.cascade import pairs_of, per_stage, stage_pairs, target_matrix
 from csmf.config import Config
 from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch
-from csmf.evaluate import evaluate_stage
+from csmf.evaluation import evaluate_stage
 from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
 from csmf.retriever import Retriever
