@@ -85,3 +85,20 @@ def test_the_config_reference_is_current():
     docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert docs.read_text() == reference(), "regenerate it: python -m csmf.configdoc > docs/config.md"
     assert "| `cascade.prune` | Literal['cpp', 'fixed', 'none'] | `'cpp'` | 'cpp', 'fixed', 'none' |" in reference()
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from csmf.progress import bar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # piped or logged: no bar even when asked
+    assert bar(range(3), True).disable and bar(range(3), False).disable
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert not bar(range(3), True).disable and bar(range(3), False).disable

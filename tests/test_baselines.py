@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from csmf.config import Config, override
-from csmf.cost import exact_top_k, query_cost
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
+from csmf.experiments.cost import exact_top_k, query_cost
 from csmf.models.csmf import CSMF
 from csmf.models.multitask import KINDS, MultiTask, MultiTaskTwoTower
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csmf.bench import run_model
 from csmf.cli import main
 from csmf.config import (
     ALSConfig,
@@ -25,6 +24,7 @@ from csmf.config import (
 )
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
+from csmf.experiments.bench import run_model
 
 REQUIRED_KEYS = {"model", "dataset", "seed", "config", "versions", "train_seconds", "params", "metrics"}
 METRIC_KEYS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50"}

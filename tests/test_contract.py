@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from csmf.bench import model_builder
 from csmf.config import Config, override
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
+from csmf.experiments.bench import model_builder
 from csmf.models.csmf import VARIANTS
 from csmf.models.multitask import KINDS
 

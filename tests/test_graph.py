@@ -241,8 +241,8 @@ def test_distillation_trains_and_changes_the_student(data):
 
 
 def test_weight_sweep_moves_from_one_objective_to_the_other(data):
+    from csmf.experiments.sweep import mean_sweeps, weight_sweep
     from csmf.models.csmf import CSMF
-    from csmf.sweep import mean_sweeps, weight_sweep
 
     model = CSMF(override(CFG, ["train.max_epochs=1"])).fit(data)
     sweep = weight_sweep(model, data, data.stages, points=5)

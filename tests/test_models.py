@@ -10,9 +10,9 @@ import scipy.sparse as sp
 import torch
 
 from csmf.data.schema import CascadeData, pairs_to_csr
+from csmf.experiments.tuning import coordinate_search
 from csmf.models import ALS, ALSSettings, ItemKNN, ItemKNNSettings, Popularity
 from csmf.models.base import input_matrix
-from csmf.tuning import coordinate_search
 
 FACTORS = 8
 

@@ -25,8 +25,8 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 
-from csmf.export import load_artifact, write_artifact
-from csmf.loadtest import _free_port, _wait_healthy
+from csmf.serving.export import load_artifact, write_artifact
+from csmf.serving.loadtest import _free_port, _wait_healthy
 
 STAGES = ("view", "click", "buy")
 N_ITEMS, N_USERS, DIM = 300, 120, 8

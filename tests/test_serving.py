@@ -16,14 +16,14 @@ import pytest
 import torch
 import uvicorn
 
-from csmf.app import create_app
 from csmf.cli import main
 from csmf.config import load_config
 from csmf.data.datasets import load_dataset
-from csmf.export import ArtifactError, load_artifact, manifest_digest, write_artifact
-from csmf.index import IndexSettings, build_index, recall_against
 from csmf.models.csmf import CSMF
-from csmf.serve import Recommender, RequestError, ServeLimits
+from csmf.serving.app import create_app
+from csmf.serving.export import ArtifactError, load_artifact, manifest_digest, write_artifact
+from csmf.serving.index import IndexSettings, build_index, recall_against
+from csmf.serving.serve import Recommender, RequestError, ServeLimits
 
 TINY = [
     "--set", "model.user_hidden=16", "--set", "model.id_dim=8", "--set", "model.history_dim=8",
@@ -239,7 +239,7 @@ def test_milvus_lite_returns_the_faiss_exact_top_k(tmp_path):
 
 
 def test_loadtest_drives_a_real_server_and_reports_latency(exported, tmp_path):
-    from csmf.loadtest import run_loadtest
+    from csmf.serving.loadtest import run_loadtest
 
     out = tmp_path / "load.json"
     result = run_loadtest(exported[1], clients=4, requests=60, k=10, out=out, log=lambda _: None)
@@ -249,7 +249,7 @@ def test_loadtest_drives_a_real_server_and_reports_latency(exported, tmp_path):
 
 
 def test_querybench_measures_fused_single_and_per_index_queries(exported, tmp_path):
-    from csmf.querybench import run_querybench
+    from csmf.serving.querybench import run_querybench
 
     result = run_querybench(tmp_path / "q.json", n_items=3000, users=8, artifact=str(exported[1]), log=lambda _: None)
     fusion, hnsw = result["fusion"], result["hnsw"]

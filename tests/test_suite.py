@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import csmf.suite as suite_module
+import csmf.experiments.suite as suite_module
 from csmf.cascade import CascadeTrainer
 from csmf.cli import main
 from csmf.config import Config, ConfigError, override
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
-from csmf.suite import suite_runs
+from csmf.experiments.suite import suite_runs
 
 TINY_SUITE = [
     "--set", "bench.suite_sim_users=160", "--set", "bench.suite_sim_items=120",
@@ -65,7 +65,7 @@ def test_shared_pretraining_is_bit_identical_to_training_afresh(sim_parquet, tmp
 
 
 def test_variant_results_record_the_variant_config(sim_parquet):
-    from csmf.bench import run_model
+    from csmf.experiments.bench import run_model
 
     data = _tiny_data(sim_parquet)
     cfg = override(Config(), ["train.max_epochs=1,1", "bench.cost_items=0"])

@@ -29,7 +29,7 @@ _API = {
     "split_log": "csmf.data.split",
     "CSMF": "csmf.models.csmf",
     "evaluate": "csmf.evaluation",
-    "export_model": "csmf.export",
+    "export_model": "csmf.serving.export",
 }
 __all__ = sorted(_API)
 

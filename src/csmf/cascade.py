@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm import tqdm
 
 from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from csmf.config import Config, config_to_dict
@@ -44,6 +43,7 @@ from csmf.losses import (
     user_softmax_loss,
 )
 from csmf.masks import claim_free
+from csmf.progress import bar
 from csmf.prune import cpp_free, fixed_free, release
 from csmf.towers import Features, TwoTower
 
@@ -418,7 +418,7 @@ class CascadeTrainer:
             total, batches = 0.0, 0
             steps = range(0, len(order), batch_size)
             desc = f"stage {stage} epoch {epoch}"
-            for start in tqdm(steps, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            for start in bar(steps, self.progress, desc=desc, unit="batch", leave=False):
                 loss = batch_loss(order[start : start + batch_size])
                 optimizer.zero_grad()
                 loss.backward()

@@ -13,7 +13,7 @@ from pathlib import Path
 from csmf.checkpoints import CheckpointError
 from csmf.config import Config, ConfigError, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
-from csmf.export import ArtifactError
+from csmf.serving.export import ArtifactError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,8 @@ def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from csmf.bench import run_bench
-    from csmf.suite import QUICK_SETS, run_suite
+    from csmf.experiments.bench import run_bench
+    from csmf.experiments.suite import QUICK_SETS, run_suite
 
     if args.quick and not args.suite:
         raise ConfigError("--quick shrinks a suite: use it with --suite paper")
@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from csmf.export import export_run, load_artifact
+    from csmf.serving.export import export_run, load_artifact
 
     weights = None
     if args.weights:  # stage names are checked against the run's data by export_run
@@ -154,10 +154,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from csmf.app import create_app
-    from csmf.export import load_artifact
-    from csmf.index import IndexSettings, build_index
-    from csmf.serve import Recommender, ServeLimits
+    from csmf.serving.app import create_app
+    from csmf.serving.export import load_artifact
+    from csmf.serving.index import IndexSettings, build_index
+    from csmf.serving.serve import Recommender, ServeLimits
 
     artifact = load_artifact(args.artifact)
     settings = IndexSettings(
@@ -175,14 +175,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from csmf.loadtest import run_loadtest
+    from csmf.serving.loadtest import run_loadtest
 
     result = run_loadtest(args.artifact, args.clients, args.requests, args.k, args.index, args.out)
     return 0 if result["errors"] == 0 else 1
 
 
 def cmd_querybench(args: argparse.Namespace) -> int:
-    from csmf.querybench import run_querybench
+    from csmf.serving.querybench import run_querybench
 
     run_querybench(args.out, args.items, args.users, args.artifact)
     return 0
@@ -201,7 +201,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from csmf.serve import ServeLimits  # numpy only: the defaults of csmf serve's request limits
+    from csmf.serving.serve import ServeLimits  # numpy only: the defaults of csmf serve's request limits
 
     parser = argparse.ArgumentParser(prog="csmf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -338,7 +338,8 @@ class BenchConfig(Checked):
     # synthetic catalogue size of the cost measurement; 0 = no cost measurement (timing 1M synthetic items is most
     # of a small log's bench time, so plain `csmf bench` measures it only when asked; the suite's rows do)
     cost_items: int = 0
-    sweep_points: int = 6  # objective-weight sweep: weights per pair of objectives (0 = no sweep; csmf.sweep)
+    # objective-weight sweep: weights per pair of objectives (0 = no sweep; csmf.experiments.sweep)
+    sweep_points: int = 6
     tune: bool = True  # False = no search: the settings' defaults (a grid's first value if the default is off-grid)
     # Neural models: share stage-1 pretraining between runs through this folder ("" = off; see csmf.cascade)
     pretrain_cache: str = ""

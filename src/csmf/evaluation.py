@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm import tqdm
 
 from csmf.data.schema import CascadeData
 from csmf.metrics import recall_ndcg
+from csmf.progress import bar
 from csmf.retriever import Retriever
 
 
@@ -59,7 +59,7 @@ def evaluate_stage(
     batch = batch_size_for(data.n_items, budget_mb)
     sums: dict[str, float] = {}
     batches = range(0, len(users), batch)
-    for start in tqdm(batches, desc=f"eval {stage}", unit="batch", disable=not progress, leave=False):
+    for start in bar(batches, progress, desc=f"eval {stage}", unit="batch", leave=False):
         ub = users[start : start + batch]
         with torch.no_grad():
             scores = model.score(ub, stage).float()  # (B, N)

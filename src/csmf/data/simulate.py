@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from csmf.config import ConfigError, SimConfig
+from csmf.progress import bar
 
 SIM_STAGES = ("exposure", "click", "conversion")
 PARTS = ("shared", "exposure", "click", "conversion")
@@ -129,7 +129,7 @@ def simulate(cfg: SimConfig, out: str | Path, progress: bool = True) -> dict:
     writer = None
     n_chunks = -(-cfg.n_users // cfg.chunk_users)
     try:
-        for table in tqdm(simulate_chunks(cfg), total=n_chunks, desc="simulate", unit="chunk", disable=not progress):
+        for table in bar(simulate_chunks(cfg), progress, total=n_chunks, desc="simulate", unit="chunk"):
             if writer is None:
                 writer = (
                     pq.ParquetWriter(tmp, table.schema)

@@ -26,7 +26,6 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from csmf.cascade import pairs_of, per_stage, stage_pairs, target_matrix
 from csmf.config import Config
@@ -35,6 +34,7 @@ from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage
 from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
+from csmf.progress import bar
 from csmf.retriever import Retriever
 from csmf.towers import Features, pool_bags
 
@@ -270,7 +270,7 @@ class MultiTask(Retriever):
             model.train()
             total = 0.0
             losses = epoch_batches()
-            for _ in tqdm(range(steps), desc=f"{self.kind} epoch {epoch}", disable=not self.progress, leave=False):
+            for _ in bar(range(steps), self.progress, desc=f"{self.kind} epoch {epoch}", leave=False):
                 loss = next(losses)
                 optimizer.zero_grad()
                 loss.backward()

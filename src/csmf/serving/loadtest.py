@@ -80,7 +80,7 @@ def run_loadtest(
     seed: int = 0,
     log=print,
 ) -> dict:
-    from csmf.export import load_artifact
+    from csmf.serving.export import load_artifact
 
     art = load_artifact(artifact)
     stages = art.stages

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm import tqdm
+from csmf.progress import bar
 
 
 @dataclass
@@ -39,15 +39,15 @@ def coordinate_search(
     current = dict(start)
     cache: dict[tuple, float] = {}
     trials: list[dict[str, Any]] = []
-    bar = tqdm(desc=desc, unit="fit", disable=not progress, leave=False)
+    fits = bar(None, progress, desc=desc, unit="fit", leave=False)
 
     def value(point: dict[str, Any]) -> float:
         key = tuple(sorted(point.items()))
         if key not in cache:
             cache[key] = float(objective(dict(point)))
             trials.append({"params": dict(point), "value": cache[key]})
-            bar.update(1)
-            bar.set_postfix(best=f"{max(cache.values()):.4f}")
+            fits.update(1)
+            fits.set_postfix(best=f"{max(cache.values()):.4f}")
         return cache[key]
 
     best_value = value(current)
@@ -61,5 +61,5 @@ def coordinate_search(
                     current, best_value, changed = point, v, True
         if not changed:
             break
-    bar.close()
+    fits.close()
     return SearchResult(best=current, best_value=best_value, trials=trials)

@@ -5,7 +5,7 @@ Layout under `<out_dir>/<suite>/<dataset>/`:
                               every file already there (the suite resumes after a kill)
   <run>.json                  the foundation layout with `metrics` = mean over seeds, `metrics_std`,
                               and `seeds` = {seed: metrics}
-The report (`<report_dir>/<suite>.md` and its plots) is written by csmf.report from those files only.
+The report (`<report_dir>/<suite>.md` and its plots) is written by csmf.experiments.report from those files only.
 
 Runs that share stage-1 pretraining (single-<first stage>, csmf and its ablations, packnet, naive-ft, the
 tau sweep) load it from a per-suite cache instead of retraining it (bit-identical, see csmf.cascade).
@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from csmf.bench import build_tuned_as, run_model, versions
 from csmf.config import Config, ConfigError, config_to_dict, override
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
-from csmf.sweep import mean_sweeps
+from csmf.experiments.bench import build_tuned_as, run_model, versions
+from csmf.experiments.sweep import mean_sweeps
 
 MAIN_BASELINES = ("popularity", "als", "itemknn", "ease")
 MAIN_NEURAL = ("naive-ft", "packnet", "shared-bottom", "mmoe", "ple", "mvke", "csmf")
@@ -221,7 +221,7 @@ def _sim_size(cfg: Config, dataset: str) -> list[str]:
 
 def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every row of the suite on every dataset and seed; write the report. Returns its path."""
-    from csmf.report import write_report
+    from csmf.experiments.report import write_report
 
     if not cfg.bench.suite_seeds:
         raise ConfigError("bench.suite_seeds: give at least one seed")

@@ -15,10 +15,12 @@ from importlib import metadata
 from pathlib import Path
 
 from csmf.config import Config, ConfigError, config_to_dict
-from csmf.cost import query_cost
-from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.bench.load_dataset)
+from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.experiments.bench.load_dataset)
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate, evaluate_stage
+from csmf.experiments.cost import query_cost
+from csmf.experiments.sweep import weight_sweep
+from csmf.experiments.tuning import coordinate_search
 from csmf.models.als import ALS, ALSSettings
 from csmf.models.csmf import CSMF, VARIANTS
 from csmf.models.ease import EASE, EASESettings
@@ -26,8 +28,6 @@ from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.multitask import KINDS, MultiTask
 from csmf.models.popularity import Popularity
 from csmf.retriever import Retriever
-from csmf.sweep import weight_sweep
-from csmf.tuning import coordinate_search
 
 # ----- model builders: tune on the validation view, then fit on train ------------------------------
 

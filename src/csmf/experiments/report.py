@@ -1,7 +1,7 @@
 """The suite report: `<report_dir>/<suite>.md` and its PNG plots, built only from the suite's result files.
 
 Every number in the report is read from `<out_dir>/<suite>/<dataset>/<run>.json` (written by
-csmf.suite), so the report regenerates from the same run and never mixes in older results.
+csmf.experiments.suite), so the report regenerates from the same run and never mixes in older results.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from csmf.bench import cost_table  # noqa: E402
 from csmf.config import Config  # noqa: E402
+from csmf.experiments.bench import cost_table  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 SHORT = {"recall@10": "R@10", "ndcg@10": "N@10", "recall@50": "R@50", "ndcg@50": "N@50"}

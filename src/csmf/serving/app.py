@@ -24,8 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from csmf.export import clip
-from csmf.serve import MAX_K, Recommendation, Recommender, RequestError, UnknownUser, parse_weights
+from csmf.serving.export import clip
+from csmf.serving.serve import MAX_K, Recommendation, Recommender, RequestError, UnknownUser, parse_weights
 
 ECHO_CHARS = 200  # the most of an input an error body repeats
 MAX_ERRORS = 10  # the most validation errors one 422 lists (100,000 ids of the wrong type would be 100,000)
@@ -183,7 +183,7 @@ def create_app(recommender: Recommender) -> FastAPI:
             detail.append({"loc": detail[-1]["loc"][:1], "msg": f"and {len(errors) - MAX_ERRORS:,} more errors"})
         return JSONResponse(status_code=422, content={"detail": detail})
 
-    page = resources.files("csmf").joinpath("static/index.html").read_text()
+    page = resources.files("csmf.serving").joinpath("static/index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> str:

@@ -4,7 +4,7 @@ The weights of a request are folded into the user's query vector (q = u * lambda
 one search of the same index. Per-objective scores of the returned items are exact inner products over
 each objective's dimension groups, so a client sees why an item ranks where it does.
 
-Every input is bounded before it reaches the index (ServeLimits, MAX_K, csmf.export's MAX_ABS and weight
+Every input is bounded before it reaches the index (ServeLimits, MAX_K, csmf.serving.export's MAX_ABS and weight
 rules), so scores stay finite in float32 and an answer holds min(k, items the user may get) items, or says
 why it holds fewer in `note`.
 """
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from csmf.export import MAX_ABS, Artifact, WeightError, clip
-from csmf.export import check_weights as _check_weights
+from csmf.serving.export import MAX_ABS, Artifact, WeightError, clip
+from csmf.serving.export import check_weights as _check_weights
 
-if TYPE_CHECKING:  # csmf.index loads faiss; the CLI reads ServeLimits' defaults without it
-    from csmf.index import Index
+if TYPE_CHECKING:  # csmf.serving.index loads faiss; the CLI reads ServeLimits' defaults without it
+    from csmf.serving.index import Index
 
 MAX_K = 1000  # largest k of one request
 CANDIDATE_BLOCK = 1 << 20  # most (users x candidates) one index search returns at once: bounds its memory
@@ -83,7 +83,7 @@ def parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
 
 
 def check_weights(weights: dict[str, float], stages: tuple[str, ...]) -> dict[str, float]:
-    """The rules of csmf.export.check_weights (0 <= w <= 1e6 each, sum > 1e-6), as a 422 on `weights`."""
+    """The rules of csmf.serving.export.check_weights (0 <= w <= 1e6 each, sum > 1e-6), as a 422 on `weights`."""
     try:
         return _check_weights(weights, stages)
     except WeightError as err:
