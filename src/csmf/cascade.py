@@ -14,7 +14,6 @@ hash of exactly those inputs. The result is bit-identical to pretraining afresh.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -29,6 +28,8 @@ import torch
 
 from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from csmf.config import Config, config_to_dict
+from csmf.data.batches import log_q as item_log_q
+from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage
@@ -43,9 +44,9 @@ from csmf.losses import (
     user_softmax_loss,
 )
 from csmf.masks import claim_free
-from csmf.progress import bar
 from csmf.prune import cpp_free, fixed_free, release
 from csmf.towers import Features, TwoTower
+from csmf.train import run_epochs
 
 
 def per_stage(values: tuple, stage: int):
@@ -394,7 +395,7 @@ class CascadeTrainer:
                 return self._user_loss(stage, units[idx], targets, m0, generator, extras)
         else:  # a batch is a set of (user, item) pairs
             units, batch_size = users, t.batch_size
-            log_q = self._log_q(items)
+            log_q = item_log_q(items, self.data.n_items)
 
             def batch_loss(idx: np.ndarray) -> torch.Tensor:
                 weight = None if weights is None else torch.from_numpy(weights[idx])
@@ -409,42 +410,26 @@ class CascadeTrainer:
                 model.freeze_below(None)
 
     def _epoch_loop(self, stage, units, batch_size, batch_loss, epochs, select, generator, lr, n_pairs) -> dict:
-        t, model = self.cfg.train, self.model
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        best, best_state, best_epoch, epochs_log = -1.0, None, 0, []
-        for epoch in range(1, epochs + 1):
-            model.train()
+        model = self.model
+
+        def epoch_losses():
             order = torch.randperm(len(units), generator=generator).numpy()
-            total, batches = 0.0, 0
-            steps = range(0, len(order), batch_size)
-            desc = f"stage {stage} epoch {epoch}"
-            for start in bar(steps, self.progress, desc=desc, unit="batch", leave=False):
-                loss = batch_loss(order[start : start + batch_size])
-                optimizer.zero_grad()
-                loss.backward()
-                model.mask_grads(stage)  # only the stage's own units learn; earlier stages stay bit-identical
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
-            model.eval()
+            for start in range(0, len(order), batch_size):
+                yield batch_loss(order[start : start + batch_size])
+
+        def validate() -> tuple[float | None, dict]:
             valid = self._validate(stage)
-            epochs_log.append({"epoch": epoch, "loss": round(total / max(batches, 1), 5), "valid": valid})
-            self.log(f"  stage {stage} epoch {epoch}: loss {total / max(batches, 1):.4f} valid {_fmt(valid)}")
-            if not select or not valid:  # no validation pairs: keep the last epoch
-                continue
-            score = valid[t.select_metric]
-            if score > best:
-                best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-            elif epoch - best_epoch >= t.patience:
-                break
-        if select and best_state is not None:
-            model.load_state_dict(best_state)
-        return {
-            "lr": lr,
-            "pairs": int(n_pairs),
-            "epochs": epochs_log,
-            "best_epoch": best_epoch if select else epochs,
-        }
+            return (valid[self.cfg.train.select_metric] if valid else None), valid
+
+        records, best_epoch = run_epochs(
+            model, torch.optim.Adam(model.parameters(), lr=lr), epochs, epoch_losses, validate,
+            self.cfg.train.patience, select=select,
+            after_backward=lambda: model.mask_grads(stage),  # only the stage's own units learn
+            describe=lambda e, loss, _s, valid: f"  stage {stage} epoch {e}: loss {loss:.4f} valid {_fmt(valid)}",
+            log=self.log, progress=self.progress, desc=f"stage {stage} epoch",
+            steps=math.ceil(len(units) / batch_size),
+        )  # fmt: skip
+        return {"lr": lr, "pairs": int(n_pairs), "epochs": records, "best_epoch": best_epoch}
 
     # ----- the graph encoder's full-catalogue loss (one softmax per user) ----------------------------
     def _stage_extras(self, stage: int) -> dict:
@@ -515,10 +500,6 @@ class CascadeTrainer:
         negatives = indices[(starts + draw)[has]]
         return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, m0, self.cfg.model.temperature)
 
-    def _log_q(self, items: np.ndarray) -> torch.Tensor:
-        counts = np.bincount(items, minlength=self.data.n_items).astype(np.float64) + 1.0
-        return torch.from_numpy(np.log(counts / counts.sum())).float()
-
     def _loss(self, stage, users, items, m0, log_q, generator, weight=None) -> torch.Tensor:
         model, temperature = self.model, self.cfg.model.temperature
         leave_out = items if isinstance(model, TwoTower) and model.user.history is not None else None
@@ -537,10 +518,9 @@ class CascadeTrainer:
                 upstream, _ = in_batch_scores(u * model.group_mask(stage - 1), v, target_items)
             extra = self.cfg.train.extra_negatives
             if extra:
-                negatives = torch.randint(0, self.data.n_items, (extra,), generator=generator)
+                negatives, uniform = uniform_negatives(self.data.n_items, extra, generator)
                 v_neg = model.item_vectors(stage, negatives)  # (M, D)
                 scores = torch.cat([scores, u @ v_neg.T], dim=1)  # (B, B + M)
-                uniform = torch.full((extra,), float(np.log(extra / self.data.n_items)))
                 correction = torch.cat([correction, uniform])
                 if upstream is not None:
                     upstream = torch.cat([upstream, (u * model.group_mask(stage - 1)) @ v_neg.T], dim=1)

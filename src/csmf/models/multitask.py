@@ -17,7 +17,6 @@ inputs and the vectors, and so what serving a fused query costs:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 
@@ -29,14 +28,16 @@ from torch import nn
 
 from csmf.cascade import pairs_of, per_stage, stage_pairs, target_matrix
 from csmf.config import Config
+from csmf.data.batches import log_q as item_log_q
+from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage
 from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
-from csmf.progress import bar
 from csmf.retriever import Retriever
 from csmf.towers import Features, pool_bags
+from csmf.train import run_epochs
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
 
@@ -254,7 +255,7 @@ class MultiTask(Retriever):
 
                 raise distillation_error(cfg, data.n_items)
             pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
-            log_q = [self._log_q(items, data.n_items) for _, items in pairs]
+            log_q = [item_log_q(items, data.n_items) for _, items in pairs]
             steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
 
             def epoch_batches():
@@ -265,38 +266,23 @@ class MultiTask(Retriever):
                     batches = [(u[p], i[p]) for (u, i), p in zip(pairs, picks, strict=True)]
                     yield self._loss(batches, log_q, [len(i) for _, i in pairs], data.n_items, generator)
 
-        best, best_state, best_epoch, epochs_log = -1.0, None, 0, []
-        for epoch in range(1, max(t.max_epochs) + 1):
-            model.train()
-            total = 0.0
-            losses = epoch_batches()
-            for _ in bar(range(steps), self.progress, desc=f"{self.kind} epoch {epoch}", leave=False):
-                loss = next(losses)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
+        def validate() -> tuple[float, dict]:  # the mean Recall@50 over the objectives picks the epoch
             valid = self._validate(tuning)
-            score = float(np.mean([v["recall@50"] for v in valid.values()])) if valid else 0.0
-            epochs_log.append({"epoch": epoch, "loss": round(total / steps, 5), "valid": valid})
-            self.log(f"  {self.kind} epoch {epoch}: loss {total / steps:.4f} mean valid recall@50 {score:.4f}")
-            if score > best:
-                best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
-            elif epoch - best_epoch >= t.patience:
-                break
-        if best_state is not None:
-            model.load_state_dict(best_state)
+            return (float(np.mean([v["recall@50"] for v in valid.values()])) if valid else 0.0), valid
+
+        def describe(epoch: int, loss: float, score: float, _valid: dict) -> str:
+            return f"  {self.kind} epoch {epoch}: loss {loss:.4f} mean valid recall@50 {score:.4f}"
+
+        epochs_log, best_epoch = run_epochs(
+            model, optimizer, max(t.max_epochs), epoch_batches, validate, t.patience, describe=describe,
+            log=self.log, progress=self.progress, desc=f"{self.kind} epoch", steps=steps,
+        )  # fmt: skip
         model.eval()
         self.phases = [{"phase": "joint", "epochs": epochs_log, "best_epoch": best_epoch}]
         self.history = data.train | data.side
         with torch.no_grad():
             self.items = model.item_vectors()  # (N, D) per item vector
         return self
-
-    @staticmethod
-    def _log_q(items: np.ndarray, n_items: int) -> torch.Tensor:
-        counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0
-        return torch.from_numpy(np.log(counts / counts.sum())).float()
 
     def _loss(self, batches, log_q, n_pairs, n_items, generator) -> torch.Tensor:
         """Sum over objectives of each one's softmax loss on its batch of pairs: in-batch + uniform extra
@@ -312,7 +298,7 @@ class MultiTask(Retriever):
         user_heads = model.user_vectors(users, self.history, leave_out=items)  # per head (K * B, D)
         item_heads = model.item_vectors(torch.from_numpy(items))
         if extra:
-            negatives = torch.randint(0, n_items, (extra,), generator=generator)
+            negatives, uniform = uniform_negatives(n_items, extra, generator)
             negative_heads = model.item_vectors(negatives)
         loss, start = 0.0, 0
         for k, (_, batch_items) in enumerate(batches):
@@ -321,10 +307,12 @@ class MultiTask(Retriever):
             vk = min(k, len(item_heads) - 1)  # mvke: one shared item vector
             u, v, target_items = user_heads[k][rows], item_heads[vk][rows], torch.from_numpy(batch_items)
             scores, target = in_batch_scores(u, v, target_items)
+            # log of the item's expected count over all of this objective's pairs; the cascade's in-batch path
+            # uses the count in one batch (log B, not log n_pairs): kept as it was so results stay comparable
             correction = log_q[k][target_items] + np.log(n_pairs[k])
             if extra:
                 scores = torch.cat([scores, u @ negative_heads[vk].T], dim=1)  # (B, B + M)
-                correction = torch.cat([correction, torch.full((extra,), float(np.log(extra / n_items)))])
+                correction = torch.cat([correction, uniform])
             loss = loss + softmax_loss(scores, target, self.cfg.model.temperature, log_q=correction)
         return loss
 
