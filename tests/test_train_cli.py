@@ -38,6 +38,7 @@ def test_train_writes_run_folder_and_shows_two_weightings(sim_parquet, tmp_path,
     assert summary["vector_dim"] == 8
     assert (out / "config.toml").exists()
     assert len(list((out / "checkpoints").glob("phase-*.pt"))) == len(summary["phases"]) == 7
+    assert (out / "model" / "model.pt").exists()  # the saved model export and CSMF.load read
     assert printed.count("top-10 for user") == 2
     assert "'exposure': 1.0" in printed and "'conversion': 1.0" in printed
 
@@ -152,6 +153,9 @@ def test_export_names_data_that_moved_or_changed(sim_parquet, tmp_path, capsys):
     assert main(["train", "--dataset", str(log), "--out", str(run), "--quiet", *TINY]) == 0
     moved = tmp_path / "moved.parquet"
     log.rename(moved)
+    # the run saved its model: export needs neither the data nor a trainer
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "saved")]) == 0
+    shutil.rmtree(run / "model")  # a run folder from before runs saved their model: export reads the data
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
     assert f"trained on {log}, which is not there any more" in capsys.readouterr().err
     _shuffled_copy(moved, log)  # other data under the old name

@@ -67,6 +67,7 @@ def train_and_report(
     start = time.perf_counter()
     model = CSMF(cfg, run_dir=str(out / "checkpoints"), progress=progress, log=log).fit(data)
     seconds = time.perf_counter() - start
+    model.save(out / "model")  # what `csmf export` and CSMF.load read: no data loading, no trainer
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress)
     vector_dim = int(model.item_vectors().shape[1])
     log(f"\ntrained in {seconds:.1f}s; {model.num_params():,} parameters; one item vector of dimension {vector_dim}")

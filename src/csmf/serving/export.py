@@ -334,7 +334,13 @@ def _ids(original: np.ndarray | None, n: int) -> list[str]:
 def export_run(
     run_dir: str | Path, out: str | Path, default_weights: dict[str, float] | None = None, log=print
 ) -> Path:
-    """Write the serving artifact of a finished `csmf train` run folder (its config.toml and checkpoints)."""
+    """Write the serving artifact of a finished `csmf train` run folder: from the model it saved (no data
+    loading, no trainer), or, for a folder from before runs saved their model, from its checkpoints and data."""
+    from csmf.models.csmf import CSMF
+
+    saved = Path(run_dir) / "model"
+    if (saved / "model.pt").exists():
+        return export_model(CSMF.load(saved), out, default_weights, source={"run_dir": str(run_dir)}, log=log)
 
     from csmf.cascade import CascadeTrainer
     from csmf.checkpoints import CheckpointError
@@ -363,8 +369,6 @@ def export_run(
         ) from None
     if resume != len(trainer.phases):
         raise ArtifactError(f"{run_dir}: training has not finished; rerun `csmf train --out {run_dir}` to finish it")
-    from csmf.models.csmf import CSMF
-
     model = CSMF(cfg, run_dir=str(run_dir / "checkpoints")).fit(data)  # every phase is done: this only loads
     return export_model(model, out, default_weights, source={"run_dir": str(run_dir)}, log=log)
 
