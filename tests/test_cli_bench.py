@@ -361,3 +361,26 @@ def test_a_bad_value_in_a_config_file_names_file_and_key(tmp_path):
     path.write_text('[cascade]\nprune = "cpq"\n')
     with pytest.raises(ConfigError, match=re.escape(f"{path}: cascade.prune: 'cpq' is not one of")):
         load_config(path)
+
+
+@pytest.mark.parametrize("command", ["serve", "loadtest", "querybench"])
+def test_serving_commands_take_config_and_set(command, tmp_path, capsys):
+    argv = [command, "--set", "serve.index=annoy"] + (["--artifact", str(tmp_path)] if command != "querybench" else [])
+    assert main(argv) == 2
+    assert "serve.index: 'annoy' is not one of ['exact', 'hnsw', 'milvus']" in capsys.readouterr().err
+    path = tmp_path / "serve.toml"
+    path.write_text("[serve]\nport = 0\n")
+    assert main([command, "--config", str(path), *argv[3:]]) == 2
+    assert f"{path}: serve.port: must be a port, 1..65535, got 0" in capsys.readouterr().err
+
+
+def test_serve_flags_override_the_config_file(tmp_path):
+    import argparse
+
+    from csmf.cli import _serve_config
+
+    path = tmp_path / "serve.toml"
+    path.write_text('[serve]\nindex = "hnsw"\nmax_ids = 50\n')
+    args = argparse.Namespace(config=str(path), set=[], seed=None, max_ids=7, index=None, command="serve")
+    s = _serve_config(args).serve
+    assert (s.index, s.max_ids, s.port) == ("hnsw", 7, 8000)

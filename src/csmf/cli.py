@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from csmf.checkpoints import CheckpointError
-from csmf.config import Config, ConfigError, absolute_data_paths, load_config, override
+from csmf.config import Config, ConfigError, ServeConfig, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
 from csmf.serving.export import ArtifactError
 
@@ -151,6 +151,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "fallback", "max_ids", "max_results",
+               "max_body_bytes", "host", "port")  # fmt: skip
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    """--config / --set, then the serve flags given on the command line (they win)."""
+    cfg = _config(args)
+    flags = [f"serve.{name}={getattr(args, name)}" for name in SERVE_FLAGS if getattr(args, name, None) is not None]
+    return override(cfg, flags)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -159,32 +170,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csmf.serving.index import IndexSettings, build_index
     from csmf.serving.serve import Recommender, ServeLimits
 
+    s = _serve_config(args).serve
     artifact = load_artifact(args.artifact)
-    settings = IndexSettings(
-        kind=args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search, milvus_uri=args.milvus_uri
-    )
-    try:
-        limits = ServeLimits(max_ids=args.max_ids, max_results=args.max_results, max_body_bytes=args.max_body_bytes)
-    except ValueError as err:
-        raise ConfigError(f"csmf serve: {err}") from None
+    settings = IndexSettings(kind=s.index, hnsw_m=s.hnsw_m, hnsw_ef_search=s.ef_search, milvus_uri=s.milvus_uri)
+    limits = ServeLimits(max_ids=s.max_ids, max_results=s.max_results, max_body_bytes=s.max_body_bytes)
     index = build_index(artifact.item_vectors, settings)
-    recommender = Recommender(artifact, index, args.fallback == "popularity", limits)
-    print(f"serving {len(artifact.item_ids):,} items ({args.index} index) on http://{args.host}:{args.port}")
-    uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
+    recommender = Recommender(artifact, index, s.fallback == "popularity", limits)
+    print(f"serving {len(artifact.item_ids):,} items ({s.index} index) on http://{s.host}:{s.port}")
+    uvicorn.run(create_app(recommender), host=s.host, port=s.port, log_level="warning")
     return 0
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from csmf.serving.loadtest import run_loadtest
 
-    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, args.index, args.out)
+    index = _serve_config(args).serve.index
+    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, index, args.out)
     return 0 if result["errors"] == 0 else 1
 
 
 def cmd_querybench(args: argparse.Namespace) -> int:
     from csmf.serving.querybench import run_querybench
 
-    run_querybench(args.out, args.items, args.users, args.artifact)
+    s = _config(args).serve
+    run_querybench(args.out, args.items, args.users, args.artifact, hnsw_m=s.hnsw_m, ef_search=s.ef_search)
     return 0
 
 
@@ -201,8 +210,6 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from csmf.serving.serve import ServeLimits  # numpy only: the defaults of csmf serve's request limits
-
     parser = argparse.ArgumentParser(prog="csmf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -252,36 +259,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
     serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")
-    serve.add_argument("--index", choices=["exact", "hnsw", "milvus"], default="exact",
+    # each flag overrides serve.<field> of --config / --set (defaults: docs/config.md, [serve])
+    serve.add_argument("--index", choices=["exact", "hnsw", "milvus"],
                        help="faiss exact (default), faiss hnsw, or milvus (see --milvus-uri)")  # fmt: skip
-    serve.add_argument("--milvus-uri", default="csmf-milvus.db",
-                       help="milvus: a .db file (embedded milvus-lite) or a server, http://host:19530")  # fmt: skip
-    serve.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default 32)")
-    serve.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch (default 128)")
-    serve.add_argument("--fallback", choices=["none", "popularity"], default="none",
-                       help="unknown users: 404 (none) or the most popular items")  # fmt: skip
-    serve.add_argument("--max-ids", type=int, default=ServeLimits.max_ids,
-                       help=f"most user ids in one POST /recommend (default {ServeLimits.max_ids:,})")  # fmt: skip
-    serve.add_argument("--max-results", type=int, default=ServeLimits.max_results,
-                       help=f"most items per request, user ids x k (default {ServeLimits.max_results:,})")  # fmt: skip
-    serve.add_argument("--max-body-bytes", type=int, default=ServeLimits.max_body_bytes,
-                       help=f"largest request body, else 413 (default {ServeLimits.max_body_bytes:,})")  # fmt: skip
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--milvus-uri", help="milvus: a .db file (embedded milvus-lite) or a server, http://host:19530")
+    serve.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
+    serve.add_argument("--ef-search", type=int, help="HNSW efSearch (default 128)")
+    serve.add_argument("--fallback", choices=["none", "popularity"],
+                       help="unknown users: 404 (none, default) or the most popular items")  # fmt: skip
+    serve.add_argument("--max-ids", type=int,
+                       help=f"most user ids in one POST /recommend (default {ServeConfig.max_ids:,})")  # fmt: skip
+    serve.add_argument("--max-results", type=int,
+                       help=f"most items per request, user ids x k (default {ServeConfig.max_results:,})")  # fmt: skip
+    serve.add_argument("--max-body-bytes", type=int,
+                       help=f"largest request body, else 413 (default {ServeConfig.max_body_bytes:,})")  # fmt: skip
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    _common(serve)
 
     load = sub.add_parser("loadtest", help="start csmf serve on 127.0.0.1 and drive it with concurrent clients")
     load.add_argument("--artifact", required=True, help="folder written by `csmf export`")
     load.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     load.add_argument("--requests", type=int, default=20_000, help="requests in all (default 20000)")
     load.add_argument("--k", type=int, default=50, help="items per request (default 50)")
-    load.add_argument("--index", choices=["exact", "hnsw"], default="exact")
+    load.add_argument("--index", choices=["exact", "hnsw"], help="the server's index (default: serve.index)")
     load.add_argument("--out", default="results/serving/loadtest.json", help="result JSON")
+    _common(load)
 
     query = sub.add_parser("querybench", help="fused vs single-objective vs per-objective-index query time; HNSW")
     query.add_argument("--items", type=int, default=1_000_000, help="synthetic catalogue size (default 1M)")
     query.add_argument("--users", type=int, default=256, help="queries per batch (default 256)")
     query.add_argument("--artifact", help="also measure HNSW recall@50 and speed-up on this artifact")
     query.add_argument("--out", default="results/serving/querybench.json", help="result JSON")
+    _common(query)  # serve.hnsw_m and serve.ef_search set the HNSW it measures
 
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)

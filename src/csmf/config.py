@@ -362,6 +362,32 @@ class BenchConfig(Checked):
 
 
 @dataclass(frozen=True)
+class ServeConfig(Checked):
+    """`csmf serve` (and the server `csmf loadtest` starts, the HNSW settings `csmf querybench` measures)."""
+
+    SECTION: ClassVar[str] = "serve"
+    RULES: ClassVar[dict] = {
+        "hnsw_m": (_positive, "> 0"),
+        "ef_search": (_positive, "> 0"),
+        "max_ids": (_positive, "> 0"),
+        "max_results": (_positive, "> 0"),
+        "max_body_bytes": (_positive, "> 0"),
+        "port": (_in(1, 65536), "a port, 1..65535"),
+    }
+
+    index: Literal["exact", "hnsw", "milvus"] = "exact"  # faiss exact, faiss HNSW, or Milvus (serve.milvus_uri)
+    milvus_uri: str = "csmf-milvus.db"  # a .db file (embedded milvus-lite) or a server, http://host:19530
+    hnsw_m: int = 32  # HNSW graph degree M
+    ef_search: int = 128  # HNSW efSearch: candidates kept while searching (recall against speed)
+    fallback: Literal["none", "popularity"] = "none"  # unknown users: 404, or the most popular items
+    max_ids: int = 1000  # most user ids in one POST /recommend
+    max_results: int = 20_000  # most items one request may ask for (user ids x k)
+    max_body_bytes: int = 1 << 20  # largest request body; a larger one answers 413 before it is parsed
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # model seed (data split seeds live in DataConfig / SimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -375,6 +401,7 @@ class Config:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         for key, metric in (

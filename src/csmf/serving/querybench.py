@@ -94,13 +94,15 @@ def hnsw_quality(artifact_path: str | Path, m: int = 32, ef_search: int = 128, u
     }
 
 
-def run_querybench(out: str | Path, n_items: int, users: int, artifact: str | None, log=print) -> dict:
+def run_querybench(
+    out: str | Path, n_items: int, users: int, artifact: str | None, log=print, hnsw_m: int = 32, ef_search: int = 128
+) -> dict:
     result = {"fusion": fusion_cost(n_items=n_items, users=users)}
     f = result["fusion"]
     log(f"fused top-50 over {f['items']:,} items: {f['fused_over_single']:.3f}x a single-objective query; "
         f"one index per objective: {f['per_index_over_single']:.2f}x")  # fmt: skip
     if artifact:
-        result["hnsw"] = h = hnsw_quality(artifact)
+        result["hnsw"] = h = hnsw_quality(artifact, m=hnsw_m, ef_search=ef_search)
         log(f"HNSW (M {h['m']}, efSearch {h['ef_search']}) on {h['items']:,} items: recall@50 {h['recall_at_50']:.4f} "
             f"against exact, {h['speedup']:.2f}x faster")  # fmt: skip
     Path(out).parent.mkdir(parents=True, exist_ok=True)

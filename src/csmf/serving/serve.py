@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from csmf.config import ServeConfig
 from csmf.serving.export import MAX_ABS, Artifact, WeightError, clip
 from csmf.serving.export import check_weights as _check_weights
 
@@ -34,9 +35,9 @@ WEIGHT_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0
 class ServeLimits:
     """What one request may ask of the server (`csmf serve --max-ids/--max-results/--max-body-bytes`)."""
 
-    max_ids: int = 1000  # most user ids in one POST /recommend
-    max_results: int = 20_000  # most items one request may ask for (user ids x k): bounds its time and answer size
-    max_body_bytes: int = 1 << 20  # largest request body in bytes; a larger one answers 413 before it is parsed
+    max_ids: int = ServeConfig.max_ids  # most user ids in one POST /recommend
+    max_results: int = ServeConfig.max_results  # most items one request may ask for (ids x k): bounds time and size
+    max_body_bytes: int = ServeConfig.max_body_bytes  # largest request body; a larger one answers 413 unparsed
 
     def __post_init__(self):
         for name in ("max_ids", "max_results", "max_body_bytes"):
