@@ -340,3 +340,21 @@ def test_fold_weights_equals_weighted_sum_of_stage_scores():
             mask_k = ((owner >= 1) & (owner <= k)).float()
             expected += w * ((u * mask_k) @ v.T)
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_weights_is_bit_identical_in_numpy_and_torch_and_by_name():
+    import numpy as np
+
+    from csmf.fusion import fold_named, fold_weights
+
+    rng = np.random.default_rng(0)
+    owner = rng.integers(0, 4, size=64)
+    weights = {1: 0.3, 2: 1.7, 3: 0.05}
+    reference = torch.zeros(64)  # the fold as a torch loop: sum_k w_k [1 <= owner <= k]
+    for stage, w in weights.items():
+        reference += float(w) * ((torch.from_numpy(owner) >= 1) & (torch.from_numpy(owner) <= stage)).float()
+    as_numpy, as_torch = fold_weights(owner, weights), fold_weights(torch.from_numpy(owner), weights)
+    assert isinstance(as_numpy, np.ndarray) and isinstance(as_torch, torch.Tensor)
+    assert torch.equal(as_torch, reference) and np.array_equal(as_numpy, reference.numpy())
+    named = fold_named(owner, ("view", "cart", "buy"), {"view": 0.3, "cart": 1.7, "buy": 0.05})
+    assert np.array_equal(named, as_numpy) and named[owner == 0].sum() == 0

@@ -39,7 +39,7 @@ def exported(sim_parquet, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(run), "--quiet", *TINY]) == 0
-        assert main(["export", "--run", str(run), "--out", str(artifact), "--weights", "click=1,conversion=2"]) == 0
+        assert main(["export", "--run", str(run), "--out", str(artifact), "--weights", "click:1,conversion:2"]) == 0
     finally:
         torch.set_num_threads(before)
     return run, artifact

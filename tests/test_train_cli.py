@@ -50,9 +50,12 @@ def test_train_writes_run_folder_and_shows_two_weightings(sim_parquet, tmp_path,
 
 
 def test_train_rejects_unknown_weight_stage(sim_parquet, tmp_path, capsys):
-    argv = ["train", "--dataset", str(sim_parquet[0]), "--out", str(tmp_path), "--weights", "buy=1", "--quiet", *TINY]
+    argv = ["train", "--dataset", str(sim_parquet[0]), "--out", str(tmp_path), "--weights", "buy:1", "--quiet", *TINY]
     assert main(argv) == 2
-    assert "'buy' is not a stage" in capsys.readouterr().err
+    assert "--weights 'buy:1': unknown stage 'buy'" in capsys.readouterr().err
+    argv[argv.index("buy:1")] = "click=1"  # the one syntax is stage:weight, on the CLI as over HTTP
+    assert main(argv) == 2
+    assert "'click=1' is not stage:weight" in capsys.readouterr().err
 
 
 def test_bench_runs_csmf_variants_and_single(sim_parquet, tmp_path, capsys):

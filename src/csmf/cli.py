@@ -13,6 +13,7 @@ from pathlib import Path
 from csmf.checkpoints import CheckpointError
 from csmf.config import Config, ConfigError, ServeConfig, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
+from csmf.fusion import clip
 from csmf.serving.export import ArtifactError
 
 
@@ -106,16 +107,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
-    weights = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in stages:
-            raise ConfigError(f"--weights {text!r}: {name.strip()!r} is not a stage; stages are {stages}")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"--weights {text!r}: {value!r} is not a number") from None
-    return weights
+    """--weights view:1,purchase:0.5 (the one syntax of csmf.fusion, as over HTTP), checked against the stages."""
+    from csmf.fusion import WeightError, check_weights, parse_weights
+
+    try:
+        given = parse_weights(text, stages)
+        check_weights(given, stages)
+    except WeightError as err:
+        raise ConfigError(f"--weights {clip(repr(text))}: {err}") from None
+    return given
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -144,8 +144,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from csmf.serving.export import export_run, load_artifact
 
     weights = None
-    if args.weights:  # stage names are checked against the run's data by export_run
-        weights = _parse_weights(args.weights, tuple(p.partition("=")[0].strip() for p in args.weights.split(",")))
+    if args.weights:  # stage names are checked against the run's stages by export
+        from csmf.fusion import WeightError, parse_weights
+
+        try:
+            weights = parse_weights(args.weights, ("stage",))
+        except WeightError as err:
+            raise ConfigError(f"--weights {clip(repr(args.weights))}: {err}") from None
     export_run(args.run, args.out, weights)
     load_artifact(args.out)  # what was written reads back (checksums, shapes)
     return 0
@@ -246,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="discard the checkpoints already in --out instead of resuming"
     )
     train.add_argument(
-        "--weights", action="append", default=[], metavar="STAGE=W,...",
-        help="objective weights of one demo query, e.g. view=1,purchase=0.2 (repeatable; default: two scenarios)",
+        "--weights", action="append", default=[], metavar="STAGE:W,...",
+        help="objective weights of one demo query, e.g. view:1,purchase:0.2 (repeatable; default: two scenarios)",
     )  # fmt: skip
     train.add_argument("--user", help="original user id for the demo (default: an active test user)")
     _common(train)
@@ -255,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a serving artifact (vectors, ids, manifest) from a `csmf train` run")
     export.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote")
     export.add_argument("--out", required=True, help="artifact folder to write")
-    export.add_argument("--weights", metavar="STAGE=W,...", help="default objective weights (default: 1 each)")
+    export.add_argument("--weights", metavar="STAGE:W,...", help="default objective weights (default: 1 each)")
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
     serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")

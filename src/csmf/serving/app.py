@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from csmf.serving.export import clip
+from csmf.fusion import clip
 from csmf.serving.serve import MAX_K, Recommendation, Recommender, RequestError, UnknownUser, parse_weights
 
 ECHO_CHARS = 200  # the most of an input an error body repeats

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,49 +33,17 @@ from typing import NoReturn
 
 import numpy as np
 
+from csmf.fusion import WeightError, check_weights, clip, fold_named
+
 FORMAT = "csmf-serving"
 FORMAT_VERSION = 2  # 2: the manifest checksums itself (manifest_sha256) and its content is validated at load
 ARRAYS = ("item_vectors", "user_vectors", "output_owner", "seen_indptr", "seen_indices", "popularity")
 JSONS = ("user_ids", "item_ids")
 MAX_ABS = 1e6  # bound on every vector entry, served or sent: scores stay finite in float32 (D * 1e6 * 1e6 * S)
-MAX_WEIGHT = 1e6  # bound on one objective weight (float32 folds it exactly enough, never to inf)
-MIN_WEIGHT_SUM = 1e-6  # weights summing to less rank by rounding noise (1e-300 folds to 0 in float32)
 
 
 class ArtifactError(ValueError):
     """A serving artifact that is missing, damaged, or of another format version."""
-
-
-class WeightError(ValueError):
-    """Objective weights that break a rule of check_weights (the message says which)."""
-
-
-def check_weights(weights: dict, stages: tuple[str, ...]) -> dict[str, float]:
-    """Objective weights -> one float per stage (stages not named get 0), or WeightError saying what is wrong.
-
-    The one set of rules for a request's weights and an artifact's default weights: known stage names,
-    numbers (not booleans), 0 <= w <= MAX_WEIGHT, and a sum above MIN_WEIGHT_SUM. Weights are used as given,
-    not normalised: a ranking does not change when every weight is scaled, and the bounds keep the fold
-    q = u * lambda finite in float32.
-    """
-    if not isinstance(weights, dict) or not weights:
-        raise WeightError(f"give at least one stage:weight; stages are {list(stages)}")
-    for name, w in weights.items():
-        if name not in stages:
-            raise WeightError(f"unknown stage {clip(repr(name))}; stages are {list(stages)}")
-        if isinstance(w, bool) or not isinstance(w, int | float):
-            raise WeightError(f"weight of {name!r} must be a number, got {clip(repr(w))}")
-        if not (math.isfinite(w) and 0 <= w <= MAX_WEIGHT):
-            raise WeightError(f"weight of {name!r} must be between 0 and {MAX_WEIGHT:g}, got {w!r}")
-    if math.fsum(weights.values()) <= MIN_WEIGHT_SUM:
-        raise WeightError(f"weights sum to {math.fsum(weights.values())!r}: give a sum above {MIN_WEIGHT_SUM:g} "
-                          "(all zero, or so small that float32 rounds them away, ranks by nothing)")  # fmt: skip
-    return {s: float(weights.get(s, 0.0)) for s in stages}
-
-
-def clip(text: str, limit: int = 80) -> str:
-    """Text short enough to put in an error message (inputs are never echoed whole): clip(repr(value))."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -125,11 +92,8 @@ class Artifact:
         return self.seen_indices[self.seen_indptr[user] : self.seen_indptr[user + 1]]
 
     def fold(self, weights: dict[str, float]) -> np.ndarray:
-        """(D,) lambda: <u * lambda, v> = sum_k w_k s_k(u, v) (csmf.fusion, in numpy)."""
-        lam = np.zeros(self.dim, dtype=np.float32)
-        for name, w in weights.items():
-            lam += np.float32(w) * self.objective_mask(name)
-        return lam
+        """(D,) lambda: <u * lambda, v> = sum_k w_k s_k(u, v) (csmf.fusion)."""
+        return fold_named(self.output_owner, tuple(self.stages), weights)
 
     def objective_mask(self, stage: str) -> np.ndarray:
         k = self.stages.index(stage) + 1

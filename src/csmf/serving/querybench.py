@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from csmf.fusion import fold_weights
 from csmf.serving.index import IndexSettings, build_index, recall_against
 from csmf.timing import timed
 
@@ -29,7 +30,7 @@ def fusion_cost(
     raw = rng.standard_normal((users, dim), dtype=np.float32)
     owner = np.repeat(np.arange(1, stages + 1), int(np.ceil(dim / stages)))[:dim]  # dimension groups per stage
     weights = rng.random(stages).astype(np.float32) + 0.1
-    lam = sum(w * (owner <= s + 1) for s, w in enumerate(weights)).astype(np.float32)
+    lam = fold_weights(owner, {s + 1: w for s, w in enumerate(weights)})
     index = build_index(items)
     stacked = [rng.standard_normal((n_items, dim), dtype=np.float32) for _ in range(stages)]  # one tower each
     per_objective = [build_index(vectors) for vectors in stacked]

@@ -11,7 +11,6 @@ why it holds fewer in `note`.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,16 +18,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from csmf.config import ServeConfig
-from csmf.serving.export import MAX_ABS, Artifact, WeightError, clip
-from csmf.serving.export import check_weights as _check_weights
+from csmf.fusion import WeightError, clip
+from csmf.fusion import check_weights as _check_weights
+from csmf.fusion import parse_weights as _parse_weights
+from csmf.serving.export import MAX_ABS, Artifact
 
 if TYPE_CHECKING:  # csmf.serving.index loads faiss; the CLI reads ServeLimits' defaults without it
     from csmf.serving.index import Index
 
 MAX_K = 1000  # largest k of one request
 CANDIDATE_BLOCK = 1 << 20  # most (users x candidates) one index search returns at once: bounds its memory
-# a weight in a query string: ASCII digits only, so '1_0' and full-width digits are refused, not read as 10
-WEIGHT_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -61,30 +60,15 @@ class UnknownUser(KeyError):
 
 
 def parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
-    """'click:0.3,purchase:0.7' -> {click: 0.3, purchase: 0.7}; stages not named get weight 0.
-
-    Strict: a stage named twice, or a number Python would read leniently ('1_0', full-width digits, 'inf',
-    'nan') is a RequestError, not a guess.
-    """
-    weights: dict[str, float] = {}
-    for part in text.split(","):
-        if not part.strip(" "):
-            continue
-        name, sep, value = part.partition(":")
-        name, value = name.strip(" "), value.strip(" ")
-        if not sep:
-            raise RequestError("weights", f"{clip(repr(part))} is not stage:weight (e.g. {stages[-1]}:0.7)")
-        if name in weights:
-            raise RequestError("weights", f"stage {clip(repr(name))} is given twice; give each stage once")
-        if not WEIGHT_NUMBER.fullmatch(value):
-            raise RequestError("weights", f"weight of {clip(repr(name))} is not a plain decimal number (ASCII digits, "
-                               f"'.', an exponent): {clip(repr(value))}")  # fmt: skip
-        weights[name] = float(value)
-    return weights
+    """csmf.fusion.parse_weights (the one `stage:w,...` syntax) as a 422 on `weights`."""
+    try:
+        return _parse_weights(text, stages)
+    except WeightError as err:
+        raise RequestError("weights", str(err)) from None
 
 
 def check_weights(weights: dict[str, float], stages: tuple[str, ...]) -> dict[str, float]:
-    """The rules of csmf.serving.export.check_weights (0 <= w <= 1e6 each, sum > 1e-6), as a 422 on `weights`."""
+    """The rules of csmf.fusion.check_weights (0 <= w <= 1e6 each, sum > 1e-6), as a 422 on `weights`."""
     try:
         return _check_weights(weights, stages)
     except WeightError as err:
