@@ -463,3 +463,21 @@ def test_stage_pairs_add_other_behaviours_at_the_aux_weight(data):
     assert {p for p, w in by_pair.items() if w == 1.0} == own
     assert {p for p, w in by_pair.items() if w == 0.25} == others - own
     assert set(by_pair) == own | others
+
+
+def test_reading_a_run_folder_or_scoring_changes_no_model(sim_data, tmp_path):
+    from csmf.cascade import CascadeTrainer, evaluating
+    from csmf.config import Config, override
+
+    cfg = override(Config(), ["model.dim=8", "train.max_epochs=1"])
+    CascadeTrainer(sim_data, cfg, run_dir=tmp_path / "run").run()
+    fresh = CascadeTrainer(sim_data, cfg, run_dir=tmp_path / "run")
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    assert fresh.resume_point() == len(fresh.phases)  # finished, and nothing was loaded into the model
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())
+    fresh.model.train()
+    fresh.retriever(sim_data.train).score(np.arange(4), sim_data.stages[0])  # scoring leaves the mode alone
+    assert fresh.model.training
+    with evaluating(fresh.model):
+        assert not fresh.model.training
+    assert fresh.model.training

@@ -61,7 +61,7 @@ def test_shared_pretraining_is_bit_identical_to_training_afresh(sim_parquet, tmp
         assert torch.equal(tensor, shared.model.state_dict()[name]), name
     # another seed is another pretraining: it must not be served from the cache
     other = CascadeTrainer(data, override(cfg, ["seed=1"]), pretrain_cache=cache)
-    assert other._pretrain_key() != again._pretrain_key()
+    assert other.pretrain.path != again.pretrain.path
 
 
 def test_variant_results_record_the_variant_config(sim_parquet):

@@ -126,7 +126,7 @@ def test_a_planted_pretrain_cache_file_is_refused(sim_data, tmp_path):
     marker = tmp_path / "pwned.txt"
     trainer = CascadeTrainer(sim_data, cfg, pretrain_cache=tmp_path / "cache")
     (tmp_path / "cache").mkdir()
-    torch.save(Payload(marker), tmp_path / "cache" / f"pretrain-{trainer._pretrain_key()}.pt")
+    torch.save(Payload(marker), trainer.pretrain.path)
     with pytest.raises(CheckpointError, match="refused"):
         trainer.run()
     assert not marker.exists()

@@ -14,8 +14,7 @@ hash of exactly those inputs. The result is bit-identical to pretraining afresh.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -26,8 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from csmf.config import Config, config_to_dict
+from csmf.config import Config
 from csmf.data.batches import log_q as item_log_q
 from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData, difference, union
@@ -45,6 +43,7 @@ from csmf.losses import (
 )
 from csmf.masks import claim_free
 from csmf.prune import cpp_free, fixed_free, release
+from csmf.runfolder import PretrainCache, RunFolder
 from csmf.towers import Features, TwoTower
 from csmf.train import run_epochs
 
@@ -142,6 +141,17 @@ def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str
     )
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """Eval mode for the block, then the mode the model had: scoring never changes how a caller trains."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 class TrainedCascade:
     """Scores of a trained TwoTower over the whole catalogue, with a fixed history source.
 
@@ -159,8 +169,7 @@ class TrainedCascade:
     ):
         """`shared`: every objective scores with the whole final model (naive fine-tuning, no masks)."""
         self.model, self.objectives, self.history, self.top, self.shared = model, objectives, history, top, shared
-        model.eval()  # scoring never drops inputs (a freshly loaded module starts in training mode)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):  # scoring never drops inputs
             self.items = model.item_vectors(top)  # (N, D) computed once
 
     def stage_number(self, objective: str) -> int:
@@ -169,8 +178,7 @@ class TrainedCascade:
         return self.top if self.shared else self.objectives.index(objective) + 1
 
     def raw_user_vectors(self, users: np.ndarray) -> torch.Tensor:
-        self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.model):
             return self.model.user_vectors(np.asarray(users, dtype=np.int64), self.top, history=self.history)
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
@@ -197,9 +205,12 @@ class CascadeTrainer:
         self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
         self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
-        self.run_dir = Path(run_dir) if run_dir else None
-        self.data_fingerprint = data.fingerprint() if (run_dir or pretrain_cache) else None
-        self.pretrain_cache = Path(pretrain_cache) if pretrain_cache else None
+        fingerprint = data.fingerprint() if (run_dir or pretrain_cache) else ""
+        names = [p.name for p in self.phases]
+        self.folder = RunFolder(Path(run_dir), names, self.objectives, cfg, fingerprint) if run_dir else None
+        self.pretrain = (
+            PretrainCache(Path(pretrain_cache), data, cfg, self.objectives[0], fingerprint) if pretrain_cache else None
+        )
         self.progress = progress
         self.log = log or (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
@@ -211,75 +222,38 @@ class CascadeTrainer:
 
             raise distillation_error(cfg, data.n_items)
 
-    # ----- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint_path(self, index: int) -> Path:
-        return self.run_dir / f"phase-{index:02d}-{self.phases[index].name}.pt"
-
-    def _save(self, index: int) -> None:
-        if self.run_dir is None:
-            return
-        meta = {"phase": index, "history": self.history, "objectives": list(self.objectives),
-                "config": config_to_dict(self.cfg), "data": self.data_fingerprint}  # fmt: skip
-        save_checkpoint(self._checkpoint_path(index), self.model.state_dict(), meta)
-        (self.run_dir / "phases.json").write_text(json.dumps(self.history, indent=2, default=float))
-
+    # ----- run folder and pretrain cache (csmf.runfolder) --------------------------------------------
     def resume_point(self) -> int:
-        """Load the last completed phase from run_dir; returns the next phase (len(phases) = finished)."""
-        return self._resume()
+        """The first phase still to run (len(phases) = finished); reads the run folder, changes nothing."""
+        last = self.folder.last() if self.folder is not None else None
+        return 0 if last is None else last[0] + 1
 
     def _resume(self) -> int:
-        """Index of the first phase still to run (0 when starting fresh)."""
-        if self.run_dir is None or not self.run_dir.exists():
+        """Load the last completed phase into the model; returns the first phase still to run."""
+        last = self.folder.last() if self.folder is not None else None
+        if last is None:
             return 0
-        done = sorted(self.run_dir.glob("phase-*.pt"))
-        if not done:
-            return 0
-        state, meta = load_checkpoint(done[-1])
-        fix = "use a new --out folder, or --overwrite to discard the checkpoints"
-        if meta.get("data") != self.data_fingerprint:
-            raise CheckpointError(
-                f"{self.run_dir} holds checkpoints trained on other data (data fingerprint {meta.get('data')}, "
-                f"this data {self.data_fingerprint}); {fix}"
-            )
-        if meta["objectives"] != list(self.objectives) or _training_part(meta["config"]) != _training_part(
-            json.loads(json.dumps(config_to_dict(self.cfg)))
-        ):
-            raise CheckpointError(f"{self.run_dir} holds checkpoints of a run with another config or cascade; {fix}")
+        index, state, history, name = last
         self.model.load_state_dict(state)
-        self.history = meta["history"]
-        self.log(f"resuming after phase {self.phases[meta['phase']].name} ({done[-1].name})")
-        return meta["phase"] + 1
+        self.history = history
+        self.log(f"resuming after phase {self.phases[index].name} ({name})")
+        return index + 1
 
-    def _pretrain_key(self) -> str:
-        """Hash of everything stage-1 pretraining reads: data identity, first objective, seed, config."""
-        c = config_to_dict(self.cfg)
-        inputs = {
-            "data": [self.data.name, self.data.stages, c["data"], c["sim"], self.data_fingerprint],
-            "objective": self.objectives[0],
-            "seed": self.cfg.seed,
-            "model": c["model"],
-            "train": c["train"],
-            "eval": c["eval"],
-        }
-        return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    def _save(self, index: int) -> None:
+        if self.folder is not None:
+            self.folder.save(index, self.model.state_dict(), self.history)
 
     def _cached_pretrain(self) -> bool:
         """Load stage 1 from the pretrain cache if it holds this run's pretraining (then phase 0 is done)."""
-        path = self.pretrain_cache / f"pretrain-{self._pretrain_key()}.pt"
-        if not path.exists():
+        cached = self.pretrain.load()
+        if cached is None:
             return False
-        state, meta = load_checkpoint(path)
+        state, record = cached
         self.model.load_state_dict(state)
-        self.history.append({**meta["record"], "cached": True})
-        self.log(f"stage 1 pretraining loaded from the cache ({path.name})")
+        self.history.append({**record, "cached": True})
+        self.log(f"stage 1 pretraining loaded from the cache ({self.pretrain.path.name})")
         self._save(0)
         return True
-
-    def _cache_pretrain(self) -> None:
-        path = self.pretrain_cache / f"pretrain-{self._pretrain_key()}.pt"
-        save_checkpoint(
-            path, self.model.state_dict(), {"record": json.loads(json.dumps(self.history[0], default=float))}
-        )
 
     # ----- phases --------------------------------------------------------------------------------
     def run(self) -> TrainedCascade:
@@ -288,7 +262,7 @@ class CascadeTrainer:
 
     def _run(self) -> TrainedCascade:
         start = self._resume()
-        if start == 0 and self.pretrain_cache is not None and self._cached_pretrain():
+        if start == 0 and self.pretrain is not None and self._cached_pretrain():
             start = 1
         for index in range(start, len(self.phases)):
             phase = self.phases[index]
@@ -304,8 +278,8 @@ class CascadeTrainer:
             self.history.append(record)
             self.log(_describe(record))
             self._save(index)
-            if index == 0 and self.pretrain_cache is not None:
-                self._cache_pretrain()
+            if index == 0 and self.pretrain is not None:
+                self.pretrain.store(self.model.state_dict(), self.history[0])
         return self.retriever(self.data.train | self.data.side)
 
     def retriever(self, history: dict[str, sp.csr_matrix], top: int | None = None) -> TrainedCascade:
@@ -531,11 +505,6 @@ class CascadeTrainer:
         elif form not in ("margin", "weight"):
             raise ValueError(f"cascade.aml_form must be 'margin' or 'weight', got {form!r}")
         return softmax_loss(scores, target, temperature, margin=margin, log_q=correction, weight=weight)
-
-
-def _training_part(config: dict) -> dict:
-    """What decides a checkpoint's weights: everything but the bench section (output folders, row lists)."""
-    return {k: v for k, v in config.items() if k != "bench"}
 
 
 def _fmt(valid: dict) -> str:

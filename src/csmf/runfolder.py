@@ -1,0 +1,83 @@
+"""Where a cascade's training state lives on disk: the run folder's phase checkpoints, tied to the data and
+config they were trained on, and the stage-1 pretrain cache runs that differ only downstream share.
+
+Reading never changes a model: `RunFolder.last()` returns the last completed phase (weights and metadata)
+and the trainer decides what to do with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from csmf.config import Config, config_to_dict
+from csmf.data.schema import CascadeData
+
+
+def training_part(config: dict) -> dict:
+    """What decides a checkpoint's weights: everything but the harness sections (output folders, serving)."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ("bench", "serve")}
+
+
+class RunFolder:
+    """phase-NN-<name>.pt per completed phase (weights + JSON metadata) and phases.json, in `path`."""
+
+    def __init__(self, path: Path, phase_names: list[str], objectives: tuple[str, ...], cfg: Config, data: str):
+        self.path, self.phase_names, self.objectives, self.cfg, self.data = path, phase_names, objectives, cfg, data
+
+    def save(self, index: int, state: dict[str, torch.Tensor], history: list[dict]) -> None:
+        meta = {"phase": index, "history": history, "objectives": list(self.objectives),
+                "config": config_to_dict(self.cfg), "data": self.data}  # fmt: skip
+        save_checkpoint(self.path / f"phase-{index:02d}-{self.phase_names[index]}.pt", state, meta)
+        (self.path / "phases.json").write_text(json.dumps(history, indent=2, default=float))
+
+    def last(self) -> tuple[int, dict[str, torch.Tensor], list[dict], str] | None:
+        """(index, weights, history, file name) of the last completed phase; None for a fresh folder.
+        Checkpoints of other data, another config or another cascade are a CheckpointError."""
+        done = sorted(self.path.glob("phase-*.pt")) if self.path.exists() else []
+        if not done:
+            return None
+        state, meta = load_checkpoint(done[-1])
+        fix = "use a new --out folder, or --overwrite to discard the checkpoints"
+        if meta.get("data") != self.data:
+            raise CheckpointError(
+                f"{self.path} holds checkpoints trained on other data (data fingerprint {meta.get('data')}, "
+                f"this data {self.data}); {fix}"
+            )
+        if meta["objectives"] != list(self.objectives) or training_part(meta["config"]) != training_part(
+            config_to_dict(self.cfg)
+        ):
+            raise CheckpointError(f"{self.path} holds checkpoints of a run with another config or cascade; {fix}")
+        return meta["phase"], state, meta["history"], done[-1].name
+
+
+class PretrainCache:
+    """Stage-1 pretraining keyed by everything it reads (data, first objective, seed, model/train/eval config):
+    a run that differs only downstream (an ablation, a tau, the single stage-1 tower) loads it bit-identically."""
+
+    def __init__(self, folder: Path, data: CascadeData, cfg: Config, objective: str, fingerprint: str):
+        c = config_to_dict(cfg)
+        inputs = {
+            "data": [data.name, data.stages, c["data"], c["sim"], fingerprint],
+            "objective": objective,
+            "seed": cfg.seed,
+            "model": c["model"],
+            "train": c["train"],
+            "eval": c["eval"],
+        }
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        self.path = folder / f"pretrain-{key}.pt"
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(weights, the phase record) when the cache holds this pretraining."""
+        if not self.path.exists():
+            return None
+        state, meta = load_checkpoint(self.path)
+        return state, meta["record"]
+
+    def store(self, state: dict[str, torch.Tensor], record: dict) -> None:
+        save_checkpoint(self.path, state, {"record": record})
