@@ -7,6 +7,7 @@ keys are errors that name the key, so a typo never silently falls back to a defa
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 import types
@@ -411,6 +412,15 @@ class Config:
             k = int(metric.split("@")[1])
             if k not in self.eval.ks:
                 raise ConfigError(f"{key}: {metric!r} needs K = {k} in eval.ks, which are {list(self.eval.ks)}")
+
+
+HARNESS = ("bench", "serve")  # sections that say where results go and how to serve, never what a model learns
+
+
+def training_part(config: dict) -> dict:
+    """A saved config (config_to_dict) without its harness sections: what decides a model's weights and
+    metrics. Run folders resume and suite results are reused only when this part matches."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in HARNESS}  # tuples as lists
 
 
 def absolute_data_paths(cfg: Config) -> Config:

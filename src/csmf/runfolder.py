@@ -14,13 +14,8 @@ from pathlib import Path
 import torch
 
 from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from csmf.config import Config, config_to_dict
+from csmf.config import Config, config_to_dict, training_part
 from csmf.data.schema import CascadeData
-
-
-def training_part(config: dict) -> dict:
-    """What decides a checkpoint's weights: everything but the harness sections (output folders, serving)."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ("bench", "serve")}
 
 
 class RunFolder:

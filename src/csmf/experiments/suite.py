@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from csmf.config import Config, ConfigError, config_to_dict, override
+from csmf.config import Config, ConfigError, config_to_dict, override, training_part
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
 from csmf.experiments.bench import build_tuned_as, run_model, versions
@@ -112,15 +112,10 @@ def tau_of(run: Run, cfg: Config) -> float:
 # ----- one (run, seed) -----------------------------------------------------------------------------
 
 
-def _comparable(config: dict) -> dict:
-    """The parts of a config that decide a result (where files go and which rows run do not)."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k != "bench"}))  # tuples read back as lists
-
-
 def _same_config(stored: dict, current: dict) -> bool:
     """Every field the stored result recorded equals the current one (a field added to the config since
     then is not in the file and does not invalidate it)."""
-    stored, current = _comparable(stored), _comparable(current)
+    stored, current = training_part(stored), training_part(current)
     for section, values in stored.items():
         if not isinstance(values, dict):
             if current.get(section) != values:
