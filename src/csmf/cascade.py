@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.config import Config
+from csmf.config import CascadeConfig, Config
 from csmf.data.batches import log_q as item_log_q
 from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData, difference, union
@@ -150,6 +150,44 @@ def evaluating(model: torch.nn.Module):
         yield model
     finally:
         model.train(was)
+
+
+# ----- the phases that change ownership (pure functions of a model's owners) --------------------------
+
+
+def claim(model, stage: int, naive: bool = False) -> None:
+    """Start of fine-tuning stage `stage`: the free units become its own. `naive` (naive fine-tuning): the
+    stage takes every unit, so it trains all weights and earlier objectives are not protected."""
+    for _, _, owner in model.prunable():
+        owner.copy_(torch.where(owner >= 1, stage, owner) if naive else claim_free(owner, stage))
+    model.sync_output_owner()
+
+
+def prune(model, stage: int, c: CascadeConfig, n_stages: int) -> dict:
+    """CPP (or PackNet's fixed share) after stage `stage` trained: free the units the next stage will own.
+
+    Pruning happens only when a later stage follows: each group frees at least one unit for it (without an
+    output dimension of its own, the next objective would just repeat this one), and the output dimensions
+    keep `min_share` of D for each stage still to come. Returns the phase record (criterion, tau, shares).
+    """
+    groups = model.prunable()
+    tau = per_stage(c.tau, stage)
+    to_come = n_stages - stage
+    floor = {"output": max(1, math.ceil(c.min_share * len(model.output_owner) * to_come - 1e-9))}
+    cpp = {name: cpp_free(mag, owner, stage, tau, min_free=floor.get(name, 1)) for name, mag, owner in groups}
+    if c.prune == "cpp":
+        frees = cpp
+    elif c.prune == "fixed":
+        owned = sum(int((owner == stage).sum()) for _, _, owner in groups)
+        share = c.fixed_fraction if c.fixed_fraction >= 0 else sum(int(f.sum()) for f in cpp.values()) / owned
+        frees = {name: fixed_free(mag, owner, stage, share, min_free=floor.get(name, 1)) for name, mag, owner in groups}
+    else:
+        raise ValueError(f"cascade.prune must be 'cpp', 'fixed' or 'none', got {c.prune!r}")
+    for name, _, owner in groups:
+        owner.copy_(release(owner, frees[name]))
+    model.sync_output_owner()
+    freed = {name: round(float(f.float().mean()), 4) for name, f in frees.items()}
+    return {"criterion": c.prune, "tau": tau, "freed_share": freed}
 
 
 class TrainedCascade:
@@ -313,36 +351,11 @@ class CascadeTrainer:
         return self._epochs(stage, users[take], items[take], weights, epochs, select=True, seed=index)
 
     def _claim(self, stage: int) -> None:
-        naive = self.cfg.cascade.prune == "none"  # naive fine-tuning: the new stage takes (and trains) every unit
-        for _, _, owner in self.model.prunable():
-            owner.copy_(torch.where(owner >= 1, stage, owner) if naive else claim_free(owner, stage))
-        self.model.sync_output_owner()
+        claim(self.model, stage, naive=self.cfg.cascade.prune == "none")
 
     def _prune(self, stage: int) -> dict:
-        c = self.cfg.cascade
-        groups = self.model.prunable()
-        tau = per_stage(c.tau, stage)
-        # Pruning happens only when a later stage follows: each group frees at least one unit for it
-        # (without an output dimension of its own, the next objective would just repeat this one).
-        # The output dimensions also keep `min_share` of D for each stage still to come.
-        to_come = len(self.objectives) - stage
-        floor = {"output": max(1, math.ceil(c.min_share * len(self.model.output_owner) * to_come - 1e-9))}
-        cpp = {name: cpp_free(mag, owner, stage, tau, min_free=floor.get(name, 1)) for name, mag, owner in groups}
-        if c.prune == "cpp":
-            frees = cpp
-        elif c.prune == "fixed":
-            owned = sum(int((owner == stage).sum()) for _, _, owner in groups)
-            share = c.fixed_fraction if c.fixed_fraction >= 0 else sum(int(f.sum()) for f in cpp.values()) / owned
-            frees = {
-                name: fixed_free(mag, owner, stage, share, min_free=floor.get(name, 1)) for name, mag, owner in groups
-            }
-        else:
-            raise ValueError(f"cascade.prune must be 'cpp', 'fixed' or 'none', got {c.prune!r}")
-        for name, _, owner in groups:
-            owner.copy_(release(owner, frees[name]))
-        self.model.sync_output_owner()
-        freed = {name: round(float(f.float().mean()), 4) for name, f in frees.items()}
-        return {"criterion": c.prune, "tau": tau, "freed_share": freed, "valid": self._validate(stage)}
+        record = prune(self.model, stage, self.cfg.cascade, len(self.objectives))
+        return {**record, "valid": self._validate(stage)}
 
     def _epochs(
         self,
