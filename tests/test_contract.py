@@ -6,7 +6,8 @@ constructor, fit on a small simulated cascade, and must meet csmf.retriever's co
 - fusion: score_fused = sum_k w_k score_k; a vector model's user_vectors @ item_vectors().T equals it,
   with W = vectors_per_item x (its vector width);
 - parameters: counted honestly (what the model stores and learned); CSMF and its variants have exactly
-  the parameters of the single-objective backbone, the multi-task towers more.
+  the parameters of the single-objective backbone, the multi-task towers more;
+- save / load: `load_model(model.save(folder))` scores bit-identically (no pickle anywhere).
 """
 
 from __future__ import annotations
@@ -108,3 +109,19 @@ def test_parameter_counts_are_honest(fitted, data):
         assert sum(p.numel() for p in fitted[name].model.parameters()) == backbone
     for kind in KINDS:  # experts, gates and heads come on top of the same inputs
         assert fitted[kind].num_params() > backbone, kind
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_saved_model_loads_and_scores_bit_identically(fitted, data, name, tmp_path):
+    from csmf.models.saving import load_model
+
+    model = fitted[name]
+    loaded = load_model(model.save(tmp_path / name))
+    assert type(loaded) is type(model) and loaded.num_params() == model.num_params()
+    assert loaded.served(data) == model.served(data)
+    for stage in model.served(data):
+        assert torch.equal(loaded.score(USERS, stage), model.score(USERS, stage)), stage
+    if model.has_vectors:
+        weights = {s: WEIGHTS[s] for s in model.served(data)}
+        assert torch.equal(loaded.user_vectors(USERS, weights), model.user_vectors(USERS, weights))
+        assert torch.equal(loaded.item_vectors(), model.item_vectors())

@@ -10,6 +10,8 @@ The public API (imported on first use, so `import csmf` stays light):
 - `CSMF(cfg).fit(data)`, `.score(users, stage)`, `.score_fused(users, weights)`,
   `.user_vectors(users, weights)` / `.item_vectors()`, `.save(folder)`, `CSMF.load(folder)`;
 - `evaluate(model, data)`: full-catalogue Recall / NDCG per objective on the test split;
+- `load_model(folder)`: any model a `.save(folder)` wrote (CSMF, multi-task towers, ALS, item-kNN, EASE,
+  popularity), scoring bit-identically;
 - `export_model(model, folder)`: the serving artifact `csmf serve --artifact folder` serves.
 """
 
@@ -30,6 +32,7 @@ _API = {
     "CSMF": "csmf.models.csmf",
     "evaluate": "csmf.evaluation",
     "export_model": "csmf.serving.export",
+    "load_model": "csmf.models.saving",
 }
 __all__ = sorted(_API)
 

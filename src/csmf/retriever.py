@@ -60,6 +60,11 @@ class Retriever(ABC):
         """How many D-wide vectors per item the index holds (1 for CSMF: the point of the method)."""
         return 1
 
+    def save(self, folder):
+        """Write the fitted model to `folder` (csmf.models.saving: weights-only, no pickle); `load_model(folder)`
+        or the class's `load(folder)` rebuilds it and scores bit-identically."""
+        raise NotImplementedError(f"{self.name} cannot be saved")
+
     def served(self, data: CascadeData) -> tuple[str, ...]:
         """The objectives this model scores (a single-objective model serves one)."""
         return data.stages

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from csmf.data.schema import CascadeData
 from csmf.models.base import input_matrix
+from csmf.models.saving import read_model, write_model
 from csmf.retriever import Retriever
 
 
@@ -80,3 +82,17 @@ class ALS(Retriever):
 
     def settings(self) -> dict:
         return {stage: asdict(s) for stage, s in self.stage_settings.items()}
+
+    def save(self, folder) -> Path:
+        state = {f"user/{s}": u for s, u in self.user_factors.items()}
+        state |= {f"item/{s}": v for s, v in self.item_factors.items()}
+        meta = {"settings": self.settings(), "seed": self.seed, "num_threads": self.num_threads}
+        return write_model(folder, "als", meta, state)
+
+    @classmethod
+    def load(cls, folder) -> ALS:
+        meta, state, _, _ = read_model(folder, "als")
+        out = cls({s: ALSSettings(**v) for s, v in meta["settings"].items()}, meta["seed"], meta["num_threads"])
+        out.user_factors = {s: state[f"user/{s}"] for s in meta["settings"]}
+        out.item_factors = {s: state[f"item/{s}"] for s in meta["settings"]}
+        return out

@@ -9,6 +9,7 @@ strongest closed-form peer on sparse e-commerce data; its cost is one dense N x 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,6 +17,7 @@ import torch
 
 from csmf.data.schema import CascadeData
 from csmf.models.base import input_matrix
+from csmf.models.saving import read_model, write_model
 from csmf.retriever import Retriever
 
 MAX_ITEMS = 60_000  # a dense N x N float32 matrix of this size is 14 GB
@@ -70,3 +72,13 @@ class EASE(Retriever):
 
     def settings(self) -> dict:
         return {stage: asdict(s) for stage, s in self.stage_settings.items()}
+
+    def save(self, folder) -> Path:
+        return write_model(folder, "ease", {"settings": self.settings()}, dict(self.weights), history=self.history)
+
+    @classmethod
+    def load(cls, folder) -> EASE:
+        meta, state, _, history = read_model(folder, "ease")
+        out = cls({s: EASESettings(**v) for s, v in meta["settings"].items()})
+        out.history, out.weights = history, {s: state[s].contiguous() for s in meta["settings"]}
+        return out

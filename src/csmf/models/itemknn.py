@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,6 +18,7 @@ from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
 
 from csmf.data.schema import CascadeData
 from csmf.models.base import input_matrix
+from csmf.models.saving import read_model, write_model
 from csmf.retriever import Retriever
 
 
@@ -65,3 +67,16 @@ class ItemKNN(Retriever):
 
     def settings(self) -> dict:
         return {stage: asdict(s) for stage, s in self.stage_settings.items()}
+
+    def save(self, folder) -> Path:
+        meta = {"settings": self.settings(), "num_threads": self.num_threads}
+        sparse = {f"similarity-{s}": m for s, m in self.similarity.items()}
+        return write_model(folder, "itemknn", meta, {}, history=self.history, sparse=sparse)
+
+    @classmethod
+    def load(cls, folder) -> ItemKNN:
+        meta, _, _, history = read_model(folder, "itemknn")
+        out = cls({s: ItemKNNSettings(**v) for s, v in meta["settings"].items()}, meta["num_threads"])
+        out.history = history
+        out.similarity = {s: meta["sparse_state"][f"similarity-{s}"] for s in meta["settings"]}
+        return out

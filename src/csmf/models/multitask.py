@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csmf.cascade import pairs_of, per_stage, stage_pairs, target_matrix
-from csmf.config import Config
+from csmf.config import Config, config_from_dict, config_to_dict
 from csmf.data.batches import log_q as item_log_q
 from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData
@@ -35,6 +36,7 @@ from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage
 from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
+from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.retriever import Retriever
 from csmf.towers import Features, pool_bags
 from csmf.train import run_epochs
@@ -207,8 +209,9 @@ class MultiTaskTwoTower(nn.Module):
 
 
 class MultiTask(Retriever):
-    has_vectors = True
     """A multi-task two-tower baseline behind the Retriever interface (see the module docstring)."""
+
+    has_vectors = True
 
     def __init__(self, kind: str, cfg: Config, progress: bool = False, log=None):
         if kind not in KINDS:
@@ -233,6 +236,7 @@ class MultiTask(Retriever):
         model = self.model = MultiTaskTwoTower(self.kind, data, cfg, len(self.objectives), cfg.seed)
         self.history = {b: tuning.matrix(b) for b in model.behaviours}
         model.set_history(self.history)
+        self._saved = SavedInputs.of(data, self.history)  # what save() needs to rebuild the towers
         optimizer = torch.optim.Adam(model.parameters(), lr=per_stage(t.lr, 1))
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         if model.graph and data.n_items <= t.full_softmax_max_items:
@@ -361,6 +365,28 @@ class MultiTask(Retriever):
             if o in tuning.test and tuning.test[o].nnz:
                 r = evaluate_stage(self, tuning, o, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
                 out[o] = {k: round(v, 5) for k, v in r.items() if k != "users"}
+        return out
+
+    # ----- save / load (csmf.models.saving) ---------------------------------------------------------
+    def save(self, folder) -> Path:
+        if self.model is None:
+            raise RuntimeError(f"{self.name} is not fitted; fit it before saving")
+        meta = {"name": self.kind, "config": config_to_dict(self.cfg), "objectives": list(self.objectives)}
+        return write_model(folder, "multitask", meta, self.model.state_dict(), self._saved, self.history)
+
+    @classmethod
+    def load(cls, folder) -> MultiTask:
+        meta, state, saved, history = read_model(folder, "multitask")
+        cfg = config_from_dict(meta["config"])
+        out = cls(meta["name"], cfg)
+        out.objectives = tuple(meta["objectives"])
+        model = out.model = MultiTaskTwoTower(out.kind, saved.skeleton(history), cfg, len(out.objectives), cfg.seed)
+        model.set_history(saved.tuning_history)
+        model.load_state_dict(state)
+        model.eval()
+        out.history, out._saved = history, saved
+        with torch.no_grad():
+            out.items = model.item_vectors()
         return out
 
     # ----- serving -------------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData
+from csmf.models.saving import read_model, write_model
 from csmf.retriever import Retriever
 
 
@@ -23,3 +26,13 @@ class Popularity(Retriever):
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
         return self.counts[stage].unsqueeze(0).expand(len(users), -1)
+
+    def save(self, folder) -> Path:
+        return write_model(folder, "popularity", {"stages": list(self.counts)}, dict(self.counts))
+
+    @classmethod
+    def load(cls, folder) -> Popularity:
+        meta, state, _, _ = read_model(folder, "popularity")
+        out = cls()
+        out.counts = {s: state[s] for s in meta["stages"]}
+        return out

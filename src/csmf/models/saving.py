@@ -1,0 +1,166 @@
+"""Save and load a fitted model, any kind, without pickle.
+
+A saved model is a folder: `model.pt`, a weights-only checkpoint (tensors, plus JSON metadata naming the
+model's kind, its settings and the shape of its data), `inputs.npz` (features, ids and other dense arrays,
+read with allow_pickle=False) and `sparse/<group>/<name>.npz` (training histories and other sparse matrices,
+scipy's format). `load_model(folder)` rebuilds whichever model wrote it; each model's own `load` checks
+the kind. Nothing in it can run code when read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from csmf.data.schema import CascadeData
+
+SAVE_FORMAT = 2
+
+
+@dataclass
+class SavedInputs:
+    """What a fitted model reads besides its weights: the shape of the data, its features and ids, and the
+    histories its graphs were built from (tuning) and that user vectors read (train + side)."""
+
+    name: str
+    stages: tuple[str, ...]
+    side: tuple[str, ...]
+    n_users: int
+    n_items: int
+    user_features: dict[str, np.ndarray]
+    item_features: dict[str, np.ndarray]
+    user_ids: np.ndarray | None
+    item_ids: np.ndarray | None
+    tuning_history: dict[str, sp.csr_matrix]
+
+    @classmethod
+    def of(cls, data: CascadeData, tuning_history: dict[str, sp.csr_matrix]) -> SavedInputs:
+        return cls(data.name, data.stages, tuple(data.side), data.n_users, data.n_items, data.user_features,
+                   data.item_features, data.user_ids, data.item_ids, tuning_history)  # fmt: skip
+
+    def meta(self) -> dict:
+        return {"data": {"name": self.name, "stages": list(self.stages), "side": list(self.side),
+                         "n_users": self.n_users, "n_items": self.n_items, "tuning": sorted(self.tuning_history),
+                         "user_features": sorted(self.user_features), "item_features": sorted(self.item_features),
+                         "ids": self.user_ids is not None}}  # fmt: skip
+
+    def write(self, folder: Path, history: dict[str, sp.csr_matrix]) -> None:
+        for kind, mats in (("history", history), ("tuning", self.tuning_history)):
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            for name, m in mats.items():
+                sp.save_npz(folder / kind / f"{name}.npz", sp.csr_matrix(m))
+        arrays = {f"user/{k}": v for k, v in self.user_features.items()}
+        arrays |= {f"item/{k}": v for k, v in self.item_features.items()}
+        if self.user_ids is not None:  # ids as text: the same whatever their type in the log
+            arrays |= {
+                "ids/user": np.asarray(self.user_ids).astype(str),
+                "ids/item": np.asarray(self.item_ids).astype(str),
+            }
+        np.savez(folder / "inputs.npz", **arrays)
+
+    @classmethod
+    def read(cls, folder: Path, meta: dict) -> tuple[SavedInputs, dict[str, sp.csr_matrix]]:
+        d = meta["data"]
+        try:
+            history = {n: sp.load_npz(folder / "history" / f"{n}.npz").tocsr() for n in meta["history"]}
+            tuning = {n: sp.load_npz(folder / "tuning" / f"{n}.npz").tocsr() for n in d["tuning"]}
+            with np.load(folder / "inputs.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{folder}: a saved model file is missing or damaged: {err}") from None
+        for name, m in (history | tuning).items():
+            if m.shape != (d["n_users"], d["n_items"]):
+                raise CheckpointError(f"{folder}: history {name!r} is {m.shape}, not {d['n_users']} x {d['n_items']}")
+        saved = cls(d["name"], tuple(d["stages"]), tuple(d["side"]), d["n_users"], d["n_items"],
+                    {k: arrays[f"user/{k}"] for k in d["user_features"]},
+                    {k: arrays[f"item/{k}"] for k in d["item_features"]},
+                    arrays.get("ids/user"), arrays.get("ids/item"), tuning)  # fmt: skip
+        return saved, history
+
+    def skeleton(self, history: dict[str, sp.csr_matrix]) -> CascadeData:
+        """A CascadeData with what building the model reads (no validation or test pairs)."""
+        return CascadeData(
+            name=self.name, stages=self.stages, n_users=self.n_users, n_items=self.n_items,
+            train={s: history[s] for s in self.stages if s in history}, valid={}, test={}, exclude={},
+            side={s: history[s] for s in self.side if s in history}, user_ids=self.user_ids,
+            item_ids=self.item_ids, user_features=self.user_features, item_features=self.item_features,
+        )  # fmt: skip
+
+
+def write_model(
+    folder: str | Path,
+    kind: str,
+    meta: dict,
+    state: dict[str, torch.Tensor],
+    inputs: SavedInputs | None = None,
+    history: dict[str, sp.csr_matrix] | None = None,
+    sparse: dict[str, sp.csr_matrix] | None = None,
+) -> Path:
+    """Write a model folder. `history`: the matrices scoring reads; `sparse`: any other sparse state."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "format": SAVE_FORMAT, "kind": kind, "history": sorted(history or {}),
+            "sparse": sorted(sparse or {})}  # fmt: skip
+    if inputs is not None:
+        meta |= inputs.meta()
+        inputs.write(folder, history or {})
+    elif history:
+        _write_sparse(folder / "history", history)
+    if sparse:
+        _write_sparse(folder / "sparse", sparse)
+    save_checkpoint(folder / "model.pt", state, meta)
+    return folder
+
+
+def read_model(folder: str | Path, kind: str | None = None):
+    """(meta, state, inputs or None, history) of a folder `write_model` wrote, checked as it is read;
+    `meta["sparse_state"]` holds the other sparse matrices."""
+    folder = Path(folder)
+    if not (folder / "model.pt").exists():
+        raise CheckpointError(f"{folder}: no model.pt; give a folder a model's save() wrote")
+    state, meta = load_checkpoint(folder / "model.pt")
+    if meta.get("format") != SAVE_FORMAT:
+        raise CheckpointError(f"{folder}: saved model format {meta.get('format')!r}, this csmf reads {SAVE_FORMAT}")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{folder}: holds a {meta.get('kind')!r} model, not {kind!r}")
+    if "data" in meta:
+        inputs, history = SavedInputs.read(folder, meta)
+    else:
+        inputs, history = None, _read_sparse(folder / "history", meta["history"], folder)
+    meta["sparse_state"] = _read_sparse(folder / "sparse", meta.get("sparse", []), folder)
+    return meta, state, inputs, history
+
+
+def load_model(folder: str | Path):
+    """Whichever model saved `folder`: CSMF (and its variants), a multi-task tower, or a classical peer."""
+    from csmf.models.als import ALS
+    from csmf.models.csmf import CSMF
+    from csmf.models.ease import EASE
+    from csmf.models.itemknn import ItemKNN
+    from csmf.models.multitask import MultiTask
+    from csmf.models.popularity import Popularity
+
+    kinds = {"csmf": CSMF, "multitask": MultiTask, "als": ALS, "itemknn": ItemKNN, "ease": EASE,
+             "popularity": Popularity}  # fmt: skip
+    meta, _, _, _ = read_model(folder)
+    if meta.get("kind") not in kinds:
+        raise CheckpointError(f"{folder}: unknown model kind {meta.get('kind')!r}; known: {sorted(kinds)}")
+    return kinds[meta["kind"]].load(folder)
+
+
+def _write_sparse(folder: Path, mats: dict[str, sp.csr_matrix]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, m in mats.items():
+        sp.save_npz(folder / f"{name}.npz", sp.csr_matrix(m))
+
+
+def _read_sparse(folder: Path, names: list[str], root: Path) -> dict[str, sp.csr_matrix]:
+    try:
+        return {n: sp.load_npz(folder / f"{n}.npz").tocsr() for n in names}
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{root}: a saved model file is missing or damaged: {err}") from None
