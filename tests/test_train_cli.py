@@ -158,7 +158,16 @@ def test_export_names_data_that_moved_or_changed(sim_parquet, tmp_path, capsys):
     log.rename(moved)
     # the run saved its model: export needs neither the data nor a trainer
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "saved")]) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "b"), "--set", f"data.dataset={moved}"]) == 2
+    assert "saved its model, which is exported as trained" in capsys.readouterr().err
     shutil.rmtree(run / "model")  # a run folder from before runs saved their model: export reads the data
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
+    assert "--set data.dataset=PATH" in capsys.readouterr().err
+    # --set (or a --config file) says where the data is now
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "c"), "--set", f"data.dataset={moved}"]) == 0
+    config = tmp_path / "moved.toml"
+    config.write_text(f'[data]\ndataset = "{moved}"\n')
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "d"), "--config", str(config)]) == 0
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
     assert f"trained on {log}, which is not there any more" in capsys.readouterr().err
     _shuffled_copy(moved, log)  # other data under the old name

@@ -151,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             weights = parse_weights(args.weights, ("stage",))
         except WeightError as err:
             raise ConfigError(f"--weights {clip(repr(args.weights))}: {err}") from None
-    export_run(args.run, args.out, weights)
+    export_run(args.run, args.out, weights, overrides=tuple(args.set), config_file=args.config)
     load_artifact(args.out)  # what was written reads back (checksums, shapes)
     return 0
 
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote")
     export.add_argument("--out", required=True, help="artifact folder to write")
     export.add_argument("--weights", metavar="STAGE:W,...", help="default objective weights (default: 1 each)")
+    _common(export)  # --config / --set: only for a run folder without a saved model (older runs)
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
     serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")

@@ -417,10 +417,17 @@ class Config:
 HARNESS = ("bench", "serve")  # sections that say where results go and how to serve, never what a model learns
 
 
+DATA_LOCATION = ("dataset", "jd_dir")  # where the data lives: its content is compared by fingerprint instead
+
+
 def training_part(config: dict) -> dict:
-    """A saved config (config_to_dict) without its harness sections: what decides a model's weights and
-    metrics. Run folders resume and suite results are reused only when this part matches."""
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in HARNESS}  # tuples as lists
+    """A saved config (config_to_dict) without its harness sections and data location: what decides a
+    model's weights and metrics. Run folders resume (with the data fingerprint) and suite results are
+    reused (per dataset folder) only when this part matches."""
+    out = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in HARNESS}  # tuples as lists
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in DATA_LOCATION}
+    return out
 
 
 def absolute_data_paths(cfg: Config) -> Config:
@@ -557,7 +564,33 @@ def override(cfg: Config, assignments: list[str]) -> Config:
     return cfg
 
 
-def _override_path(obj: Any, parts: list[str], raw: str, dotted: str) -> Any:
+def override_from_file(cfg: Config, path: str | Path) -> Config:
+    """Apply only the keys a TOML file sets (each as if given with --set) to an existing config."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+    def leaves(table: dict, prefix: str):
+        for key, value in table.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    try:
+        for dotted, value in leaves(values, ""):
+            cfg = _override_path(cfg, dotted.split("."), value, dotted)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
+
+
+def _override_path(obj: Any, parts: list[str], raw: Any, dotted: str) -> Any:
     name = parts[0]
     hints = typing.get_type_hints(type(obj))
     if name not in hints:

@@ -214,7 +214,7 @@ class CascadeData:
     def fingerprint(self) -> str:
         """A hash of every pair of every split and of the features: two loads agree on it exactly when
         a model trained on one is a model of the other (run folders compare it before resuming)."""
-        h = hashlib.sha256(json.dumps([self.name, self.stages, self.n_users, self.n_items]).encode())
+        h = hashlib.sha256(json.dumps([self.stages, self.n_users, self.n_items]).encode())  # content, not name
         for part, mats in (("train", self.train), ("valid", self.valid), ("test", self.test), ("side", self.side)):
             for name in sorted(mats):
                 m = mats[name].tocsr()

@@ -296,31 +296,43 @@ def _ids(original: np.ndarray | None, n: int) -> list[str]:
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, default_weights: dict[str, float] | None = None, log=print
+    run_dir: str | Path,
+    out: str | Path,
+    default_weights: dict[str, float] | None = None,
+    log=print,
+    overrides: tuple[str, ...] = (),
+    config_file: str | None = None,
 ) -> Path:
     """Write the serving artifact of a finished `csmf train` run folder: from the model it saved (no data
-    loading, no trainer), or, for a folder from before runs saved their model, from its checkpoints and data."""
+    loading, no trainer), or, for a folder from before runs saved their model, from its checkpoints and data;
+    `overrides` (`--config`/`--set` of csmf export) apply to that older folder's config, e.g. where its data
+    moved."""
+    from csmf.config import ConfigError
     from csmf.models.csmf import CSMF
 
     saved = Path(run_dir) / "model"
     if (saved / "model.pt").exists():
+        if overrides or config_file:
+            raise ConfigError(f"{run_dir} saved its model, which is exported as trained: --config/--set do not "
+                              "apply (they configure exporting an older run folder from its checkpoints)")  # fmt: skip
         return export_model(CSMF.load(saved), out, default_weights, source={"run_dir": str(run_dir)}, log=log)
 
     from csmf.cascade import CascadeTrainer
     from csmf.checkpoints import CheckpointError
-    from csmf.config import load_config
+    from csmf.config import load_config, override, override_from_file
     from csmf.data.datasets import load_dataset
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
         raise ArtifactError(f"{run_dir}: no config.toml; give the folder `csmf train --out` wrote")
     cfg = load_config(run_dir / "config.toml")
+    cfg = override(override_from_file(cfg, config_file) if config_file else cfg, list(overrides))
     d = cfg.data
     for field_name, where in (("data.dataset", d.dataset), ("data.jd_dir", d.jd_dir)):
         if where and where not in ("jd", "sim") and not Path(where).exists():
             raise ArtifactError(
-                f"{run_dir}: the run was trained on {where}, which is not there any more; move the data back "
-                f"or set {field_name} in {run_dir / 'config.toml'} to where it is now"
+                f"{run_dir}: the run was trained on {where}, which is not there any more; move the data back, "
+                f"or give where it is now with --set {field_name}=PATH (or in {run_dir / 'config.toml'})"
             )
     data = load_dataset(cfg)
     trainer = CascadeTrainer(data, cfg, run_dir=run_dir / "checkpoints", log=log)
