@@ -296,3 +296,26 @@ def test_frozen_stage_cache_changes_no_number(data, monkeypatch):
     monkeypatch.setattr(GraphTwoTower, "freeze_below", lambda self, stage: None)
     fresh = CascadeTrainer(data, cfg).run().score(np.arange(40), "conversion")
     assert torch.equal(cached, fresh)
+
+
+def test_smoothing_gradients_are_bit_identical_to_torch_sparse_backward():
+    import scipy.sparse as sp
+
+    from csmf.graph import StageGraph
+
+    rng = np.random.default_rng(3)
+    mats = {"view": sp.random(60, 40, density=0.1, format="csr", random_state=1, dtype=np.float32)}
+    mats["view"].data[:] = 1.0
+    graph = StageGraph({"view": 1.0}, mats, 40)
+    x = torch.from_numpy(rng.standard_normal((40, 8)).astype(np.float32))
+    grad = torch.from_numpy(rng.standard_normal((40, 8)).astype(np.float32))
+    ours = x.clone().requires_grad_()
+    graph.smooth(ours, 2).backward(grad)
+    theirs, total, layer = x.clone().requires_grad_(), None, None
+    total = layer = theirs
+    for _ in range(2):  # the same smoothing with torch's own sparse backward
+        layer = torch.sparse.mm(graph.backward_op, torch.sparse.mm(graph.forward_op, layer))
+        total = total + layer
+    (total / 3).backward(grad)
+    assert torch.equal(graph.smooth(x, 2), (total / 3).detach())
+    assert torch.equal(ours.grad, theirs.grad)
