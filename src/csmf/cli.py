@@ -35,6 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="jd, sim, or a path to a generic log (.csv/.tsv/.parquet)")
     parser.add_argument("--stages", help="stage columns / names in cascade order, comma-separated")
+    parser.add_argument("--data-dir", help="folder of a public dataset's files (--dataset kuairand)")
 
 
 def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
@@ -44,6 +45,8 @@ def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
         sets.append(f"data.dataset={args.dataset}")
     if getattr(args, "stages", None):
         sets.append(f"data.stages={args.stages}")
+    if getattr(args, "data_dir", None):
+        sets.append(f"data.data_dir={args.data_dir}")
     if getattr(args, "models", None):
         sets.append(f"bench.models={args.models}")
     if getattr(args, "out", None) and args.command == "bench":

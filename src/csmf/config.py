@@ -78,9 +78,12 @@ class DataConfig(Checked):
         "valid_frac": (_in(0.0, 1.0), "in [0, 1)"),
     }
 
-    dataset: str = "jd"  # "jd", "sim", or a path to a generic log (.csv / .parquet)
+    dataset: str = "jd"  # "jd", "sim", "kuairand" (files in data_dir), or a path to a generic log (.csv / .parquet)
     stages: tuple[str, ...] = ()  # cascade order; () = the dataset's default (JD: view, purchase)
     jd_dir: str = ""  # read JD .txt files from this folder instead of the copy shipped in the package
+    data_dir: str = ""  # the folder of a public dataset's files in its owners' layout (dataset = "kuairand")
+    # KuaiRand's third stage after exposure and click (csmf.data.kuairand)
+    kuairand_conversion: Literal["long_view", "is_like", "is_follow", "is_comment", "is_forward"] = "long_view"
     user_col: str = "user_id"  # generic log: user id column
     item_col: str = "item_id"  # generic log: item id column
     timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
@@ -414,10 +417,12 @@ class Config:
                 raise ConfigError(f"{key}: {metric!r} needs K = {k} in eval.ks, which are {list(self.eval.ks)}")
 
 
-HARNESS = ("bench", "serve")  # sections that say where results go and how to serve, never what a model learns
-
-
-DATA_LOCATION = ("dataset", "jd_dir")  # where the data lives: its content is compared by fingerprint instead
+# sections that say where results go and how to serve, never what a model learns
+HARNESS = ("bench", "serve")
+# data.dataset values that name a dataset rather than a file
+NAMED_DATASETS = ("jd", "sim", "kuairand")
+# where the data lives: its content is compared by fingerprint instead
+DATA_LOCATION = ("dataset", "jd_dir", "data_dir")
 
 
 def training_part(config: dict) -> dict:
@@ -433,9 +438,10 @@ def training_part(config: dict) -> dict:
 def absolute_data_paths(cfg: Config) -> Config:
     """The config with its data paths made absolute (`jd` and `sim` stay names), for a run folder."""
     d = cfg.data
-    dataset = d.dataset if d.dataset in ("jd", "sim") else str(Path(d.dataset).expanduser().resolve())
+    dataset = d.dataset if d.dataset in NAMED_DATASETS else str(Path(d.dataset).expanduser().resolve())
     jd_dir = str(Path(d.jd_dir).expanduser().resolve()) if d.jd_dir else ""
-    return replace(cfg, data=replace(d, dataset=dataset, jd_dir=jd_dir))
+    data_dir = str(Path(d.data_dir).expanduser().resolve()) if d.data_dir else ""
+    return replace(cfg, data=replace(d, dataset=dataset, jd_dir=jd_dir, data_dir=data_dir))
 
 
 class ConfigError(ValueError):

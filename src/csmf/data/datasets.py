@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from csmf.config import Config
+from csmf.config import NAMED_DATASETS, Config, ConfigError
 from csmf.data.jd import load_jd
 from csmf.data.logtable import load_log
 from csmf.data.schema import CascadeData
@@ -15,7 +15,7 @@ from csmf.data.split import split_log
 
 
 def dataset_name(spec: str) -> str:
-    return spec if spec in ("jd", "sim") else Path(spec).name.split(".")[0]
+    return spec if spec in NAMED_DATASETS else Path(spec).name.split(".")[0]
 
 
 def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
@@ -24,6 +24,13 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
     if d.dataset == "jd":
         stages = d.stages or ("view", "purchase")
         return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
+    if d.dataset == "kuairand":
+        from csmf.data.kuairand import load_kuairand
+
+        if not d.data_dir:
+            raise ConfigError("data.data_dir: give the folder holding the KuaiRand files (--data-dir DIR)")
+        log = load_kuairand(d.data_dir, d.kuairand_conversion)
+        return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name="kuairand")
     if d.dataset == "sim":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "sim.parquet"

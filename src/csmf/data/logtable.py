@@ -108,6 +108,21 @@ DAMAGED_STAGE_SHARE = 0.5
 STAGE_TEXT = ("0", "1", "0.0", "1.0", "true", "false")
 
 
+class Concatenated:
+    """The locator of a table concatenated from several files: row r -> the file and line it came from."""
+
+    def __init__(self, parts: list[tuple[Path, int]]):
+        self.parts = [(_Locator(path), rows) for path, rows in parts]
+        self.path = ", ".join(str(path) for path, _ in parts) if len(parts) > 1 else str(parts[0][0])
+
+    def __call__(self, row: int) -> str:
+        for locate, rows in self.parts:
+            if row < rows:
+                return locate(row)
+            row -= rows
+        raise IndexError(row)
+
+
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -243,8 +258,23 @@ def load_log(
     item feature; any other column is reported as unused.
     """
     path = Path(path)
-    where = _Locator(path)
-    table = read_table(path)
+    return log_from_table(
+        read_table(path), _Locator(path), stages, user_col, item_col, timestamp_col, user_features, item_features
+    )
+
+
+def log_from_table(
+    table: pa.Table,
+    where: _Locator | Concatenated,
+    stages: tuple[str, ...] = (),
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    timestamp_col: str = "timestamp",
+    user_features: tuple[str, ...] | None = None,
+    item_features: tuple[str, ...] | None = None,
+) -> CascadeLog:
+    """load_log on a table already read; `where` turns a row index into the file and line it came from."""
+    path = where.path
     columns = table.column_names
     for col in (user_col, item_col):
         if col not in columns:

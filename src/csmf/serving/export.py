@@ -319,7 +319,7 @@ def export_run(
 
     from csmf.cascade import CascadeTrainer
     from csmf.checkpoints import CheckpointError
-    from csmf.config import load_config, override, override_from_file
+    from csmf.config import NAMED_DATASETS, load_config, override, override_from_file
     from csmf.data.datasets import load_dataset
 
     run_dir = Path(run_dir)
@@ -328,8 +328,8 @@ def export_run(
     cfg = load_config(run_dir / "config.toml")
     cfg = override(override_from_file(cfg, config_file) if config_file else cfg, list(overrides))
     d = cfg.data
-    for field_name, where in (("data.dataset", d.dataset), ("data.jd_dir", d.jd_dir)):
-        if where and where not in ("jd", "sim") and not Path(where).exists():
+    for field_name, where in (("data.dataset", d.dataset), ("data.jd_dir", d.jd_dir), ("data.data_dir", d.data_dir)):
+        if where and where not in NAMED_DATASETS and not Path(where).exists():
             raise ArtifactError(
                 f"{run_dir}: the run was trained on {where}, which is not there any more; move the data back, "
                 f"or give where it is now with --set {field_name}=PATH (or in {run_dir / 'config.toml'})"
