@@ -78,10 +78,10 @@ class DataConfig(Checked):
         "valid_frac": (_in(0.0, 1.0), "in [0, 1)"),
     }
 
-    dataset: str = "jd"  # "jd", "sim", "kuairand" (files in data_dir), or a path to a generic log (.csv / .parquet)
+    dataset: str = "jd"  # "jd", "sim", "kuairand" / "aliccp" (files in data_dir), or a generic log's path
     stages: tuple[str, ...] = ()  # cascade order; () = the dataset's default (JD: view, purchase)
     jd_dir: str = ""  # read JD .txt files from this folder instead of the copy shipped in the package
-    data_dir: str = ""  # the folder of a public dataset's files in its owners' layout (dataset = "kuairand")
+    data_dir: str = ""  # the folder of a public dataset's files in its owners' layout (kuairand, aliccp)
     # KuaiRand's third stage after exposure and click (csmf.data.kuairand)
     kuairand_conversion: Literal["long_view", "is_like", "is_follow", "is_comment", "is_forward"] = "long_view"
     user_col: str = "user_id"  # generic log: user id column
@@ -420,7 +420,7 @@ class Config:
 # sections that say where results go and how to serve, never what a model learns
 HARNESS = ("bench", "serve")
 # data.dataset values that name a dataset rather than a file
-NAMED_DATASETS = ("jd", "sim", "kuairand")
+NAMED_DATASETS = ("jd", "sim", "kuairand", "aliccp")
 # where the data lives: its content is compared by fingerprint instead
 DATA_LOCATION = ("dataset", "jd_dir", "data_dir")
 

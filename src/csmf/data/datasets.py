@@ -24,6 +24,12 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
     if d.dataset == "jd":
         stages = d.stages or ("view", "purchase")
         return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
+    if d.dataset == "aliccp":
+        from csmf.data.aliccp import load_aliccp
+
+        if not d.data_dir:
+            raise ConfigError("data.data_dir: give the folder holding the Ali-CCP files (--data-dir DIR)")
+        return load_aliccp(d.data_dir)  # the release's own train / val / test files are the split
     if d.dataset == "kuairand":
         from csmf.data.kuairand import load_kuairand
 
