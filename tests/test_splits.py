@@ -18,7 +18,7 @@ from csmf.data.schema import (
     pairs_to_csr,
     union,
 )
-from csmf.data.split import _finish_report, holdout_order, per_user_holdout, split_jd, split_log
+from csmf.data.split import finish_report, holdout_order, per_user_holdout, split_jd, split_log
 
 JD_STAGE_SETS = [
     ("view", "purchase"),
@@ -375,7 +375,7 @@ def test_cold_test_users_are_counted():
         exclude={"click": ("click", "buy"), "buy": ("buy",)},
     )
     report = LoadReport("cold")
-    _finish_report(data, report)
+    finish_report(data, report)
     assert report.cold_test_users == {"click": 1, "buy": 1}
     assert report.stage_positives == {"click": 4, "buy": 3}
     # buy = {(0,0), (1,1), (2,3)}; all three are click pairs (train or test).

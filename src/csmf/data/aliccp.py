@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from csmf.data.errors import DataError
-from csmf.data.logtable import Concatenated, _check_stage, _Locator, log_from_table, read_table
+from csmf.data.logtable import Concatenated, Locator, check_stage, log_from_table, read_table
 from csmf.data.schema import CascadeData, difference, pairs_to_csr, union
-from csmf.data.split import _finish_report
+from csmf.data.split import finish_report
 
 SPLITS = ("train", "val", "test")
 STAGES = ("exposure", "click", "purchase")
@@ -56,8 +56,8 @@ def load_aliccp(folder: str | Path) -> CascadeData:
         missing = [c for c in ("click", "purchase", USER_FIELD, ITEM_FIELD) if c not in table.column_names]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
-        where = _Locator(path)
-        click, purchase = _check_stage(table, "click", where), _check_stage(table, "purchase", where)
+        where = Locator(path)
+        click, purchase = check_stage(table, "click", where), check_stage(table, "purchase", where)
         if (purchase & ~click).any():
             row = int(np.flatnonzero(purchase & ~click)[0])
             raise DataError(f"{where(row)}: purchase 1 without a click; Ali-CCP purchases follow clicks")
@@ -98,5 +98,5 @@ def load_aliccp(folder: str | Path) -> CascadeData:
         user_ids=log.user_ids, item_ids=log.item_ids,
         user_features=log.user_features, item_features=log.item_features, report=report,
     )  # fmt: skip
-    _finish_report(data, report)
+    finish_report(data, report)
     return data

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from csmf.data.errors import DataError
-from csmf.data.logtable import Concatenated, _check_stage, _Locator, log_from_table, read_table
+from csmf.data.logtable import Concatenated, Locator, check_stage, log_from_table, read_table
 from csmf.data.schema import CascadeLog
 
 CONVERSIONS = ("long_view", "is_like", "is_follow", "is_comment", "is_forward")
@@ -66,7 +66,7 @@ def _long_view(table: pa.Table, path: Path) -> pa.Array:
     bad = ~(np.isfinite(play) & np.isfinite(duration))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{_Locator(path)(row)}: play_time_ms / duration_ms must be numbers to derive long_view")
+        raise DataError(f"{Locator(path)(row)}: play_time_ms / duration_ms must be numbers to derive long_view")
     return pa.array((play >= np.minimum(duration, LONG_VIEW_MS)).astype(np.int8))
 
 
@@ -95,10 +95,10 @@ def load_kuairand(folder: str | Path, conversion: str = "long_view") -> CascadeL
     for path in logs:
         table = read_table(path)
         _require(table, path, ("user_id", "video_id", "is_click"))
-        where = _Locator(path)
-        click = _check_stage(table, "is_click", where)
+        where = Locator(path)
+        click = check_stage(table, "is_click", where)
         if conversion in table.column_names:
-            later = _check_stage(table, conversion, where)
+            later = check_stage(table, conversion, where)
         elif conversion == "long_view":
             later, derived = _long_view(table, path).to_numpy().astype(bool), True
         else:

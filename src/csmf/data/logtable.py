@@ -75,7 +75,7 @@ def _first_bad_row(path: Path, delimiter: str) -> str | None:
     )
 
 
-class _Locator:
+class Locator:
     """Turns a 0-based data-row index into the words a user can look up: CSV line or Parquet row."""
 
     def __init__(self, path: Path):
@@ -112,7 +112,7 @@ class Concatenated:
     """The locator of a table concatenated from several files: row r -> the file and line it came from."""
 
     def __init__(self, parts: list[tuple[Path, int]]):
-        self.parts = [(_Locator(path), rows) for path, rows in parts]
+        self.parts = [(Locator(path), rows) for path, rows in parts]
         self.path = ", ".join(str(path) for path, _ in parts) if len(parts) > 1 else str(parts[0][0])
 
     def __call__(self, row: int) -> str:
@@ -127,7 +127,7 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _encode_ids(table: pa.Table, col: str, where: _Locator) -> tuple[np.ndarray, np.ndarray]:
+def _encode_ids(table: pa.Table, col: str, where: Locator) -> tuple[np.ndarray, np.ndarray]:
     """Column of ids -> (int32 index per row, original id per index)."""
     arr = table.column(col)
     if arr.null_count:
@@ -191,7 +191,7 @@ def _stage_share(arr: pa.ChunkedArray) -> float:
     return float(np.asarray(pc.fill_null(pc.is_in(text, pa.array(STAGE_TEXT)), False)).mean()) if len(arr) else 0.0
 
 
-def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
+def check_stage(table: pa.Table, col: str, where: Locator) -> np.ndarray:
     values = _stage_values(table, col)
     if values is not None:
         return values
@@ -207,7 +207,7 @@ def _check_stage(table: pa.Table, col: str, where: _Locator) -> np.ndarray:
 
 
 def _infer_stages(
-    table: pa.Table, item_col: str, stops: tuple[str, ...], where: _Locator
+    table: pa.Table, item_col: str, stops: tuple[str, ...], where: Locator
 ) -> tuple[dict[str, np.ndarray], str]:
     """The run of 0/1 columns right after the item column, and what ended it (for the load report)."""
     columns = table.column_names
@@ -221,7 +221,7 @@ def _infer_stages(
         if values is None:
             if not labels or _stage_share(table.column(col)) > DAMAGED_STAGE_SHARE:
                 try:
-                    _check_stage(table, col, where)  # raises naming the row with the first non-0/1 value
+                    check_stage(table, col, where)  # raises naming the row with the first non-0/1 value
                 except DataError as err:
                     raise DataError(
                         f"{err}. Column {col!r} is taken for a stage column (it follows {item_col!r}"
@@ -259,13 +259,13 @@ def load_log(
     """
     path = Path(path)
     return log_from_table(
-        read_table(path), _Locator(path), stages, user_col, item_col, timestamp_col, user_features, item_features
+        read_table(path), Locator(path), stages, user_col, item_col, timestamp_col, user_features, item_features
     )
 
 
 def log_from_table(
     table: pa.Table,
-    where: _Locator | Concatenated,
+    where: Locator | Concatenated,
     stages: tuple[str, ...] = (),
     user_col: str = "user_id",
     item_col: str = "item_id",
@@ -288,7 +288,7 @@ def log_from_table(
         missing = [s for s in stages if s not in columns]
         if missing:
             raise DataError(f"{path}: missing stage column(s) {missing}; columns are {columns}")
-        labels = {s: _check_stage(table, s, where) for s in stages}
+        labels = {s: check_stage(table, s, where) for s in stages}
     else:
         labels, ended_by = _infer_stages(table, item_col, (timestamp_col, user_col), where)
         stages = tuple(labels)

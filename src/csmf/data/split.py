@@ -160,7 +160,7 @@ def split_jd(
         item_ids=np.arange(1, n_items + 1),
         report=report,
     )
-    _finish_report(data, report)
+    finish_report(data, report)
     report.notes.append(
         f"click test: {test_frac:.0%} of each user's trn_pv pairs (seed {seed}); "
         f"{intersection(pv, later_than_view).nnz:,} trn_pv pairs that are also purchases or favorites "
@@ -232,11 +232,11 @@ def split_log(
         item_features=log.item_features,
         report=log.report,
     )
-    _finish_report(data, log.report)
+    finish_report(data, log.report)
     return data
 
 
-def _finish_report(data: CascadeData, report: LoadReport) -> None:
+def finish_report(data: CascadeData, report: LoadReport) -> None:
     full = {s: union(data.train[s], data.test[s]) for s in data.stages}
     report.stage_positives = {s: m.nnz for s, m in full.items()}
     report.subset_rate = subset_rates(data.stages, full)
