@@ -33,9 +33,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", help="jd, sim, or a path to a generic log (.csv/.tsv/.parquet)")
+    parser.add_argument(
+        "--dataset", help="jd, sim, aliccp, aliexpress, kuairand, tenrec, or a generic log's path (.csv/.parquet)"
+    )
     parser.add_argument("--stages", help="stage columns / names in cascade order, comma-separated")
-    parser.add_argument("--data-dir", help="folder of a public dataset's files (--dataset kuairand)")
+    parser.add_argument("--data-dir", help="folder of a public dataset's files (aliccp, aliexpress, kuairand, tenrec)")
 
 
 def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
@@ -86,6 +88,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sim = replace(sim, seed=args.seed)
     start = time.perf_counter()
+    if args.layout != "log":
+        from csmf.data.simulate import simulate_layout
+
+        counts = simulate_layout(sim, args.layout, Path(args.out), progress=not args.quiet)
+        seconds = time.perf_counter() - start
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"wrote {args.out} in the {args.layout} layout ({', '.join(p.name for p in counts['files'])}): "
+              f"{counts['rows']:,} rows in {seconds:.1f}s ({counts['rows'] / max(seconds, 1e-9):,.0f} rows/s); "
+              f"peak memory {peak_mb:,.0f} MB")  # fmt: skip
+        return 0
     counts = simulate(sim, args.out, progress=not args.quiet)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -239,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
 
     simulate = sub.add_parser("simulate", help="write a simulated exposure -> click -> conversion log")
-    simulate.add_argument("--out", required=True, help="output path, .parquet or .csv")
+    simulate.add_argument("--out", required=True, help="output path, .parquet or .csv (a folder with --layout)")
+    simulate.add_argument(
+        "--layout", default="log", choices=("log", "aliccp", "aliccp-raw", "aliexpress", "kuairand", "tenrec"),
+        help="log: one generic log file; otherwise a folder of files in that public dataset's own layout",
+    )  # fmt: skip
     simulate.add_argument("--users", type=int, help="number of users")
     simulate.add_argument("--items", type=int, help="number of items")
     simulate.add_argument("--exposures", type=int, help="mean exposures per user")

@@ -78,12 +78,15 @@ class DataConfig(Checked):
         "valid_frac": (_in(0.0, 1.0), "in [0, 1)"),
     }
 
-    dataset: str = "jd"  # "jd", "sim", "kuairand" / "aliccp" (files in data_dir), or a generic log's path
+    # "jd", "sim", "kuairand" / "aliccp" / "aliexpress" / "tenrec" (files in data_dir), or a generic log's path
+    dataset: str = "jd"
     stages: tuple[str, ...] = ()  # cascade order; () = the dataset's default (JD: view, purchase)
     jd_dir: str = ""  # read JD .txt files from this folder instead of the copy shipped in the package
-    data_dir: str = ""  # the folder of a public dataset's files in its owners' layout (kuairand, aliccp)
+    data_dir: str = ""  # the folder of a public dataset's files in its owners' layout (kuairand, aliccp, ...)
     # KuaiRand's third stage after exposure and click (csmf.data.kuairand)
     kuairand_conversion: Literal["long_view", "is_like", "is_follow", "is_comment", "is_forward"] = "long_view"
+    tenrec_conversion: Literal["like", "follow", "share"] = "like"  # Tenrec's third stage (csmf.data.tenrec)
+    tenrec_file: str = ""  # which Tenrec log in data_dir (QK-video.csv, ...); "" = the only one there
     user_col: str = "user_id"  # generic log: user id column
     item_col: str = "item_id"  # generic log: item id column
     timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
@@ -106,6 +109,8 @@ class SimConfig(Checked):
         "dim": (_positive, "> 0"),
         "candidates_per_exposure": (_positive, "> 0"),
         "chunk_users": (_positive, "> 0"),
+        "item_features": (lambda v: v >= 0, ">= 0"),
+        "feature_buckets": (lambda v: v >= 2, ">= 2"),
     }
 
     n_users: int = 4000
@@ -119,6 +124,8 @@ class SimConfig(Checked):
     conversion_bias: float = -1.5  # logit offset of P(conversion | click)
     popularity_skew: float = 0.7  # Zipf exponent of item popularity
     chunk_users: int = 2000  # users generated per streamed chunk (bounds memory)
+    item_features: int = 0  # extra item features item_f0.. that carry part of the item's latent factors
+    feature_buckets: int = 16  # values of each such feature (equal-mass buckets of a random projection)
     seed: int = 0
 
 
@@ -420,7 +427,7 @@ class Config:
 # sections that say where results go and how to serve, never what a model learns
 HARNESS = ("bench", "serve")
 # data.dataset values that name a dataset rather than a file
-NAMED_DATASETS = ("jd", "sim", "kuairand", "aliccp")
+NAMED_DATASETS = ("jd", "sim", "kuairand", "aliccp", "aliexpress", "tenrec")
 # where the data lives: its content is compared by fingerprint instead
 DATA_LOCATION = ("dataset", "jd_dir", "data_dir")
 

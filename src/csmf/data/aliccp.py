@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import scipy.sparse as sp
 
+from csmf.data.aliccp_raw import has_raw_layout, raw_files, read_raw
 from csmf.data.errors import DataError
-from csmf.data.logtable import Concatenated, Locator, check_stage, log_from_table, read_table
-from csmf.data.schema import CascadeData, difference, pairs_to_csr, union
-from csmf.data.split import finish_report
+from csmf.data.filesplit import SPLITS, cascade_from_files
+from csmf.data.logtable import Locator, check_stage, read_table
+from csmf.data.schema import CascadeData
 
-SPLITS = ("train", "val", "test")
 STAGES = ("exposure", "click", "purchase")
 USER_FIELD, ITEM_FIELD = "101", "205"
 
@@ -47,10 +45,14 @@ def aliccp_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def load_aliccp(folder: str | Path) -> CascadeData:
+def load_aliccp(folder: str | Path, valid_frac: float = 0.1, seed: int = 0) -> CascadeData:
+    """Ali-CCP from `folder`: the raw release (sample_skeleton / common_features) when it is there, else the
+    processed CSVs. valid_frac and seed only apply to the raw release, which has no validation file."""
     folder = Path(folder)
+    if has_raw_layout(folder):
+        return load_aliccp_raw(folder, valid_frac, seed)
     files = aliccp_files(folder)
-    tables, sizes, labels = {}, [], {}
+    tables, sources = {}, {}
     for split, path in files.items():
         table = read_table(path)
         missing = [c for c in ("click", "purchase", USER_FIELD, ITEM_FIELD) if c not in table.column_names]
@@ -61,42 +63,37 @@ def load_aliccp(folder: str | Path) -> CascadeData:
         if (purchase & ~click).any():
             row = int(np.flatnonzero(purchase & ~click)[0])
             raise DataError(f"{where(row)}: purchase 1 without a click; Ali-CCP purchases follow clicks")
-        labels[split] = np.stack([np.ones(table.num_rows, dtype=bool), click, purchase], axis=1)
         features = [c for c in table.column_names if c not in ("click", "purchase", USER_FIELD, ITEM_FIELD)]
         out = {"user_id": table.column(USER_FIELD), "item_id": table.column(ITEM_FIELD),
                "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
                "click": pa.array(click.astype(np.int8)), "purchase": pa.array(purchase.astype(np.int8))}  # fmt: skip
         out |= {c: table.column(c) for c in features}
         tables[split] = pa.table(out)
-        sizes.append((path, table.num_rows))
-    combined = pa.concat_tables(tables.values(), promote_options="default")
-    log = log_from_table(combined, Concatenated(sizes), STAGES)  # the id maps and features of every file
-    users_of, items_of = pa.array(log.user_ids), pa.array(log.item_ids)
+        sources[split] = [(path, table.num_rows)]
+    note = "Ali-CCP: the release's train / val / test files are the split; exposure = every row"
+    return cascade_from_files("aliccp", tables, sources, STAGES, note)
 
-    def pairs(split: str) -> dict[str, sp.csr_matrix]:
-        t = tables[split]
-        u = pc.index_in(t.column("user_id"), value_set=users_of).to_numpy(zero_copy_only=False)
-        i = pc.index_in(t.column("item_id"), value_set=items_of).to_numpy(zero_copy_only=False)
-        return {s: pairs_to_csr(u[labels[split][:, k]], i[labels[split][:, k]], log.n_users, log.n_items)
-                for k, s in enumerate(STAGES)}  # fmt: skip
 
-    train, valid, test = pairs("train"), pairs("val"), pairs("test")
-    report = log.report
-    for k, s in enumerate(STAGES):
-        trained = union(*(train[later] for later in STAGES[k:]))  # a purchase reveals the click before it
-        for name, held in (("test", test), ("validation", valid)):
-            kept = difference(held[s], trained)
-            report.skip(f"{s} {name} pairs that are also training pairs (not held out)", held[s].nnz - kept.nnz)
-            held[s] = kept
-        kept = difference(valid[s], test[s])
-        report.skip(f"{s} validation pairs that are also test pairs", valid[s].nnz - kept.nnz)
-        valid[s] = kept
-    report.notes.append("Ali-CCP: the release's train / val / test files are the split; exposure = every row")
-    data = CascadeData(
-        name="aliccp", stages=STAGES, n_users=log.n_users, n_items=log.n_items,
-        train=train, valid=valid, test=test, exclude={s: STAGES for s in STAGES},
-        user_ids=log.user_ids, item_ids=log.item_ids,
-        user_features=log.user_features, item_features=log.item_features, report=report,
-    )  # fmt: skip
-    finish_report(data, report)
-    return data
+def load_aliccp_raw(folder: Path, valid_frac: float = 0.1, seed: int = 0) -> CascadeData:
+    """The raw release: test = sample_skeleton_test; validation = a seeded `valid_frac` of the training
+    impressions (the release has no validation file); train = the other training impressions."""
+    tables, sources, lists = {}, {}, {}
+    for split in ("train", "test"):
+        parts = []
+        for block, counts in read_raw(folder, split):
+            parts.append(block)
+            for field, n in counts.items():
+                lists[field] = lists.get(field, 0) + n
+        table = pa.concat_tables(parts).drop_columns(["row"])
+        where = Locator(raw_files(folder, split)[0], header=False)
+        if split == "test":
+            tables["test"], sources["test"] = table, [(where, table.num_rows)]
+            continue
+        held = np.random.default_rng([seed, 8]).random(table.num_rows) < valid_frac
+        tables["train"], tables["val"] = table.filter(pa.array(~held)), table.filter(pa.array(held))
+        sources["train"], sources["val"] = [(where, int((~held).sum()))], [(where, int(held.sum()))]
+    note = (
+        f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
+        f"impressions (seeded); list fields not read yet: {lists or 'none'}"
+    )
+    return cascade_from_files("aliccp", tables, sources, STAGES, note)

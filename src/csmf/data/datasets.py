@@ -13,6 +13,8 @@ from csmf.data.schema import CascadeData
 from csmf.data.simulate import simulate
 from csmf.data.split import split_log
 
+PUBLIC = {"aliccp": "Ali-CCP", "aliexpress": "AliExpress", "kuairand": "KuaiRand", "tenrec": "Tenrec"}
+
 
 def dataset_name(spec: str) -> str:
     return spec if spec in NAMED_DATASETS else Path(spec).name.split(".")[0]
@@ -24,19 +26,25 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
     if d.dataset == "jd":
         stages = d.stages or ("view", "purchase")
         return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
+    if d.dataset in PUBLIC and not d.data_dir:
+        raise ConfigError(f"data.data_dir: give the folder holding the {PUBLIC[d.dataset]} files (--data-dir DIR)")
     if d.dataset == "aliccp":
         from csmf.data.aliccp import load_aliccp
 
-        if not d.data_dir:
-            raise ConfigError("data.data_dir: give the folder holding the Ali-CCP files (--data-dir DIR)")
-        return load_aliccp(d.data_dir)  # the release's own train / val / test files are the split
-    if d.dataset == "kuairand":
-        from csmf.data.kuairand import load_kuairand
+        return load_aliccp(d.data_dir, d.valid_frac, d.split_seed)  # the release's files are the split
+    if d.dataset == "aliexpress":
+        from csmf.data.aliexpress import load_aliexpress
 
-        if not d.data_dir:
-            raise ConfigError("data.data_dir: give the folder holding the KuaiRand files (--data-dir DIR)")
-        log = load_kuairand(d.data_dir, d.kuairand_conversion)
-        return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name="kuairand")
+        return load_aliexpress(d.data_dir, d.valid_frac, d.split_seed, d.user_features)
+    if d.dataset in ("kuairand", "tenrec"):
+        from csmf.data.kuairand import load_kuairand
+        from csmf.data.tenrec import load_tenrec
+
+        if d.dataset == "kuairand":
+            log = load_kuairand(d.data_dir, d.kuairand_conversion)
+        else:
+            log = load_tenrec(d.data_dir, d.tenrec_conversion, d.tenrec_file)
+        return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=d.dataset)
     if d.dataset == "sim":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "sim.parquet"

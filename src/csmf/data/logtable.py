@@ -78,9 +78,10 @@ def _first_bad_row(path: Path, delimiter: str) -> str | None:
 class Locator:
     """Turns a 0-based data-row index into the words a user can look up: CSV line or Parquet row."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, header: bool = True):
         self.path = path
         self.csv = ".csv" in path.suffixes or ".tsv" in path.suffixes
+        self.header = header  # raw releases (Ali-CCP's) have none: data row r is then line r + 1
 
     def __call__(self, row: int) -> str:
         return f"{self.path}:{self._csv_line(row)}" if self.csv else f"{self.path} row {row + 1}"
@@ -89,13 +90,14 @@ class Locator:
         """Physical line of data row `row`: the reader skips blank lines, so count them (only on error)."""
         opener = pa.input_stream(str(self.path), compression="detect")
         non_blank = 0  # the header is non-blank line 1, data row r is non-blank line r + 2
+        target = row + 2 if self.header else row + 1
         with opener as stream:
             for lineno, raw in enumerate(stream.read().decode(errors="replace").splitlines(), start=1):
                 if raw.strip():
                     non_blank += 1
-                    if non_blank == row + 2:
+                    if non_blank == target:
                         return lineno
-        return row + 2
+        return target
 
 
 # a float64 holds every integer up to 2^53 exactly; a larger id read as a number may merge with its neighbour
@@ -111,9 +113,10 @@ STAGE_TEXT = ("0", "1", "0.0", "1.0", "true", "false")
 class Concatenated:
     """The locator of a table concatenated from several files: row r -> the file and line it came from."""
 
-    def __init__(self, parts: list[tuple[Path, int]]):
-        self.parts = [(Locator(path), rows) for path, rows in parts]
-        self.path = ", ".join(str(path) for path, _ in parts) if len(parts) > 1 else str(parts[0][0])
+    def __init__(self, parts: list[tuple[Path | Locator, int]]):
+        self.parts = [(p if isinstance(p, Locator) else Locator(p), rows) for p, rows in parts]
+        paths = list(dict.fromkeys(str(locate.path) for locate, _ in self.parts))
+        self.path = ", ".join(paths)
 
     def __call__(self, row: int) -> str:
         for locate, rows in self.parts:

@@ -31,6 +31,20 @@ class ItemWorld:
     factors: np.ndarray  # (n_items, 4, dim) float32, parts in PARTS order
     popularity: np.ndarray  # (n_items,) float64, sums to 1
     category: np.ndarray  # (n_items,) int32
+    features: np.ndarray  # (n_items, sim.item_features) int32 codes that carry part of the factors
+
+
+def _informative_features(cfg: SimConfig, factors: np.ndarray) -> np.ndarray:
+    """Codes of random projections of each item's factors, cut into `sim.feature_buckets` equal-mass buckets:
+    features that tell part of what the item is (its own stream of draws: the log stays as it was)."""
+    rng = np.random.default_rng([cfg.seed, 3])
+    flat = factors.reshape(len(factors), -1)
+    out = np.zeros((len(factors), cfg.item_features), dtype=np.int32)
+    for k in range(cfg.item_features):
+        projection = flat @ rng.standard_normal(flat.shape[1]).astype(np.float32)
+        edges = np.quantile(projection, np.linspace(0, 1, cfg.feature_buckets + 1)[1:-1])
+        out[:, k] = np.searchsorted(edges, projection)
+    return out
 
 
 def item_world(cfg: SimConfig) -> ItemWorld:
@@ -40,7 +54,7 @@ def item_world(cfg: SimConfig) -> ItemWorld:
     popularity = 1.0 / ranks.astype(np.float64) ** cfg.popularity_skew
     popularity /= popularity.sum()
     category = np.argmax(factors[:, 0, :8], axis=1).astype(np.int32)
-    return ItemWorld(factors, popularity, category)
+    return ItemWorld(factors, popularity, category, _informative_features(cfg, factors))
 
 
 def user_factors(cfg: SimConfig, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +124,7 @@ def simulate_chunks(cfg: SimConfig) -> Iterator[pa.Table]:
                 "timestamp": timestamps.astype(np.int64),
                 "user_segment": segment[users],
                 "item_category": world.category[cand_item[chosen]],
+                **{f"item_f{k}": world.features[cand_item[chosen], k] for k in range(cfg.item_features)},
             }
         )
 
@@ -146,4 +161,19 @@ def simulate(cfg: SimConfig, out: str | Path, progress: bool = True) -> dict:
     tmp.replace(out)  # only a complete log ever carries the final name
     world = item_world(cfg)
     np.savez_compressed(out.with_name(out.name + ".truth.npz"), item_factors=world.factors, popularity=world.popularity)
+    return counts
+
+
+def simulate_layout(cfg: SimConfig, layout: str, folder: str | Path, progress: bool = True) -> dict:
+    """Stream the simulated log into `folder` in a public dataset's layout (csmf.data.layouts)."""
+    from csmf.data.layouts import write_layout
+
+    counts = {"rows": 0}
+    n_chunks = -(-cfg.n_users // cfg.chunk_users)
+
+    def count(table: pa.Table) -> None:
+        counts["rows"] += table.num_rows
+
+    chunks = bar(simulate_chunks(cfg), progress, total=n_chunks, desc=f"simulate {layout}", unit="chunk")
+    counts["files"] = write_layout(chunks, layout, Path(folder), cfg.seed, on_chunk=count)
     return counts

@@ -1,0 +1,72 @@
+"""Tenrec (Yuan et al., NeurIPS 2022 datasets track; Tencent's QQ Kandian / QQ Browser feeds) as its owners
+distribute it, mapped onto the cascade.
+
+Files read from a folder: one scenario log, `QK-video.csv`, `QB-video.csv`, `QK-article.csv`,
+`QB-article.csv`, or the CTR subset `ctr_data_1M.csv` (`data.tenrec_file` picks one when the folder holds
+several). Columns: `user_id`, `item_id`, `click`, the later actions (`follow`, `like`, `share`), and
+features (`video_category`, `watching_times`, `gender`, `age`, `hist_1..hist_10` in ctr_data_1M).
+Every row is an impression of an item to a user.
+
+Stages: exposure = every row, click = `click`, then a later action, `like` by default
+(`data.tenrec_conversion`: like, follow, share). A like or share needs a click first in Tenrec's
+feeds; a row with the action but no click is an error naming its line, never silently re-labelled.
+Columns constant within every user (item) become user (item) features; the others are reported unused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from csmf.data.errors import DataError
+from csmf.data.logtable import Locator, check_stage, log_from_table, read_table
+from csmf.data.schema import CascadeLog
+
+FILES = ("QK-video.csv", "QB-video.csv", "QK-article.csv", "QB-article.csv", "ctr_data_1M.csv")
+CONVERSIONS = ("like", "follow", "share")
+
+
+def tenrec_file(folder: Path, name: str = "") -> Path:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; give the folder holding the Tenrec csv files")
+    if name:
+        path = folder / name
+        if not path.exists():
+            raise DataError(f"{path}: file not found (data.tenrec_file)")
+        return path
+    present = [folder / n for n in FILES if (folder / n).exists()]
+    if not present:
+        raise DataError(f"{folder}: no Tenrec log; expected one of {list(FILES)}")
+    if len(present) > 1:
+        raise DataError(
+            f"{folder}: several Tenrec logs ({[p.name for p in present]}); they are different scenarios with "
+            "different items: pick one with --set data.tenrec_file=NAME"
+        )
+    return present[0]
+
+
+def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") -> CascadeLog:
+    if conversion not in CONVERSIONS:
+        raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
+    path = tenrec_file(Path(folder), name)
+    table = read_table(path)
+    missing = [c for c in ("user_id", "item_id", "click", conversion) if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}"
+                        + (" (pick another stage with --set data.tenrec_conversion=...)" if conversion in missing
+                           else ""))  # fmt: skip
+    where = Locator(path)
+    click, later = check_stage(table, "click", where), check_stage(table, conversion, where)
+    if (later & ~click).any():
+        row = int(np.flatnonzero(later & ~click)[0])
+        raise DataError(f"{where(row)}: {conversion} 1 without a click; Tenrec's later actions follow a click")
+    other = [c for c in table.column_names if c not in ("user_id", "item_id", "click", *CONVERSIONS)]
+    out = {"user_id": table.column("user_id"), "item_id": table.column("item_id"),
+           "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
+           "click": pa.array(click.astype(np.int8)), conversion: pa.array(later.astype(np.int8))}  # fmt: skip
+    out |= {c: table.column(c) for c in other}
+    log = log_from_table(pa.table(out), where, ("exposure", "click", conversion))
+    log.report.notes.append(f"Tenrec {path.name}: exposure = every row, click = click, {conversion} = {conversion}")
+    return log
