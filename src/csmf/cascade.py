@@ -25,9 +25,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.config import CascadeConfig, Config
+from csmf.config import CascadeConfig, Config, ConfigError
 from csmf.data.batches import log_q as item_log_q
-from csmf.data.batches import uniform_negatives
+from csmf.data.batches import log_q_from_counts, uniform_negatives
 from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage
@@ -104,6 +104,23 @@ def target_matrix(
     mat = sp.csr_matrix((values, (users, items)), shape=(n_users, n_items), dtype=np.float32)
     mat.sum_duplicates()
     return mat
+
+
+def check_streamable(data: CascadeData, cfg: Config) -> None:
+    """train.stream reads training rows from the cache in batches: everything that needs every user's pairs in
+    memory at once is refused here, naming the setting (--config stream sets them all)."""
+    m, t = cfg.model, cfg.train
+    problems = []
+    if data.stream is None:
+        problems.append("data.cache_dir is not set (the rows are streamed from the cache)")
+    if m.encoder != "mlp" or m.history:
+        problems.append("model.encoder must be 'mlp' with model.history = false (both need every user's history)")
+    if t.distill:
+        problems.append("train.distill must be '' (a teacher scores every user against every item)")
+    if any(w > 0 for w in t.aux_weight):
+        problems.append("train.aux_weight must be 0 (each stage streams its own rows)")
+    if problems:
+        raise ConfigError("train.stream: " + "; ".join(problems) + "; --config stream sets these")
 
 
 def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str, ...] | None = None):
@@ -252,7 +269,10 @@ class CascadeTrainer:
         self.progress = progress
         self.log = log or (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
-        self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items
+        self.stream = data.stream if cfg.train.stream else None
+        if cfg.train.stream:
+            check_streamable(data, cfg)
+        self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items and self.stream is None
         # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
         if cfg.train.distill and not self.per_user:
@@ -338,11 +358,15 @@ class CascadeTrainer:
     def _train(self, stage: int, index: int) -> dict:
         if stage > 1:
             self._claim(stage)
-        users, items, weights = self._stage_pairs(stage)
         epochs = per_stage(self.cfg.train.max_epochs, stage)
+        if self.stream is not None:
+            return self._streamed_epochs(stage, epochs, index, share=1.0)
+        users, items, weights = self._stage_pairs(stage)
         return self._epochs(stage, users, items, weights, epochs, select=True, seed=index)
 
     def _recover(self, stage: int, index: int) -> dict:
+        if self.stream is not None:
+            return self._streamed_epochs(stage, self.cfg.cascade.recover_epochs, index, self.cfg.cascade.recover_frac)
         users, items, weights = self._stage_pairs(stage)
         rng = np.random.default_rng([self.cfg.seed, index])
         take = rng.random(len(users)) < self.cfg.cascade.recover_frac
@@ -388,21 +412,48 @@ class CascadeTrainer:
                 weight = None if weights is None else torch.from_numpy(weights[idx])
                 return self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight)
 
-        if isinstance(model, GraphTwoTower):
-            model.freeze_below(stage)
-        try:
-            return self._epoch_loop(stage, units, batch_size, batch_loss, epochs, select, generator, lr, len(users))
-        finally:
-            if isinstance(model, GraphTwoTower):
-                model.freeze_below(None)
-
-    def _epoch_loop(self, stage, units, batch_size, batch_loss, epochs, select, generator, lr, n_pairs) -> dict:
-        model = self.model
-
         def epoch_losses():
             order = torch.randperm(len(units), generator=generator).numpy()
             for start in range(0, len(order), batch_size):
                 yield batch_loss(order[start : start + batch_size])
+
+        if isinstance(model, GraphTwoTower):
+            model.freeze_below(stage)
+        try:
+            steps = math.ceil(len(units) / batch_size)
+            return self._epoch_loop(stage, epoch_losses, steps, epochs, select, lr, len(users))
+        finally:
+            if isinstance(model, GraphTwoTower):
+                model.freeze_below(None)
+
+    def _streamed_epochs(self, stage: int, epochs: int, seed: int, share: float) -> dict:
+        """Epochs over the stage's training rows streamed from the cache (csmf.data.cache): batches come
+        shuffled from a buffer; `share` < 1 keeps a seeded share of the rows (accuracy recovery)."""
+        t, cache = self.cfg.train, self.stream
+        objective = self.objectives[stage - 1]
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + seed)
+        m0 = self.cfg.cascade.aml_m0 if stage > 1 else 0.0
+        counts = cache.train_item_counts(objective)
+        log_q = log_q_from_counts(counts)
+        n_rows = int(counts.sum())
+        drawn = {"epoch": 0}
+
+        def epoch_losses():
+            drawn["epoch"] += 1
+            rng = np.random.default_rng([self.cfg.seed, seed, drawn["epoch"]])
+            order_seed = int(rng.integers(2**31))
+            for users, items in cache.batches(objective, t.batch_size, order_seed, t.stream_buffer_rows):
+                if share < 1.0:
+                    keep = rng.random(len(users)) < share
+                    users, items = users[keep], items[keep]
+                if len(users) > 1:
+                    yield self._loss(stage, users, items, m0, log_q, generator)
+
+        steps = math.ceil(n_rows * share / t.batch_size)
+        return self._epoch_loop(stage, epoch_losses, steps, epochs, True, per_stage(t.lr, stage), int(n_rows * share))
+
+    def _epoch_loop(self, stage, epoch_losses, steps, epochs, select, lr, n_pairs) -> dict:
+        model = self.model
 
         def validate() -> tuple[float | None, dict]:
             valid = self._validate(stage)
@@ -413,8 +464,7 @@ class CascadeTrainer:
             self.cfg.train.patience, select=select,
             after_backward=lambda: model.mask_grads(stage),  # only the stage's own units learn
             describe=lambda e, loss, _s, valid: f"  stage {stage} epoch {e}: loss {loss:.4f} valid {_fmt(valid)}",
-            log=self.log, progress=self.progress, desc=f"stage {stage} epoch",
-            steps=math.ceil(len(units) / batch_size),
+            log=self.log, progress=self.progress, desc=f"stage {stage} epoch", steps=steps,
         )  # fmt: skip
         return {"lr": lr, "pairs": int(n_pairs), "epochs": records, "best_epoch": best_epoch}
 

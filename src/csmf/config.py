@@ -87,6 +87,10 @@ class DataConfig(Checked):
     kuairand_conversion: Literal["long_view", "is_like", "is_follow", "is_comment", "is_forward"] = "long_view"
     tenrec_conversion: Literal["like", "follow", "share"] = "like"  # Tenrec's third stage (csmf.data.tenrec)
     tenrec_file: str = ""  # which Tenrec log in data_dir (QK-video.csv, ...); "" = the only one there
+    # Convert the log once into a Parquet cache in this folder and read it from there (csmf.data.cache): raw
+    # Ali-CCP and generic logs (a per-pair hash split for those); rebuilt when a source file changes. "" = off
+    cache_dir: str = ""
+    stream_eval_users: int = 20_000  # train.stream: held-out users evaluated (a seeded sample; 0 = all)
     user_col: str = "user_id"  # generic log: user id column
     item_col: str = "item_id"  # generic log: item id column
     timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
@@ -252,6 +256,7 @@ class TrainConfig(Checked):
         "distill_top": (_positive, "> 0"),
         "distill_decay": (_positive, "> 0"),
         "distill_weight": (lambda v: _nonempty(v) and _at_least(0.0)(v), "one or more weights >= 0"),
+        "stream_buffer_rows": (_positive, "> 0"),
     }
 
     batch_size: int = 1024  # training pairs per batch (in-batch negatives)
@@ -275,6 +280,10 @@ class TrainConfig(Checked):
     distill_top: int = 100
     distill_decay: float = 5.0  # a sharp list: a flat one (20) lifted R@50 but cost N@50 on JD
     distill_weight: tuple[float, ...] = (1.0,)  # per trained stage (last value repeats)
+    # Out of core: train from data.cache_dir in shuffled batches instead of from pairs in memory (needs the MLP
+    # encoder without history bags, in-batch + sampled softmax, no distillation, aux_weight 0: --config stream)
+    stream: bool = False
+    stream_buffer_rows: int = 1 << 20  # rows shuffled together when streaming (memory: ~16 bytes a row)
 
 
 @dataclass(frozen=True)

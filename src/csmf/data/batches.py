@@ -9,7 +9,12 @@ import torch
 
 def log_q(items: np.ndarray, n_items: int) -> torch.Tensor:
     """(N,) log of each item's share of the training pairs (+1 smoothing): its in-batch sampling rate."""
-    counts = np.bincount(items, minlength=n_items).astype(np.float64) + 1.0
+    return log_q_from_counts(np.bincount(items, minlength=n_items))
+
+
+def log_q_from_counts(counts: np.ndarray) -> torch.Tensor:
+    """log_q from per-item training counts (a streamed cache keeps them, not the pairs)."""
+    counts = counts.astype(np.float64) + 1.0
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 

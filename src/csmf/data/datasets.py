@@ -23,6 +23,8 @@ def dataset_name(spec: str) -> str:
 def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
     """The CascadeData that `cfg.data.dataset` names: "jd", "sim" (simulated afresh), or a log path."""
     d = cfg.data
+    if d.cache_dir:
+        return _load_cached(cfg, progress)
     if d.dataset == "jd":
         stages = d.stages or ("view", "purchase")
         return load_jd(d.jd_dir or None, stages, d.test_frac, d.valid_frac, d.split_seed)
@@ -57,3 +59,57 @@ def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
     d = cfg.data
     log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features)
     return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=name)
+
+
+def _load_cached(cfg: Config, progress: bool) -> CascadeData:
+    """The dataset through its Parquet cache (csmf.data.cache): converted once, rebuilt when the source changes;
+    with train.stream only the evaluated users' rows are held in memory and training streams the rest."""
+    import numpy as np
+
+    from csmf.data.cache import ensure_cache, log_source
+
+    d = cfg.data
+    folder = Path(d.cache_dir).expanduser()
+    if d.dataset == "aliccp":
+        from csmf.data.aliccp import aliccp_raw_source
+        from csmf.data.aliccp_raw import has_raw_layout
+
+        if not d.data_dir or not has_raw_layout(Path(d.data_dir)):
+            raise ConfigError("data.cache_dir: the cache reads the raw Ali-CCP release (sample_skeleton_*.csv in "
+                              "data.data_dir); the processed CSVs load in memory")  # fmt: skip
+        source = aliccp_raw_source(d.data_dir, d.valid_frac, d.split_seed)
+    elif d.dataset == "sim":
+        path = _simulated_log(cfg, folder.with_name(folder.name + "-source"), progress)
+        source = log_source(path, ("exposure", "click", "conversion"), "user_id", "item_id", d.test_frac,
+                            d.valid_frac, d.split_seed, "sim")  # fmt: skip
+    elif d.dataset in NAMED_DATASETS:
+        raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts the raw Ali-CCP "
+                          "release, the simulator and generic logs")  # fmt: skip
+    else:
+        source = log_source(Path(d.dataset), d.stages, d.user_col, d.item_col, d.test_frac, d.valid_frac,
+                            d.split_seed, dataset_name(d.dataset))  # fmt: skip
+    cache = ensure_cache(source, folder, progress=progress)
+    if not cfg.train.stream:
+        return cache.cascade(source.name)
+    users = cache.held_out_users()
+    if d.stream_eval_users and len(users) > d.stream_eval_users:
+        rng = np.random.default_rng([d.split_seed, 9])
+        users = np.sort(rng.choice(users, d.stream_eval_users, replace=False))
+    data = cache.cascade(source.name, users=users)
+    data.report.notes.append(f"streamed training; {len(users):,} held-out users evaluated (data.stream_eval_users)")
+    data.stream = cache
+    return data
+
+
+def _simulated_log(cfg: Config, folder: Path, progress: bool) -> Path:
+    """The simulator's log for `cfg.sim`, written once beside the cache (rewritten when cfg.sim changes)."""
+    import json
+    from dataclasses import asdict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path, settings = folder / "sim.parquet", folder / "sim.json"
+    wanted = json.dumps(asdict(cfg.sim), sort_keys=True)
+    if not (path.exists() and settings.exists() and settings.read_text() == wanted):
+        simulate(cfg.sim, path, progress=progress)
+        settings.write_text(wanted)
+    return path

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from csmf.data.logtable import Concatenated, log_from_table
-from csmf.data.schema import CascadeData, difference, pairs_to_csr, union
+from csmf.data.schema import CascadeData, LoadReport, difference, pairs_to_csr, union
 from csmf.data.split import finish_report
 
 SPLITS = ("train", "val", "test")
@@ -52,15 +52,7 @@ def cascade_from_files(
 
     train, valid, test = pairs("train"), pairs("val"), pairs("test")
     report = log.report
-    for k, s in enumerate(stages):
-        trained = union(*(train[later] for later in stages[k:]))
-        for label, held in (("test", test), ("validation", valid)):
-            kept = difference(held[s], trained)
-            report.skip(f"{s} {label} pairs that are also training pairs (not held out)", held[s].nnz - kept.nnz)
-            held[s] = kept
-        kept = difference(valid[s], test[s])
-        report.skip(f"{s} validation pairs that are also test pairs", valid[s].nnz - kept.nnz)
-        valid[s] = kept
+    apply_leak_rule(stages, train, valid, test, report)
     report.notes.append(note)
     data = CascadeData(
         name=name, stages=stages, n_users=log.n_users, n_items=log.n_items,
@@ -70,6 +62,26 @@ def cascade_from_files(
     )  # fmt: skip
     finish_report(data, report)
     return data
+
+
+def apply_leak_rule(
+    stages: tuple[str, ...],
+    train: dict[str, sp.csr_matrix],
+    valid: dict[str, sp.csr_matrix],
+    test: dict[str, sp.csr_matrix],
+    report: LoadReport,
+) -> None:
+    """In place: held-out pairs that are training pairs of their stage or a later one leave the held-out side,
+    and validation pairs that are test pairs leave validation; the report counts both."""
+    for k, s in enumerate(stages):
+        trained = union(*(train[later] for later in stages[k:]))
+        for label, held in (("test", test), ("validation", valid)):
+            kept = difference(held[s], trained)
+            report.skip(f"{s} {label} pairs that are also training pairs (not held out)", held[s].nnz - kept.nnz)
+            held[s] = kept
+        kept = difference(valid[s], test[s])
+        report.skip(f"{s} validation pairs that are also test pairs", valid[s].nnz - kept.nnz)
+        valid[s] = kept
 
 
 def holdout_by_key(keys: pa.ChunkedArray | pa.Array, share: float, seed: int) -> np.ndarray:

@@ -159,6 +159,9 @@ class CascadeData:
     user_features: dict[str, np.ndarray] = field(default_factory=dict)
     item_features: dict[str, np.ndarray] = field(default_factory=dict)
     report: LoadReport = field(default_factory=lambda: LoadReport("memory"))
+    # the Parquet cache (csmf.data.cache.Cache) whose rows train.stream reads; `train` then holds only the rows
+    # of the evaluated users (what ranking them excludes), not every training pair
+    stream: object | None = None
 
     def matrix(self, name: str) -> sp.csr_matrix:
         """A training matrix by name: a stage or a side behaviour."""
@@ -209,6 +212,7 @@ class CascadeData:
             user_features=self.user_features,
             item_features=self.item_features,
             report=self.report,
+            stream=self.stream,
         )
 
     def fingerprint(self) -> str:

@@ -1,0 +1,479 @@
+"""The out-of-core path: a source log converted once, in blocks, into a Parquet cache that training and
+evaluation stream from, so peak memory is bounded by the model and a batch buffer, not by the log.
+
+Layout of a cache folder:
+
+    manifest.json            what was converted (source files and their sha256, options), counts, timings;
+                             written last, so a folder without it is an unfinished conversion
+    users.parquet            the original id of every user index (sorted ids: index = rank)
+    items.parquet            the same for items
+    user_features.parquet    one row per user: the feature columns constant within every user (codes)
+    item_features.parquet    one row per item: the same for items
+    rows/bucket=NN/*.parquet every row: user, item (indices), split (0 train, 1 validation, 2 test), one
+                             int8 column per stage, per-row feature codes; user u lives in bucket u % B
+
+Conversion makes two passes: the source is read once, block by block, into staging files that keep the raw
+ids (and the distinct ids and feature values are collected); then each staging file is re-read, encoded
+(ids by rank in the sorted id list, feature values by their vocabulary or, above `hash_threshold`
+distinct values, by a stable hash into `hash_buckets` buckets) and split into user buckets. Peak memory
+is one block plus the id lists.
+
+The stale-model rule holds for caches: the manifest records the sha256 of every source file and the
+options; `ensure_cache` rebuilds a cache whose source changed, and never reuses a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from csmf.data.errors import DataError
+from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
+from csmf.progress import bar
+
+FORMAT = 1
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+BUILD_DEFAULTS = {"buckets": 16, "hash_threshold": 10_000, "hash_buckets": 4096}  # they change the encoding
+
+
+@dataclass
+class Source:
+    """A log to convert: its files (fingerprinted), the options that change its meaning, the stage names, and
+    `blocks()`, which yields normalised tables (user_id, item_id, split, one 0/1 int8 column per stage, features)
+    with `user_features` / `item_features` naming the columns of each side (None = infer from the data)."""
+
+    name: str
+    files: list[Path]
+    options: dict
+    stages: tuple[str, ...]
+    blocks: Callable[[], Iterator[pa.Table]]
+    user_features: tuple[str, ...] | None = None
+    item_features: tuple[str, ...] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(source: Source) -> dict:
+    """What a cache was built from: every source file's size and sha256, the options, the format."""
+    files = []
+    for path in sorted(source.files):
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        files.append({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_digest(path)})
+    return {"format": FORMAT, "name": source.name, "files": files, "options": source.options}
+
+
+class _Vocabulary:
+    """Distinct values of a feature column, exact up to `threshold`, then a stable hash into `buckets`."""
+
+    def __init__(self, threshold: int, buckets: int):
+        self.threshold, self.buckets = threshold, buckets
+        self.values: pa.Array | None = None
+        self.hashed = False
+        self.numeric = True
+
+    def add(self, column: pa.ChunkedArray | pa.Array) -> None:
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            self.numeric = False
+        if self.hashed:
+            return
+        seen = pc.unique(column.cast(pa.string()))
+        self.values = seen if self.values is None else pc.unique(pa.concat_arrays([self.values, seen]))
+        if len(self.values) > self.threshold:
+            self.hashed, self.values = True, None
+
+    def freeze(self) -> None:
+        if self.values is not None:
+            self.values = pc.take(self.values, pc.sort_indices(self.values))
+
+    @property
+    def size(self) -> int:
+        return self.buckets if self.hashed else (0 if self.values is None else len(self.values)) + 1
+
+    def encode(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        """int32 codes; 0 is reserved for an empty cell."""
+        text = column.cast(pa.string())
+        if self.hashed:
+            encoded = pc.dictionary_encode(text)
+            encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+            words = encoded.dictionary.to_pylist()
+            table = np.array([zlib.crc32(w.encode()) % self.buckets if w is not None else 0 for w in words],
+                             dtype=np.int32)  # fmt: skip
+            idx = encoded.indices.to_numpy(zero_copy_only=False)
+            codes = table[np.nan_to_num(idx, nan=0).astype(np.int64)] if len(table) else np.zeros(len(idx), np.int32)
+            return np.where(np.asarray(pc.is_null(text)), 0, codes).astype(np.int32)
+        at = pc.index_in(text, value_set=self.values)
+        return (at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1).astype(np.int32)
+
+
+def _unique_ids(parts: list[pa.Array]) -> pa.Array:
+    merged = pc.unique(pa.concat_arrays(parts)) if len(parts) > 1 else parts[0]
+    return pc.take(merged, pc.sort_indices(merged))
+
+
+def build_cache(
+    source: Source,
+    folder: Path,
+    buckets: int = 16,
+    hash_threshold: int = 10_000,
+    hash_buckets: int = 4096,
+    progress: bool = False,
+) -> dict:
+    """Convert `source` into a cache at `folder` (replacing what is there); returns the manifest."""
+    start = time.perf_counter()
+    identity = fingerprint(source)
+    identity["build"] = {"buckets": buckets, "hash_threshold": hash_threshold, "hash_buckets": hash_buckets}
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging = folder / "staging"
+    staging.mkdir(parents=True)
+    user_parts: list[pa.Array] = []
+    item_parts: list[pa.Array] = []
+    vocab: dict[str, _Vocabulary] = {}
+    rows, staged = 0, []
+    features: list[str] = []
+    # pass 1: read the source once; keep raw ids, collect the distinct ids and feature values
+    for n, block in enumerate(bar(source.blocks(), progress, desc=f"convert {source.name}", unit="block")):
+        if n == 0:
+            missing = [c for c in ("user_id", "item_id", "split", *source.stages) if c not in block.column_names]
+            if missing:
+                raise DataError(f"{source.name}: the converter gave no column(s) {missing}")
+            features = [c for c in block.column_names if c not in ("user_id", "item_id", "split", *source.stages)]
+            vocab = {c: _Vocabulary(hash_threshold, hash_buckets) for c in features}
+        user_parts.append(pc.unique(block.column("user_id").cast(pa.string())))
+        item_parts.append(pc.unique(block.column("item_id").cast(pa.string())))
+        if n % 16 == 15:  # keep the id lists short
+            user_parts, item_parts = [_unique_ids(user_parts)], [_unique_ids(item_parts)]
+        for c in features:
+            vocab[c].add(block.column(c))
+        path = staging / f"part-{n:06d}.parquet"
+        pq.write_table(block, path)
+        staged.append(path)
+        rows += block.num_rows
+    if not rows:
+        raise DataError(f"{source.name}: the log has no rows")
+    users, items = _unique_ids(user_parts), _unique_ids(item_parts)
+    del user_parts, item_parts
+    for v in vocab.values():
+        v.freeze()
+    n_users, n_items = len(users), len(items)
+    # pass 2: encode and split into user buckets; per-entity min / max codes decide the side of a feature
+    declared = source.user_features is not None or source.item_features is not None
+
+    def candidate_sides(c: str) -> tuple[str, ...]:  # declared sides are only checked, never guessed
+        if not declared:
+            return ("user", "item")
+        if c in (source.user_features or ()):
+            return ("user",)
+        return ("item",) if c in (source.item_features or ()) else ()
+
+    lo = {(c, s): np.full(n_users if s == "user" else n_items, np.iinfo(np.int32).max, np.int32)
+          for c in features for s in candidate_sides(c)}  # fmt: skip
+    hi = {key: np.full(len(arr), -1, np.int32) for key, arr in lo.items()}
+    train_items = {s: np.zeros(n_items, dtype=np.int64) for s in source.stages}
+    per_split = {s: 0 for s in SPLIT_CODES}
+    positives = {s: 0 for s in source.stages}
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for path in bar(staged, progress, desc="encode", unit="part"):
+            block = pq.read_table(path)
+            u = pc.index_in(block.column("user_id").cast(pa.string()), value_set=users).to_numpy().astype(np.int32)
+            i = pc.index_in(block.column("item_id").cast(pa.string()), value_set=items).to_numpy().astype(np.int32)
+            split = block.column("split").to_numpy().astype(np.int8)
+            out = {"user": u, "item": i, "split": split}
+            for s in source.stages:
+                on = block.column(s).to_numpy().astype(np.int8)
+                out[s] = on
+                positives[s] += int(on.sum())
+                train_items[s] += np.bincount(i[(on == 1) & (split == 0)], minlength=n_items)
+            for c in features:
+                codes = vocab[c].encode(block.column(c))
+                out[c] = codes
+                for side in candidate_sides(c):
+                    owner = u if side == "user" else i
+                    np.minimum.at(lo[(c, side)], owner, codes)
+                    np.maximum.at(hi[(c, side)], owner, codes)
+            for name, code in SPLIT_CODES.items():
+                per_split[name] += int((split == code).sum())
+            table = pa.table(out)
+            bucket = u % buckets
+            for b in np.unique(bucket):
+                part = table.filter(pa.array(bucket == b))
+                if b not in writers:
+                    (folder / "rows" / f"bucket={b:02d}").mkdir(parents=True, exist_ok=True)
+                    writers[b] = pq.ParquetWriter(folder / "rows" / f"bucket={b:02d}" / "part-0.parquet", part.schema)
+                writers[b].write_table(part)
+            path.unlink()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    shutil.rmtree(staging)
+    # a feature is a user (item) feature when it is constant within every user (item) that has it
+    sides: dict[str, str] = {}
+    notes = list(source.notes)
+    for c in features:
+        sides[c] = next((s for s in candidate_sides(c) if np.array_equal(lo[(c, s)], hi[(c, s)])), "row")
+        if declared and candidate_sides(c) and sides[c] == "row":
+            notes.append(f"{candidate_sides(c)[0]} feature {c!r} varies within a {candidate_sides(c)[0]}: kept per row")
+
+    for side, ids in (("user", users), ("item", items)):
+        cols = {"id": ids} | {c: pa.array(lo[(c, side)]) for c in features if sides[c] == side}
+        pq.write_table(pa.table(cols), folder / f"{side}s.parquet")
+    seconds = time.perf_counter() - start
+    manifest = {
+        **identity,
+        "stages": list(source.stages),
+        "n_users": n_users,
+        "n_items": n_items,
+        "buckets": buckets,
+        "rows": rows,
+        "rows_per_split": per_split,
+        "stage_rows": positives,
+        "features": {c: {"side": sides[c], "size": vocab[c].size, "hashed": vocab[c].hashed} for c in features},
+        "notes": notes
+        + [f"per-row columns (not used by the models yet): {[c for c in features if sides[c] == 'row']}"],
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(rows / max(seconds, 1e-9)),
+    }
+    np.savez_compressed(folder / "train_item_counts.npz", **train_items)
+    (folder / "manifest.json.partial").write_text(json.dumps(manifest, indent=1))
+    (folder / "manifest.json.partial").replace(folder / "manifest.json")  # the cache is complete
+    return manifest
+
+
+class Cache:
+    """A finished cache folder: its manifest, its rows streamed by bucket, and in-memory views of it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        manifest = folder / "manifest.json"
+        if not manifest.exists():
+            raise DataError(f"{folder}: no manifest.json; not a finished csmf cache (convert again)")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(f"{folder}: cache format {self.manifest.get('format')}, this csmf reads {FORMAT}")
+        self.stages = tuple(self.manifest["stages"])
+        self.n_users, self.n_items = self.manifest["n_users"], self.manifest["n_items"]
+
+    def bucket_files(self) -> list[Path]:
+        return sorted((self.folder / "rows").glob("bucket=*/*.parquet"))
+
+    def train_item_counts(self, stage: str) -> np.ndarray:
+        with np.load(self.folder / "train_item_counts.npz") as counts:
+            return counts[stage]
+
+    def features(self, side: str) -> dict[str, np.ndarray]:
+        table = pq.read_table(self.folder / f"{side}s.parquet")
+        return {c: table.column(c).to_numpy() for c in table.column_names if c != "id"}
+
+    def ids(self, side: str) -> np.ndarray:
+        return pq.read_table(self.folder / f"{side}s.parquet", columns=["id"]).column("id").to_numpy(
+            zero_copy_only=False)  # fmt: skip
+
+    def pairs(self, stage: str, split: str, users: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(users, items) of the rows of `split` positive at `stage`, bucket by bucket (optionally only `users`)."""
+        code = SPLIT_CODES[split]
+        for path in self.bucket_files():
+            for batch in pq.ParquetFile(path).iter_batches(columns=["user", "item", "split", stage]):
+                keep = (batch.column("split").to_numpy() == code) & (batch.column(stage).to_numpy() == 1)
+                u, i = batch.column("user").to_numpy()[keep], batch.column("item").to_numpy()[keep]
+                if users is not None:
+                    inside = np.isin(u, users)
+                    u, i = u[inside], i[inside]
+                if len(u):
+                    yield u, i
+
+    def held_out_users(self) -> np.ndarray:
+        """Every user with a validation or test row."""
+        found = []
+        for path in self.bucket_files():
+            for batch in pq.ParquetFile(path).iter_batches(columns=["user", "split"]):
+                found.append(np.unique(batch.column("user").to_numpy()[batch.column("split").to_numpy() != 0]))
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int32)
+
+    def matrix(self, stage: str, split: str, users: np.ndarray | None = None) -> sp.csr_matrix:
+        us, its = [], []
+        for u, i in self.pairs(stage, split, users):
+            us.append(u)
+            its.append(i)
+        u = np.concatenate(us) if us else np.zeros(0, np.int32)
+        i = np.concatenate(its) if its else np.zeros(0, np.int32)
+        return pairs_to_csr(u, i, self.n_users, self.n_items)
+
+    def batches(
+        self, stage: str, batch_size: int, seed: int, buffer_rows: int = 1 << 20
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Training (user, item) batches of `stage`: buckets in a seeded order, rows shuffled within a buffer
+        of `buffer_rows`; every training row once (a pair logged twice counts twice)."""
+        rng = np.random.default_rng(seed)
+        files = self.bucket_files()
+        order = rng.permutation(len(files))
+        bu: list[np.ndarray] = []
+        bi: list[np.ndarray] = []
+        held = 0
+
+        def drain(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            nonlocal bu, bi, held
+            u, i = np.concatenate(bu), np.concatenate(bi)
+            perm = rng.permutation(len(u))
+            u, i = u[perm], i[perm]
+            full = len(u) if final else (len(u) // batch_size) * batch_size
+            for s in range(0, full, batch_size):
+                yield u[s : s + batch_size], i[s : s + batch_size]
+            bu, bi, held = [u[full:]], [i[full:]], len(u) - full
+
+        for k in order:
+            for batch in pq.ParquetFile(files[k]).iter_batches(columns=["user", "item", "split", stage]):
+                keep = (batch.column("split").to_numpy() == 0) & (batch.column(stage).to_numpy() == 1)
+                bu.append(batch.column("user").to_numpy()[keep].astype(np.int64))
+                bi.append(batch.column("item").to_numpy()[keep].astype(np.int64))
+                held += int(keep.sum())
+                if held >= buffer_rows:
+                    yield from drain(final=False)
+        if held:
+            yield from drain(final=True)
+
+    def cascade(self, name: str, users: np.ndarray | None = None) -> CascadeData:
+        """The cache as an in-memory CascadeData (optionally only the rows of `users`: what evaluating
+        those users needs), with the leak rule of release splits applied."""
+        from csmf.data.filesplit import apply_leak_rule
+
+        report = LoadReport(str(self.folder))
+        report.rows_read = int(self.manifest["rows"])
+        parts = {split: {s: self.matrix(s, split, users) for s in self.stages} for split in SPLIT_CODES}
+        train, valid, test = parts["train"], parts["val"], parts["test"]
+        apply_leak_rule(self.stages, train, valid, test, report)
+        report.notes.extend(self.manifest.get("notes", []))
+        return CascadeData(
+            name=name, stages=self.stages, n_users=self.n_users, n_items=self.n_items,
+            train=train, valid=valid, test=test, exclude={s: self.stages for s in self.stages},
+            user_ids=self.ids("user"), item_ids=self.ids("item"),
+            user_features=self.features("user"), item_features=self.features("item"), report=report,
+        )  # fmt: skip
+
+
+def ensure_cache(source: Source, folder: Path, progress: bool = False, log: Callable[[str], None] = print,
+                 **options) -> Cache:  # fmt: skip
+    """The cache of `source` at `folder`: reused when its manifest matches the source files and options now,
+    rebuilt otherwise (a changed source file invalidates it; a partial one is never read)."""
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        cached = json.loads(manifest.read_text())
+        now = fingerprint(source)
+        now["build"] = {k: options.get(k, v) for k, v in BUILD_DEFAULTS.items()}
+        if all(cached.get(k) == v for k, v in now.items()):
+            return Cache(folder)
+        log(f"cache {folder}: the source or its options changed since it was built; converting again")
+    elif folder.exists() and any(folder.iterdir()):
+        log(f"cache {folder}: unfinished conversion found; converting again")
+    build_cache(source, folder, progress=progress, **options)
+    return Cache(folder)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread uint64 from any uint64 (vectorised, platform-independent)."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _text_hash(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """crc32 of each value's text, computed once per distinct value of the block."""
+    encoded = pc.dictionary_encode(column.cast(pa.string()))
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    table = np.array([zlib.crc32(w.encode()) for w in encoded.dictionary.to_pylist()], dtype=np.uint64)
+    return table[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def pair_split(users: pa.Array, items: pa.Array, test_frac: float, valid_frac: float, seed: int) -> np.ndarray:
+    """Split code per row from a seeded hash of its (user, item) pair: every row of a pair, in every stage,
+    lands on the same side, so no test pair is ever trained on (the leak rule), whatever the block order."""
+    with np.errstate(over="ignore"):
+        key = _mix(_text_hash(users) * np.uint64(0x9E3779B97F4A7C15) + _text_hash(items) + np.uint64(seed))
+    u = (key >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    code = np.full(len(u), SPLIT_CODES["train"], dtype=np.int8)
+    code[u < test_frac + valid_frac * (1 - test_frac)] = SPLIT_CODES["val"]
+    code[u < test_frac] = SPLIT_CODES["test"]
+    return code
+
+
+def log_source(
+    path: Path, stages: tuple[str, ...], user_col: str, item_col: str, test_frac: float, valid_frac: float,
+    seed: int, name: str, block_bytes: int = 64 << 20,
+) -> Source:  # fmt: skip
+    """A generic log (CSV or Parquet, e.g. the simulator's) as a cache source, read in blocks. Stages must be
+    named (`--stages`): inference needs the whole file. The split is per pair (a seeded hash), not per user."""
+    import pyarrow.csv as pacsv
+
+    from csmf.data.logtable import check_stage
+
+    if not stages:
+        raise DataError(f"{path}: name the stage columns (--stages) to convert a log into a cache")
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        if path.suffix == ".parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=1 << 20)
+        else:
+            read = pacsv.ReadOptions(block_size=block_bytes)
+            yield from pacsv.open_csv(path, read_options=read,
+                                      convert_options=pacsv.ConvertOptions(strings_can_be_null=True))  # fmt: skip
+
+    def blocks() -> Iterator[pa.Table]:
+        first = 0
+        for batch in batches():
+            table = pa.Table.from_batches([batch])
+            missing = [c for c in (user_col, item_col, *stages) if c not in table.column_names]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
+            where = _Offset(path, first)
+            for col in (user_col, item_col):
+                if table.column(col).null_count:
+                    row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(col))))[0])
+                    raise DataError(f"{where(row)}: column {col!r} is empty")
+            out = {
+                "user_id": table.column(user_col),
+                "item_id": table.column(item_col),
+                "split": pair_split(table.column(user_col), table.column(item_col), test_frac, valid_frac, seed),
+            }
+            out |= {s: pa.array(check_stage(table, s, where).astype(np.int8)) for s in stages}  # fmt: skip
+            out |= {c: table.column(c) for c in table.column_names if c not in (user_col, item_col, *stages)}
+            first += table.num_rows
+            yield pa.table(out)
+
+    options = {"layout": "log", "stages": list(stages), "user_col": user_col, "item_col": item_col,
+               "test_frac": test_frac, "valid_frac": valid_frac, "seed": seed}  # fmt: skip
+    note = f"{path.name}: split per (user, item) pair by a seeded hash (test {test_frac:.0%}, validation "
+    note += f"{valid_frac:.0%} of the rest)"
+    return Source(name=name, files=[path], options=options, stages=stages, blocks=blocks, notes=[note])
+
+
+class _Offset:
+    """A Locator for block `first`.. of a file: data row r of the block is data row first + r of the file."""
+
+    def __init__(self, path: Path, first: int):
+        from csmf.data.logtable import Locator
+
+        self.locate, self.first, self.path = Locator(path), first, path
+
+    def __call__(self, row: int) -> str:
+        return self.locate(self.first + row)
