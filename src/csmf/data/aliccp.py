@@ -96,7 +96,9 @@ def load_aliccp_raw(folder: Path, valid_frac: float = 0.1, seed: int = 0) -> Cas
         f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
         f"impressions (seeded); list fields not read yet: {lists or 'none'}"
     )
-    return cascade_from_files("aliccp", tables, sources, STAGES, note)
+    from csmf.data.aliccp_raw import ITEM_FIELDS, USER_FIELDS
+
+    return cascade_from_files("aliccp", tables, sources, STAGES, note, USER_FIELDS[1:], ITEM_FIELDS[1:])
 
 
 def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):

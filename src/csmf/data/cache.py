@@ -229,9 +229,9 @@ def build_cache(
     notes = list(source.notes)
     for c in features:
         sides[c] = next((s for s in candidate_sides(c) if np.array_equal(lo[(c, s)], hi[(c, s)])), "row")
-        if declared and candidate_sides(c) and sides[c] == "row":
-            notes.append(f"{candidate_sides(c)[0]} feature {c!r} varies within a {candidate_sides(c)[0]}: kept per row")
-
+        if declared and candidate_sides(c) and sides[c] == "row":  # as the in-memory loader: never silent
+            side = candidate_sides(c)[0]
+            raise DataError(f"{source.name}: {side} feature {c!r} takes different values for the same {side}")
     for side, ids in (("user", users), ("item", items)):
         cols = {"id": ids} | {c: pa.array(lo[(c, side)]) for c in features if sides[c] == side}
         pq.write_table(pa.table(cols), folder / f"{side}s.parquet")

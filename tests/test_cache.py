@@ -1,0 +1,161 @@
+"""The Parquet cache: it holds exactly what the in-memory loader reads, a changed source or option rebuilds
+it (and a partial one is never read), its per-pair split obeys the leak rule whatever the block size, batches
+cover every training row once per epoch, and CSMF trained from it keeps the cascade's guarantees."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from csmf.cli import main
+from csmf.config import Config, ConfigError, SimConfig, override
+from csmf.data.aliccp import aliccp_raw_source, load_aliccp
+from csmf.data.cache import Cache, build_cache, ensure_cache, log_source, pair_split
+from csmf.data.datasets import load_dataset
+from csmf.data.schema import leak_violations
+from csmf.data.simulate import simulate, simulate_layout
+
+SIM = SimConfig(n_users=200, n_items=120, chunk_users=50, item_features=1)
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("raw")
+    simulate_layout(SIM, "aliccp-raw", folder, progress=False)
+    return folder
+
+
+def id_pairs(data, mat) -> set:
+    coo = mat.tocoo()
+    return set(zip(data.user_ids[coo.row].tolist(), data.item_ids[coo.col].tolist(), strict=True))
+
+
+def test_the_cache_holds_what_the_in_memory_loader_reads(raw_folder, tmp_path):
+    cache = ensure_cache(aliccp_raw_source(raw_folder), tmp_path / "c", log=lambda _m: None)
+    cached, memory = cache.cascade("aliccp"), load_aliccp(raw_folder)
+    for stage in memory.stages:
+        for part in ("train", "valid", "test"):
+            assert id_pairs(cached, getattr(cached, part)[stage]) == id_pairs(memory, getattr(memory, part)[stage])
+    assert leak_violations(cached) == []
+    assert set(cached.user_features) == set(memory.user_features)
+    assert set(cached.item_features) == set(memory.item_features)
+    # features are per entity, in the cache's own id order: compare through the original ids
+    for name in cached.item_features:
+        ours = dict(zip(cached.item_ids.tolist(), cached.item_features[name].tolist(), strict=True))
+        theirs = dict(zip(memory.item_ids.tolist(), memory.item_features[name].tolist(), strict=True))
+        groups = {}
+        for item, code in ours.items():  # the same partition of items into values (codes may differ)
+            groups.setdefault(code, set()).add(theirs[item])
+        assert all(len(v) == 1 for v in groups.values()), name
+    manifest = cache.manifest
+    assert manifest["rows"] == cached.report.rows_read and manifest["rows_per_second"] > 0
+    assert manifest["features"]["301"]["side"] == "row"  # the scenario varies per impression
+
+
+def test_a_changed_source_file_or_option_rebuilds_the_cache(raw_folder, tmp_path):
+    folder, messages = tmp_path / "c", []
+    copy = tmp_path / "raw"
+    copy.mkdir()
+    for f in raw_folder.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    ensure_cache(aliccp_raw_source(copy), folder, log=messages.append)
+    built = (folder / "manifest.json").stat().st_mtime_ns
+    ensure_cache(aliccp_raw_source(copy), folder, log=messages.append)
+    assert (folder / "manifest.json").stat().st_mtime_ns == built and messages == []  # reused
+    skeleton = copy / "sample_skeleton_test.csv"
+    lines = skeleton.read_text().split("\n")
+    skeleton.write_text("\n".join(lines[:-3] + [""]))  # two impressions fewer, same size class
+    stat = skeleton.stat()
+    os.utime(skeleton, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    cache = ensure_cache(aliccp_raw_source(copy), folder, log=messages.append)
+    assert "changed" in messages[-1] and cache.manifest["rows_per_split"]["test"] == sum(
+        1 for line in lines[:-3] if line
+    )
+    ensure_cache(aliccp_raw_source(copy, valid_frac=0.2), folder, log=messages.append)
+    assert "changed" in messages[-1] and len(messages) == 2
+
+
+def test_an_unfinished_cache_is_never_read(raw_folder, tmp_path):
+    folder = tmp_path / "c"
+    build_cache(aliccp_raw_source(raw_folder), folder)
+    (folder / "manifest.json").unlink()  # as if the conversion had been killed before its last step
+    with pytest.raises(Exception, match="not a finished csmf cache"):
+        Cache(folder)
+    messages = []
+    ensure_cache(aliccp_raw_source(raw_folder), folder, log=messages.append)
+    assert "unfinished" in messages[0] and (folder / "manifest.json").exists()
+
+
+def test_the_pair_split_keeps_every_row_of_a_pair_together_whatever_the_blocks():
+    rng = np.random.default_rng(0)
+    users = pa.array(rng.integers(0, 50, 5000).astype(str))
+    items = pa.array(rng.integers(0, 40, 5000))
+    whole = pair_split(users, items, 0.2, 0.1, seed=3)
+    pieces = np.concatenate(
+        [pair_split(users[i : i + 777], items[i : i + 777], 0.2, 0.1, 3) for i in range(0, 5000, 777)]
+    )
+    assert np.array_equal(whole, pieces)
+    key = np.char.add(np.asarray(users).astype(str), np.char.add("/", np.asarray(items).astype(str)))
+    for k in np.unique(key):
+        assert len(np.unique(whole[key == k])) == 1
+    share = np.bincount(whole, minlength=3) / len(whole)
+    assert abs(share[2] - 0.2) < 0.05 and abs(share[1] - 0.08) < 0.04
+    assert not np.array_equal(whole, pair_split(users, items, 0.2, 0.1, seed=4))
+
+
+def test_batches_cover_every_training_row_once_per_epoch(tmp_path):
+    path = tmp_path / "sim.parquet"
+    simulate(SIM, path, progress=False)
+    source = log_source(path, ("exposure", "click", "conversion"), "user_id", "item_id", 0.2, 0.1, 0, "sim")
+    cache = ensure_cache(source, tmp_path / "c", buckets=4, log=lambda _m: None)
+    rows = pq.read_table(path)
+    for stage in ("exposure", "click"):
+        got = [pair for us, its in cache.batches(stage, 64, 1, buffer_rows=300) for pair in zip(us, its, strict=True)]
+        again = [pair for us, its in cache.batches(stage, 64, 2, buffer_rows=300) for pair in zip(us, its, strict=True)]
+        expected = cache.manifest["stage_rows"][stage] - sum(
+            m.nnz for m in (cache.matrix(stage, "val"), cache.matrix(stage, "test"))
+        )
+        assert len(got) == expected == int(cache.train_item_counts(stage).sum())
+        assert sorted(got) == sorted(again) and got != again  # the same rows, another order
+    assert cache.manifest["rows"] == rows.num_rows
+
+
+def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_cannot_stream(tmp_path):
+    from csmf.cascade import CascadeTrainer
+    from test_cascade import changed_and_frozen, snapshot
+
+    torch.set_num_threads(1)
+    cfg = override(Config(), [
+        "data.dataset=sim", f"data.cache_dir={tmp_path / 'c'}", "sim.n_users=200", "sim.n_items=120",
+        "model.encoder=mlp", "model.history=false", "model.user_id=true", "model.dim=16", "model.id_dim=16",
+        "train.stream=true", "train.distill=", "train.aux_weight=0", "train.full_softmax_max_items=0",
+        "train.max_epochs=1", "train.batch_size=128", "train.extra_negatives=64",
+    ])  # fmt: skip
+    data = load_dataset(cfg)
+    assert data.stream is not None
+    trainer = CascadeTrainer(data, cfg)
+    trainer._train(1, 0)
+    trainer._prune(1)
+    trainer._recover(1, 2)
+    before = snapshot(trainer.model)
+    trainer._train(2, 3)
+    assert changed_and_frozen(before, snapshot(trainer.model), {1}, stage=2) > 0  # stage 2 learned, 1 did not
+    with pytest.raises(ConfigError, match="model.encoder must be 'mlp'"):
+        CascadeTrainer(data, override(cfg, ["model.encoder=graph"]))
+
+
+def test_csmf_train_runs_from_the_cache_with_the_stream_preset(tmp_path):
+    argv = ["train", "--dataset", "sim", "--config", "stream", "--out", str(tmp_path / "run"), "--quiet",
+            "--set", f"data.cache_dir={tmp_path / 'c'}", "--set", "sim.n_users=150", "--set", "sim.n_items=100",
+            "--set", "model.dim=8", "--set", "model.id_dim=8", "--set", "train.extra_negatives=32"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"exposure", "click", "conversion"}
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["name"] == "sim"
