@@ -54,6 +54,12 @@ def test_the_cache_holds_what_the_in_memory_loader_reads(raw_folder, tmp_path):
         for item, code in ours.items():  # the same partition of items into values (codes may differ)
             groups.setdefault(code, set()).add(theirs[item])
         assert all(len(v) == 1 for v in groups.values()), name
+    bags = [name for name, v in memory.user_features.items() if np.ndim(v) == 2]
+    assert bags == ["109_14"]  # the behaviour list field of the common features: a bag per user
+    for name in bags:  # each user's bag holds the same number of distinct values in both
+        ours = dict(zip(cached.user_ids.tolist(), (cached.user_features[name] > 0).sum(1).tolist(), strict=True))
+        theirs = dict(zip(memory.user_ids.tolist(), (memory.user_features[name] > 0).sum(1).tolist(), strict=True))
+        assert ours == theirs and max(ours.values()) == 2
     manifest = cache.manifest
     assert manifest["rows"] == cached.report.rows_read and manifest["rows_per_second"] > 0
     assert manifest["features"]["301"]["side"] == "row"  # the scenario varies per impression
@@ -128,8 +134,9 @@ def test_batches_cover_every_training_row_once_per_epoch(tmp_path):
 
 
 def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_cannot_stream(tmp_path):
-    from csmf.cascade import CascadeTrainer
     from test_cascade import changed_and_frozen, snapshot
+
+    from csmf.cascade import CascadeTrainer
 
     torch.set_num_threads(1)
     cfg = override(Config(), [

@@ -44,7 +44,7 @@ from csmf.losses import (
 from csmf.masks import claim_free
 from csmf.prune import cpp_free, fixed_free, release
 from csmf.runfolder import PretrainCache, RunFolder
-from csmf.towers import Features, TwoTower
+from csmf.towers import TwoTower, features_of
 from csmf.train import run_epochs
 
 
@@ -126,8 +126,7 @@ def check_streamable(data: CascadeData, cfg: Config) -> None:
 def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str, ...] | None = None):
     """The backbone `model.encoder` names: GraphTwoTower ("graph") or TwoTower ("mlp")."""
     m = cfg.model
-    user_features = Features.from_arrays(data.user_features, m.max_categories)
-    item_features = Features.from_arrays(data.item_features, m.max_categories)
+    user_features, item_features = features_of(data.user_features, m), features_of(data.item_features, m)
     if m.encoder == "graph":
         stage_weights = [
             graph_weights(o, data.stages, data.behaviours, m.graph_up_weight, m.graph_down_weight, m.graph_side_weight)

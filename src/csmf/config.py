@@ -208,6 +208,7 @@ class ModelConfig(Checked):
         "history_dim": (_positive, "> 0"),
         "feature_dim": (_positive, "> 0"),
         "max_categories": (_at_least(0), ">= 0"),
+        "hash_buckets": (_positive, "> 0"),
         "dropout": (_in(0.0, 1.0), "in [0, 1)"),
         "temperature": (_positive, "> 0"),
         "graph_hops": (_in(0, 4), "0, 1, 2 or 3"),
@@ -229,7 +230,13 @@ class ModelConfig(Checked):
     user_id: bool = False  # user-ID embedding in the user tower (on JD it overfits: history + features are better)
     history: bool = True  # user tower reads the user's train behaviours (leave-target-out in training)
     feature_dim: int = 16  # width of each categorical feature embedding
-    max_categories: int = 10_000  # integer feature with at most this many values = categorical
+    # feature schema (inferred, overridable): an integer / text column is categorical (embedded), hashed into
+    # hash_buckets buckets when it has more than max_categories values; a non-integer column is dense
+    # (standardised); a list column is a bag (mean of its codes' embeddings)
+    max_categories: int = 10_000
+    hash_buckets: int = 4096
+    dense_features: tuple[str, ...] = ()  # columns read as dense numbers whatever their values
+    categorical_features: tuple[str, ...] = ()  # columns embedded as categories even when not integers
     bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
     dropout: float = 0.3  # dropout on each tower's input during training
     temperature: float = 0.1  # softmax temperature of the training loss (scores are u . v)

@@ -166,7 +166,7 @@ class GraphTwoTower(nn.Module):
     def _base_items(self) -> torch.Tensor:
         x = self.items
         for name, table in self.item_tables.items():
-            x = x + table[self.item_features.categorical[name]]
+            x = x + self.item_features.lookup_all(name, table)
         if self.item_dense is not None:
             x = x + self.item_features.dense @ self.item_dense  # (N, n_dense) @ (n_dense, D)
         return x  # (N, D)
@@ -174,7 +174,7 @@ class GraphTwoTower(nn.Module):
     def _user_side(self, users: torch.Tensor) -> torch.Tensor | None:
         x = None
         for name, table in self.user_tables.items():
-            part = table[self.user_features.categorical[name][users]]
+            part = self.user_features.lookup(name, users, table)
             x = part if x is None else x + part
         if self.user_dense is not None:
             part = self.user_features.dense[users] @ self.user_dense  # (B, n_dense) @ (n_dense, D)

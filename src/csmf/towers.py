@@ -12,7 +12,7 @@ the output dimensions owned by stages 1..k.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -107,31 +107,83 @@ class MaskedLinear(nn.Module):
 
 @dataclass
 class Features:
-    """Per-entity feature inputs: categorical codes (embedded) and standardised dense values."""
+    """Per-entity feature inputs: categorical codes, bags of codes (both embedded) and standardised dense values.
+
+    A bag (a list feature: behaviour fields, a history column) is an (n, L) array of codes with 0 as padding;
+    its embedding is the mean of its codes' rows. A categorical column with more than `max_categories`
+    values is hashed into `hash_buckets` buckets (a stable hash of its value), never turned into a number.
+    """
 
     categorical: dict[str, torch.Tensor]  # name -> (n,) long codes
-    cardinality: dict[str, int]
+    cardinality: dict[str, int]  # name -> rows of its table: categorical columns, then bags
     dense: torch.Tensor | None  # (n, n_dense) float32
+    bags: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n, L) long codes, 0 = padding
+    hashed: tuple[str, ...] = ()  # categorical columns hashed into buckets (too many values)
 
     @staticmethod
-    def from_arrays(arrays: dict[str, np.ndarray], max_categories: int) -> Features:
-        categorical, cardinality, dense = {}, {}, []
+    def from_arrays(
+        arrays: dict[str, np.ndarray],
+        max_categories: int,
+        hash_buckets: int = 4096,
+        dense_names: tuple[str, ...] = (),
+        categorical_names: tuple[str, ...] = (),
+    ) -> Features:
+        categorical, cardinality, dense, bags, hashed = {}, {}, [], {}, []
         for name, values in sorted(arrays.items()):
             values = np.asarray(values)
-            is_int = np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0)
-            uniques, codes = np.unique(values, return_inverse=True)
-            if is_int and len(uniques) <= max_categories:
-                categorical[name] = torch.from_numpy(codes.astype(np.int64))
-                cardinality[name] = len(uniques)
-            else:
+            if values.ndim == 2:  # a bag: codes 1.., 0 = padding
+                bags[name] = torch.from_numpy(values.astype(np.int64))
+                continue
+            is_int = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
+            if name in dense_names or not (is_int or name in categorical_names):
                 v = values.astype(np.float64)
                 dense.append((v - v.mean()) / (v.std() + 1e-8))
+                continue
+            uniques, codes = np.unique(values, return_inverse=True)
+            if len(uniques) <= max_categories:
+                categorical[name] = torch.from_numpy(codes.astype(np.int64))
+                cardinality[name] = len(uniques)
+            else:  # hashed by value, so a value keeps its bucket when the data around it changes
+                categorical[name] = torch.from_numpy(stable_hash(values) % hash_buckets)
+                cardinality[name] = hash_buckets
+                hashed.append(name)
+        for name, codes in bags.items():
+            cardinality[name] = int(codes.max()) + 1 if codes.numel() else 1
         dense_t = torch.from_numpy(np.stack(dense, axis=1).astype(np.float32)) if dense else None
-        return Features(categorical, cardinality, dense_t)
+        return Features(categorical, cardinality, dense_t, bags, tuple(hashed))
 
     @property
     def n_dense(self) -> int:
         return 0 if self.dense is None else self.dense.shape[1]
+
+    def lookup(self, name: str, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(B, d) rows of `weight` for entities `ids`: a categorical's row, or the mean over a bag's codes."""
+        if name in self.bags:
+            codes = self.bags[name][ids]  # (B, L)
+            present = (codes > 0).unsqueeze(-1).to(weight.dtype)
+            return (weight[codes] * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
+        return weight[self.categorical[name][ids]]
+
+    def lookup_all(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """(n, d): `lookup` for every entity."""
+        if name in self.bags:
+            return self.lookup(name, torch.arange(len(self.bags[name])), weight)
+        return weight[self.categorical[name]]
+
+
+def stable_hash(values: np.ndarray) -> np.ndarray:
+    """A platform-independent 63-bit hash of integer values (splitmix64's finaliser)."""
+    x = values.astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(1)).astype(np.int64)
+
+
+def features_of(arrays: dict[str, np.ndarray], m) -> Features:
+    """Features built as `model` (a ModelConfig) asks: its category threshold, hash buckets and overrides."""
+    return Features.from_arrays(arrays, m.max_categories, m.hash_buckets, m.dense_features, m.categorical_features)
 
 
 class Tower(nn.Module):
@@ -178,7 +230,9 @@ class Tower(nn.Module):
         if self.history is not None:
             mask = self.history.column_mask(stage)
             x += [bag * mask for bag in bags]  # bags are pooled from self.history.weight by the caller
-        x += [emb(self.features.categorical[name][ids], stage) for name, emb in self.feat_emb.items()]
+        x += [
+            self.features.lookup(name, ids, emb.weight) * emb.column_mask(stage) for name, emb in self.feat_emb.items()
+        ]
         if self.features.dense is not None:
             x.append(self.features.dense[ids])
         h = torch.cat(x, dim=1)

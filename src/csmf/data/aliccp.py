@@ -84,7 +84,7 @@ def load_aliccp_raw(folder: Path, valid_frac: float = 0.1, seed: int = 0) -> Cas
             parts.append(block)
             for field, n in counts.items():
                 lists[field] = lists.get(field, 0) + n
-        table = pa.concat_tables(parts).drop_columns(["row"])
+        table = pa.concat_tables(parts, promote_options="default").drop_columns(["row"])
         where = Locator(raw_files(folder, split)[0], header=False)
         if split == "test":
             tables["test"], sources["test"] = table, [(where, table.num_rows)]
@@ -94,11 +94,14 @@ def load_aliccp_raw(folder: Path, valid_frac: float = 0.1, seed: int = 0) -> Cas
         sources["train"], sources["val"] = [(where, int((~held).sum()))], [(where, int(held.sum()))]
     note = (
         f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
-        f"impressions (seeded); list fields not read yet: {lists or 'none'}"
+        f"impressions (seeded); list-field entries read as bags: {lists or 'none'}"
     )
-    from csmf.data.aliccp_raw import ITEM_FIELDS, USER_FIELDS
+    from csmf.data.aliccp_raw import ITEM_FIELDS, USER_FIELDS, list_sides
 
-    return cascade_from_files("aliccp", tables, sources, STAGES, note, USER_FIELDS[1:], ITEM_FIELDS[1:])
+    combined = set().union(*(t.column_names for t in tables.values()))
+    user_lists, item_lists = list_sides(combined)
+    return cascade_from_files("aliccp", tables, sources, STAGES, note, USER_FIELDS[1:] + user_lists,
+                              ITEM_FIELDS[1:] + item_lists)  # fmt: skip
 
 
 def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):

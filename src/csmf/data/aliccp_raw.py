@@ -11,8 +11,8 @@ PaddleRec's and torch-rechub's `preprocess_ali_ccp`) read them:
 `feature_list` holds `feature_num` entries separated by \\x01; each entry is `field_id \\x02 feature_id
 \\x03 value`. Field 101 is the user id and 205 the item id; 121..129 are user profile fields, 206, 207 and
 216 the item's category, shop and brand, 301 the scenario (per impression). A field with several entries
-(the behaviour fields 109_14, 110_14, 127_14, 150_14 and 210) is a list; this reader keeps the first entry of
-each single-valued field it knows and counts the list fields (bags are not read yet). Every malformed entry,
+(the behaviour fields 109_14, 110_14, 127_14, 150_14 and 210) is a list: it is read as a list column and
+becomes a bag feature (the user's behaviour lists over all its requests; 210 on the item side). Every malformed entry,
 a wrong `feature_num`, a 0/1 label that is neither, and a request key missing from common_features is an
 error naming the file, the line and the field.
 
@@ -38,6 +38,7 @@ USER_FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129")
 ITEM_FIELDS = ("205", "206", "207", "216")
 CONTEXT_FIELDS = ("301",)
 LIST_FIELDS = ("109_14", "110_14", "127_14", "150_14", "210")
+ITEM_LIST_FIELDS = ("210",)  # the impression's own list field; the others come with the request (user side)
 ENTRY = r"^(?P<field>[0-9_]+)\x02(?P<feature>[^\x01\x02\x03]+)\x03(?P<value>[^\x01\x02\x03]*)$"
 BLOCK_BYTES = 64 << 20
 
@@ -49,6 +50,12 @@ def raw_files(folder: Path, split: str) -> tuple[Path, Path]:
             raise DataError(f"{path}: file not found; the raw Ali-CCP release has sample_skeleton_{{train,test}}.csv "
                             "and common_features_{train,test}.csv side by side")  # fmt: skip
     return skeleton, common
+
+
+def list_sides(columns: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(user-side, item-side) list fields among `columns`."""
+    present = [f for f in LIST_FIELDS if f in columns]
+    return tuple(f for f in present if f not in ITEM_LIST_FIELDS), tuple(f for f in present if f in ITEM_LIST_FIELDS)
 
 
 def has_raw_layout(folder: Path) -> bool:
@@ -74,7 +81,8 @@ def _blocks(path: Path, names: tuple[str, ...], block_bytes: int) -> Iterator[tu
 def parse_features(
     batch: pa.RecordBatch, path: Path, first_line: int, fields: tuple[str, ...]
 ) -> tuple[dict[str, pa.Array], dict[str, int]]:
-    """The first feature id of each of `fields` per row (null where absent), and entry counts of list fields."""
+    """The first feature id of each of `fields` per row (null where absent), each list field present as a list
+    column (every entry of the field, per row), and the entry count of each list field."""
     text = batch.column("feature_list")
     entries = pc.split_pattern(text, "\x01")
     flat, parent = pc.list_flatten(entries), pc.list_parent_indices(entries).to_numpy()
@@ -110,9 +118,11 @@ def parse_features(
         column[rows] = feature[hit[first]]
         out[f] = pa.array(column, type=pa.string())
     for f in LIST_FIELDS:
-        n = int(np.asarray(pc.sum(pc.equal(field, f))).item() or 0)
-        if n:
-            lists[f] = n
+        hit = np.flatnonzero(np.asarray(pc.equal(field, f)))
+        if len(hit):  # every entry of the field, per row: a list feature (a bag)
+            offsets = np.searchsorted(parent[hit], np.arange(batch.num_rows + 1)).astype(np.int32)
+            out[f] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(feature[hit], type=pa.string()))
+            lists[f] = len(hit)
     return out, lists
 
 
@@ -122,7 +132,7 @@ def read_common(path: Path, block_bytes: int = BLOCK_BYTES) -> pa.Table:
     for line, batch in _blocks(path, COMMON, block_bytes):
         values, _ = parse_features(batch, path, line, USER_FIELDS)
         parts.append(pa.table({"key": batch.column("common_feature_index"), **values}))
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts, promote_options="default")  # a list field may be absent from a block
     keys = table.column("key")
     if pc.count_distinct(keys).as_py() != len(keys):
         counts = pc.value_counts(keys)
@@ -169,5 +179,8 @@ def read_raw(folder: Path, split: str, block_bytes: int = BLOCK_BYTES) -> Iterat
                  "purchase": pa.array(labels["conversion"].astype(np.int8))}  # fmt: skip
         table |= {f: shared.column(f) for f in USER_FIELDS[1:]}
         table |= {f: own[f] for f in ITEM_FIELDS[1:] + CONTEXT_FIELDS}
+        # list fields: the request's behaviour lists (user side) and the impression's own (item side)
+        table |= {f: shared.column(f) for f in LIST_FIELDS if f in shared.column_names}
+        table |= {f: own[f] for f in LIST_FIELDS if f in own and f not in table}
         table["row"] = pa.array(np.arange(line, line + n, dtype=np.int64))
         yield pa.table(table), lists

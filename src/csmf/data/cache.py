@@ -122,6 +122,34 @@ class _Vocabulary:
         return (at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1).astype(np.int32)
 
 
+class _BagCounter:
+    """How often each code appears in each entity's lists, merged block by block; `codes` gives the bags."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def add(self, entity: np.ndarray, codes: np.ndarray) -> None:
+        keep = codes > 0
+        keys = entity[keep].astype(np.int64) * self.size + codes[keep]
+        merged, inverse = np.unique(np.concatenate([self.keys, keys]), return_inverse=True)
+        weights = np.concatenate([self.counts, np.ones(len(keys), dtype=np.int64)])
+        self.keys, self.counts = merged, np.bincount(inverse, weights=weights).astype(np.int64)
+
+    def codes(self, n: int, max_len: int = 64) -> np.ndarray:
+        """(n, L) each entity's most frequent codes first (as csmf.data.logtable.bag_codes), 0 = padding."""
+        entity, code = self.keys // self.size, self.keys % self.size
+        order = np.lexsort((-self.counts, entity))
+        entity, code = entity[order], code[order]
+        rank = np.arange(len(entity)) - np.searchsorted(entity, entity, side="left")
+        keep = rank < max_len
+        width = max(1, min(max_len, int(rank.max()) + 1 if len(rank) else 1))
+        out = np.zeros((n, width), dtype=np.int64)
+        out[entity[keep], rank[keep]] = code[keep]
+        return out
+
+
 def _unique_ids(parts: list[pa.Array]) -> pa.Array:
     merged = pc.unique(pa.concat_arrays(parts)) if len(parts) > 1 else parts[0]
     return pc.take(merged, pc.sort_indices(merged))
@@ -148,6 +176,7 @@ def build_cache(
     vocab: dict[str, _Vocabulary] = {}
     rows, staged = 0, []
     features: list[str] = []
+    lists: list[str] = []
     # pass 1: read the source once; keep raw ids, collect the distinct ids and feature values
     for n, block in enumerate(bar(source.blocks(), progress, desc=f"convert {source.name}", unit="block")):
         if n == 0:
@@ -155,13 +184,18 @@ def build_cache(
             if missing:
                 raise DataError(f"{source.name}: the converter gave no column(s) {missing}")
             features = [c for c in block.column_names if c not in ("user_id", "item_id", "split", *source.stages)]
-            vocab = {c: _Vocabulary(hash_threshold, hash_buckets) for c in features}
+            lists = [c for c in features if pa.types.is_list(block.column(c).type)]
+            features = [c for c in features if c not in lists]
+            vocab = {c: _Vocabulary(hash_threshold, hash_buckets) for c in features + lists}
         user_parts.append(pc.unique(block.column("user_id").cast(pa.string())))
         item_parts.append(pc.unique(block.column("item_id").cast(pa.string())))
         if n % 16 == 15:  # keep the id lists short
             user_parts, item_parts = [_unique_ids(user_parts)], [_unique_ids(item_parts)]
         for c in features:
             vocab[c].add(block.column(c))
+        for c in lists:
+            if c in block.column_names:  # a list field may be absent from a block
+                vocab[c].add(pc.list_flatten(block.column(c)))
         path = staging / f"part-{n:06d}.parquet"
         pq.write_table(block, path)
         staged.append(path)
@@ -189,6 +223,8 @@ def build_cache(
     train_items = {s: np.zeros(n_items, dtype=np.int64) for s in source.stages}
     per_split = {s: 0 for s in SPLIT_CODES}
     positives = {s: 0 for s in source.stages}
+    bag_side = {c: "item" if c in (source.item_features or ()) else "user" for c in lists}
+    bags = {c: _BagCounter(vocab[c].size) for c in lists}
     writers: dict[int, pq.ParquetWriter] = {}
     try:
         for path in bar(staged, progress, desc="encode", unit="part"):
@@ -209,9 +245,15 @@ def build_cache(
                     owner = u if side == "user" else i
                     np.minimum.at(lo[(c, side)], owner, codes)
                     np.maximum.at(hi[(c, side)], owner, codes)
+            for c in lists:
+                if c in block.column_names:
+                    column = block.column(c).combine_chunks()
+                    parent = pc.list_parent_indices(column).to_numpy()
+                    owner = u if bag_side[c] == "user" else i
+                    bags[c].add(owner[parent], vocab[c].encode(pc.list_flatten(column)))
             for name, code in SPLIT_CODES.items():
                 per_split[name] += int((split == code).sum())
-            table = pa.table(out)
+            table = pa.table(out)  # per-row columns; the bags are per entity, written below
             bucket = u % buckets
             for b in np.unique(bucket):
                 part = table.filter(pa.array(bucket == b))
@@ -234,6 +276,10 @@ def build_cache(
             raise DataError(f"{source.name}: {side} feature {c!r} takes different values for the same {side}")
     for side, ids in (("user", users), ("item", items)):
         cols = {"id": ids} | {c: pa.array(lo[(c, side)]) for c in features if sides[c] == side}
+        for c in lists:
+            if bag_side[c] == side:
+                codes = bags[c].codes(len(ids))
+                cols[c] = pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel()), codes.shape[1])
         pq.write_table(pa.table(cols), folder / f"{side}s.parquet")
     seconds = time.perf_counter() - start
     manifest = {
@@ -245,7 +291,8 @@ def build_cache(
         "rows": rows,
         "rows_per_split": per_split,
         "stage_rows": positives,
-        "features": {c: {"side": sides[c], "size": vocab[c].size, "hashed": vocab[c].hashed} for c in features},
+        "features": {c: {"side": sides[c], "size": vocab[c].size, "hashed": vocab[c].hashed} for c in features}
+        | {c: {"side": bag_side[c], "size": vocab[c].size, "hashed": vocab[c].hashed, "bag": True} for c in lists},
         "notes": notes
         + [f"per-row columns (not used by the models yet): {[c for c in features if sides[c] == 'row']}"],
         "seconds": round(seconds, 2),
@@ -279,8 +326,18 @@ class Cache:
             return counts[stage]
 
     def features(self, side: str) -> dict[str, np.ndarray]:
+        """Per-entity feature codes: (n,) for a categorical, (n, L) for a bag (0 = padding)."""
         table = pq.read_table(self.folder / f"{side}s.parquet")
-        return {c: table.column(c).to_numpy() for c in table.column_names if c != "id"}
+        out = {}
+        for c in table.column_names:
+            column = table.column(c).combine_chunks()
+            if c == "id":
+                continue
+            if pa.types.is_fixed_size_list(column.type):
+                out[c] = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+            else:
+                out[c] = column.to_numpy()
+        return out
 
     def ids(self, side: str) -> np.ndarray:
         return pq.read_table(self.folder / f"{side}s.parquet", columns=["id"]).column("id").to_numpy(

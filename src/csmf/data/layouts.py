@@ -70,7 +70,10 @@ def _request(chunk: pa.Table) -> np.ndarray:
 
 
 def _md5(values: np.ndarray) -> pa.Array:
-    return pa.array([hashlib.md5(str(v).encode()).hexdigest() for v in values])
+    """The md5 request key of each value (computed once per distinct value)."""
+    distinct, inverse = np.unique(values, return_inverse=True)
+    keys = pa.array([hashlib.md5(str(v).encode()).hexdigest() for v in distinct])
+    return keys.take(pa.array(inverse))
 
 
 def _item_columns(chunk: pa.Table) -> list[str]:
@@ -115,8 +118,10 @@ def write_aliccp_raw(chunk: pa.Table, files: _Files, seed: int) -> None:
         keys = _md5(request[rows])
         # the request's common features: user id and profile, once per request key
         first = np.unique(request[rows], return_index=True)[1]
-        num, lists = _feature_list([("101", part.column("user_id").take(pa.array(first))),
-                                    ("121", part.column("user_segment").take(pa.array(first)))])  # fmt: skip
+        segment = part.column("user_segment").take(pa.array(first))
+        # 109_14 is a list field: two entries per request (the behaviour lists of the real release)
+        num, lists = _feature_list([("101", part.column("user_id").take(pa.array(first))), ("121", segment),
+                                    ("109_14", segment), ("109_14", pc.add(segment, 7))])  # fmt: skip
         files.write(f"common_features_{name}.csv", pa.table({"k": keys.take(pa.array(first)), "n": num, "f": lists}),
                     header=False)  # fmt: skip
         pairs = [("205", part.column("item_id")), ("206", part.column("item_category"))]

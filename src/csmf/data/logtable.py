@@ -190,6 +190,8 @@ def _stage_share(arr: pa.ChunkedArray) -> float:
     """Share of the cells of a column that read as 0 or 1 (an empty cell does not)."""
     if pa.types.is_boolean(arr.type):
         return 1.0 - arr.null_count / max(len(arr), 1)
+    if _is_list(arr):
+        return 0.0
     text = pc.utf8_lower(pc.cast(arr, pa.string()))
     return float(np.asarray(pc.fill_null(pc.is_in(text, pa.array(STAGE_TEXT)), False)).mean()) if len(arr) else 0.0
 
@@ -199,6 +201,8 @@ def check_stage(table: pa.Table, col: str, where: Locator) -> np.ndarray:
     if values is not None:
         return values
     arr = table.column(col)
+    if _is_list(arr):
+        raise DataError(f"{where.path}: stage column {col!r} holds lists; stage columns hold 0 or 1")
     if arr.null_count:
         row = _first(np.asarray(pc.is_null(arr)))
         raise DataError(f"{where(row)}: stage column {col!r} is empty; stage columns hold 0 or 1")
@@ -378,6 +382,35 @@ def _per_entity(codes: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray | No
     return out
 
 
+MAX_BAG = 64  # a bag keeps an entity's most frequent codes, at most this many
+
+
+def _is_list(arr: pa.ChunkedArray) -> bool:
+    return pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+
+
+def bag_codes(arr: pa.ChunkedArray | pa.Array, owner: np.ndarray, n: int, max_len: int = MAX_BAG) -> np.ndarray:
+    """(n, L) codes (1.., 0 = padding) of the values in each entity's lists, over all its rows: the
+    entity's bag, most frequent values first, at most `max_len` of them."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    flat, parent = pc.list_flatten(arr), pc.list_parent_indices(arr).to_numpy()
+    keep = ~np.asarray(pc.is_null(flat)) if flat.null_count else np.ones(len(flat), dtype=bool)
+    encoded = pc.dictionary_encode(flat.cast(pa.string()))
+    codes = encoded.indices.to_numpy(zero_copy_only=False)[keep].astype(np.int64) + 1
+    entity = owner[parent[keep]].astype(np.int64)
+    width = len(encoded.dictionary) + 1
+    key, counts = np.unique(entity * width + codes, return_counts=True)
+    entity, codes = key // width, key % width
+    order = np.lexsort((-counts, entity))  # by entity, the most frequent value first
+    entity, codes = entity[order], codes[order]
+    starts = np.searchsorted(entity, entity, side="left")
+    rank = np.arange(len(entity)) - starts
+    keep = rank < max_len
+    out = np.zeros((n, max(1, min(max_len, int(rank.max()) + 1 if len(rank) else 1))), dtype=np.int64)
+    out[entity[keep], rank[keep]] = codes[keep]
+    return out
+
+
 def _features(table, cols, users, items, n_users, n_items, user_features, item_features, path, report):
     ufeat: dict[str, np.ndarray] = {}
     ifeat: dict[str, np.ndarray] = {}
@@ -390,12 +423,21 @@ def _features(table, cols, users, items, n_users, n_items, user_features, item_f
         for col in listed:
             if col not in table.column_names:
                 raise DataError(f"{path}: {kind} feature column {col!r} not found; columns are {table.column_names}")
+            if _is_list(table.column(col)):  # a bag: the values of the entity's lists over its rows
+                out[col] = bag_codes(table.column(col), owner, n)
+                continue
             values = _per_entity(_column_codes(table.column(col)), owner, n)
             if values is None:
                 raise DataError(f"{path}: {kind} feature {col!r} takes different values for the same {kind}")
             out[col] = values
     for col in cols:
         if col in ufeat or col in ifeat:
+            continue
+        if _is_list(table.column(col)):
+            if user_features is None:  # a list column is a user bag unless it is named an item feature
+                ufeat[col] = bag_codes(table.column(col), users, n_users)
+            else:
+                report.notes.append(f"list column {col!r} is not used (not among the named features)")
             continue
         codes = _column_codes(table.column(col))
         if user_features is None and (values := _per_entity(codes, users, n_users)) is not None:
@@ -405,5 +447,8 @@ def _features(table, cols, users, items, n_users, n_items, user_features, item_f
         else:
             report.notes.append(f"column {col!r} is not used (neither a stage nor a user or item feature)")
     if ufeat or ifeat:
-        report.notes.append(f"user features: {sorted(ufeat)}; item features: {sorted(ifeat)}")
+        bags = sorted(c for c, v in (ufeat | ifeat).items() if v.ndim == 2)
+        report.notes.append(
+            f"user features: {sorted(ufeat)}; item features: {sorted(ifeat)}" + (f"; bags: {bags}" if bags else "")
+        )
     return ufeat, ifeat

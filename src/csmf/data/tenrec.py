@@ -4,7 +4,8 @@ distribute it, mapped onto the cascade.
 Files read from a folder: one scenario log, `QK-video.csv`, `QB-video.csv`, `QK-article.csv`,
 `QB-article.csv`, or the CTR subset `ctr_data_1M.csv` (`data.tenrec_file` picks one when the folder holds
 several). Columns: `user_id`, `item_id`, `click`, the later actions (`follow`, `like`, `share`), and
-features (`video_category`, `watching_times`, `gender`, `age`, `hist_1..hist_10` in ctr_data_1M).
+features (`video_category`, `watching_times`, `gender`, `age`, `hist_1..hist_10` in ctr_data_1M, read as
+one bag feature `hist` of the user).
 Every row is an impression of an item to a user.
 
 Stages: exposure = every row, click = `click`, then a later action, `like` by default
@@ -15,10 +16,12 @@ Columns constant within every user (item) become user (item) features; the other
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from csmf.data.errors import DataError
 from csmf.data.logtable import Locator, check_stage, log_from_table, read_table
@@ -47,6 +50,14 @@ def tenrec_file(folder: Path, name: str = "") -> Path:
     return present[0]
 
 
+def _as_list(table: pa.Table, columns: list[str]) -> pa.Array:
+    """One list per row of the non-empty cells of `columns`."""
+    cells = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(object) for c in columns], axis=1)
+    present = np.stack([~np.asarray(pc.is_null(table.column(c))) for c in columns], axis=1)
+    offsets = np.r_[0, np.cumsum(present.sum(axis=1))].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(cells[present].astype(str)))
+
+
 def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") -> CascadeLog:
     if conversion not in CONVERSIONS:
         raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
@@ -62,11 +73,14 @@ def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") ->
     if (later & ~click).any():
         row = int(np.flatnonzero(later & ~click)[0])
         raise DataError(f"{where(row)}: {conversion} 1 without a click; Tenrec's later actions follow a click")
-    other = [c for c in table.column_names if c not in ("user_id", "item_id", "click", *CONVERSIONS)]
+    history = sorted((c for c in table.column_names if re.fullmatch(r"hist_\d+", c)), key=lambda c: int(c[5:]))
+    other = [c for c in table.column_names if c not in ("user_id", "item_id", "click", *CONVERSIONS, *history)]
     out = {"user_id": table.column("user_id"), "item_id": table.column("item_id"),
            "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
            "click": pa.array(click.astype(np.int8)), conversion: pa.array(later.astype(np.int8))}  # fmt: skip
     out |= {c: table.column(c) for c in other}
+    if history:  # ctr_data_1M's hist_1..hist_10 (the user's recent items) as one list column: a bag feature
+        out["hist"] = _as_list(table, history)
     log = log_from_table(pa.table(out), where, ("exposure", "click", conversion))
     log.report.notes.append(f"Tenrec {path.name}: exposure = every row, click = click, {conversion} = {conversion}")
     return log

@@ -38,7 +38,7 @@ from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
 from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.retriever import Retriever
-from csmf.towers import Features, pool_bags
+from csmf.towers import features_of, pool_bags
 from csmf.train import run_epochs
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
@@ -120,8 +120,8 @@ class MultiTaskTwoTower(nn.Module):
         )
         self.user_id = nn.Embedding(data.n_users, m.id_dim) if m.user_id and not self.graph else None
         self.item_id = nn.Embedding(data.n_items, m.id_dim) if not self.graph else None
-        self.user_features = Features.from_arrays(data.user_features, m.max_categories)
-        self.item_features = Features.from_arrays(data.item_features, m.max_categories)
+        self.user_features = features_of(data.user_features, m)
+        self.item_features = features_of(data.item_features, m)
         self.user_cat = nn.ModuleDict(
             {k: nn.Embedding(c, m.feature_dim) for k, c in self.user_features.cardinality.items()}
         )
@@ -183,7 +183,7 @@ class MultiTaskTwoTower(nn.Module):
             fields += pool_bags(self.history, [history[b] for b in self.behaviours], users, leave_out, self.bag_power)
         if self.user_id is not None:
             fields.append(self.user_id(ids))
-        fields += [emb(self.user_features.categorical[k][ids]) for k, emb in self.user_cat.items()]
+        fields += [self.user_features.lookup(k, ids, emb.weight) for k, emb in self.user_cat.items()]
         if self.user_features.dense is not None:
             dense = self.user_features.dense[ids]  # (B, n_dense): one width-1 field per column
             fields += [dense[:, j : j + 1] for j in range(dense.shape[1])]
@@ -201,7 +201,7 @@ class MultiTaskTwoTower(nn.Module):
         """One (N, D) item matrix per objective (one shared matrix for mvke)."""
         ids = torch.arange(self.n_items) if items is None else items
         x = [torch.cat(smoothed or self.smoothed_items(), dim=1)[ids]] if self.graph else [self.item_id(ids)]
-        x += [emb(self.item_features.categorical[k][ids]) for k, emb in self.item_cat.items()]
+        x += [self.item_features.lookup(k, ids, emb.weight) for k, emb in self.item_cat.items()]
         if self.item_features.dense is not None:
             x.append(self.item_features.dense[ids])
         hidden = self.item_body(self._drop(torch.cat(x, dim=1)))

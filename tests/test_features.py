@@ -1,0 +1,79 @@
+"""The feature schema: categorical columns with too many values are hashed into buckets (never a dense
+number), overrides pick the kind, a list column is a bag whose embedding is the mean of its codes' rows,
+and a list-valued column in a log loads as a bag instead of failing inside pyarrow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from csmf.config import Config, override
+from csmf.data.errors import DataError
+from csmf.data.logtable import load_log
+from csmf.data.split import split_log
+from csmf.towers import Features, stable_hash
+
+
+def test_a_categorical_above_the_threshold_is_hashed_not_made_dense():
+    ids = np.arange(1000, 1100) * 7919  # 100 distinct integer values, e.g. a shop id
+    f = Features.from_arrays({"shop": ids, "age": np.array([1, 2] * 50)}, max_categories=50, hash_buckets=16)
+    assert f.dense is None and f.hashed == ("shop",)
+    assert f.cardinality == {"age": 2, "shop": 16}
+    assert torch.equal(f.categorical["shop"], torch.from_numpy(stable_hash(ids) % 16))
+    same = Features.from_arrays({"shop": ids[::-1].copy()}, max_categories=50, hash_buckets=16)
+    assert torch.equal(same.categorical["shop"], f.categorical["shop"].flip(0))  # a value keeps its bucket
+    assert len(torch.unique(f.categorical["shop"])) > 8  # spread over the buckets
+
+
+def test_overrides_pick_the_kind():
+    values = np.array([1, 5, 9, 5], dtype=np.int64)
+    dense = Features.from_arrays({"count": values}, max_categories=10, dense_names=("count",))
+    assert dense.cardinality == {} and dense.n_dense == 1
+    cat = Features.from_arrays({"score": np.array([0.5, 1.5, 0.5])}, 10, categorical_names=("score",))
+    assert cat.cardinality == {"score": 2} and cat.n_dense == 0
+
+
+def test_a_bag_embeds_as_the_mean_of_its_codes_rows():
+    bags = np.array([[1, 2, 0], [3, 0, 0], [0, 0, 0]])
+    f = Features.from_arrays({"tags": bags}, max_categories=10)
+    assert f.cardinality == {"tags": 4}
+    weight = torch.arange(8, dtype=torch.float32).reshape(4, 2)  # row r = (2r, 2r + 1)
+    got = f.lookup("tags", torch.tensor([0, 1, 2]), weight)
+    assert torch.equal(got, torch.tensor([[3.0, 4.0], [6.0, 7.0], [0.0, 0.0]]))  # mean of rows 1, 2; row 3; empty
+    assert torch.equal(f.lookup_all("tags", weight), got)
+
+
+def test_a_list_column_loads_as_a_bag_and_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 30, 600), rng.integers(0, 40, 600)
+    tags = [[f"t{(u + k) % 9}" for k in range(int(u) % 3)] for u in users]
+    click, buy = (rng.random(600) < 0.6).astype(int), (rng.random(600) < 0.2).astype(int)
+    tag_lists = pa.array(tags, pa.list_(pa.string()))
+    table = pa.table({"user_id": users, "item_id": items, "click": click, "buy": buy, "tags": tag_lists})
+    pq.write_table(table, tmp_path / "log.parquet")
+    log = load_log(Path(tmp_path / "log.parquet"))
+    assert log.stages == ("click", "buy")
+    bag = log.user_features["tags"]
+    assert bag.ndim == 2 and bag.shape[0] == log.n_users
+    counts = {int(u): len(set(t)) for u, t in zip(users, tags, strict=True)}  # distinct tags of each user
+    for index, original in enumerate(log.user_ids):
+        assert (bag[index] > 0).sum() == counts[int(original)]
+    from csmf.models.csmf import CSMF
+
+    data = split_log(log, 0.2, 0.1, 0)
+    cfg = override(Config(), ["model.dim=8", "train.max_epochs=1", "train.distill="])
+    torch.set_num_threads(1)
+    model = CSMF(cfg).fit(data)
+    assert torch.isfinite(model.score(np.arange(5), "buy")).all()
+
+
+def test_a_list_valued_stage_column_is_named(tmp_path):
+    table = pa.table({"user_id": [1, 2], "item_id": [3, 4], "click": pa.array([[1], [0]], pa.list_(pa.int64()))})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="stage column 'click' holds lists"):
+        load_log(Path(tmp_path / "bad.parquet"), stages=("click",))
