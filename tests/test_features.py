@@ -77,3 +77,30 @@ def test_a_list_valued_stage_column_is_named(tmp_path):
     pq.write_table(table, tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="stage column 'click' holds lists"):
         load_log(Path(tmp_path / "bad.parquet"), stages=("click",))
+
+
+def test_the_cold_item_view_keeps_only_test_pairs_of_rarely_trained_items(sim_data):
+    from csmf.data.split import cold_item_view
+
+    degree = sum(np.bincount(sim_data.matrix(b).indices, minlength=sim_data.n_items) for b in sim_data.behaviours)
+    k = int(np.percentile(degree, 10))  # the rarest tenth of the catalogue
+    view, n_cold = cold_item_view(sim_data, k)
+    assert n_cold == int((degree <= k).sum()) > 0
+    for s in sim_data.stages:
+        items = np.unique(view.test[s].indices)
+        assert (degree[items] <= k).all()
+        kept = sim_data.test[s][:, degree <= k]
+        assert view.test[s].nnz == kept.nnz  # every such pair stays, nothing else
+    assert view.train is sim_data.train
+
+
+def test_the_id_only_variant_reads_no_feature(sim_data):
+    from csmf.cascade import build_model
+    from csmf.models.csmf import CSMF
+
+    assert sim_data.item_features  # the simulator's item_category
+    cfg = override(Config(), ["model.dim=8"])
+    variant = CSMF.variant("csmf-id-only", cfg)
+    assert variant.cfg.model.features is False and variant.cfg.cascade == cfg.cascade
+    with_features, without = build_model(sim_data, cfg, 0), build_model(sim_data, variant.cfg, 0)
+    assert len(with_features.item_tables) > 0 and len(without.item_tables) == 0

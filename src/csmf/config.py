@@ -235,6 +235,7 @@ class ModelConfig(Checked):
     # (standardised); a list column is a bag (mean of its codes' embeddings)
     max_categories: int = 10_000
     hash_buckets: int = 4096
+    features: bool = True  # read the loaded user and item features (false = ID-only, as csmf-id-only)
     dense_features: tuple[str, ...] = ()  # columns read as dense numbers whatever their values
     categorical_features: tuple[str, ...] = ()  # columns embedded as categories even when not integers
     bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
@@ -352,6 +353,7 @@ class BenchConfig(Checked):
         "cost_users": (_positive, "> 0"),
         "cost_items": (_at_least(0), ">= 0 (0 = no cost measurement)"),
         "sweep_points": (lambda v: v == 0 or v >= 2, "0 (no sweep) or >= 2"),
+        "cold_items": (lambda v: v >= 0, ">= 0"),
         "suite_taus": (_in(0.0, 1.0), "thresholds in [0, 1)"),
         "suite_tau_seeds": (_at_least(0), ">= 0 (0 = every seed)"),
         "suite_cost_items": (_at_least(0), ">= 0 (0 = no cost measurement)"),
@@ -367,6 +369,9 @@ class BenchConfig(Checked):
     cost_items: int = 0
     # objective-weight sweep: weights per pair of objectives (0 = no sweep; csmf.experiments.sweep)
     sweep_points: int = 6
+    # > 0: also evaluate every model on the test pairs of items with at most this many training pairs
+    # (a cold-item split: where features must carry the item), written as "cold_items" in its result
+    cold_items: int = 0
     tune: bool = True  # False = no search: the settings' defaults (a grid's first value if the default is off-grid)
     # Neural models: share stage-1 pretraining between runs through this folder ("" = off; see csmf.cascade)
     pretrain_cache: str = ""

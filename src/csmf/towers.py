@@ -182,7 +182,10 @@ def stable_hash(values: np.ndarray) -> np.ndarray:
 
 
 def features_of(arrays: dict[str, np.ndarray], m) -> Features:
-    """Features built as `model` (a ModelConfig) asks: its category threshold, hash buckets and overrides."""
+    """Features built as `model` (a ModelConfig) asks: its category threshold, hash buckets and overrides;
+    none at all when model.features is off (an ID-only model of the same data)."""
+    if not m.features:
+        arrays = {}
     return Features.from_arrays(arrays, m.max_categories, m.hash_buckets, m.dense_features, m.categorical_features)
 
 

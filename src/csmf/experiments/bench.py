@@ -17,12 +17,13 @@ from pathlib import Path
 from csmf.config import Config, ConfigError, config_to_dict
 from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.experiments.bench.load_dataset)
 from csmf.data.schema import CascadeData
+from csmf.data.split import cold_item_view
 from csmf.evaluation import evaluate, evaluate_stage
 from csmf.experiments.cost import query_cost
 from csmf.experiments.sweep import weight_sweep
 from csmf.experiments.tuning import coordinate_search
 from csmf.models.als import ALS, ALSSettings
-from csmf.models.csmf import CSMF, VARIANTS
+from csmf.models.csmf import CSMF, ID_ONLY, VARIANTS
 from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.multitask import KINDS, MultiTask
@@ -139,7 +140,7 @@ MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]]
     "als": build_als,
     "itemknn": build_itemknn,
     "ease": build_ease,
-    **{name: build_neural(name) for name in VARIANTS},
+    **{name: build_neural(name) for name in (*VARIANTS, ID_ONLY)},
     **{kind: build_multitask(kind) for kind in KINDS},
 }
 
@@ -182,6 +183,13 @@ def run_model(
         else None
     )
     served = model.served(data)
+    cold = None
+    if b.cold_items > 0:  # the same model ranked for the test pairs of items with few training pairs
+        view, n_cold = cold_item_view(data, b.cold_items)
+        found = evaluate(model, view, cfg.eval.ks, cfg.eval.score_budget_mb, served, progress=False)
+        cold = {"max_train_pairs": b.cold_items, "items": n_cold,
+                "metrics": {s: {k: v for k, v in m.items() if k != "users"} for s, m in found.items()},
+                "eval_users": {s: m["users"] for s, m in found.items()}}  # fmt: skip
     sweep = weight_sweep(model, data, served, b.sweep_points, budget_mb=cfg.eval.score_budget_mb) if (
         b.sweep_points >= 2 and len(served) >= 2) else None  # fmt: skip
     return {
@@ -198,6 +206,7 @@ def run_model(
         "eval_users": {s: m["users"] for s, m in metrics.items()},
         "cost": cost,
         "weight_sweep": sweep,
+        "cold_items": cold,
         "tuning": tuning,
         "data_report": data.report.as_dict(),
     }
@@ -273,12 +282,21 @@ def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = p
     data = load_dataset(cfg, progress)
     log(data.summary())
     log(data.report.render())
+    results = []
     for name in cfg.bench.models:
         result = run_model(cfg, data, name, progress)
+        results.append(result)
         path = write_result(result, cfg.bench.out_dir)
         dim = result["config"]["model_settings"].get("vector_dim")
         size = f", {result['params']:,} parameters" + (f", item vectors of dimension {dim}" if dim else "")
         log(f"{name}: wrote {path} (fit {result['train_seconds']:.1f}s, tuning {result['tuning_seconds']:.1f}s{size})")
     _, table = write_table(cfg.bench.out_dir, data.name)
     log(table)
+    if cfg.bench.cold_items > 0:
+        cold = results[0]["cold_items"]
+        head = (f"cold items: the test pairs of the {cold['items']:,} items with at most {cold['max_train_pairs']} "
+                "training pairs")  # fmt: skip
+        cold_table = markdown_table([{**r, "metrics": r["cold_items"]["metrics"]} for r in results])
+        (Path(cfg.bench.out_dir) / data.name / "cold_table.md").write_text(f"{head}\n\n{cold_table}\n")
+        log(f"{head}\n{cold_table}")
     return table

@@ -37,6 +37,8 @@ BASELINES = {
     "naive-ft": lambda c: replace(c, prune="none", aml_m0=0.0),
 }
 VARIANTS = {**ABLATIONS, **BASELINES}
+# The same cascade without any user or item feature (model.features = false): what the features add.
+ID_ONLY = "csmf-id-only"
 
 
 class CSMF(Retriever):
@@ -57,6 +59,8 @@ class CSMF(Retriever):
     def variant(cls, name: str, cfg: Config, **kw) -> CSMF:
         if name.startswith("single-"):
             return cls(cfg, objectives=(name.removeprefix("single-"),), name=name, **kw)
+        if name == ID_ONLY:
+            return cls(replace(cfg, model=replace(cfg.model, features=False)), name=name, **kw)
         if name not in VARIANTS:
             raise KeyError(name)
         return cls(replace(cfg, cascade=VARIANTS[name](cfg.cascade)), name=name, **kw)
