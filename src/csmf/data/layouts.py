@@ -64,9 +64,10 @@ def _split_of(chunk: pa.Table, seed: int, shares: tuple[float, ...]) -> np.ndarr
 
 
 def _request(chunk: pa.Table) -> np.ndarray:
-    """One request (search, session) per user and day: the Ali-CCP / AliExpress grouping of impressions."""
-    day = chunk.column("timestamp").to_numpy() // DAY
-    return chunk.column("user_id").to_numpy().astype(np.int64) * 1000 + day % 1000
+    """One request (search, session) per user and half-month: the Ali-CCP / AliExpress grouping of
+    impressions (the real Ali-CCP has about 58 impressions per request; a simulated user has about 40)."""
+    half = chunk.column("timestamp").to_numpy() // (15 * DAY)
+    return chunk.column("user_id").to_numpy().astype(np.int64) * 10 + half % 10
 
 
 def _md5(values: np.ndarray) -> pa.Array:
