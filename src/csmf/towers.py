@@ -61,19 +61,32 @@ class MaskedEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num, dim, generator=generator) * scale)
         self.register_buffer("owner", torch.ones(dim, dtype=torch.long))
+        # sparse gradients (only the rows a batch touches): for tables too large to update whole every step
+        # (streamed training, csmf.cascade); the forward values are the same either way
+        self.sparse = False
 
     def column_mask(self, stage: int) -> torch.Tensor:
         return active(self.owner, stage).float()
 
     def forward(self, idx: torch.Tensor, stage: int) -> torch.Tensor:
-        return self.weight[idx] * self.column_mask(stage)  # (B, dim)
+        rows = nn.functional.embedding(idx, self.weight, sparse=True) if self.sparse else self.weight[idx]
+        return rows * self.column_mask(stage)  # (B, dim)
 
     def magnitude(self) -> torch.Tensor:
         return self.weight.detach().abs().sum(dim=0)  # (dim,) L1 mass of each column
 
     def mask_grad(self, stage: int) -> None:
-        if self.weight.grad is not None:
-            self.weight.grad *= trainable_rows(self.owner, stage).float()
+        grad = self.weight.grad
+        if grad is None:
+            return
+        keep = trainable_rows(self.owner, stage).float()
+        if grad.is_sparse:  # the touched rows' values, column by column
+            grad = grad.coalesce()
+            self.weight.grad = torch.sparse_coo_tensor(
+                grad.indices(), grad.values() * keep, grad.shape, check_invariants=False
+            )  # the indices of a coalesced gradient: valid by construction
+        else:
+            grad *= keep
 
 
 class MaskedLinear(nn.Module):
