@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from csmf.config import SimConfig
 from csmf.data.jd import jd_raw_matrices
@@ -17,6 +18,17 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 JD_SHARED = SHARED_DATA / "jd-multibehavior"
 
 SMALL_SIM = SimConfig(n_users=300, n_items=200)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: results must be bit-identical across processes (a BLAS
+    reduction may split differently with another thread count), and on a busy 2-core machine OpenMP's
+    spinning threads make each tiny matmul ~100x slower than single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from csmf.cli import main
 from csmf.config import Config, ConfigError, SimConfig, override
@@ -21,6 +20,8 @@ from csmf.data.cache import Cache, build_cache, ensure_cache, log_source, pair_s
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import leak_violations
 from csmf.data.simulate import simulate, simulate_layout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIM = SimConfig(n_users=200, n_items=120, chunk_users=50, item_features=1)
 
@@ -138,7 +139,6 @@ def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_canno
 
     from csmf.cascade import CascadeTrainer
 
-    torch.set_num_threads(1)
     cfg = override(Config(), [
         "data.dataset=sim", f"data.cache_dir={tmp_path / 'c'}", "sim.n_users=200", "sim.n_items=120",
         "model.encoder=mlp", "model.history=false", "model.user_id=true", "model.dim=16", "model.id_dim=16",

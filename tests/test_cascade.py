@@ -41,15 +41,7 @@ OBJECTIVES = ("exposure", "click", "conversion")
 WEIGHTS = {"exposure": 0.2, "click": 0.5, "conversion": 1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread, in this process and in the killed child below: results must be bit-identical
-    # across processes (a BLAS reduction may split differently with another thread count), and on a busy
-    # 2-core machine OpenMP's spinning threads make each tiny matmul ~100x slower than single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

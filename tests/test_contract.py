@@ -36,12 +36,7 @@ WEIGHTS = {"exposure": 0.2, "click": 0.5, "conversion": 1.0}
 USERS = np.array([0, 5, 17, 299, 120])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.towers import Features, stable_hash
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_a_categorical_above_the_threshold_is_hashed_not_made_dense():
     ids = np.arange(1000, 1100) * 7919  # 100 distinct integer values, e.g. a shop id
@@ -67,7 +69,6 @@ def test_a_list_column_loads_as_a_bag_and_trains(tmp_path):
 
     data = split_log(log, 0.2, 0.1, 0)
     cfg = override(Config(), ["model.dim=8", "train.max_epochs=1", "train.distill="])
-    torch.set_num_threads(1)
     model = CSMF(cfg).fit(data)
     assert torch.isfinite(model.score(np.arange(5), "buy")).all()
 

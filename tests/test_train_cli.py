@@ -19,13 +19,7 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a busy 2-core machine are far faster on one thread (see test_cascade.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_writes_run_folder_and_shows_two_weightings(sim_parquet, tmp_path, capsys):
