@@ -93,6 +93,7 @@ def test_the_cold_item_view_keeps_only_test_pairs_of_rarely_trained_items(sim_da
         kept = sim_data.test[s][:, degree <= k]
         assert view.test[s].nnz == kept.nnz  # every such pair stays, nothing else
     assert view.train is sim_data.train
+    assert np.array_equal(view.candidates, degree <= k)  # ranked among the cold items only
 
 
 def test_the_id_only_variant_reads_no_feature(sim_data):

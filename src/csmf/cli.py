@@ -113,6 +113,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     from csmf.data.schema import leak_violations
 
     cfg = _config(args)
+    if args.convert:
+        from csmf.data.datasets import convert
+
+        start = time.perf_counter()
+        m = convert(cfg, progress=not args.quiet).manifest
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        splits = ", ".join(f"{k} {v:,}" for k, v in m["rows_per_split"].items())
+        print(f"cache {cfg.data.cache_dir}: {m['rows']:,} rows ({splits}), {m['n_users']:,} users x "
+              f"{m['n_items']:,} items; converted in {m['seconds']:.1f}s ({m['rows_per_second']:,} rows/s); "
+              f"this call {time.perf_counter() - start:.1f}s, peak memory {peak_mb:,.0f} MB")  # fmt: skip
+        for name, f in m["features"].items():
+            print(f"  feature {name}: {f['side']}, {f['size']:,} codes" + (" (hashed)" if f["hashed"] else "")
+                  + (" (bag)" if f.get("bag") else ""))  # fmt: skip
+        for note in m["notes"]:
+            print(f"  note: {note}")
+        return 0
     data = load_dataset(cfg, progress=not args.quiet)
     print(data.summary())
     print(data.report.render())
@@ -320,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)
+    data.add_argument("--convert", action="store_true",
+                      help="with --set data.cache_dir=DIR: convert the log into its Parquet cache (or check it is "
+                           "current) and print the manifest, without loading it")  # fmt: skip
     _common(data)
     return parser
 

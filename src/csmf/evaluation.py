@@ -63,7 +63,10 @@ def evaluate_stage(
         ub = users[start : start + batch]
         with torch.no_grad():
             scores = model.score(ub, stage).float()  # (B, N)
-        hits = topk_hits(scores, rows_mask(excluded, ub, data.n_items), rows_mask(truth_mat, ub, data.n_items), max(ks))
+        exclude = rows_mask(excluded, ub, data.n_items)
+        if data.candidates is not None:  # rank only these items (a cold-item split)
+            exclude |= ~torch.from_numpy(data.candidates).unsqueeze(0)
+        hits = topk_hits(scores, exclude, rows_mask(truth_mat, ub, data.n_items), max(ks))
         if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
             hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
         for name, values in recall_ndcg(hits, n_pos[start : start + batch], ks).items():

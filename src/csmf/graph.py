@@ -164,22 +164,31 @@ class GraphTwoTower(nn.Module):
         return out + [p for p in (self.item_dense, self.user_dense) if p is not None]
 
     def _base_items(self) -> torch.Tensor:
-        x = self.items
-        for name, table in self.item_tables.items():
-            x = x + self.item_features.lookup_all(name, table)
-        if self.item_dense is not None:
-            x = x + self.item_features.dense @ self.item_dense  # (N, n_dense) @ (n_dense, D)
-        return x  # (N, D)
+        """E plus the mean of the item's feature rows (one row per categorical or bag, one for the dense map).
+        A mean, not a sum: a bucket row is shared by many items and the full softmax pushes it every step, so
+        with several informative features a sum outweighed the item's own row and training diverged
+        (docs/method.md, features on the graph backbone); with one feature the two are the same."""
+        parts = self._feature_parts(self.item_features, self.item_tables, self.item_dense, None)
+        return self.items if parts is None else self.items + parts  # (N, D)
 
     def _user_side(self, users: torch.Tensor) -> torch.Tensor | None:
-        x = None
-        for name, table in self.user_tables.items():
-            part = self.user_features.lookup(name, users, table)
-            x = part if x is None else x + part
-        if self.user_dense is not None:
-            part = self.user_features.dense[users] @ self.user_dense  # (B, n_dense) @ (n_dense, D)
-            x = part if x is None else x + part
-        return x  # (B, D) or None
+        return self._feature_parts(self.user_features, self.user_tables, self.user_dense, users)  # (B, D) or None
+
+    @staticmethod
+    def _feature_parts(features: Features, tables: nn.ParameterDict, dense: nn.Parameter | None,
+                       ids: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+        """Mean over the feature fields of their D-wide rows, for `ids` (None = every entity)."""
+        parts = [features.lookup_all(n, t) if ids is None else features.lookup(n, ids, t) for n, t in tables.items()]
+        if dense is not None:
+            parts.append(
+                (features.dense if ids is None else features.dense[ids]) @ dense
+            )  # (n, n_dense) @ (n_dense, D)
+        if not parts:
+            return None
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total / len(parts) if len(parts) > 1 else total
 
     # ----- vectors and scores -------------------------------------------------------------------
     def freeze_below(self, stage: int | None) -> None:

@@ -66,9 +66,29 @@ def _load_cached(cfg: Config, progress: bool) -> CascadeData:
     with train.stream only the evaluated users' rows are held in memory and training streams the rest."""
     import numpy as np
 
+    d = cfg.data
+    cache = convert(cfg, progress)
+    name = cache.manifest["name"]
+    if not cfg.train.stream:
+        return cache.cascade(name)
+    users = cache.held_out_users()
+    if d.stream_eval_users and len(users) > d.stream_eval_users:
+        rng = np.random.default_rng([d.split_seed, 9])
+        users = np.sort(rng.choice(users, d.stream_eval_users, replace=False))
+    data = cache.cascade(name, users=users)
+    data.report.notes.append(f"streamed training; {len(users):,} held-out users evaluated (data.stream_eval_users)")
+    data.stream = cache
+    return data
+
+
+def convert(cfg: Config, progress: bool = False):
+    """The Parquet cache of the dataset `cfg` names, in data.cache_dir: reused when it matches its source,
+    converted otherwise (csmf.data.cache.Cache)."""
     from csmf.data.cache import ensure_cache, log_source
 
     d = cfg.data
+    if not d.cache_dir:
+        raise ConfigError("data.cache_dir: give the folder of the Parquet cache (--set data.cache_dir=DIR)")
     folder = Path(d.cache_dir).expanduser()
     if d.dataset == "aliccp":
         from csmf.data.aliccp import aliccp_raw_source
@@ -88,17 +108,7 @@ def _load_cached(cfg: Config, progress: bool) -> CascadeData:
     else:
         source = log_source(Path(d.dataset), d.stages, d.user_col, d.item_col, d.test_frac, d.valid_frac,
                             d.split_seed, dataset_name(d.dataset))  # fmt: skip
-    cache = ensure_cache(source, folder, progress=progress)
-    if not cfg.train.stream:
-        return cache.cascade(source.name)
-    users = cache.held_out_users()
-    if d.stream_eval_users and len(users) > d.stream_eval_users:
-        rng = np.random.default_rng([d.split_seed, 9])
-        users = np.sort(rng.choice(users, d.stream_eval_users, replace=False))
-    data = cache.cascade(source.name, users=users)
-    data.report.notes.append(f"streamed training; {len(users):,} held-out users evaluated (data.stream_eval_users)")
-    data.stream = cache
-    return data
+    return ensure_cache(source, folder, progress=progress)
 
 
 def _simulated_log(cfg: Config, folder: Path, progress: bool) -> Path:

@@ -162,6 +162,8 @@ class CascadeData:
     # the Parquet cache (csmf.data.cache.Cache) whose rows train.stream reads; `train` then holds only the rows
     # of the evaluated users (what ranking them excludes), not every training pair
     stream: object | None = None
+    # when set, evaluation ranks only these items (a bool per item; the cold-item split), else the catalogue
+    candidates: np.ndarray | None = None
 
     def matrix(self, name: str) -> sp.csr_matrix:
         """A training matrix by name: a stage or a side behaviour."""

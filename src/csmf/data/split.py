@@ -251,8 +251,9 @@ def finish_report(data: CascadeData, report: LoadReport) -> None:
 
 def cold_item_view(data: CascadeData, max_train_pairs: int) -> tuple[CascadeData, int]:
     """The same cascade with each stage's test pairs cut to the items that have at most `max_train_pairs`
-    training pairs (every stage and side behaviour together): where an item's ID embedding has little to
-    learn from and its features must carry it. Returns (the view, how many items qualify)."""
+    training pairs (every stage and side behaviour together), ranked among those items only: where an item's
+    ID embedding has little to learn from and its features must carry it (the full catalogue would rank the
+    popular items first for every model). Returns (the view, how many items qualify)."""
     degree = np.zeros(data.n_items, dtype=np.int64)
     for name in data.behaviours:
         degree += np.bincount(data.matrix(name).indices, minlength=data.n_items)
@@ -263,6 +264,6 @@ def cold_item_view(data: CascadeData, max_train_pairs: int) -> tuple[CascadeData
         name=f"{data.name}:cold-items", stages=data.stages, n_users=data.n_users, n_items=data.n_items,
         train=data.train, valid=data.valid, test=test, exclude=data.exclude, side=data.side,
         downstream=data.downstream, valid_holdout=data.valid_holdout, user_ids=data.user_ids, item_ids=data.item_ids,
-        user_features=data.user_features, item_features=data.item_features, report=data.report,
+        user_features=data.user_features, item_features=data.item_features, report=data.report, candidates=cold,
     )  # fmt: skip
     return view, int(cold.sum())

@@ -295,7 +295,7 @@ def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = p
     if cfg.bench.cold_items > 0:
         cold = results[0]["cold_items"]
         head = (f"cold items: the test pairs of the {cold['items']:,} items with at most {cold['max_train_pairs']} "
-                "training pairs")  # fmt: skip
+                "training pairs, ranked among those items")  # fmt: skip
         cold_table = markdown_table([{**r, "metrics": r["cold_items"]["metrics"]} for r in results])
         (Path(cfg.bench.out_dir) / data.name / "cold_table.md").write_text(f"{head}\n\n{cold_table}\n")
         log(f"{head}\n{cold_table}")
