@@ -40,7 +40,7 @@ CONTEXT_FIELDS = ("301",)
 LIST_FIELDS = ("109_14", "110_14", "127_14", "150_14", "210")
 ITEM_LIST_FIELDS = ("210",)  # the impression's own list field; the others come with the request (user side)
 ENTRY = r"^(?P<field>[0-9_]+)\x02(?P<feature>[^\x01\x02\x03]+)\x03(?P<value>[^\x01\x02\x03]*)$"
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 32 << 20  # a block's parsed entries take several times its size: this bounds peak memory
 
 
 def raw_files(folder: Path, split: str) -> tuple[Path, Path]:
@@ -109,19 +109,21 @@ def parse_features(
     lists: dict[str, int] = {}
     if parts is None:
         return {f: pa.nulls(batch.num_rows, pa.string()) for f in fields}, lists
-    field = parts.field("field")
-    feature = parts.field("feature").to_numpy(zero_copy_only=False)
+    # everything stays in Arrow: no Python string per entry (a 64 MB block holds millions of entries)
+    field, feature = parts.field("field"), parts.field("feature")
     for f in fields:
         hit = np.flatnonzero(np.asarray(pc.equal(field, f)))
         rows, first = np.unique(parent[hit], return_index=True)
-        column = np.full(batch.num_rows, None, dtype=object)
-        column[rows] = feature[hit[first]]
-        out[f] = pa.array(column, type=pa.string())
+        at = np.zeros(batch.num_rows, dtype=np.int64)
+        at[rows] = hit[first]
+        missing = np.ones(batch.num_rows, dtype=bool)
+        missing[rows] = False
+        out[f] = pc.take(feature, pa.array(at, mask=missing))  # null where the row has no such entry
     for f in LIST_FIELDS:
         hit = np.flatnonzero(np.asarray(pc.equal(field, f)))
         if len(hit):  # every entry of the field, per row: a list feature (a bag)
             offsets = np.searchsorted(parent[hit], np.arange(batch.num_rows + 1)).astype(np.int32)
-            out[f] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(feature[hit], type=pa.string()))
+            out[f] = pa.ListArray.from_arrays(pa.array(offsets), pc.take(feature, pa.array(hit)))
             lists[f] = len(hit)
     return out, lists
 

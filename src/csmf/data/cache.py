@@ -200,6 +200,8 @@ def build_cache(
         pq.write_table(block, path)
         staged.append(path)
         rows += block.num_rows
+        del block
+        pa.default_memory_pool().release_unused()  # hand freed blocks back, or the pool keeps its peak
     if not rows:
         raise DataError(f"{source.name}: the log has no rows")
     users, items = _unique_ids(user_parts), _unique_ids(item_parts)
@@ -262,6 +264,8 @@ def build_cache(
                     writers[b] = pq.ParquetWriter(folder / "rows" / f"bucket={b:02d}" / "part-0.parquet", part.schema)
                 writers[b].write_table(part)
             path.unlink()
+            del block, table
+            pa.default_memory_pool().release_unused()
     finally:
         for writer in writers.values():
             writer.close()
