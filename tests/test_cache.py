@@ -166,3 +166,16 @@ def test_csmf_train_runs_from_the_cache_with_the_stream_preset(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["metrics"]) == {"exposure", "click", "conversion"}
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["name"] == "sim"
+
+
+def test_csmf_data_convert_builds_then_reuses_the_cache(raw_folder, tmp_path, capsys):
+    argv = ["data", "--dataset", "aliccp", "--data-dir", str(raw_folder), "--convert", "--quiet",
+            "--set", f"data.cache_dir={tmp_path / 'c'}"]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "rows/s" in first and "feature 109_14: user" in first and "(bag)" in first
+    built = (tmp_path / "c" / "manifest.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (tmp_path / "c" / "manifest.json").stat().st_mtime_ns == built  # current: not converted again
+    with pytest.raises(ConfigError, match="loads in memory"):
+        load_dataset(override(Config(), ["data.dataset=kuairand", f"data.cache_dir={tmp_path / 'k'}"]))
