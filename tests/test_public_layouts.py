@@ -177,3 +177,23 @@ def test_the_shared_aliexpress_sample_loads():
     data = load_aliexpress(SHARED / "aliexpress-sample")
     assert data.report.rows_read == 120 and leak_violations(data) == []
     assert data.stages == ("exposure", "click", "conversion")
+
+
+@pytest.mark.parametrize("layout", ["aliccp", "aliccp-raw", "kuairand", "tenrec"])
+def test_each_layout_converts_into_a_cache_with_every_simulated_positive(layout, layouts, truth, tmp_path):
+    from csmf.config import Config, override
+    from csmf.data.datasets import convert
+
+    name = "aliccp" if layout.startswith("aliccp") else layout
+    cfg = override(Config(), [f"data.dataset={name}", f"data.data_dir={layouts[layout]}",
+                              f"data.cache_dir={tmp_path / 'c'}"])  # fmt: skip
+    cache = convert(cfg)
+    assert cache.stages == STAGE_NAMES[layout] and cache.manifest["rows"] == truth.num_rows
+    data = cache.cascade(name)
+    assert leak_violations(data) == []
+    for ours, theirs in zip(data.stages, ("exposure", "click", "conversion"), strict=True):
+        assert union(data.train[ours], data.valid[ours], data.test[ours]).nnz == distinct_pairs(truth, theirs)
+    if name == "aliccp":  # the release's files are the split: the same pairs as the in-memory loader
+        memory = load(layout, layouts[layout])
+        for stage in data.stages:
+            assert data.test[stage].nnz == memory.test[stage].nnz and data.train[stage].nnz == memory.train[stage].nnz

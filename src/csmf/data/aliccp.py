@@ -130,3 +130,37 @@ def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0
         notes=[f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
                f"impressions (seeded); scenario {CONTEXT_FIELDS} is per impression"],
     )  # fmt: skip
+
+
+def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):
+    """Ali-CCP as a cache source: the raw release when it is there, else the processed CSVs read in blocks
+    (the same rows, split and checks as `load_aliccp`)."""
+    from csmf.data.cache import SPLIT_CODES, Source, file_blocks, no_empty, require
+
+    folder = Path(folder)
+    if has_raw_layout(folder):
+        return aliccp_raw_source(folder, valid_frac, seed)
+    files = aliccp_files(folder)
+
+    def blocks():
+        for split, path in files.items():
+            for where, table in file_blocks(path):
+                require(table, path, ("click", "purchase", USER_FIELD, ITEM_FIELD))
+                no_empty(table, where, (USER_FIELD, ITEM_FIELD))
+                click, purchase = check_stage(table, "click", where), check_stage(table, "purchase", where)
+                if (purchase & ~click).any():
+                    row = int(np.flatnonzero(purchase & ~click)[0])
+                    raise DataError(f"{where(row)}: purchase 1 without a click; Ali-CCP purchases follow clicks")
+                n = table.num_rows
+                out = {"user_id": table.column(USER_FIELD), "item_id": table.column(ITEM_FIELD),
+                       "split": pa.array(np.full(n, SPLIT_CODES[split], dtype=np.int8)),
+                       "exposure": pa.array(np.ones(n, dtype=np.int8)), "click": pa.array(click.astype(np.int8)),
+                       "purchase": pa.array(purchase.astype(np.int8))}  # fmt: skip
+                out |= {c: table.column(c) for c in table.column_names if c not in ("click", "purchase", USER_FIELD,
+                                                                                     ITEM_FIELD)}  # fmt: skip
+                yield pa.table(out)
+
+    return Source(
+        name="aliccp", files=list(files.values()), options={"layout": "aliccp"}, stages=STAGES, blocks=blocks,
+        notes=["Ali-CCP: the release's train / val / test files are the split; exposure = every row"],
+    )  # fmt: skip

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from csmf.data.errors import DataError
+from csmf.data.logtable import Locator
 from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
 from csmf.progress import bar
 
@@ -476,41 +477,55 @@ def pair_split(users: pa.Array, items: pa.Array, test_frac: float, valid_frac: f
     return code
 
 
+def file_blocks(path: Path, block_bytes: int = 64 << 20) -> Iterator[tuple[Locator, pa.Table]]:
+    """A CSV (with a header) or Parquet file in blocks: (a locator of the block's rows in the file, block)."""
+    import pyarrow.csv as pacsv
+
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1 << 20)
+    else:
+        read = pacsv.ReadOptions(block_size=block_bytes)
+        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        batches = pacsv.open_csv(path, read_options=read, convert_options=convert)
+    first = 0
+    try:
+        for batch in batches:
+            yield _Offset(path, first), pa.Table.from_batches([batch])
+            first += batch.num_rows
+    except pa.ArrowInvalid as err:  # a block the reader cannot parse: say where the readable rows end
+        raise DataError(f"{path}: cannot parse after data row {first:,}: {err}") from None
+
+
+def require(table: pa.Table, path: Path, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
+
+
+def no_empty(table: pa.Table, where: Locator, columns: tuple[str, ...]) -> None:
+    for col in columns:
+        if table.column(col).null_count:
+            row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(col))))[0])
+            raise DataError(f"{where(row)}: column {col!r} is empty")
+
+
 def log_source(
     path: Path, stages: tuple[str, ...], user_col: str, item_col: str, test_frac: float, valid_frac: float,
     seed: int, name: str, block_bytes: int = 64 << 20,
 ) -> Source:  # fmt: skip
     """A generic log (CSV or Parquet, e.g. the simulator's) as a cache source, read in blocks. Stages must be
     named (`--stages`): inference needs the whole file. The split is per pair (a seeded hash), not per user."""
-    import pyarrow.csv as pacsv
-
     from csmf.data.logtable import check_stage
 
     if not stages:
         raise DataError(f"{path}: name the stage columns (--stages) to convert a log into a cache")
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        if path.suffix == ".parquet":
-            yield from pq.ParquetFile(path).iter_batches(batch_size=1 << 20)
-        else:
-            read = pacsv.ReadOptions(block_size=block_bytes)
-            yield from pacsv.open_csv(path, read_options=read,
-                                      convert_options=pacsv.ConvertOptions(strings_can_be_null=True))  # fmt: skip
 
     def blocks() -> Iterator[pa.Table]:
-        first = 0
-        for batch in batches():
-            table = pa.Table.from_batches([batch])
-            missing = [c for c in (user_col, item_col, *stages) if c not in table.column_names]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
-            where = _Offset(path, first)
-            for col in (user_col, item_col):
-                if table.column(col).null_count:
-                    row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(col))))[0])
-                    raise DataError(f"{where(row)}: column {col!r} is empty")
+        for where, table in file_blocks(path, block_bytes):
+            require(table, path, (user_col, item_col, *stages))
+            no_empty(table, where, (user_col, item_col))
             out = {
                 "user_id": table.column(user_col),
                 "item_id": table.column(item_col),
@@ -518,22 +533,23 @@ def log_source(
             }
             out |= {s: pa.array(check_stage(table, s, where).astype(np.int8)) for s in stages}  # fmt: skip
             out |= {c: table.column(c) for c in table.column_names if c not in (user_col, item_col, *stages)}
-            first += table.num_rows
             yield pa.table(out)
 
     options = {"layout": "log", "stages": list(stages), "user_col": user_col, "item_col": item_col,
                "test_frac": test_frac, "valid_frac": valid_frac, "seed": seed}  # fmt: skip
-    note = f"{path.name}: split per (user, item) pair by a seeded hash (test {test_frac:.0%}, validation "
-    note += f"{valid_frac:.0%} of the rest)"
-    return Source(name=name, files=[path], options=options, stages=stages, blocks=blocks, notes=[note])
+    return Source(name=name, files=[path], options=options, stages=stages, blocks=blocks,
+                  notes=[pair_split_note(path.name, test_frac, valid_frac)])  # fmt: skip
+
+
+def pair_split_note(what: str, test_frac: float, valid_frac: float) -> str:
+    return (f"{what}: split per (user, item) pair by a seeded hash (test {test_frac:.0%}, validation "
+            f"{valid_frac:.0%} of the rest)")  # fmt: skip
 
 
 class _Offset:
     """A Locator for block `first`.. of a file: data row r of the block is data row first + r of the file."""
 
     def __init__(self, path: Path, first: int):
-        from csmf.data.logtable import Locator
-
         self.locate, self.first, self.path = Locator(path), first, path
 
     def __call__(self, row: int) -> str:

@@ -90,21 +90,27 @@ def convert(cfg: Config, progress: bool = False):
     if not d.cache_dir:
         raise ConfigError("data.cache_dir: give the folder of the Parquet cache (--set data.cache_dir=DIR)")
     folder = Path(d.cache_dir).expanduser()
+    if d.dataset in PUBLIC and not d.data_dir:
+        raise ConfigError(f"data.data_dir: give the folder holding the {PUBLIC[d.dataset]} files (--data-dir DIR)")
     if d.dataset == "aliccp":
-        from csmf.data.aliccp import aliccp_raw_source
-        from csmf.data.aliccp_raw import has_raw_layout
+        from csmf.data.aliccp import aliccp_source
 
-        if not d.data_dir or not has_raw_layout(Path(d.data_dir)):
-            raise ConfigError("data.cache_dir: the cache reads the raw Ali-CCP release (sample_skeleton_*.csv in "
-                              "data.data_dir); the processed CSVs load in memory")  # fmt: skip
-        source = aliccp_raw_source(d.data_dir, d.valid_frac, d.split_seed)
+        source = aliccp_source(d.data_dir, d.valid_frac, d.split_seed)
+    elif d.dataset == "tenrec":
+        from csmf.data.tenrec import tenrec_source
+
+        source = tenrec_source(d.data_dir, d.tenrec_conversion, d.tenrec_file, d.test_frac, d.valid_frac, d.split_seed)
+    elif d.dataset == "kuairand":
+        from csmf.data.kuairand import kuairand_source
+
+        source = kuairand_source(d.data_dir, d.kuairand_conversion, d.test_frac, d.valid_frac, d.split_seed)
     elif d.dataset == "sim":
         path = _simulated_log(cfg, folder.with_name(folder.name + "-source"), progress)
         source = log_source(path, ("exposure", "click", "conversion"), "user_id", "item_id", d.test_frac,
                             d.valid_frac, d.split_seed, "sim")  # fmt: skip
     elif d.dataset in NAMED_DATASETS:
-        raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts the raw Ali-CCP "
-                          "release, the simulator and generic logs")  # fmt: skip
+        raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts Ali-CCP, KuaiRand, "
+                          "Tenrec, the simulator and generic logs")  # fmt: skip
     else:
         source = log_source(Path(d.dataset), d.stages, d.user_col, d.item_col, d.test_frac, d.valid_frac,
                             d.split_seed, dataset_name(d.dataset))  # fmt: skip

@@ -132,3 +132,52 @@ def load_kuairand(folder: str | Path, conversion: str = "long_view") -> CascadeL
         f"KuaiRand: {len(logs)} log file(s); exposure = every row, click = is_click, {conversion} = {source}"
     )
     return log
+
+
+def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid_frac: float, seed: int):
+    """KuaiRand as a cache source: each log read in blocks and joined with the feature files (held whole: one
+    row per user or video), split per pair."""
+    from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note, require
+
+    if conversion not in CONVERSIONS:
+        raise DataError(f"data.kuairand_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
+    folder = Path(folder)
+    logs, user_files, video_files = kuairand_files(folder)
+
+    def blocks():
+        joins = []
+        for paths, key, side, known in ((user_files, "user_id", "user_id", USER_COLUMNS),
+                                        (video_files, "video_id", "item_id", VIDEO_COLUMNS)):  # fmt: skip
+            features = _features(paths, key)
+            if features is not None:
+                features = features.rename_columns([side if c == key else c for c in features.column_names])
+                joins.append((side, features.select([side, *(c for c in features.column_names if c in known)])))
+        for path in logs:
+            for where, table in file_blocks(path):
+                require(table, path, ("user_id", "video_id", "is_click"))
+                no_empty(table, where, ("user_id", "video_id"))
+                click = check_stage(table, "is_click", where)
+                if conversion in table.column_names:
+                    later = check_stage(table, conversion, where)
+                elif conversion == "long_view":
+                    later = _long_view(table, path).to_numpy().astype(bool)
+                else:
+                    raise DataError(f"{path}: no {conversion!r} column (data.kuairand_conversion)")
+                users, items = table.column("user_id"), table.column("video_id")
+                out = {"user_id": users, "item_id": items,
+                       "split": pair_split(users, items, test_frac, valid_frac, seed),
+                       "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
+                       "click": pa.array(click.astype(np.int8)),
+                       conversion: pa.array(later.astype(np.int8))}  # fmt: skip
+                out |= {c: table.column(c) for c in table.column_names if c in USER_COLUMNS or c in VIDEO_COLUMNS}
+                block = pa.table(out).append_column("__row", pa.array(np.arange(table.num_rows)))
+                for side, features in joins:
+                    extra = [c for c in features.column_names if c != side and c not in block.column_names]
+                    block = block.join(features.select([side, *extra]), keys=side, join_type="left outer")
+                yield block.sort_by("__row").drop_columns(["__row"])
+
+    options = {"layout": "kuairand", "conversion": conversion, "test_frac": test_frac, "valid_frac": valid_frac,
+               "seed": seed}  # fmt: skip
+    return Source(name="kuairand", files=logs + user_files + video_files, options=options,
+                  stages=("exposure", "click", conversion), blocks=blocks,
+                  notes=[pair_split_note(f"{len(logs)} KuaiRand log(s)", test_frac, valid_frac)])  # fmt: skip

@@ -84,3 +84,36 @@ def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") ->
     log = log_from_table(pa.table(out), where, ("exposure", "click", conversion))
     log.report.notes.append(f"Tenrec {path.name}: exposure = every row, click = click, {conversion} = {conversion}")
     return log
+
+
+def tenrec_source(folder: str | Path, conversion: str, name: str, test_frac: float, valid_frac: float, seed: int):
+    """Tenrec as a cache source, read in blocks: the rows and checks of `load_tenrec`, split per pair."""
+    from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note, require
+
+    if conversion not in CONVERSIONS:
+        raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
+    path = tenrec_file(Path(folder), name)
+
+    def blocks():
+        for where, table in file_blocks(path):
+            require(table, path, ("user_id", "item_id", "click", conversion))
+            no_empty(table, where, ("user_id", "item_id"))
+            click, later = check_stage(table, "click", where), check_stage(table, conversion, where)
+            if (later & ~click).any():
+                row = int(np.flatnonzero(later & ~click)[0])
+                raise DataError(f"{where(row)}: {conversion} 1 without a click; Tenrec's later actions follow a click")
+            history = sorted((c for c in table.column_names if re.fullmatch(r"hist_\d+", c)), key=lambda c: int(c[5:]))
+            other = [c for c in table.column_names if c not in ("user_id", "item_id", "click", *CONVERSIONS, *history)]
+            users, items = table.column("user_id"), table.column("item_id")
+            out = {"user_id": users, "item_id": items, "split": pair_split(users, items, test_frac, valid_frac, seed),
+                   "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
+                   "click": pa.array(click.astype(np.int8)), conversion: pa.array(later.astype(np.int8))}  # fmt: skip
+            out |= {c: table.column(c) for c in other}
+            if history:
+                out["hist"] = _as_list(table, history)
+            yield pa.table(out)
+
+    options = {"layout": "tenrec", "conversion": conversion, "test_frac": test_frac, "valid_frac": valid_frac,
+               "seed": seed}  # fmt: skip
+    return Source(name="tenrec", files=[path], options=options, stages=("exposure", "click", conversion),
+                  blocks=blocks, notes=[pair_split_note(path.name, test_frac, valid_frac)])  # fmt: skip
