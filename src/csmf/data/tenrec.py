@@ -58,17 +58,14 @@ def _as_list(table: pa.Table, columns: list[str]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(cells[present].astype(str)))
 
 
-def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") -> CascadeLog:
-    if conversion not in CONVERSIONS:
-        raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
-    path = tenrec_file(Path(folder), name)
-    table = read_table(path)
+def _rows(table: pa.Table, path: Path, where, conversion: str) -> dict[str, pa.Array]:
+    """A block of a Tenrec log as the cascade's columns (exposure, click, the later action, features); the
+    checks name the file and line."""
     missing = [c for c in ("user_id", "item_id", "click", conversion) if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}"
                         + (" (pick another stage with --set data.tenrec_conversion=...)" if conversion in missing
                            else ""))  # fmt: skip
-    where = Locator(path)
     click, later = check_stage(table, "click", where), check_stage(table, conversion, where)
     if (later & ~click).any():
         row = int(np.flatnonzero(later & ~click)[0])
@@ -81,14 +78,23 @@ def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") ->
     out |= {c: table.column(c) for c in other}
     if history:  # ctr_data_1M's hist_1..hist_10 (the user's recent items) as one list column: a bag feature
         out["hist"] = _as_list(table, history)
-    log = log_from_table(pa.table(out), where, ("exposure", "click", conversion))
+    return out
+
+
+def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") -> CascadeLog:
+    if conversion not in CONVERSIONS:
+        raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
+    path = tenrec_file(Path(folder), name)
+    where = Locator(path)
+    log = log_from_table(pa.table(_rows(read_table(path), path, where, conversion)), where,
+                         ("exposure", "click", conversion))  # fmt: skip
     log.report.notes.append(f"Tenrec {path.name}: exposure = every row, click = click, {conversion} = {conversion}")
     return log
 
 
 def tenrec_source(folder: str | Path, conversion: str, name: str, test_frac: float, valid_frac: float, seed: int):
     """Tenrec as a cache source, read in blocks: the rows and checks of `load_tenrec`, split per pair."""
-    from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note, require
+    from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note
 
     if conversion not in CONVERSIONS:
         raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
@@ -96,22 +102,10 @@ def tenrec_source(folder: str | Path, conversion: str, name: str, test_frac: flo
 
     def blocks():
         for where, table in file_blocks(path):
-            require(table, path, ("user_id", "item_id", "click", conversion))
+            out = _rows(table, path, where, conversion)
             no_empty(table, where, ("user_id", "item_id"))
-            click, later = check_stage(table, "click", where), check_stage(table, conversion, where)
-            if (later & ~click).any():
-                row = int(np.flatnonzero(later & ~click)[0])
-                raise DataError(f"{where(row)}: {conversion} 1 without a click; Tenrec's later actions follow a click")
-            history = sorted((c for c in table.column_names if re.fullmatch(r"hist_\d+", c)), key=lambda c: int(c[5:]))
-            other = [c for c in table.column_names if c not in ("user_id", "item_id", "click", *CONVERSIONS, *history)]
-            users, items = table.column("user_id"), table.column("item_id")
-            out = {"user_id": users, "item_id": items, "split": pair_split(users, items, test_frac, valid_frac, seed),
-                   "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
-                   "click": pa.array(click.astype(np.int8)), conversion: pa.array(later.astype(np.int8))}  # fmt: skip
-            out |= {c: table.column(c) for c in other}
-            if history:
-                out["hist"] = _as_list(table, history)
-            yield pa.table(out)
+            split = pair_split(out["user_id"], out["item_id"], test_frac, valid_frac, seed)
+            yield pa.table({"split": pa.array(split), **out})
 
     options = {"layout": "tenrec", "conversion": conversion, "test_frac": test_frac, "valid_frac": valid_frac,
                "seed": seed}  # fmt: skip
