@@ -178,5 +178,4 @@ def test_csmf_data_convert_builds_then_reuses_the_cache(raw_folder, tmp_path, ca
     assert main(argv) == 0
     assert (tmp_path / "c" / "manifest.json").stat().st_mtime_ns == built  # current: not converted again
     with pytest.raises(ConfigError, match="loads in memory"):
-        load_dataset(override(Config(), ["data.dataset=aliexpress", f"data.data_dir={tmp_path}",
-                                         f"data.cache_dir={tmp_path / 'k'}"]))  # fmt: skip
+        load_dataset(override(Config(), ["data.dataset=jd", f"data.cache_dir={tmp_path / 'k'}"]))

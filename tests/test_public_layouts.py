@@ -179,7 +179,7 @@ def test_the_shared_aliexpress_sample_loads():
     assert data.stages == ("exposure", "click", "conversion")
 
 
-@pytest.mark.parametrize("layout", ["aliccp", "aliccp-raw", "kuairand", "tenrec"])
+@pytest.mark.parametrize("layout", ["aliccp", "aliccp-raw", "aliexpress", "kuairand", "tenrec"])
 def test_each_layout_converts_into_a_cache_with_every_simulated_positive(layout, layouts, truth, tmp_path):
     from csmf.config import Config, override
     from csmf.data.datasets import convert
@@ -193,6 +193,11 @@ def test_each_layout_converts_into_a_cache_with_every_simulated_positive(layout,
     assert leak_violations(data) == []
     for ours, theirs in zip(data.stages, ("exposure", "click", "conversion"), strict=True):
         assert union(data.train[ours], data.valid[ours], data.test[ours]).nnz == distinct_pairs(truth, theirs)
+    if name == "aliexpress":  # the item is its category tuple: the same catalogue and searches as in memory
+        memory = load(layout, layouts[layout])
+        assert (data.n_users, data.n_items) == (memory.n_users, memory.n_items)
+        assert set(data.user_features) == set(memory.user_features)
+        assert set(data.item_features) == set(memory.item_features)
     if name == "aliccp":  # the release's files are the split: the same pairs as the in-memory loader
         memory = load(layout, layouts[layout])
         for stage in data.stages:

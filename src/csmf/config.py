@@ -88,7 +88,7 @@ class DataConfig(Checked):
     tenrec_conversion: Literal["like", "follow", "share"] = "like"  # Tenrec's third stage (csmf.data.tenrec)
     tenrec_file: str = ""  # which Tenrec log in data_dir (QK-video.csv, ...); "" = the only one there
     # Convert the log once into a Parquet cache in this folder and read it from there (csmf.data.cache): Ali-CCP,
-    # KuaiRand, Tenrec, the simulator, generic logs (a per-pair hash split for the ones without a release split);
+    # AliExpress, KuaiRand, Tenrec, the simulator, generic logs (a per-pair hash split for logs without a split);
     # rebuilt when a source file or an option changes. "" = off
     cache_dir: str = ""
     stream_eval_users: int = 20_000  # train.stream: held-out users evaluated (a seeded sample; 0 = all)

@@ -64,6 +64,43 @@ def _query_columns(table: pa.Table, candidates: list[str]) -> list[str]:
     return out
 
 
+def _checked(table: pa.Table, path: Path, where) -> list[str]:
+    """The feature columns of a block, after the checks that name the file and line."""
+    missing = [c for c in (SEARCH, "click", "conversion") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
+    if table.column(SEARCH).null_count:
+        row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(SEARCH))))[0])
+        raise DataError(f"{where(row)}: column {SEARCH!r} is empty; every row belongs to a search")
+    features = [c for c in table.column_names if c.startswith(("categorical_", "numerical_"))]
+    if not any(c.startswith("categorical_") for c in features):
+        raise DataError(f"{path}: no categorical_* columns; the item is identified by them")
+    for col in features:
+        if table.column(col).null_count:
+            row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(col))))[0])
+            raise DataError(f"{where(row)}: column {col!r} is empty")
+        kind = table.column(col).type
+        if col.startswith("numerical_") and not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            raise DataError(f"{path}: column {col!r} has type {kind}; numerical_* hold numbers")
+    return features
+
+
+def _rows(table: pa.Table, where, query: list[str], key_columns: list[str]) -> dict[str, pa.Array]:
+    """A block as the cascade's columns: user = search, item = the item-side category tuple."""
+    click, conversion = check_stage(table, "click", where), check_stage(table, "conversion", where)
+    if (conversion & ~click).any():
+        row = int(np.flatnonzero(conversion & ~click)[0])
+        raise DataError(f"{where(row)}: conversion 1 without a click; AliExpress conversions follow clicks")
+    key = pc.binary_join_element_wise(*(table.column(c).cast(pa.string()) for c in key_columns), "|")
+    out = {"user_id": table.column(SEARCH).cast(pa.string()), "item_id": key,
+           "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
+           "click": pa.array(click.astype(np.int8)),
+           "conversion": pa.array(conversion.astype(np.int8))}  # fmt: skip
+    out |= {c: table.column(c) for c in query}
+    out |= {f"item:{c}": table.column(c) for c in key_columns}  # named apart: they also form the item key
+    return out
+
+
 def load_aliexpress(
     folder: str | Path, valid_frac: float = 0.1, seed: int = 0, query_columns: tuple[str, ...] | None = None
 ) -> CascadeData:
@@ -72,23 +109,7 @@ def load_aliexpress(
     raw = {}
     for split, path in files.items():
         table = read_table(path)
-        missing = [c for c in (SEARCH, "click", "conversion") if c not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
-        if table.column(SEARCH).null_count:
-            row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(SEARCH))))[0])
-            raise DataError(f"{Locator(path)(row)}: column {SEARCH!r} is empty; every row belongs to a search")
-        features = [c for c in table.column_names if c.startswith(("categorical_", "numerical_"))]
-        if not any(c.startswith("categorical_") for c in features):
-            raise DataError(f"{path}: no categorical_* columns; the item is identified by them")
-        for col in features:
-            if table.column(col).null_count:
-                row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(col))))[0])
-                raise DataError(f"{Locator(path)(row)}: column {col!r} is empty")
-            if col.startswith("numerical_") and not pa.types.is_floating(table.column(col).type) \
-                    and not pa.types.is_integer(table.column(col).type):  # fmt: skip
-                raise DataError(f"{path}: column {col!r} has type {table.column(col).type}; numerical_* hold numbers")
-        raw[split] = (path, table, features)
+        raw[split] = (path, table, _checked(table, path, Locator(path)))
     # the query side over every file: a column must be constant within each search everywhere
     both = pa.concat_tables([t.select([SEARCH, *f]) for _, t, f in raw.values()], promote_options="default")
     shared = [c for c in raw["train"][2] if c in raw["test"][2]]
@@ -106,18 +127,7 @@ def load_aliexpress(
 
     tables, sources = {}, {}
     for split, (path, table, _) in raw.items():
-        where = Locator(path)
-        click, conversion = check_stage(table, "click", where), check_stage(table, "conversion", where)
-        if (conversion & ~click).any():
-            row = int(np.flatnonzero(conversion & ~click)[0])
-            raise DataError(f"{where(row)}: conversion 1 without a click; AliExpress conversions follow clicks")
-        key = pc.binary_join_element_wise(*(table.column(c).cast(pa.string()) for c in key_columns), "|")
-        out = {"user_id": table.column(SEARCH).cast(pa.string()), "item_id": key,
-               "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
-               "click": pa.array(click.astype(np.int8)),
-               "conversion": pa.array(conversion.astype(np.int8))}  # fmt: skip
-        out |= {c: table.column(c) for c in query}
-        out |= {f"item:{c}": table.column(c) for c in key_columns}  # named apart: they also form the item key
+        out = _rows(table, Locator(path), query, key_columns)
         normalised = pa.table(out)
         if split == "test":
             tables["test"], sources["test"] = normalised, [(path, table.num_rows)]
@@ -137,3 +147,51 @@ def load_aliexpress(
         user_features=tuple(query), item_features=tuple(f"item:{c}" for c in key_columns),
     )  # fmt: skip
     return data
+
+
+def aliexpress_source(folder: str | Path, valid_frac: float, seed: int, query_columns: tuple[str, ...] | None):
+    """AliExpress as a cache source, read in blocks. The query columns are `data.user_features` or, when that
+    is empty, inferred from the training file's first block (a search's rows are contiguous in the release;
+    the cache then checks that each is constant within every search over all the rows, and fails if not);
+    validation = the training searches whose seeded hash falls below `valid_frac`."""
+    from csmf.data.cache import SPLIT_CODES, Source, file_blocks, pair_split
+
+    folder = Path(folder)
+    files = aliexpress_files(folder)
+    chosen: dict[str, list[str]] = {}
+
+    def sides(table: pa.Table, features: list[str]) -> tuple[list[str], list[str]]:
+        if "query" not in chosen:
+            query = list(query_columns) if query_columns else _query_columns(table, features)
+            chosen["query"] = query
+            chosen["key"] = [c for c in features if c.startswith("categorical_") and c not in query]
+            if not chosen["key"]:
+                raise DataError(f"{folder}: every categorical column is constant within a search; nothing "
+                                "identifies items")  # fmt: skip
+        return chosen["query"], chosen["key"]
+
+    def blocks():
+        for split, path in files.items():
+            for where, table in file_blocks(path):
+                query, key_columns = sides(table, _checked(table, path, where))
+                out = _rows(table, where, query, key_columns)
+                if split == "test":
+                    code = np.full(table.num_rows, SPLIT_CODES["test"], dtype=np.int8)
+                else:  # whole searches: the hash of the search alone (an empty item for every row)
+                    nothing = pa.array(np.full(table.num_rows, "", dtype=object), type=pa.string())
+                    code = pair_split(out["user_id"], nothing, 0.0, valid_frac, seed)
+                yield pa.table({"split": pa.array(code), **out})
+
+    query = tuple(query_columns) if query_columns else None
+    note = (
+        "AliExpress: user = search_id, item = the tuple of the item-side categorical columns; test = the release's "
+        f"test file, validation = {valid_frac:.0%} of the training searches (by a seeded hash)"
+    )
+    return Source(
+        name="aliexpress",
+        files=list(files.values()),
+        options={"layout": "aliexpress", "valid_frac": valid_frac, "seed": seed, "query": query},
+        stages=STAGES,
+        blocks=blocks,
+        notes=[note],
+    )  # fmt: skip (the cache infers each side)

@@ -96,6 +96,10 @@ def convert(cfg: Config, progress: bool = False):
         from csmf.data.aliccp import aliccp_source
 
         source = aliccp_source(d.data_dir, d.valid_frac, d.split_seed)
+    elif d.dataset == "aliexpress":
+        from csmf.data.aliexpress import aliexpress_source
+
+        source = aliexpress_source(d.data_dir, d.valid_frac, d.split_seed, d.user_features)
     elif d.dataset == "tenrec":
         from csmf.data.tenrec import tenrec_source
 
@@ -109,8 +113,8 @@ def convert(cfg: Config, progress: bool = False):
         source = log_source(path, ("exposure", "click", "conversion"), "user_id", "item_id", d.test_frac,
                             d.valid_frac, d.split_seed, "sim")  # fmt: skip
     elif d.dataset in NAMED_DATASETS:
-        raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts Ali-CCP, KuaiRand, "
-                          "Tenrec, the simulator and generic logs")  # fmt: skip
+        raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts Ali-CCP, AliExpress, "
+                          "KuaiRand, Tenrec, the simulator and generic logs")  # fmt: skip
     else:
         source = log_source(Path(d.dataset), d.stages, d.user_col, d.item_col, d.test_frac, d.valid_frac,
                             d.split_seed, dataset_name(d.dataset))  # fmt: skip
