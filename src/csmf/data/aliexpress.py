@@ -151,8 +151,9 @@ def load_aliexpress(
 
 def aliexpress_source(folder: str | Path, valid_frac: float, seed: int, query_columns: tuple[str, ...] | None):
     """AliExpress as a cache source, read in blocks. The query columns are `data.user_features` or, when that
-    is empty, inferred from the training file's first block (a search's rows are contiguous in the release;
-    the cache then checks that each is constant within every search over all the rows, and fails if not);
+    is empty, inferred from the training file's first block (a search's rows are contiguous in the release);
+    a query column that turns out to vary within a search over all the rows is kept per row and named in the
+    manifest's notes, and the item key (the other categorical columns) is not changed by it;
     validation = the training searches whose seeded hash falls below `valid_frac`."""
     from csmf.data.cache import SPLIT_CODES, Source, file_blocks, pair_split
 
