@@ -548,6 +548,16 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.toml"))
 
 
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
 def load_config(path: str | Path) -> Config:
     """A TOML config file, or the name of a shipped preset (`mlp`: the previous MLP backbone's settings)."""
     path = Path(path)
@@ -555,13 +565,7 @@ def load_config(path: str | Path) -> Config:
         path = PRESETS / f"{path}.toml"
     elif not path.exists() and path.suffix == "":
         raise ConfigError(f"config file {path} does not exist and is not a preset; presets: {presets()}")
-    try:
-        with path.open("rb") as fh:
-            values = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    values = _read_toml(path)
     try:
         return config_from_dict(values)
     except ConfigError as err:
@@ -602,13 +606,7 @@ def override(cfg: Config, assignments: list[str]) -> Config:
 def override_from_file(cfg: Config, path: str | Path) -> Config:
     """Apply only the keys a TOML file sets (each as if given with --set) to an existing config."""
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            values = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    values = _read_toml(path)
 
     def leaves(table: dict, prefix: str):
         for key, value in table.items():

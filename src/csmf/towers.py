@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from csmf.hashing import mix64
 from csmf.masks import active, trainable_rows, usable
 
 
@@ -185,13 +186,8 @@ class Features:
 
 
 def stable_hash(values: np.ndarray) -> np.ndarray:
-    """A platform-independent 63-bit hash of integer values (splitmix64's finaliser)."""
-    x = values.astype(np.int64).view(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(1)).astype(np.int64)
+    """A platform-independent 63-bit hash of integer values."""
+    return (mix64(values.astype(np.int64).view(np.uint64)) >> np.uint64(1)).astype(np.int64)
 
 
 def features_of(arrays: dict[str, np.ndarray], m) -> Features:

@@ -45,6 +45,22 @@ def aliccp_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _rows(table: pa.Table, path: Path, where) -> dict[str, pa.Array]:
+    """A block of a processed Ali-CCP file as the cascade's columns; the checks name the file and line."""
+    missing = [c for c in ("click", "purchase", USER_FIELD, ITEM_FIELD) if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
+    click, purchase = check_stage(table, "click", where), check_stage(table, "purchase", where)
+    if (purchase & ~click).any():
+        row = int(np.flatnonzero(purchase & ~click)[0])
+        raise DataError(f"{where(row)}: purchase 1 without a click; Ali-CCP purchases follow clicks")
+    features = [c for c in table.column_names if c not in ("click", "purchase", USER_FIELD, ITEM_FIELD)]
+    out = {"user_id": table.column(USER_FIELD), "item_id": table.column(ITEM_FIELD),
+           "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
+           "click": pa.array(click.astype(np.int8)), "purchase": pa.array(purchase.astype(np.int8))}  # fmt: skip
+    return out | {c: table.column(c) for c in features}
+
+
 def load_aliccp(folder: str | Path, valid_frac: float = 0.1, seed: int = 0) -> CascadeData:
     """Ali-CCP from `folder`: the raw release (sample_skeleton / common_features) when it is there, else the
     processed CSVs. valid_frac and seed only apply to the raw release, which has no validation file."""
@@ -55,20 +71,7 @@ def load_aliccp(folder: str | Path, valid_frac: float = 0.1, seed: int = 0) -> C
     tables, sources = {}, {}
     for split, path in files.items():
         table = read_table(path)
-        missing = [c for c in ("click", "purchase", USER_FIELD, ITEM_FIELD) if c not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
-        where = Locator(path)
-        click, purchase = check_stage(table, "click", where), check_stage(table, "purchase", where)
-        if (purchase & ~click).any():
-            row = int(np.flatnonzero(purchase & ~click)[0])
-            raise DataError(f"{where(row)}: purchase 1 without a click; Ali-CCP purchases follow clicks")
-        features = [c for c in table.column_names if c not in ("click", "purchase", USER_FIELD, ITEM_FIELD)]
-        out = {"user_id": table.column(USER_FIELD), "item_id": table.column(ITEM_FIELD),
-               "exposure": pa.array(np.ones(table.num_rows, dtype=np.int8)),
-               "click": pa.array(click.astype(np.int8)), "purchase": pa.array(purchase.astype(np.int8))}  # fmt: skip
-        out |= {c: table.column(c) for c in features}
-        tables[split] = pa.table(out)
+        tables[split] = pa.table(_rows(table, path, Locator(path)))
         sources[split] = [(path, table.num_rows)]
     note = "Ali-CCP: the release's train / val / test files are the split; exposure = every row"
     return cascade_from_files("aliccp", tables, sources, STAGES, note)
@@ -135,7 +138,7 @@ def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0
 def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):
     """Ali-CCP as a cache source: the raw release when it is there, else the processed CSVs read in blocks
     (the same rows, split and checks as `load_aliccp`)."""
-    from csmf.data.cache import SPLIT_CODES, Source, file_blocks, no_empty, require
+    from csmf.data.cache import SPLIT_CODES, Source, file_blocks, no_empty
 
     folder = Path(folder)
     if has_raw_layout(folder):
@@ -145,20 +148,9 @@ def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):
     def blocks():
         for split, path in files.items():
             for where, table in file_blocks(path):
-                require(table, path, ("click", "purchase", USER_FIELD, ITEM_FIELD))
+                out = _rows(table, path, where)
                 no_empty(table, where, (USER_FIELD, ITEM_FIELD))
-                click, purchase = check_stage(table, "click", where), check_stage(table, "purchase", where)
-                if (purchase & ~click).any():
-                    row = int(np.flatnonzero(purchase & ~click)[0])
-                    raise DataError(f"{where(row)}: purchase 1 without a click; Ali-CCP purchases follow clicks")
-                n = table.num_rows
-                out = {"user_id": table.column(USER_FIELD), "item_id": table.column(ITEM_FIELD),
-                       "split": pa.array(np.full(n, SPLIT_CODES[split], dtype=np.int8)),
-                       "exposure": pa.array(np.ones(n, dtype=np.int8)), "click": pa.array(click.astype(np.int8)),
-                       "purchase": pa.array(purchase.astype(np.int8))}  # fmt: skip
-                out |= {c: table.column(c) for c in table.column_names if c not in ("click", "purchase", USER_FIELD,
-                                                                                     ITEM_FIELD)}  # fmt: skip
-                yield pa.table(out)
+                yield pa.table({"split": pa.array(np.full(table.num_rows, SPLIT_CODES[split], dtype=np.int8)), **out})
 
     return Source(
         name="aliccp", files=list(files.values()), options={"layout": "aliccp"}, stages=STAGES, blocks=blocks,

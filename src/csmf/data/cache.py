@@ -42,6 +42,7 @@ import scipy.sparse as sp
 from csmf.data.errors import DataError
 from csmf.data.logtable import Locator
 from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
+from csmf.hashing import mix64
 from csmf.progress import bar
 
 FORMAT = 1
@@ -87,11 +88,8 @@ class _Vocabulary:
         self.threshold, self.buckets = threshold, buckets
         self.values: pa.Array | None = None
         self.hashed = False
-        self.numeric = True
 
     def add(self, column: pa.ChunkedArray | pa.Array) -> None:
-        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-            self.numeric = False
         if self.hashed:
             return
         seen = pc.unique(column.cast(pa.string()))
@@ -109,17 +107,9 @@ class _Vocabulary:
 
     def encode(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         """int32 codes; 0 is reserved for an empty cell."""
-        text = column.cast(pa.string())
-        if self.hashed:
-            encoded = pc.dictionary_encode(text)
-            encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
-            words = encoded.dictionary.to_pylist()
-            table = np.array([zlib.crc32(w.encode()) % self.buckets if w is not None else 0 for w in words],
-                             dtype=np.int32)  # fmt: skip
-            idx = encoded.indices.to_numpy(zero_copy_only=False)
-            codes = table[np.nan_to_num(idx, nan=0).astype(np.int64)] if len(table) else np.zeros(len(idx), np.int32)
-            return np.where(np.asarray(pc.is_null(text)), 0, codes).astype(np.int32)
-        at = pc.index_in(text, value_set=self.values)
+        if self.hashed:  # an empty cell hashes to 0 as well
+            return (_text_hash(column) % np.uint64(self.buckets)).astype(np.int32)
+        at = pc.index_in(column.cast(pa.string()), value_set=self.values)
         return (at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1).astype(np.int32)
 
 
@@ -163,10 +153,12 @@ def build_cache(
     hash_threshold: int = 10_000,
     hash_buckets: int = 4096,
     progress: bool = False,
+    identity: dict | None = None,
 ) -> dict:
-    """Convert `source` into a cache at `folder` (replacing what is there); returns the manifest."""
+    """Convert `source` into a cache at `folder` (replacing what is there); returns the manifest. `identity`:
+    the source's fingerprint when the caller has just computed it (hashing gigabytes twice costs seconds)."""
     start = time.perf_counter()
-    identity = fingerprint(source)
+    identity = dict(identity or fingerprint(source))
     identity["build"] = {"buckets": buckets, "hash_threshold": hash_threshold, "hash_buckets": hash_buckets}
     if folder.exists():
         shutil.rmtree(folder)
@@ -348,19 +340,6 @@ class Cache:
         return pq.read_table(self.folder / f"{side}s.parquet", columns=["id"]).column("id").to_numpy(
             zero_copy_only=False)  # fmt: skip
 
-    def pairs(self, stage: str, split: str, users: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(users, items) of the rows of `split` positive at `stage`, bucket by bucket (optionally only `users`)."""
-        code = SPLIT_CODES[split]
-        for path in self.bucket_files():
-            for batch in pq.ParquetFile(path).iter_batches(columns=["user", "item", "split", stage]):
-                keep = (batch.column("split").to_numpy() == code) & (batch.column(stage).to_numpy() == 1)
-                u, i = batch.column("user").to_numpy()[keep], batch.column("item").to_numpy()[keep]
-                if users is not None:
-                    inside = np.isin(u, users)
-                    u, i = u[inside], i[inside]
-                if len(u):
-                    yield u, i
-
     def held_out_users(self) -> np.ndarray:
         """Every user with a validation or test row."""
         found = []
@@ -370,13 +349,30 @@ class Cache:
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int32)
 
     def matrix(self, stage: str, split: str, users: np.ndarray | None = None) -> sp.csr_matrix:
-        us, its = [], []
-        for u, i in self.pairs(stage, split, users):
-            us.append(u)
-            its.append(i)
-        u = np.concatenate(us) if us else np.zeros(0, np.int32)
-        i = np.concatenate(its) if its else np.zeros(0, np.int32)
-        return pairs_to_csr(u, i, self.n_users, self.n_items)
+        return self.matrices(users)[split][stage]
+
+    def matrices(self, users: np.ndarray | None = None) -> dict[str, dict[str, sp.csr_matrix]]:
+        """split -> stage -> the (user, item) pairs positive there, from one read of the rows (optionally only
+        the rows of `users`)."""
+        found: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for path in self.bucket_files():
+            for batch in pq.ParquetFile(path).iter_batches(columns=["user", "item", "split", *self.stages]):
+                u, i = batch.column("user").to_numpy(), batch.column("item").to_numpy()
+                split = batch.column("split").to_numpy()
+                inside = np.isin(u, users) if users is not None else np.ones(len(u), dtype=bool)
+                for name, code in SPLIT_CODES.items():
+                    for stage in self.stages:
+                        keep = inside & (split == code) & (batch.column(stage).to_numpy() == 1)
+                        if keep.any():
+                            found.setdefault((name, stage), []).append((u[keep], i[keep]))
+        out: dict[str, dict[str, sp.csr_matrix]] = {}
+        for name in SPLIT_CODES:
+            for stage in self.stages:
+                parts = found.get((name, stage), [])
+                us = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+                its = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+                out.setdefault(name, {})[stage] = pairs_to_csr(us, its, self.n_users, self.n_items)
+        return out
 
     def batches(
         self, stage: str, batch_size: int, seed: int, buffer_rows: int = 1 << 20
@@ -418,7 +414,7 @@ class Cache:
 
         report = LoadReport(str(self.folder))
         report.rows_read = int(self.manifest["rows"])
-        parts = {split: {s: self.matrix(s, split, users) for s in self.stages} for split in SPLIT_CODES}
+        parts = self.matrices(users)
         train, valid, test = parts["train"], parts["val"], parts["test"]
         apply_leak_rule(self.stages, train, valid, test, report)
         report.notes.extend(self.manifest.get("notes", []))
@@ -435,41 +431,39 @@ def ensure_cache(source: Source, folder: Path, progress: bool = False, log: Call
     """The cache of `source` at `folder`: reused when its manifest matches the source files and options now,
     rebuilt otherwise (a changed source file invalidates it; a partial one is never read)."""
     manifest = folder / "manifest.json"
+    identity = fingerprint(source)
     if manifest.exists():
         cached = json.loads(manifest.read_text())
-        now = fingerprint(source)
-        now["build"] = {k: options.get(k, v) for k, v in BUILD_DEFAULTS.items()}
+        now = identity | {"build": {k: options.get(k, v) for k, v in BUILD_DEFAULTS.items()}}
         if all(cached.get(k) == v for k, v in now.items()):
             return Cache(folder)
         log(f"cache {folder}: the source or its options changed since it was built; converting again")
     elif folder.exists() and any(folder.iterdir()):
         log(f"cache {folder}: unfinished conversion found; converting again")
-    build_cache(source, folder, progress=progress, **options)
+    build_cache(source, folder, progress=progress, identity=identity, **options)
     return Cache(folder)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-spread uint64 from any uint64 (vectorised, platform-independent)."""
-    x = x.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+def dictionary(column: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
+    """The column dictionary-encoded in one chunk: each distinct value once, and an index per row."""
+    encoded = pc.dictionary_encode(column)
+    return encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
 
 
 def _text_hash(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """crc32 of each value's text, computed once per distinct value of the block."""
-    encoded = pc.dictionary_encode(column.cast(pa.string()))
-    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    """crc32 of each value's text, computed once per distinct value of the block (an empty cell: 0)."""
+    encoded = dictionary(column.cast(pa.string()))
     table = np.array([zlib.crc32(w.encode()) for w in encoded.dictionary.to_pylist()], dtype=np.uint64)
-    return table[encoded.indices.to_numpy(zero_copy_only=False)]
+    index = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)
+    hashed = table[index] if len(table) else np.zeros(len(index), dtype=np.uint64)
+    return np.where(np.asarray(encoded.is_null()), np.uint64(0), hashed)
 
 
 def pair_split(users: pa.Array, items: pa.Array, test_frac: float, valid_frac: float, seed: int) -> np.ndarray:
     """Split code per row from a seeded hash of its (user, item) pair: every row of a pair, in every stage,
     lands on the same side, so no test pair is ever trained on (the leak rule), whatever the block order."""
     with np.errstate(over="ignore"):
-        key = _mix(_text_hash(users) * np.uint64(0x9E3779B97F4A7C15) + _text_hash(items) + np.uint64(seed))
+        key = mix64(_text_hash(users) * np.uint64(0x9E3779B97F4A7C15) + _text_hash(items) + np.uint64(seed))
     u = (key >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     code = np.full(len(u), SPLIT_CODES["train"], dtype=np.int8)
     code[u < test_frac + valid_frac * (1 - test_frac)] = SPLIT_CODES["val"]

@@ -87,9 +87,9 @@ def apply_leak_rule(
 def holdout_by_key(keys: pa.ChunkedArray | pa.Array, share: float, seed: int) -> np.ndarray:
     """Bool per row: its key (a search, a user) is among a seeded `share` of the distinct keys. Rows of one
     key stay together, so a held-out key is as new to the model as a test key."""
-    encoded = pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) else None
-    if encoded is None:
-        encoded = pc.dictionary_encode(keys)
+    from csmf.data.cache import dictionary
+
+    encoded = dictionary(keys)
     n = len(encoded.dictionary)
     chosen = np.zeros(n, dtype=bool)
     rng = np.random.default_rng([seed, 7])
