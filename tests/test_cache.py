@@ -64,6 +64,17 @@ def test_the_cache_holds_what_the_in_memory_loader_reads(raw_folder, tmp_path):
     manifest = cache.manifest
     assert manifest["rows"] == cached.report.rows_read and manifest["rows_per_second"] > 0
     assert manifest["features"]["301"]["side"] == "row"  # the scenario varies per impression
+    # ... and is the request context: every pair carries its last row's scenario, the same in both
+    assert manifest["context"] == ["301"] and sorted(cached.context) == sorted(memory.context) == ["301"]
+    for data in (cached, memory):
+        coo = data.context["301"].tocoo()
+        data.pair_scenario = dict(zip(zip(data.user_ids[coo.row].tolist(), data.item_ids[coo.col].tolist(),
+                                          strict=True), coo.data.tolist(), strict=True))  # fmt: skip
+    assert cached.pair_scenario.keys() == memory.pair_scenario.keys()
+    groups = {}
+    for pair, code in cached.pair_scenario.items():
+        groups.setdefault(code, set()).add(memory.pair_scenario[pair])
+    assert len(groups) == 3 and all(len(v) == 1 for v in groups.values())
 
 
 def test_a_changed_source_file_or_option_rebuilds_the_cache(raw_folder, tmp_path):
@@ -124,8 +135,12 @@ def test_batches_cover_every_training_row_once_per_epoch(tmp_path):
     cache = ensure_cache(source, tmp_path / "c", buckets=4, log=lambda _m: None)
     rows = pq.read_table(path)
     for stage in ("exposure", "click"):
-        got = [pair for us, its in cache.batches(stage, 64, 1, buffer_rows=300) for pair in zip(us, its, strict=True)]
-        again = [pair for us, its in cache.batches(stage, 64, 2, buffer_rows=300) for pair in zip(us, its, strict=True)]
+        got = [
+            pair for us, its, _ in cache.batches(stage, 64, 1, buffer_rows=300) for pair in zip(us, its, strict=True)
+        ]
+        again = [
+            pair for us, its, _ in cache.batches(stage, 64, 2, buffer_rows=300) for pair in zip(us, its, strict=True)
+        ]
         expected = cache.manifest["stage_rows"][stage] - sum(
             m.nnz for m in (cache.matrix(stage, "val"), cache.matrix(stage, "test"))
         )
@@ -137,17 +152,20 @@ def test_batches_cover_every_training_row_once_per_epoch(tmp_path):
 def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_cannot_stream(tmp_path):
     from test_cascade import changed_and_frozen, snapshot
 
-    from csmf.cascade import CascadeTrainer
+    from csmf.cascade import CascadeTrainer, reads_context
 
     cfg = override(Config(), [
         "data.dataset=sim", f"data.cache_dir={tmp_path / 'c'}", "sim.n_users=200", "sim.n_items=120",
         "model.encoder=mlp", "model.history=false", "model.user_id=true", "model.dim=16", "model.id_dim=16",
         "train.stream=true", "train.distill=", "train.aux_weight=0", "train.full_softmax_max_items=0",
-        "train.max_epochs=1", "train.batch_size=128", "train.extra_negatives=64",
+        "train.max_epochs=1", "train.batch_size=128", "train.extra_negatives=64", "sim.scenarios=3",
     ])  # fmt: skip
     data = load_dataset(cfg)
-    assert data.stream is not None
+    assert data.stream is not None and sorted(data.context) == ["scenario"]
+    codes = np.concatenate([c["scenario"] for _, _, c in data.stream.batches("click", 64, 0)])
+    assert set(codes.tolist()) == {1, 2, 3}  # every streamed row brings its own scenario
     trainer = CascadeTrainer(data, cfg)
+    assert reads_context(trainer.model) and trainer.model.user.ctx_emb["scenario"].weight.shape[0] == 4
     trainer._train(1, 0)
     trainer._prune(1)
     trainer._recover(1, 2)

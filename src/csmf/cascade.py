@@ -26,11 +26,12 @@ import scipy.sparse as sp
 import torch
 
 from csmf.config import CascadeConfig, Config, ConfigError
+from csmf.data import context
 from csmf.data.batches import log_q as item_log_q
 from csmf.data.batches import log_q_from_counts, uniform_negatives
 from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
-from csmf.evaluation import evaluate_stage
+from csmf.evaluation import evaluate_stage, metric_values
 from csmf.graph import GraphTwoTower, graph_weights
 from csmf.losses import (
     aml_margin,
@@ -44,7 +45,7 @@ from csmf.losses import (
 from csmf.masks import claim_free
 from csmf.prune import cpp_free, fixed_free, release
 from csmf.runfolder import PretrainCache, RunFolder
-from csmf.towers import TwoTower, features_of
+from csmf.towers import TwoTower, context_tables, features_of
 from csmf.train import run_epochs
 
 
@@ -139,8 +140,10 @@ def check_streamable(data: CascadeData, cfg: Config) -> None:
         raise ConfigError("train.stream: " + "; ".join(problems) + "; --config stream sets these")
 
 
-def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str, ...] | None = None):
-    """The backbone `model.encoder` names: GraphTwoTower ("graph") or TwoTower ("mlp")."""
+def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str, ...] | None = None,
+                context_sizes: dict[str, int] | None = None):  # fmt: skip
+    """The backbone `model.encoder` names: GraphTwoTower ("graph") or TwoTower ("mlp"). context_sizes: the
+    per-row context tables' sizes (default: those of data.context; a saved model passes its own)."""
     m = cfg.model
     user_features, item_features = features_of(data.user_features, m), features_of(data.item_features, m)
     if m.encoder == "graph":
@@ -154,6 +157,8 @@ def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str
         )  # fmt: skip
     if m.encoder != "mlp":
         raise ValueError(f"model.encoder must be 'graph' or 'mlp', got {m.encoder!r}")
+    sizes = context_sizes_of(data) if context_sizes is None else context_sizes
+    rows, hashed = context_tables(sizes, m) if m.features else ({}, {})
     return TwoTower(
         n_users=data.n_users,
         n_items=data.n_items,
@@ -170,7 +175,22 @@ def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str
         seed=seed,
         dropout=m.dropout,
         bag_power=m.bag_power,
+        context=rows,
+        context_hashed=hashed,
     )
+
+
+def context_sizes_of(data: CascadeData) -> dict[str, int]:
+    """Rows of each context table: the cache's vocabulary when training streams (data.context then holds only
+    the evaluated users' pairs), else the codes of data.context."""
+    if data.stream is not None and data.context:
+        return data.stream.context_sizes()
+    return context.sizes(data.context)
+
+
+def reads_context(model) -> bool:
+    """Whether the model's user tower embeds per-row context (the MLP encoder with data.context)."""
+    return isinstance(model, TwoTower) and len(model.user.ctx_emb) > 0
 
 
 @contextlib.contextmanager
@@ -247,13 +267,22 @@ class TrainedCascade:
             raise KeyError(f"unknown objective {objective!r}; this model serves {self.objectives}")
         return self.top if self.shared else self.objectives.index(objective) + 1
 
-    def raw_user_vectors(self, users: np.ndarray) -> torch.Tensor:
+    def raw_user_vectors(self, users: np.ndarray, codes: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """(B, D) at the top stage; codes: per-row context (csmf.data.context), None = unknown context."""
+        users = np.asarray(users, dtype=np.int64)
         with torch.no_grad(), evaluating(self.model):
-            return self.model.user_vectors(np.asarray(users, dtype=np.int64), self.top, history=self.history)
+            if codes and reads_context(self.model):
+                return self.model.user_vectors(users, self.top, history=self.history, context=codes)
+            return self.model.user_vectors(users, self.top, history=self.history)
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
         mask = self.model.group_mask(self.stage_number(stage))
         return (self.raw_user_vectors(users) * mask) @ self.items.T  # (B, N)
+
+    def score_in_context(self, users: np.ndarray, codes: dict[str, np.ndarray], stage: str) -> torch.Tensor:
+        """`score` for requests made in a context: codes[column][b] is request b's (csmf.data.context)."""
+        mask = self.model.group_mask(self.stage_number(stage))
+        return (self.raw_user_vectors(users, codes) * mask) @ self.items.T  # (B, N)
 
 
 class CascadeTrainer:
@@ -292,6 +321,9 @@ class CascadeTrainer:
             table.sparse = True
         # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
+        if data.context and not reads_context(self.model):
+            why = "model.features is off" if not cfg.model.features else "only model.encoder = 'mlp' reads it"
+            self.log(f"context columns {sorted(data.context)} are not used: {why}")
         if cfg.train.distill and not self.per_user:
             from csmf.distill import distillation_error
 
@@ -367,7 +399,7 @@ class CascadeTrainer:
             return {}
         scorer = self.retriever(self.tuning_history, top=stage)
         result = evaluate_stage(scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
-        return {k: round(v, 5) for k, v in result.items() if k != "users"}
+        return {k: round(v, 5) for k, v in metric_values(result).items()}
 
     def _stage_pairs(self, stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         return stage_pairs(self.tuning, self.objectives[stage - 1], per_stage(self.cfg.train.aux_weight, stage))
@@ -424,10 +456,13 @@ class CascadeTrainer:
         else:  # a batch is a set of (user, item) pairs
             units, batch_size = users, t.batch_size
             log_q = item_log_q(items, self.data.n_items)
+            # each pair's context (its latest row's); an auxiliary pair of another behaviour has its own
+            codes = context.lookup(self.tuning.context, users, items) if reads_context(model) else {}
 
             def batch_loss(idx: np.ndarray) -> torch.Tensor:
                 weight = None if weights is None else torch.from_numpy(weights[idx])
-                return self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight)
+                ctx = self._context_dropout({n: c[idx] for n, c in codes.items()}, generator)
+                return self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight, ctx)
 
         def epoch_losses():
             order = torch.randperm(len(units), generator=generator).numpy()
@@ -459,12 +494,13 @@ class CascadeTrainer:
             drawn["epoch"] += 1
             rng = np.random.default_rng([self.cfg.seed, seed, drawn["epoch"]])
             order_seed = int(rng.integers(2**31))
-            for users, items in cache.batches(objective, t.batch_size, order_seed, t.stream_buffer_rows):
+            for users, items, codes in cache.batches(objective, t.batch_size, order_seed, t.stream_buffer_rows):
                 if share < 1.0:
                     keep = rng.random(len(users)) < share
-                    users, items = users[keep], items[keep]
+                    users, items, codes = users[keep], items[keep], {n: c[keep] for n, c in codes.items()}
+                codes = self._context_dropout(codes, generator) if reads_context(self.model) else {}
                 if len(users) > 1:
-                    yield self._loss(stage, users, items, m0, log_q, generator)
+                    yield self._loss(stage, users, items, m0, log_q, generator, codes=codes)
 
         steps = math.ceil(n_rows * share / t.batch_size)
         return self._epoch_loop(stage, epoch_losses, steps, epochs, True, per_stage(t.lr, stage), int(n_rows * share))
@@ -568,10 +604,22 @@ class CascadeTrainer:
         negatives = indices[(starts + draw)[has]]
         return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, m0, self.cfg.model.temperature)
 
-    def _loss(self, stage, users, items, m0, log_q, generator, weight=None) -> torch.Tensor:
+    def _context_dropout(self, codes: dict[str, np.ndarray], generator: torch.Generator) -> dict[str, np.ndarray]:
+        """A seeded share (model.context_dropout) of the rows lose their whole context (code 0 = unknown), so the
+        context-free vector (a request without context, an exported vector) is trained too."""
+        if not codes:
+            return codes
+        n = len(next(iter(codes.values())))
+        drop = (torch.rand(n, generator=generator) < self.cfg.model.context_dropout).numpy()
+        return {name: np.where(drop, 0, c) for name, c in codes.items()}
+
+    def _loss(self, stage, users, items, m0, log_q, generator, weight=None, codes=None) -> torch.Tensor:
         model, temperature = self.model, self.cfg.model.temperature
         leave_out = items if isinstance(model, TwoTower) and model.user.history is not None else None
-        u = model.user_vectors(users, stage, leave_out=leave_out)
+        if codes:
+            u = model.user_vectors(users, stage, leave_out=leave_out, context=codes)
+        else:
+            u = model.user_vectors(users, stage, leave_out=leave_out)
         target_items = torch.from_numpy(items)
         if self.full_softmax:
             v = model.item_vectors(stage)  # (N, D)

@@ -97,6 +97,10 @@ class DataConfig(Checked):
     timestamp_col: str = "timestamp"  # generic log: used only when split = "time"
     user_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per user)
     item_features: tuple[str, ...] | None = None  # generic log: None = infer (columns constant per item)
+    # Per-row context columns (scenario, hour, page) fed to the user tower with each row's value: None = the
+    # dataset's default (Ali-CCP: 301, KuaiRand: tab, the simulator: scenario; generic logs: none, because a
+    # per-row column may be an outcome such as a play time); () = none. csmf.data.context
+    context_features: tuple[str, ...] | None = None
     # generic log: "random" per-user hold-out, or "time" (each user's latest rows)
     split: Literal["random", "time"] = "random"
     test_frac: float = 0.2  # share of each user's pairs held out as test (JD: of trn_pv for the click test)
@@ -116,6 +120,8 @@ class SimConfig(Checked):
         "chunk_users": (_positive, "> 0"),
         "item_features": (lambda v: v >= 0, ">= 0"),
         "feature_buckets": (lambda v: v >= 2, ">= 2"),
+        "scenarios": (lambda v: v >= 0, ">= 0"),
+        "scenario_strength": (lambda v: v >= 0, ">= 0"),
     }
 
     n_users: int = 4000
@@ -131,6 +137,10 @@ class SimConfig(Checked):
     chunk_users: int = 2000  # users generated per streamed chunk (bounds memory)
     item_features: int = 0  # extra item features item_f0.. that carry part of the item's latent factors
     feature_buckets: int = 16  # values of each such feature (equal-mass buckets of a random projection)
+    # a per-row `scenario` column with this many values (0 = none); each scenario adds its own latent vector to
+    # the user's, so what a user sees, clicks and buys depends on it (request context with real signal)
+    scenarios: int = 0
+    scenario_strength: float = 1.0  # norm of a scenario's vector relative to a user's
     seed: int = 0
 
 
@@ -211,6 +221,7 @@ class ModelConfig(Checked):
         "max_categories": (_at_least(0), ">= 0"),
         "hash_buckets": (_positive, "> 0"),
         "dropout": (_in(0.0, 1.0), "in [0, 1)"),
+        "context_dropout": (_in(0.0, 1.0), "in [0, 1)"),
         "temperature": (_positive, "> 0"),
         "graph_hops": (_in(0, 4), "0, 1, 2 or 3"),
         "graph_up_weight": (_at_least(0.0), ">= 0"),
@@ -241,6 +252,9 @@ class ModelConfig(Checked):
     categorical_features: tuple[str, ...] = ()  # columns embedded as categories even when not integers
     bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
     dropout: float = 0.3  # dropout on each tower's input during training
+    # share of training rows whose context (data.context_features) is replaced by "unknown" (code 0), so the
+    # user tower also learns a context-free vector (what a request without context, or an export, gets)
+    context_dropout: float = 0.2
     temperature: float = 0.1  # softmax temperature of the training loss (scores are u . v)
     graph_hops: int = 2  # graph encoder: item-smoothing steps S = Â^T Â (0-3); the user reads the smoothed items
     graph_up_weight: float = 0.2  # graph encoder: edge weight of earlier stages' pairs in a stage's graph

@@ -74,9 +74,7 @@ def train_and_report(
     log("ownership (share of units per stage; 0 = free): " + json.dumps(model.model.ownership()))
     log("\ntest metrics (full catalogue):")
     for stage, m in metrics.items():
-        log(
-            f"  {stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "users") + f"  ({m['users']} users)"
-        )
+        log(f"  {stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if "@" in k) + f"  ({m['users']} users)")
     user = pick_user(data) if user is None else user
     uid = data.user_ids[user] if data.user_ids is not None else user
     for weights in weightings or default_weightings(data.stages):

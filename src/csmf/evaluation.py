@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from csmf.data import context
 from csmf.data.schema import CascadeData
 from csmf.metrics import recall_ndcg
 from csmf.progress import bar
@@ -42,6 +43,11 @@ def topk_hits(scores: torch.Tensor, exclude: torch.Tensor, truth: torch.Tensor, 
     return truth.gather(1, top).numpy()
 
 
+def metric_values(result: dict) -> dict[str, float]:
+    """The ranking metrics of an evaluation result (recall@K, ndcg@K), without its counts."""
+    return {k: v for k, v in result.items() if "@" in k}
+
+
 def evaluate_stage(
     model: Retriever,
     data: CascadeData,
@@ -50,29 +56,42 @@ def evaluate_stage(
     budget_mb: int = 256,
     progress: bool = False,
 ) -> dict[str, float]:
+    """Metrics of one stage, averaged over its users with test positives; with per-row context
+    (data.context) over requests instead, a request being a (user, context) with test positives
+    (csmf.data.context). A model that reads no context ranks every request of a user alike."""
     truth_mat = data.test[stage]
-    users = users_with_positives(truth_mat)
-    if len(users) == 0:
+    units = users = users_with_positives(truth_mat)
+    codes: dict[str, np.ndarray] = {}
+    if data.context:
+        asked = context.requests(truth_mat, data.context)
+        truth_mat, units, users, codes = asked.truth, np.arange(len(asked.users)), asked.users, asked.codes
+    if len(units) == 0:
         return {}
+    in_context = bool(codes) and hasattr(model, "score_in_context")
     excluded = data.excluded(stage)
-    n_pos = np.diff(truth_mat.indptr)[users]
+    n_pos = np.diff(truth_mat.indptr)[units]
     batch = batch_size_for(data.n_items, budget_mb)
     sums: dict[str, float] = {}
-    batches = range(0, len(users), batch)
+    batches = range(0, len(units), batch)
     for start in bar(batches, progress, desc=f"eval {stage}", unit="batch", leave=False):
-        ub = users[start : start + batch]
+        rows, ub = units[start : start + batch], users[start : start + batch]
         with torch.no_grad():
-            scores = model.score(ub, stage).float()  # (B, N)
+            if in_context:
+                scores = model.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float()
+            else:
+                scores = model.score(ub, stage).float()  # (B, N)
         exclude = rows_mask(excluded, ub, data.n_items)
         if data.candidates is not None:  # rank only these items (a cold-item split)
             exclude |= ~torch.from_numpy(data.candidates).unsqueeze(0)
-        hits = topk_hits(scores, exclude, rows_mask(truth_mat, ub, data.n_items), max(ks))
+        hits = topk_hits(scores, exclude, rows_mask(truth_mat, rows, data.n_items), max(ks))
         if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
             hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
         for name, values in recall_ndcg(hits, n_pos[start : start + batch], ks).items():
             sums[name] = sums.get(name, 0.0) + float(values.sum())
-    metrics = {name: total / len(users) for name, total in sums.items()}
-    metrics["users"] = int(len(users))
+    metrics = {name: total / len(units) for name, total in sums.items()}
+    metrics["users"] = int(len(np.unique(users)))
+    if codes:
+        metrics["requests"] = int(len(units))
     return metrics
 
 

@@ -190,6 +190,27 @@ def stable_hash(values: np.ndarray) -> np.ndarray:
     return (mix64(values.astype(np.int64).view(np.uint64)) >> np.uint64(1)).astype(np.int64)
 
 
+def context_rows(codes: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Table rows of context codes: the code itself, or (many values) its stable hash into 1..buckets;
+    0 (unknown) stays 0."""
+    if not buckets:
+        return codes
+    hashed = torch.from_numpy(stable_hash(codes.numpy()) % buckets + 1)
+    return torch.where(codes > 0, hashed, 0)
+
+
+def context_tables(sizes: dict[str, int], m) -> tuple[dict[str, int], dict[str, int]]:
+    """(rows per context table, buckets of the hashed columns) as `model` (a ModelConfig) asks: a column with
+    more than max_categories values is hashed into hash_buckets buckets, as a categorical feature is."""
+    rows, hashed = {}, {}
+    for name, size in sorted(sizes.items()):
+        if size - 1 > m.max_categories:
+            rows[name], hashed[name] = m.hash_buckets + 1, m.hash_buckets
+        else:
+            rows[name] = size
+    return rows, hashed
+
+
 def features_of(arrays: dict[str, np.ndarray], m) -> Features:
     """Features built as `model` (a ModelConfig) asks: its category threshold, hash buckets and overrides;
     none at all when model.features is off (an ID-only model of the same data)."""
@@ -214,6 +235,8 @@ class Tower(nn.Module):
         history_dim: int = 0,
         n_bags: int = 0,
         dropout: float = 0.0,
+        context: dict[str, int] | None = None,
+        context_hashed: dict[str, int] | None = None,
     ):
         super().__init__()
         self.dropout = dropout
@@ -224,7 +247,14 @@ class Tower(nn.Module):
         self.feat_emb = nn.ModuleDict(
             {name: MaskedEmbedding(card, feature_dim, generator) for name, card in features.cardinality.items()}
         )
-        n_in = id_dim + n_bags * history_dim + len(self.feat_emb) * feature_dim + features.n_dense
+        # per-row context (csmf.data.context): one table per column, row 0 = unknown; columns are units as for
+        # every other embedding, so CPP frees them and stage masks hold
+        self.ctx_emb = nn.ModuleDict(
+            {name: MaskedEmbedding(rows, feature_dim, generator) for name, rows in (context or {}).items()}
+        )
+        self.ctx_hashed = dict(context_hashed or {})  # column -> buckets its codes are hashed into (many values)
+        n_in = id_dim + n_bags * history_dim + (len(self.feat_emb) + len(self.ctx_emb)) * feature_dim
+        n_in += features.n_dense
         widths = [n_in, *hidden, out_dim]
         self.layers = nn.ModuleList(MaskedLinear(a, b, generator) for a, b in zip(widths, widths[1:], strict=False))
 
@@ -234,10 +264,18 @@ class Tower(nn.Module):
         if self.history is not None:
             parts += [self.history.owner] * self.n_bags
         parts += [emb.owner for emb in self.feat_emb.values()]
+        parts += [emb.owner for emb in self.ctx_emb.values()]
         parts.append(torch.ones(self.features.n_dense, dtype=torch.long, device=self.id_emb.owner.device))
         return torch.cat(parts)
 
-    def forward(self, ids: torch.Tensor, stage: int, bags: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        stage: int,
+        bags: list[torch.Tensor] | None = None,
+        context: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """context: column -> (B,) codes of each row's context (absent column or code 0 = unknown)."""
         x = [self.id_emb(ids, stage)]
         if self.history is not None:
             mask = self.history.column_mask(stage)
@@ -245,6 +283,11 @@ class Tower(nn.Module):
         x += [
             self.features.lookup(name, ids, emb.weight) * emb.column_mask(stage) for name, emb in self.feat_emb.items()
         ]
+        for name, emb in self.ctx_emb.items():
+            codes = (context or {}).get(name)
+            rows = torch.zeros_like(ids) if codes is None else context_rows(codes, self.ctx_hashed.get(name, 0))
+            rows = torch.where((rows >= 0) & (rows < emb.weight.shape[0]), rows, 0)  # unseen value: unknown
+            x.append(emb(rows, stage))
         if self.features.dense is not None:
             x.append(self.features.dense[ids])
         h = torch.cat(x, dim=1)
@@ -260,7 +303,7 @@ class Tower(nn.Module):
 
     def embeddings(self) -> list[MaskedEmbedding]:
         out = [self.id_emb] + ([self.history] if self.history is not None else [])
-        return out + list(self.feat_emb.values())
+        return out + list(self.feat_emb.values()) + list(self.ctx_emb.values())
 
     def layer_inputs(self) -> list[tuple[MaskedLinear, torch.Tensor]]:
         """Each linear layer with the owners of its inputs."""
@@ -297,13 +340,18 @@ class TwoTower(nn.Module):
         seed: int,
         dropout: float = 0.0,
         bag_power: float = 1.0,
+        context: dict[str, int] | None = None,
+        context_hashed: dict[str, int] | None = None,
     ):
+        """context: per-row context column -> rows of its table (codes + unknown), read by the user tower;
+        context_hashed: column -> buckets, for a column whose codes are hashed (more than max_categories)."""
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.behaviours = behaviours
         self.user = Tower(
             n_users, user_id_dim, user_hidden, dim, user_features, feature_dim, g,
-            history_items=n_items, history_dim=history_dim, n_bags=len(behaviours), dropout=dropout,
+            history_items=n_items, history_dim=history_dim, n_bags=len(behaviours), dropout=dropout, context=context,
+            context_hashed=context_hashed,
         )  # fmt: skip
         self.item = Tower(n_items, id_dim, item_hidden, dim, item_features, feature_dim, g, dropout=dropout)
         self.n_items = n_items
@@ -337,10 +385,13 @@ class TwoTower(nn.Module):
         stage: int,
         leave_out: np.ndarray | None = None,
         history: dict[str, sp.csr_matrix] | None = None,
+        context: dict[str, np.ndarray] | None = None,
     ) -> torch.Tensor:
+        """(B, D); context: column -> (B,) codes (csmf.data.context), None = unknown context."""
         ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
         bags = self.bags(np.asarray(users), leave_out, history) if self.user.history is not None else None
-        return self.user(ids, stage, bags)  # (B, D)
+        codes = {n: torch.from_numpy(np.asarray(c, dtype=np.int64)) for n, c in (context or {}).items()}
+        return self.user(ids, stage, bags, codes)  # (B, D)
 
     def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:
         ids = torch.arange(self.n_items) if items is None else items

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from csmf.data.aliccp_raw import has_raw_layout, raw_files, read_raw
+from csmf.data.context import resolve
 from csmf.data.errors import DataError
 from csmf.data.filesplit import SPLITS, cascade_from_files
 from csmf.data.logtable import Locator, check_stage, read_table
@@ -61,12 +62,17 @@ def _rows(table: pa.Table, path: Path, where) -> dict[str, pa.Array]:
     return out | {c: table.column(c) for c in features}
 
 
-def load_aliccp(folder: str | Path, valid_frac: float = 0.1, seed: int = 0) -> CascadeData:
+def load_aliccp(
+    folder: str | Path, valid_frac: float = 0.1, seed: int = 0, context_features: tuple[str, ...] | None = None
+) -> CascadeData:
     """Ali-CCP from `folder`: the raw release (sample_skeleton / common_features) when it is there, else the
-    processed CSVs. valid_frac and seed only apply to the raw release, which has no validation file."""
+    processed CSVs. valid_frac and seed only apply to the raw release, which has no validation file.
+    context_features: per-row context columns; None = the scenario field 301 (csmf.data.context)."""
+    from csmf.data.aliccp_raw import CONTEXT_FIELDS
+
     folder = Path(folder)
     if has_raw_layout(folder):
-        return load_aliccp_raw(folder, valid_frac, seed)
+        return load_aliccp_raw(folder, valid_frac, seed, context_features)
     files = aliccp_files(folder)
     tables, sources = {}, {}
     for split, path in files.items():
@@ -74,10 +80,14 @@ def load_aliccp(folder: str | Path, valid_frac: float = 0.1, seed: int = 0) -> C
         tables[split] = pa.table(_rows(table, path, Locator(path)))
         sources[split] = [(path, table.num_rows)]
     note = "Ali-CCP: the release's train / val / test files are the split; exposure = every row"
-    return cascade_from_files("aliccp", tables, sources, STAGES, note)
+    columns = set().union(*(t.column_names for t in tables.values()))
+    context = resolve(context_features, CONTEXT_FIELDS, columns)
+    return cascade_from_files("aliccp", tables, sources, STAGES, note, context_features=context)
 
 
-def load_aliccp_raw(folder: Path, valid_frac: float = 0.1, seed: int = 0) -> CascadeData:
+def load_aliccp_raw(
+    folder: Path, valid_frac: float = 0.1, seed: int = 0, context_features: tuple[str, ...] | None = None
+) -> CascadeData:
     """The raw release: test = sample_skeleton_test; validation = a seeded `valid_frac` of the training
     impressions (the release has no validation file); train = the other training impressions."""
     tables, sources, lists = {}, {}, {}
@@ -99,15 +109,17 @@ def load_aliccp_raw(folder: Path, valid_frac: float = 0.1, seed: int = 0) -> Cas
         f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
         f"impressions (seeded); list-field entries read as bags: {lists or 'none'}"
     )
-    from csmf.data.aliccp_raw import ITEM_FIELDS, USER_FIELDS, list_sides
+    from csmf.data.aliccp_raw import CONTEXT_FIELDS, ITEM_FIELDS, USER_FIELDS, list_sides
 
     combined = set().union(*(t.column_names for t in tables.values()))
     user_lists, item_lists = list_sides(combined)
+    context = resolve(context_features, CONTEXT_FIELDS, combined)
     return cascade_from_files("aliccp", tables, sources, STAGES, note, USER_FIELDS[1:] + user_lists,
-                              ITEM_FIELDS[1:] + item_lists)  # fmt: skip
+                              ITEM_FIELDS[1:] + item_lists, context)  # fmt: skip
 
 
-def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):
+def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0,
+                      context_features: tuple[str, ...] | None = None):  # fmt: skip
     """The raw release as a cache source (csmf.data.cache): the same rows, split and features as
     `load_aliccp_raw`, block by block, so a 42M-row release converts in bounded memory."""
     from csmf.data.aliccp_raw import CONTEXT_FIELDS, ITEM_FIELDS, USER_FIELDS
@@ -130,19 +142,23 @@ def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0
     return Source(
         name="aliccp", files=files, options={"layout": "aliccp-raw", "valid_frac": valid_frac, "seed": seed},
         stages=STAGES, blocks=blocks, user_features=USER_FIELDS[1:], item_features=ITEM_FIELDS[1:],
+        context=CONTEXT_FIELDS if context_features is None else context_features,
+        context_required=context_features is not None,
         notes=[f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
                f"impressions (seeded); scenario {CONTEXT_FIELDS} is per impression"],
     )  # fmt: skip
 
 
-def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):
+def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0,
+                  context_features: tuple[str, ...] | None = None):  # fmt: skip
     """Ali-CCP as a cache source: the raw release when it is there, else the processed CSVs read in blocks
     (the same rows, split and checks as `load_aliccp`)."""
+    from csmf.data.aliccp_raw import CONTEXT_FIELDS
     from csmf.data.cache import SPLIT_CODES, Source, file_blocks, no_empty
 
     folder = Path(folder)
     if has_raw_layout(folder):
-        return aliccp_raw_source(folder, valid_frac, seed)
+        return aliccp_raw_source(folder, valid_frac, seed, context_features)
     files = aliccp_files(folder)
 
     def blocks():
@@ -154,5 +170,7 @@ def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0):
 
     return Source(
         name="aliccp", files=list(files.values()), options={"layout": "aliccp"}, stages=STAGES, blocks=blocks,
+        context=CONTEXT_FIELDS if context_features is None else context_features,
+        context_required=context_features is not None,
         notes=["Ali-CCP: the release's train / val / test files are the split; exposure = every row"],
     )  # fmt: skip

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from csmf.data import context
 from csmf.data.errors import DataError
 from csmf.data.logtable import Locator
 from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
@@ -64,6 +65,10 @@ class Source:
     user_features: tuple[str, ...] | None = None
     item_features: tuple[str, ...] | None = None
     notes: list[str] = field(default_factory=list)
+    # per-row context columns (csmf.data.context), kept per row; `context_required`: named by the user, so a
+    # missing one is an error (a layout's default context is skipped when the files lack it)
+    context: tuple[str, ...] = ()
+    context_required: bool = False
 
 
 def file_digest(path: Path) -> str:
@@ -78,7 +83,9 @@ def fingerprint(source: Source) -> dict:
         if not path.exists():
             raise DataError(f"{path}: file not found")
         files.append({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_digest(path)})
-    return {"format": FORMAT, "name": source.name, "files": files, "options": source.options}
+    # the context columns change what is kept per row, so they are part of what the cache was built from
+    return {"format": FORMAT, "name": source.name, "files": files, "options": source.options,
+            "context": list(source.context)}  # fmt: skip
 
 
 class _Vocabulary:
@@ -205,7 +212,15 @@ def build_cache(
     # pass 2: encode and split into user buckets; per-entity min / max codes decide the side of a feature
     declared = source.user_features is not None or source.item_features is not None
 
+    context = tuple(c for c in source.context if c in features)
+    missing = [c for c in source.context if c not in features]
+    if missing and source.context_required:
+        raise DataError(f"{source.name}: context column(s) {missing} (data.context_features) not in the log; "
+                        f"its columns are {features + lists}")  # fmt: skip
+
     def candidate_sides(c: str) -> tuple[str, ...]:  # declared sides are only checked, never guessed
+        if c in context:  # request context stays per row
+            return ()
         if not declared:
             return ("user", "item")
         if c in (source.user_features or ()):
@@ -290,8 +305,10 @@ def build_cache(
         "stage_rows": positives,
         "features": {c: {"side": sides[c], "size": vocab[c].size, "hashed": vocab[c].hashed} for c in features}
         | {c: {"side": bag_side[c], "size": vocab[c].size, "hashed": vocab[c].hashed, "bag": True} for c in lists},
+        "context": list(context),
         "notes": notes
-        + [f"per-row columns (not used by the models yet): {[c for c in features if sides[c] == 'row']}"],
+        + [f"context columns (per row): {list(context)}"]
+        + [f"per-row columns not used: {[c for c in features if sides[c] == 'row' and c not in context]}"],
         "seconds": round(seconds, 2),
         "rows_per_second": round(rows / max(seconds, 1e-9)),
     }
@@ -314,6 +331,7 @@ class Cache:
             raise DataError(f"{folder}: cache format {self.manifest.get('format')}, this csmf reads {FORMAT}")
         self.stages = tuple(self.manifest["stages"])
         self.n_users, self.n_items = self.manifest["n_users"], self.manifest["n_items"]
+        self.context = tuple(self.manifest.get("context", ()))  # per-row context columns (csmf.data.context)
 
     def bucket_files(self) -> list[Path]:
         return sorted((self.folder / "rows").glob("bucket=*/*.parquet"))
@@ -353,10 +371,12 @@ class Cache:
 
     def matrices(self, users: np.ndarray | None = None) -> dict[str, dict[str, sp.csr_matrix]]:
         """split -> stage -> the (user, item) pairs positive there, from one read of the rows (optionally only
-        the rows of `users`)."""
+        the rows of `users`); "context" -> column -> each pair's code in its last row (csmf.data.context)."""
         found: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+        rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (users, items, codes (n, C)) of every row
         for path in self.bucket_files():
-            for batch in pq.ParquetFile(path).iter_batches(columns=["user", "item", "split", *self.stages]):
+            columns = ["user", "item", "split", *self.stages, *self.context]
+            for batch in pq.ParquetFile(path).iter_batches(columns=columns):
                 u, i = batch.column("user").to_numpy(), batch.column("item").to_numpy()
                 split = batch.column("split").to_numpy()
                 inside = np.isin(u, users) if users is not None else np.ones(len(u), dtype=bool)
@@ -365,6 +385,9 @@ class Cache:
                         keep = inside & (split == code) & (batch.column(stage).to_numpy() == 1)
                         if keep.any():
                             found.setdefault((name, stage), []).append((u[keep], i[keep]))
+                if self.context:
+                    codes = np.stack([batch.column(c).to_numpy() for c in self.context], axis=1)
+                    rows.append((u[inside], i[inside], codes[inside]))
         out: dict[str, dict[str, sp.csr_matrix]] = {}
         for name in SPLIT_CODES:
             for stage in self.stages:
@@ -372,35 +395,56 @@ class Cache:
                 us = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
                 its = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
                 out.setdefault(name, {})[stage] = pairs_to_csr(us, its, self.n_users, self.n_items)
+        out["context"] = self._pair_context(rows)
         return out
+
+    def _pair_context(self, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, sp.csr_matrix]:
+        if not self.context:
+            return {}
+        u = np.concatenate([r[0] for r in rows]).astype(np.int64) if rows else np.zeros(0, np.int64)
+        i = np.concatenate([r[1] for r in rows]).astype(np.int64) if rows else np.zeros(0, np.int64)
+        codes = np.concatenate([r[2] for r in rows]) if rows else np.zeros((0, len(self.context)), np.int64)
+        key = u * self.n_items + i
+        order = np.argsort(key, kind="stable")  # a pair's rows in the order they were read
+        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]]) if len(order) else order
+        last = order[np.r_[starts[1:], len(order)] - 1] if len(order) else order
+        return context.matrices(
+            {c: codes[last, k].astype(np.int64) for k, c in enumerate(self.context)},
+            u[last], i[last], self.n_users, self.n_items,
+        )  # fmt: skip
+
+    def context_sizes(self) -> dict[str, int]:
+        """Rows of each context column's table: its vocabulary size (code 0 = an empty cell, unknown)."""
+        return {c: int(self.manifest["features"][c]["size"]) for c in self.context}
 
     def batches(
         self, stage: str, batch_size: int, seed: int, buffer_rows: int = 1 << 20
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Training (user, item) batches of `stage`: buckets in a seeded order, rows shuffled within a buffer
-        of `buffer_rows`; every training row once (a pair logged twice counts twice)."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+        """Training (users, items, context codes) batches of `stage`: buckets in a seeded order, rows shuffled
+        within a buffer of `buffer_rows`; every training row once (a pair logged twice counts twice), each with
+        its own row's context (column -> codes; empty without context columns)."""
         rng = np.random.default_rng(seed)
         files = self.bucket_files()
         order = rng.permutation(len(files))
-        bu: list[np.ndarray] = []
-        bi: list[np.ndarray] = []
+        names = ("user", "item", *self.context)
+        held_parts: list[list[np.ndarray]] = []
         held = 0
 
-        def drain(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            nonlocal bu, bi, held
-            u, i = np.concatenate(bu), np.concatenate(bi)
-            perm = rng.permutation(len(u))
-            u, i = u[perm], i[perm]
-            full = len(u) if final else (len(u) // batch_size) * batch_size
+        def drain(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+            nonlocal held_parts, held
+            cols = [np.concatenate([p[k] for p in held_parts]) for k in range(len(names))]
+            perm = rng.permutation(len(cols[0]))
+            cols = [c[perm] for c in cols]
+            full = len(perm) if final else (len(perm) // batch_size) * batch_size
             for s in range(0, full, batch_size):
-                yield u[s : s + batch_size], i[s : s + batch_size]
-            bu, bi, held = [u[full:]], [i[full:]], len(u) - full
+                part = [c[s : s + batch_size] for c in cols]
+                yield part[0], part[1], dict(zip(self.context, part[2:], strict=True))
+            held_parts, held = [[c[full:] for c in cols]], len(perm) - full
 
         for k in order:
-            for batch in pq.ParquetFile(files[k]).iter_batches(columns=["user", "item", "split", stage]):
+            for batch in pq.ParquetFile(files[k]).iter_batches(columns=[*names, "split", stage]):
                 keep = (batch.column("split").to_numpy() == 0) & (batch.column(stage).to_numpy() == 1)
-                bu.append(batch.column("user").to_numpy()[keep].astype(np.int64))
-                bi.append(batch.column("item").to_numpy()[keep].astype(np.int64))
+                held_parts.append([batch.column(c).to_numpy()[keep].astype(np.int64) for c in names])
                 held += int(keep.sum())
                 if held >= buffer_rows:
                     yield from drain(final=False)
@@ -416,6 +460,8 @@ class Cache:
         report.rows_read = int(self.manifest["rows"])
         parts = self.matrices(users)
         train, valid, test = parts["train"], parts["val"], parts["test"]
+        if self.context:
+            report.notes.append(f"context columns (per row, each pair's last value): {list(self.context)}")
         apply_leak_rule(self.stages, train, valid, test, report)
         report.notes.extend(self.manifest.get("notes", []))
         return CascadeData(
@@ -423,6 +469,7 @@ class Cache:
             train=train, valid=valid, test=test, exclude={s: self.stages for s in self.stages},
             user_ids=self.ids("user"), item_ids=self.ids("item"),
             user_features=self.features("user"), item_features=self.features("item"), report=report,
+            context=parts["context"],
         )  # fmt: skip
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from csmf.config import NAMED_DATASETS, Config, ConfigError
+from csmf.data.context import resolve
 from csmf.data.jd import load_jd
 from csmf.data.logtable import load_log
 from csmf.data.schema import CascadeData
@@ -33,7 +36,9 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
     if d.dataset == "aliccp":
         from csmf.data.aliccp import load_aliccp
 
-        return load_aliccp(d.data_dir, d.valid_frac, d.split_seed)  # the release's files are the split
+        return load_aliccp(d.data_dir, d.valid_frac, d.split_seed, d.context_features)  # the files are the split
+    if d.dataset in ("aliexpress", "tenrec") and d.context_features:
+        raise ConfigError(f"data.context_features: the {PUBLIC[d.dataset]} loader reads no per-row context")
     if d.dataset == "aliexpress":
         from csmf.data.aliexpress import load_aliexpress
 
@@ -43,7 +48,7 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
         from csmf.data.tenrec import load_tenrec
 
         if d.dataset == "kuairand":
-            log = load_kuairand(d.data_dir, d.kuairand_conversion)
+            log = load_kuairand(d.data_dir, d.kuairand_conversion, d.context_features)
         else:
             log = load_tenrec(d.data_dir, d.tenrec_conversion, d.tenrec_file)
         return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=d.dataset)
@@ -57,7 +62,11 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
 
 def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
     d = cfg.data
-    log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features)
+    # a generic log names its context columns; the simulator's is its scenario column (sim.scenarios > 0)
+    default = ("scenario",) if name == "sim" else ()
+    columns = pq.read_schema(path).names if name == "sim" else ()  # the simulator writes Parquet
+    context = resolve(d.context_features, default, columns)
+    log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features, context)
     return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=name)
 
 
@@ -92,10 +101,12 @@ def convert(cfg: Config, progress: bool = False):
     folder = Path(d.cache_dir).expanduser()
     if d.dataset in PUBLIC and not d.data_dir:
         raise ConfigError(f"data.data_dir: give the folder holding the {PUBLIC[d.dataset]} files (--data-dir DIR)")
+    if d.dataset in ("aliexpress", "tenrec") and d.context_features:
+        raise ConfigError(f"data.context_features: the {PUBLIC[d.dataset]} loader reads no per-row context")
     if d.dataset == "aliccp":
         from csmf.data.aliccp import aliccp_source
 
-        source = aliccp_source(d.data_dir, d.valid_frac, d.split_seed)
+        source = aliccp_source(d.data_dir, d.valid_frac, d.split_seed, d.context_features)
     elif d.dataset == "aliexpress":
         from csmf.data.aliexpress import aliexpress_source
 
@@ -107,17 +118,22 @@ def convert(cfg: Config, progress: bool = False):
     elif d.dataset == "kuairand":
         from csmf.data.kuairand import kuairand_source
 
-        source = kuairand_source(d.data_dir, d.kuairand_conversion, d.test_frac, d.valid_frac, d.split_seed)
+        source = kuairand_source(d.data_dir, d.kuairand_conversion, d.test_frac, d.valid_frac, d.split_seed,
+                                 d.context_features)  # fmt: skip
     elif d.dataset == "sim":
         path = _simulated_log(cfg, folder.with_name(folder.name + "-source"), progress)
         source = log_source(path, ("exposure", "click", "conversion"), "user_id", "item_id", d.test_frac,
                             d.valid_frac, d.split_seed, "sim")  # fmt: skip
+        scenario = ("scenario",) if cfg.sim.scenarios else ()
+        source.context = scenario if d.context_features is None else d.context_features
+        source.context_required = d.context_features is not None
     elif d.dataset in NAMED_DATASETS:
         raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts Ali-CCP, AliExpress, "
                           "KuaiRand, Tenrec, the simulator and generic logs")  # fmt: skip
     else:
         source = log_source(Path(d.dataset), d.stages, d.user_col, d.item_col, d.test_frac, d.valid_frac,
                             d.split_seed, dataset_name(d.dataset))  # fmt: skip
+        source.context, source.context_required = d.context_features or (), True
     return ensure_cache(source, folder, progress=progress)
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from csmf.data import context
 from csmf.data.logtable import Concatenated, log_from_table
 from csmf.data.schema import CascadeData, LoadReport, difference, pairs_to_csr, union
 from csmf.data.split import finish_report
@@ -32,12 +33,16 @@ def cascade_from_files(
     note: str,
     user_features: tuple[str, ...] | None = None,
     item_features: tuple[str, ...] | None = None,
+    context_features: tuple[str, ...] = (),
 ) -> CascadeData:
     """tables: split ("train", "val", "test") -> normalised rows; sources: split -> (file, rows) in row order."""
     order = [s for s in SPLITS if s in tables]
     combined = pa.concat_tables([tables[s] for s in order], promote_options="default")
     where = Concatenated([part for s in order for part in sources[s]])
-    log = log_from_table(combined, where, stages, user_features=user_features, item_features=item_features)
+    log = log_from_table(
+        combined, where, stages, user_features=user_features, item_features=item_features,
+        context_features=context_features,
+    )  # fmt: skip
     users_of, items_of = pa.array(log.user_ids), pa.array(log.item_ids)
 
     def pairs(split: str) -> dict[str, sp.csr_matrix]:
@@ -59,6 +64,7 @@ def cascade_from_files(
         train=train, valid=valid, test=test, exclude={s: stages for s in stages},
         user_ids=log.user_ids, item_ids=log.item_ids,
         user_features=log.user_features, item_features=log.item_features, report=report,
+        context=context.matrices(log.context, log.users, log.items, log.n_users, log.n_items),
     )  # fmt: skip
     finish_report(data, report)
     return data

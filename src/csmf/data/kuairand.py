@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from csmf.data.context import resolve
 from csmf.data.errors import DataError
 from csmf.data.logtable import Concatenated, Locator, check_stage, log_from_table, read_table
 from csmf.data.schema import CascadeLog
@@ -29,7 +30,9 @@ from csmf.data.schema import CascadeLog
 CONVERSIONS = ("long_view", "is_like", "is_follow", "is_comment", "is_forward")
 LONG_VIEW_MS = 18_000  # KuaiRand's long view: 18 s, or the whole video when it is shorter
 # the feature columns of user_features*.csv and video_features_basic*.csv, as the joined sample carries them;
-# every other log column (play times, tab, date, other actions) is per row: neither a stage nor a feature
+# every other log column (play times, tab, date, other actions) is per row: neither a stage nor a feature,
+# except the request context (csmf.data.context): by default `tab`, the app page the video was shown on
+CONTEXT_COLUMNS = ("tab",)
 USER_COLUMNS = ("user_active_degree", "is_lowactive_period", "is_live_streamer", "is_video_author",
                 "follow_user_num", "follow_user_num_range", "fans_user_num", "fans_user_num_range",
                 "friend_user_num", "friend_user_num_range", "register_days", "register_days_range",
@@ -85,8 +88,12 @@ def _features(paths: list[Path], key: str) -> pa.Table | None:
     return table
 
 
-def load_kuairand(folder: str | Path, conversion: str = "long_view") -> CascadeLog:
-    """The KuaiRand cascade exposure -> click -> `conversion` from the files in `folder`."""
+def load_kuairand(
+    folder: str | Path, conversion: str = "long_view", context_features: tuple[str, ...] | None = None
+) -> CascadeLog:
+    """The KuaiRand cascade exposure -> click -> `conversion` from the files in `folder`; context_features:
+    per-row context columns, None = `tab` (the page of the app the video was shown on)."""
+    wanted = CONTEXT_COLUMNS if context_features is None else context_features
     if conversion not in CONVERSIONS:
         raise DataError(f"data.kuairand_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
     folder = Path(folder)
@@ -110,6 +117,7 @@ def load_kuairand(folder: str | Path, conversion: str = "long_view") -> CascadeL
         if "time_ms" in table.column_names:
             out["timestamp"] = table.column("time_ms")
         out |= {c: table.column(c) for c in table.column_names if c in USER_COLUMNS or c in VIDEO_COLUMNS}
+        out |= {c: table.column(c) for c in wanted if c in table.column_names and c not in out}
         parts.append(pa.table(out))
         sizes.append((path, table.num_rows))
     table = pa.concat_tables(parts, promote_options="default")
@@ -126,7 +134,11 @@ def load_kuairand(folder: str | Path, conversion: str = "long_view") -> CascadeL
     user_features = tuple(c for c in table.column_names if c in USER_COLUMNS)
     item_features = tuple(c for c in table.column_names if c in VIDEO_COLUMNS)
     stages = ("exposure", "click", conversion)
-    log = log_from_table(table, Concatenated(sizes), stages, user_features=user_features, item_features=item_features)
+    context = resolve(context_features, CONTEXT_COLUMNS, table.column_names)
+    log = log_from_table(
+        table, Concatenated(sizes), stages, user_features=user_features, item_features=item_features,
+        context_features=context,
+    )  # fmt: skip
     source = "derived from play and duration times" if derived else f"the {conversion} column"
     log.report.notes.append(
         f"KuaiRand: {len(logs)} log file(s); exposure = every row, click = is_click, {conversion} = {source}"
@@ -134,9 +146,11 @@ def load_kuairand(folder: str | Path, conversion: str = "long_view") -> CascadeL
     return log
 
 
-def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid_frac: float, seed: int):
+def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid_frac: float, seed: int,
+                    context_features: tuple[str, ...] | None = None):  # fmt: skip
     """KuaiRand as a cache source: each log read in blocks and joined with the feature files (held whole: one
-    row per user or video), split per pair."""
+    row per user or video), split per pair; context_features as in `load_kuairand`."""
+    wanted = CONTEXT_COLUMNS if context_features is None else context_features
     from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note, require
 
     if conversion not in CONVERSIONS:
@@ -170,6 +184,7 @@ def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid
                        "click": pa.array(click.astype(np.int8)),
                        conversion: pa.array(later.astype(np.int8))}  # fmt: skip
                 out |= {c: table.column(c) for c in table.column_names if c in USER_COLUMNS or c in VIDEO_COLUMNS}
+                out |= {c: table.column(c) for c in wanted if c in table.column_names and c not in out}
                 block = pa.table(out).append_column("__row", pa.array(np.arange(table.num_rows)))
                 for side, features in joins:
                     extra = [c for c in features.column_names if c != side and c not in block.column_names]
@@ -179,5 +194,6 @@ def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid
     options = {"layout": "kuairand", "conversion": conversion, "test_frac": test_frac, "valid_frac": valid_frac,
                "seed": seed}  # fmt: skip
     return Source(name="kuairand", files=logs + user_files + video_files, options=options,
-                  stages=("exposure", "click", conversion), blocks=blocks,
+                  stages=("exposure", "click", conversion), blocks=blocks, context=tuple(wanted),
+                  context_required=context_features is not None,
                   notes=[pair_split_note(f"{len(logs)} KuaiRand log(s)", test_frac, valid_frac)])  # fmt: skip

@@ -93,6 +93,14 @@ def _feature_list(pairs: list[tuple[str, pa.Array]]) -> tuple[pa.Array, pa.Array
     return pa.array(np.full(len(joined), len(pairs), dtype=np.int64)), joined
 
 
+def _scenario(chunk: pa.Table, n: int) -> np.ndarray:
+    """The per-row context: the simulator's scenario (sim.scenarios > 0, carries signal), else a value
+    derived from the timestamp (no signal: the column exists, as in the real files)."""
+    if "scenario" in chunk.column_names:
+        return np.asarray(chunk.column("scenario")).astype(np.int64)
+    return np.asarray(chunk.column("timestamp")) % n
+
+
 def write_aliccp(chunk: pa.Table, files: _Files, seed: int) -> None:
     split = _split_of(chunk, seed, (0.8, 0.1, 0.1))
     cols = {"click": chunk.column("click"), "purchase": chunk.column("conversion"),
@@ -100,7 +108,7 @@ def write_aliccp(chunk: pa.Table, files: _Files, seed: int) -> None:
             "205": chunk.column("item_id"), "206": chunk.column("item_category")}  # fmt: skip
     for field, name in zip(ALICCP_ITEM_FIELDS, _item_columns(chunk)[1:], strict=False):
         cols[field] = chunk.column(name)
-    cols["301"] = pa.array(np.asarray(chunk.column("timestamp")) % 3 + 1)
+    cols["301"] = _scenario(chunk, 3) + 1
     table = pa.table(cols)
     for k, name in enumerate(("train", "val", "test")):
         part = table.filter(pa.array(split == k))
@@ -127,7 +135,7 @@ def write_aliccp_raw(chunk: pa.Table, files: _Files, seed: int) -> None:
                     header=False)  # fmt: skip
         pairs = [("205", part.column("item_id")), ("206", part.column("item_category"))]
         pairs += [(f, part.column(c)) for f, c in zip(ALICCP_ITEM_FIELDS, _item_columns(part)[1:], strict=False)]
-        pairs.append(("301", pa.array(np.asarray(part.column("timestamp")) % 3 + 1)))
+        pairs.append(("301", pa.array(_scenario(part, 3) + 1)))
         num, lists = _feature_list(pairs)
         sample = np.arange(len(rows), dtype=np.int64) + int(part.column("user_id")[0].as_py()) * 10_000
         files.write(f"sample_skeleton_{name}.csv",
@@ -178,7 +186,7 @@ def write_kuairand(chunk: pa.Table, files: _Files, seed: int, seen: dict) -> Non
         "is_click": chunk.column("click"), "is_like": (clicked & (rng.random(n) < 0.1)).astype(np.int8),
         "is_follow": np.zeros(n, dtype=np.int8), "is_comment": np.zeros(n, dtype=np.int8),
         "is_forward": np.zeros(n, dtype=np.int8), "long_view": long_view.astype(np.int8),
-        "play_time_ms": play, "duration_ms": duration, "tab": ts % 5,
+        "play_time_ms": play, "duration_ms": duration, "tab": _scenario(chunk, 5),
     }))  # fmt: skip
     users, first = np.unique(chunk.column("user_id").to_numpy(), return_index=True)
     files.write("user_features_sim.csv", pa.table({

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from csmf.data import context
 from csmf.data.errors import DataError
 from csmf.data.schema import CascadeLog, LoadReport
 
@@ -255,6 +256,7 @@ def load_log(
     timestamp_col: str = "timestamp",
     user_features: tuple[str, ...] | None = None,
     item_features: tuple[str, ...] | None = None,
+    context_features: tuple[str, ...] = (),
 ) -> CascadeLog:
     """Read a generic log into a CascadeLog.
 
@@ -262,12 +264,14 @@ def load_log(
     columns right after the item column (pass `stages` if a 0/1 feature column follows them).
     Features: columns that are neither ids, stages nor the timestamp. Unless listed explicitly, a
     column constant within every user is a user feature and one constant within every item is an
-    item feature; any other column is reported as unused.
+    item feature; any other column is reported as unused. `context_features` are per-row context columns
+    (csmf.data.context): each pair keeps its latest row's value.
     """
     path = Path(path)
     return log_from_table(
-        read_table(path), Locator(path), stages, user_col, item_col, timestamp_col, user_features, item_features
-    )
+        read_table(path), Locator(path), stages, user_col, item_col, timestamp_col, user_features, item_features,
+        context_features,
+    )  # fmt: skip
 
 
 def log_from_table(
@@ -279,6 +283,7 @@ def log_from_table(
     timestamp_col: str = "timestamp",
     user_features: tuple[str, ...] | None = None,
     item_features: tuple[str, ...] | None = None,
+    context_features: tuple[str, ...] = (),
 ) -> CascadeLog:
     """load_log on a table already read; `where` turns a row index into the file and line it came from."""
     path = where.path
@@ -328,7 +333,12 @@ def log_from_table(
     any_stage = label_matrix.any(axis=1)
     report.skip("rows with every stage 0 (no positive for any objective)", int((~any_stage).sum()))
 
-    feature_cols = [c for c in columns if c not in (user_col, item_col, timestamp_col, *stages)]
+    named = {user_col, item_col, timestamp_col, *stages, *(user_features or ()), *(item_features or ())}
+    context.check_columns(context_features, columns, str(path), named)
+    for col in context_features:
+        if _is_list(table.column(col)):
+            raise DataError(f"{path}: context column {col!r} holds lists; a context is one value per row")
+    feature_cols = [c for c in columns if c not in (user_col, item_col, timestamp_col, *stages, *context_features)]
     ufeat, ifeat = _features(
         table, feature_cols, users, items, n_users, n_items, user_features, item_features, path, report
     )
@@ -341,6 +351,18 @@ def log_from_table(
     report.duplicate_pairs = len(order) - len(starts)
     pair_labels = np.logical_or.reduceat(label_matrix[order], starts, axis=0) if len(order) else label_matrix[:0]
     pair_ts = np.maximum.reduceat(timestamps[order], starts) if timestamps is not None and len(order) else None
+    pair_context = {}
+    if context_features:
+        # the same pairs, each pair's rows by time (ties: file order), so a pair's last row is its latest
+        by_time = keep[np.lexsort((timestamps[keep], key))] if timestamps is not None else order
+        for col in context_features:
+            values = context.latest_per_pair(_column_codes(table.column(col)), by_time, starts)
+            empty = context.latest_per_pair(np.asarray(pc.is_null(table.column(col))), by_time, starts)
+            pair_context[col] = context.encode(values, unknown=empty)
+        report.notes.append(
+            "context columns (per row, each pair's latest value): "
+            + ", ".join(f"{c!r} ({int(v.max())} values)" for c, v in pair_context.items())
+        )
 
     return CascadeLog(
         stages=tuple(stages),
@@ -355,6 +377,7 @@ def log_from_table(
         user_features=ufeat,
         item_features=ifeat,
         report=report,
+        context=pair_context,
     )
 
 
@@ -445,7 +468,10 @@ def _features(table, cols, users, items, n_users, n_items, user_features, item_f
         elif item_features is None and (values := _per_entity(codes, items, n_items)) is not None:
             ifeat[col] = values
         else:
-            report.notes.append(f"column {col!r} is not used (neither a stage nor a user or item feature)")
+            report.notes.append(
+                f"column {col!r} is not used (neither a stage nor a user or item feature; name it in "
+                "data.context_features if it is request context, such as a scenario or an hour)"
+            )
     if ufeat or ifeat:
         bags = sorted(c for c, v in (ufeat | ifeat).items() if v.ndim == 2)
         report.notes.append(

@@ -121,6 +121,7 @@ class CascadeLog:
     user_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_users,)
     item_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n_items,)
     report: LoadReport = field(default_factory=lambda: LoadReport("memory"))
+    context: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (P,) codes 1.. of the pair's latest row
 
     def stage_matrix(self, stage: str) -> sp.csr_matrix:
         col = self.labels[:, self.stages.index(stage)]
@@ -164,6 +165,8 @@ class CascadeData:
     stream: object | None = None
     # when set, evaluation ranks only these items (a bool per item; the cold-item split), else the catalogue
     candidates: np.ndarray | None = None
+    # per-row context (csmf.data.context): name -> users x items int64 codes of each logged pair, every split
+    context: dict[str, sp.csr_matrix] = field(default_factory=dict)
 
     def matrix(self, name: str) -> sp.csr_matrix:
         """A training matrix by name: a stage or a side behaviour."""
@@ -215,13 +218,15 @@ class CascadeData:
             item_features=self.item_features,
             report=self.report,
             stream=self.stream,
+            context=self.context,
         )
 
     def fingerprint(self) -> str:
         """A hash of every pair of every split and of the features: two loads agree on it exactly when
         a model trained on one is a model of the other (run folders compare it before resuming)."""
         h = hashlib.sha256(json.dumps([self.stages, self.n_users, self.n_items]).encode())  # content, not name
-        for part, mats in (("train", self.train), ("valid", self.valid), ("test", self.test), ("side", self.side)):
+        parts = (("train", self.train), ("valid", self.valid), ("test", self.test), ("side", self.side))
+        for part, mats in (*parts, ("context", self.context)):  # no context: the hash it had before context
             for name in sorted(mats):
                 m = mats[name].tocsr()
                 m.sort_indices()

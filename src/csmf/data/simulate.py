@@ -32,6 +32,7 @@ class ItemWorld:
     popularity: np.ndarray  # (n_items,) float64, sums to 1
     category: np.ndarray  # (n_items,) int32
     features: np.ndarray  # (n_items, sim.item_features) int32 codes that carry part of the factors
+    scenarios: np.ndarray  # (sim.scenarios, 4, dim) float32: what each scenario adds to every user's factors
 
 
 def _informative_features(cfg: SimConfig, factors: np.ndarray) -> np.ndarray:
@@ -54,7 +55,10 @@ def item_world(cfg: SimConfig) -> ItemWorld:
     popularity = 1.0 / ranks.astype(np.float64) ** cfg.popularity_skew
     popularity /= popularity.sum()
     category = np.argmax(factors[:, 0, :8], axis=1).astype(np.int32)
-    return ItemWorld(factors, popularity, category, _informative_features(cfg, factors))
+    # own stream of draws, so a log without scenarios is the log it was before they existed
+    scenarios = np.random.default_rng([cfg.seed, 5]).standard_normal((cfg.scenarios, len(PARTS), cfg.dim))
+    scenarios = (scenarios * cfg.scenario_strength).astype(np.float32)
+    return ItemWorld(factors, popularity, category, _informative_features(cfg, factors), scenarios)
 
 
 def user_factors(cfg: SimConfig, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +77,16 @@ def _affinity(
 ) -> np.ndarray:
     """<user part, item part> / sqrt(dim) for each (user, item) pair; gathers one part at a time."""
     return np.einsum("nd,nd->n", user_f[users, part], item_f[items, part]) / np.sqrt(dim)
+
+
+def _row_affinity(user_f: np.ndarray, world: ItemWorld, scenario: np.ndarray | None, users: np.ndarray,
+                  items: np.ndarray, part: int, dim: int) -> np.ndarray:  # fmt: skip
+    """`_affinity` of each row, plus <scenario vector, item part> when rows have scenarios: the user's
+    factors shifted by the row's scenario (linear, so the two inner products add)."""
+    out = _affinity(user_f, world.factors, users, items, part, dim)
+    if scenario is not None:
+        out = out + _affinity(world.scenarios, world.factors, scenario, items, part, dim)
+    return out
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -95,8 +109,12 @@ def simulate_chunks(cfg: SimConfig) -> Iterator[pa.Table]:
         key = np.sort(cand_user.astype(np.int64) * cfg.n_items + cand_item)
         key = key[np.r_[True, key[1:] != key[:-1]]]  # sort + diff: numpy's hash-based unique is slower here
         cand_user, cand_item = (key // cfg.n_items).astype(np.int64), (key % cfg.n_items).astype(np.int64)
-        true_exposure = w * _affinity(factors, world.factors, cand_user, cand_item, 0, cfg.dim)
-        true_exposure += (1 - w) * _affinity(factors, world.factors, cand_user, cand_item, 1, cfg.dim)
+        # each candidate comes up in one scenario, whose vector adds to the user's (sim.scenarios > 0)
+        scenario = None
+        if cfg.scenarios:
+            scenario = np.random.default_rng([cfg.seed, 4, chunk]).integers(0, cfg.scenarios, len(cand_user))
+        true_exposure = w * _row_affinity(factors, world, scenario, cand_user, cand_item, 0, cfg.dim)
+        true_exposure += (1 - w) * _row_affinity(factors, world, scenario, cand_user, cand_item, 1, cfg.dim)
         policy = true_exposure + cfg.policy_noise * rng.standard_normal(len(cand_user))
         # Each user sees the top `count` candidates of the policy score.
         order = np.lexsort((-policy, cand_user))
@@ -104,9 +122,10 @@ def simulate_chunks(cfg: SimConfig) -> Iterator[pa.Table]:
         rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
         chosen = order[rank < counts[cand_user[order]]]
         cu, ci = cand_user[chosen], cand_item[chosen]
-        shared = _affinity(factors, world.factors, cu, ci, 0, cfg.dim)
-        click_own = _affinity(factors, world.factors, cu, ci, 2, cfg.dim)
-        conv_own = _affinity(factors, world.factors, cu, ci, 3, cfg.dim)
+        seen_in = None if scenario is None else scenario[chosen]
+        shared = _row_affinity(factors, world, seen_in, cu, ci, 0, cfg.dim)
+        click_own = _row_affinity(factors, world, seen_in, cu, ci, 2, cfg.dim)
+        conv_own = _row_affinity(factors, world, seen_in, cu, ci, 3, cfg.dim)
         p_click = _sigmoid(w * shared + (1 - w) * click_own * 2 + cfg.click_bias)
         p_conv = _sigmoid(w * shared + (1 - w) * conv_own * 2 + cfg.conversion_bias)
         click = rng.random(len(chosen)) < p_click
@@ -125,6 +144,7 @@ def simulate_chunks(cfg: SimConfig) -> Iterator[pa.Table]:
                 "user_segment": segment[users],
                 "item_category": world.category[cand_item[chosen]],
                 **{f"item_f{k}": world.features[cand_item[chosen], k] for k in range(cfg.item_features)},
+                **({"scenario": seen_in.astype(np.int32)} if seen_in is not None else {}),
             }
         )
 

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from csmf.config import ConfigError
+from csmf.data import context
 from csmf.data.errors import DataError
 from csmf.data.schema import (
     CascadeData,
@@ -231,6 +232,7 @@ def split_log(
         user_features=log.user_features,
         item_features=log.item_features,
         report=log.report,
+        context=context.matrices(log.context, log.users, log.items, log.n_users, log.n_items),
     )
     finish_report(data, log.report)
     return data
@@ -265,5 +267,6 @@ def cold_item_view(data: CascadeData, max_train_pairs: int) -> tuple[CascadeData
         train=data.train, valid=data.valid, test=test, exclude=data.exclude, side=data.side,
         downstream=data.downstream, valid_holdout=data.valid_holdout, user_ids=data.user_ids, item_ids=data.item_ids,
         user_features=data.user_features, item_features=data.item_features, report=data.report, candidates=cold,
+        context=data.context,
     )  # fmt: skip
     return view, int(cold.sum())

@@ -18,7 +18,7 @@ from csmf.config import Config, ConfigError, config_to_dict
 from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.experiments.bench.load_dataset)
 from csmf.data.schema import CascadeData
 from csmf.data.split import cold_item_view
-from csmf.evaluation import evaluate, evaluate_stage
+from csmf.evaluation import evaluate, evaluate_stage, metric_values
 from csmf.experiments.cost import query_cost
 from csmf.experiments.sweep import weight_sweep
 from csmf.experiments.tuning import coordinate_search
@@ -188,7 +188,7 @@ def run_model(
         view, n_cold = cold_item_view(data, b.cold_items)
         found = evaluate(model, view, cfg.eval.ks, cfg.eval.score_budget_mb, served, progress=False)
         cold = {"max_train_pairs": b.cold_items, "items": n_cold,
-                "metrics": {s: {k: v for k, v in m.items() if k != "users"} for s, m in found.items()},
+                "metrics": {s: metric_values(m) for s, m in found.items()},
                 "eval_users": {s: m["users"] for s, m in found.items()}}  # fmt: skip
     sweep = weight_sweep(model, data, served, b.sweep_points, budget_mb=cfg.eval.score_budget_mb) if (
         b.sweep_points >= 2 and len(served) >= 2) else None  # fmt: skip
@@ -202,8 +202,10 @@ def run_model(
         "train_seconds": round(t2 - t1, 3),
         "tuning_seconds": round(t1 - t0, 3),
         "params": model.num_params(),
-        "metrics": {s: {k: v for k, v in m.items() if k != "users"} for s, m in metrics.items()},
+        "metrics": {s: metric_values(m) for s, m in metrics.items()},
         "eval_users": {s: m["users"] for s, m in metrics.items()},
+        # with per-row context the metrics average over (user, context) requests (csmf.data.context)
+        "eval_requests": {s: m["requests"] for s, m in metrics.items() if "requests" in m} or None,
         "cost": cost,
         "weight_sweep": sweep,
         "cold_items": cold,

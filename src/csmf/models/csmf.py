@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csmf.cascade import CascadeTrainer, TrainedCascade, build_model
+from csmf.cascade import CascadeTrainer, TrainedCascade, build_model, context_sizes_of
 from csmf.config import Config, config_from_dict, config_to_dict
 from csmf.data.schema import CascadeData
 from csmf.fusion import fold_weights
@@ -75,7 +75,7 @@ class CSMF(Retriever):
         )
         self.trained = trainer.run()
         self.phases = trainer.history
-        self._saved = SavedInputs.of(data, trainer.tuning_history)
+        self._saved = SavedInputs.of(data, trainer.tuning_history, context_sizes_of(data))
         return self
 
     # ----- save / load (csmf.models.saving) ---------------------------------------------------------
@@ -95,7 +95,7 @@ class CSMF(Retriever):
         meta, state, saved, history = read_model(folder, "csmf")
         cfg = config_from_dict(meta["config"])
         objectives = tuple(meta["objectives"])
-        model = build_model(saved.skeleton(history), cfg, cfg.seed, objectives)
+        model = build_model(saved.skeleton(history), cfg, cfg.seed, objectives, saved.context_sizes)
         model.set_history(saved.tuning_history)
         model.load_state_dict(state)
         out = cls(cfg, objectives, name=meta["name"])
@@ -124,6 +124,10 @@ class CSMF(Retriever):
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
         return self.trained.score(users, stage)
+
+    def score_in_context(self, users: np.ndarray, codes: dict[str, np.ndarray], stage: str) -> torch.Tensor:
+        """`score` for requests in a per-row context (csmf.data.context; evaluation ranks per request)."""
+        return self.trained.score_in_context(users, codes, stage)
 
     def score_fused(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
         return self.user_vectors(users, weights) @ self.item_vectors().T  # (B, N): one search

@@ -33,7 +33,7 @@ from csmf.data.batches import log_q as item_log_q
 from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch
-from csmf.evaluation import evaluate_stage
+from csmf.evaluation import evaluate_stage, metric_values
 from csmf.graph import StageGraph, graph_weights
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
 from csmf.models.saving import SavedInputs, read_model, write_model
@@ -364,7 +364,7 @@ class MultiTask(Retriever):
         for o in self.objectives:
             if o in tuning.test and tuning.test[o].nnz:
                 r = evaluate_stage(self, tuning, o, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
-                out[o] = {k: round(v, 5) for k, v in r.items() if k != "users"}
+                out[o] = {k: round(v, 5) for k, v in metric_values(r).items()}
         return out
 
     # ----- save / load (csmf.models.saving) ---------------------------------------------------------

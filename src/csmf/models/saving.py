@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from csmf.data import context
 from csmf.data.schema import CascadeData
 
 SAVE_FORMAT = 2
@@ -37,17 +38,20 @@ class SavedInputs:
     user_ids: np.ndarray | None
     item_ids: np.ndarray | None
     tuning_history: dict[str, sp.csr_matrix]
+    context_sizes: dict[str, int]  # per-row context column -> codes + 1 (csmf.data.context)
 
     @classmethod
-    def of(cls, data: CascadeData, tuning_history: dict[str, sp.csr_matrix]) -> SavedInputs:
+    def of(cls, data: CascadeData, tuning_history: dict[str, sp.csr_matrix],
+           context_sizes: dict[str, int] | None = None) -> SavedInputs:  # fmt: skip
         return cls(data.name, data.stages, tuple(data.side), data.n_users, data.n_items, data.user_features,
-                   data.item_features, data.user_ids, data.item_ids, tuning_history)  # fmt: skip
+                   data.item_features, data.user_ids, data.item_ids, tuning_history,
+                   context.sizes(data.context) if context_sizes is None else context_sizes)  # fmt: skip
 
     def meta(self) -> dict:
         return {"data": {"name": self.name, "stages": list(self.stages), "side": list(self.side),
                          "n_users": self.n_users, "n_items": self.n_items, "tuning": sorted(self.tuning_history),
                          "user_features": sorted(self.user_features), "item_features": sorted(self.item_features),
-                         "ids": self.user_ids is not None}}  # fmt: skip
+                         "ids": self.user_ids is not None, "context": self.context_sizes}}  # fmt: skip
 
     def write(self, folder: Path, history: dict[str, sp.csr_matrix]) -> None:
         for kind, mats in (("history", history), ("tuning", self.tuning_history)):
@@ -79,7 +83,8 @@ class SavedInputs:
         saved = cls(d["name"], tuple(d["stages"]), tuple(d["side"]), d["n_users"], d["n_items"],
                     {k: arrays[f"user/{k}"] for k in d["user_features"]},
                     {k: arrays[f"item/{k}"] for k in d["item_features"]},
-                    arrays.get("ids/user"), arrays.get("ids/item"), tuning)  # fmt: skip
+                    arrays.get("ids/user"), arrays.get("ids/item"), tuning,
+                    {str(k): int(v) for k, v in d.get("context", {}).items()})  # fmt: skip
         return saved, history
 
     def skeleton(self, history: dict[str, sp.csr_matrix]) -> CascadeData:
