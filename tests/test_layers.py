@@ -12,7 +12,7 @@ import csmf
 SRC = Path(csmf.__file__).parent
 SERVING = {"serving"}
 EXPERIMENTS = {"experiments"}
-INTERFACE = {"cli", "demo", "__init__"}
+INTERFACE = {"cli", "demo", "train", "__init__"}
 BELOW_MODELS = {"retriever", "evaluation", "metrics"}
 
 

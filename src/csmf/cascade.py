@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from csmf import distributed
 from csmf.config import CascadeConfig, Config, ConfigError
 from csmf.data import context
 from csmf.data.batches import log_q as item_log_q
@@ -33,6 +34,7 @@ from csmf.data.schema import CascadeData, difference, union
 from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage, metric_values
 from csmf.graph import GraphTwoTower, graph_weights
+from csmf.loop import run_epochs
 from csmf.losses import (
     aml_margin,
     cross_stage_hinge,
@@ -46,7 +48,6 @@ from csmf.masks import claim_free
 from csmf.prune import cpp_free, fixed_free, release
 from csmf.runfolder import PretrainCache, RunFolder
 from csmf.towers import TwoTower, context_tables, features_of
-from csmf.train import run_epochs
 
 
 def per_stage(values: tuple, stage: int):
@@ -158,7 +159,7 @@ def build_model(data: CascadeData, cfg: Config, seed: int, objectives: tuple[str
     if m.encoder != "mlp":
         raise ValueError(f"model.encoder must be 'graph' or 'mlp', got {m.encoder!r}")
     sizes = context_sizes_of(data) if context_sizes is None else context_sizes
-    rows, hashed = context_tables(sizes, m) if m.features else ({}, {})
+    rows, hashed = context_tables(sizes, m) if m.features and m.context else ({}, {})
     return TwoTower(
         n_users=data.n_users,
         n_items=data.n_items,
@@ -310,8 +311,9 @@ class CascadeTrainer:
         self.pretrain = (
             PretrainCache(Path(pretrain_cache), data, cfg, self.objectives[0], fingerprint) if pretrain_cache else None
         )
-        self.progress = progress
-        self.log = log or (lambda _msg: None)
+        self.ranks = distributed.ranks()  # several training processes (csmf.distributed) or one
+        self.progress = progress and self.ranks.main
+        self.log = log if log is not None and self.ranks.main else (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
         self.stream = data.stream if cfg.train.stream else None
         if cfg.train.stream:
@@ -319,10 +321,16 @@ class CascadeTrainer:
         self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items and self.stream is None
         for table in self._sparse_tables():
             table.sparse = True
+        # several processes: DDP averages every loss's gradients over the ranks before the masks apply
+        self.parallel = distributed.data_parallel(self.model, torch.device("cpu")) if self.ranks.active else None
         # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
         if data.context and not reads_context(self.model):
-            why = "model.features is off" if not cfg.model.features else "only model.encoder = 'mlp' reads it"
+            why = (
+                "model.features or model.context is off"
+                if not (cfg.model.features and cfg.model.context)
+                else "only model.encoder = 'mlp' reads it"
+            )
             self.log(f"context columns {sorted(data.context)} are not used: {why}")
         if cfg.train.distill and not self.per_user:
             from csmf.distill import distillation_error
@@ -347,8 +355,9 @@ class CascadeTrainer:
         return index + 1
 
     def _save(self, index: int) -> None:
-        if self.folder is not None:
+        if self.folder is not None and self.ranks.main:  # one writer; the others wait for the file
             self.folder.save(index, self.model.state_dict(), self.history)
+        distributed.barrier()
 
     def _cached_pretrain(self) -> bool:
         """Load stage 1 from the pretrain cache if it holds this run's pretraining (then phase 0 is done)."""
@@ -382,11 +391,14 @@ class CascadeTrainer:
             else:
                 record = self._recover(phase.stage, index)
             record.update(phase=phase.name, seconds=round(time.perf_counter() - t0, 2))
+            if self.ranks.active:  # every rank must hold the same weights and owners: checked, not assumed
+                record.update(processes=self.ranks.world, checksum=distributed.check_agreement(self.model, phase.name))
             self.history.append(record)
             self.log(_describe(record))
             self._save(index)
-            if index == 0 and self.pretrain is not None:
+            if index == 0 and self.pretrain is not None and self.ranks.main:
                 self.pretrain.store(self.model.state_dict(), self.history[0])
+            distributed.barrier()
         return self.retriever(self.data.train | self.data.side)
 
     def retriever(self, history: dict[str, sp.csr_matrix], top: int | None = None) -> TrainedCascade:
@@ -398,7 +410,9 @@ class CascadeTrainer:
         if objective not in self.tuning.test or self.tuning.test[objective].nnz == 0:
             return {}
         scorer = self.retriever(self.tuning_history, top=stage)
-        result = evaluate_stage(scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
+        result = evaluate_stage(
+            scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb, shard=self.ranks
+        )
         return {k: round(v, 5) for k, v in metric_values(result).items()}
 
     def _stage_pairs(self, stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -428,6 +442,7 @@ class CascadeTrainer:
 
     def _prune(self, stage: int) -> dict:
         record = prune(self.model, stage, self.cfg.cascade, len(self.objectives))
+        distributed.broadcast_owners(self.model)  # rank 0's decision is every rank's
         return {**record, "valid": self._validate(stage)}
 
     def _epochs(
@@ -452,7 +467,7 @@ class CascadeTrainer:
             extras = self._stage_extras(stage)
 
             def batch_loss(idx: np.ndarray) -> torch.Tensor:
-                return self._user_loss(stage, units[idx], targets, m0, generator, extras)
+                return self._step(lambda: self._user_loss(stage, units[idx], targets, m0, generator, extras))
         else:  # a batch is a set of (user, item) pairs
             units, batch_size = users, t.batch_size
             log_q = item_log_q(items, self.data.n_items)
@@ -462,12 +477,15 @@ class CascadeTrainer:
             def batch_loss(idx: np.ndarray) -> torch.Tensor:
                 weight = None if weights is None else torch.from_numpy(weights[idx])
                 ctx = self._context_dropout({n: c[idx] for n, c in codes.items()}, generator)
-                return self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight, ctx)
+                return self._step(lambda: self._loss(stage, users[idx], items[idx], m0, log_q, generator, weight, ctx))
 
         def epoch_losses():
-            order = torch.randperm(len(units), generator=generator).numpy()
+            order = torch.randperm(len(units), generator=generator).numpy()  # the same on every rank
             for start in range(0, len(order), batch_size):
-                yield batch_loss(order[start : start + batch_size])
+                rows = order[start : start + batch_size]
+                if self.ranks.active and len(rows) < 2 * self.ranks.world:
+                    continue  # a tail too short to give every rank a batch: skipped on every rank alike
+                yield batch_loss(self.ranks.share(rows))
 
         if isinstance(model, GraphTwoTower):
             model.freeze_below(stage)
@@ -499,8 +517,12 @@ class CascadeTrainer:
                     keep = rng.random(len(users)) < share
                     users, items, codes = users[keep], items[keep], {n: c[keep] for n, c in codes.items()}
                 codes = self._context_dropout(codes, generator) if reads_context(self.model) else {}
-                if len(users) > 1:
-                    yield self._loss(stage, users, items, m0, log_q, generator, codes=codes)
+                if len(users) < 2 * self.ranks.world:
+                    continue
+                mine = self.ranks.share(np.arange(len(users)))  # every rank reads the batch, trains on its part
+                users, items, codes = users[mine], items[mine], {n: c[mine] for n, c in codes.items()}
+                yield self._step(lambda u=users, i=items, c=codes: self._loss(stage, u, i, m0, log_q, generator,
+                                                                              codes=c))  # fmt: skip
 
         steps = math.ceil(n_rows * share / t.batch_size)
         return self._epoch_loop(stage, epoch_losses, steps, epochs, True, per_stage(t.lr, stage), int(n_rows * share))
@@ -515,7 +537,9 @@ class CascadeTrainer:
         return SplitAdam(torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr))
 
     def _sparse_tables(self) -> list:
-        if self.stream is None or not isinstance(self.model, TwoTower):
+        # DDP all-reduces dense gradients only: with several processes every table steps densely (slower per
+        # step on a large table; README, multi-process training)
+        if self.stream is None or not isinstance(self.model, TwoTower) or self.ranks.active:
             return []
         return [t.id_emb for t in (self.model.user, self.model.item) if t.id_emb.weight.shape[1] > 0]
 
@@ -604,6 +628,11 @@ class CascadeTrainer:
         negatives = indices[(starts + draw)[has]]
         return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, m0, self.cfg.model.temperature)
 
+    def _step(self, loss: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One batch's loss; with several processes computed through DDP, whose backward averages the
+        gradients over the ranks (the masks then zero the same entries everywhere)."""
+        return self.parallel(loss) if self.parallel is not None else loss()
+
     def _context_dropout(self, codes: dict[str, np.ndarray], generator: torch.Generator) -> dict[str, np.ndarray]:
         """A seeded share (model.context_dropout) of the rows lose their whole context (code 0 = unknown), so the
         context-free vector (a request without context, an exported vector) is trained too."""
@@ -627,11 +656,14 @@ class CascadeTrainer:
             upstream = (u * model.group_mask(stage - 1)) @ v.T if m0 > 0 else None
         else:
             v = model.item_vectors(stage, target_items)  # (B, D)
-            scores, target = in_batch_scores(u, v, target_items)
-            correction = log_q[target_items] + np.log(len(items))
+            pool, offset = target_items, 0
+            if self.ranks.active and self.cfg.train.gather_negatives:  # every rank's batch items are negatives
+                v, pool, offset = distributed.gather_rows(v, target_items)
+            scores, target = in_batch_scores(u, v, pool, offset)
+            correction = log_q[pool] + np.log(len(pool))
             upstream = None
             if m0 > 0:
-                upstream, _ = in_batch_scores(u * model.group_mask(stage - 1), v, target_items)
+                upstream, _ = in_batch_scores(u * model.group_mask(stage - 1), v, pool, offset)
             extra = self.cfg.train.extra_negatives
             if extra:
                 negatives, uniform = uniform_negatives(self.data.n_items, extra, generator)

@@ -150,13 +150,49 @@ def _parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from csmf import distributed
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: give 1 or more training processes")
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
+    import torch
+
+    ranks = distributed.init_from_env(torch.device("cpu"))
+    try:
+        return _train(args, cfg, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The train arguments as given, without --nproc (the launched processes are the processes)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _train(args: argparse.Namespace, cfg, ranks) -> int:
     from csmf.data.datasets import load_dataset
     from csmf.demo import train_and_report
 
-    cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
-    data = load_dataset(cfg, progress=not args.quiet)
+    if cfg.data.cache_dir and ranks.active:  # one process converts (or checks) the cache, then all read it
+        from csmf import distributed
+        from csmf.data.datasets import convert
+
+        if ranks.main:
+            convert(cfg, progress=not args.quiet)
+        distributed.barrier()
+    data = load_dataset(cfg, progress=not args.quiet and ranks.main)
     checkpoints = Path(args.out) / "checkpoints"
-    if args.overwrite and checkpoints.exists():
+    if args.overwrite and checkpoints.exists() and ranks.main:
         shutil.rmtree(checkpoints)
         print(f"--overwrite: removed the checkpoints in {checkpoints}", file=sys.stderr)
     weightings = [_parse_weights(w, data.stages) for w in args.weights] or None
@@ -254,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--models",
         help="comma-separated, from popularity, als, itemknn, csmf, csmf-no-cpp, csmf-no-aml, csmf-no-ar, packnet, "
-        "naive-ft, shared-bottom, mmoe, ple, mvke, single-<stage> (default: popularity,als,itemknn)",
+        "naive-ft, csmf-id-only, csmf-no-context, shared-bottom, mmoe, ple, mvke, single-<stage> "
+        "(default: popularity,als,itemknn)",
     )
     bench.add_argument("--out", help="results folder (default: results)")
     bench.add_argument("--no-tune", action="store_true", help="skip validation search; use default settings")
@@ -290,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="objective weights of one demo query, e.g. view:1,purchase:0.2 (repeatable; default: two scenarios)",
     )  # fmt: skip
     train.add_argument("--user", help="original user id for the demo (default: an active test user)")
+    train.add_argument(
+        "--nproc", type=int, default=1,
+        help="training processes on this machine, launched with torchrun (DDP: gloo on CPU, nccl on CUDA); "
+        "the same run folder as one process. Several machines: torchrun -m csmf.train (README)",
+    )  # fmt: skip
     _common(train)
 
     export = sub.add_parser("export", help="write a serving artifact (vectors, ids, manifest) from a `csmf train` run")
@@ -344,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # after the command: what --nproc hands to the processes it launches
     try:
         return COMMANDS[args.command](args)
     except (DataError, ConfigError, ArtifactError, CheckpointError) as err:

@@ -248,6 +248,7 @@ class ModelConfig(Checked):
     max_categories: int = 10_000
     hash_buckets: int = 4096
     features: bool = True  # read the loaded user and item features (false = ID-only, as csmf-id-only)
+    context: bool = True  # read the per-row context columns, data.context_features (false = csmf-no-context)
     dense_features: tuple[str, ...] = ()  # columns read as dense numbers whatever their values
     categorical_features: tuple[str, ...] = ()  # columns embedded as categories even when not integers
     bag_power: float = 1.0  # a bag is sum / count**bag_power: 1 = mean, 0.5 = FISM-style sqrt, 0 = sum
@@ -306,6 +307,9 @@ class TrainConfig(Checked):
     # Out of core: train from data.cache_dir in shuffled batches instead of from pairs in memory (needs the MLP
     # encoder without history bags, in-batch + sampled softmax, no distillation, aux_weight 0: --config stream)
     stream: bool = False
+    # several training processes (csmf train --nproc): in-batch negatives from every rank's batch (all-gathered
+    # item vectors, logQ over them) instead of the rank's own share of the batch
+    gather_negatives: bool = False
     stream_buffer_rows: int = 1 << 20  # rows shuffled together when streaming (memory: ~16 bytes a row)
 
 

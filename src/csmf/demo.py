@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from csmf import distributed
 from csmf.config import Config, config_to_dict, save_config
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate
@@ -61,14 +62,22 @@ def train_and_report(
     log: Callable[[str], None] = print,
 ) -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.toml")
+    ranks = distributed.ranks()  # several training processes: all train and evaluate, rank 0 writes and reports
+    if not ranks.main:
+        progress, log = False, lambda _msg: None
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.toml")
+    distributed.barrier()
     log(data.summary())
     start = time.perf_counter()
     model = CSMF(cfg, run_dir=str(out / "checkpoints"), progress=progress, log=log).fit(data)
     seconds = time.perf_counter() - start
-    model.save(out / "model")  # what `csmf export` and CSMF.load read: no data loading, no trainer
-    metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress)
+    if ranks.main:
+        model.save(out / "model")  # what `csmf export` and CSMF.load read: no data loading, no trainer
+    metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress, shard=ranks)
+    if not ranks.main:
+        return {"metrics": metrics}
     vector_dim = int(model.item_vectors().shape[1])
     log(f"\ntrained in {seconds:.1f}s; {model.num_params():,} parameters; one item vector of dimension {vector_dim}")
     log("ownership (share of units per stage; 0 = free): " + json.dumps(model.model.ownership()))
@@ -90,6 +99,7 @@ def train_and_report(
         "ownership": model.model.ownership(),
         "phases": model.phases,
         "config": config_to_dict(cfg),
+        "processes": ranks.world,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -13,6 +13,7 @@ import torch
 
 from csmf.data import context
 from csmf.data.schema import CascadeData
+from csmf.distributed import Ranks, all_sum
 from csmf.metrics import recall_ndcg
 from csmf.progress import bar
 from csmf.retriever import Retriever
@@ -55,10 +56,13 @@ def evaluate_stage(
     ks: tuple[int, ...] = (10, 20, 50),
     budget_mb: int = 256,
     progress: bool = False,
+    shard: Ranks | None = None,
 ) -> dict[str, float]:
     """Metrics of one stage, averaged over its users with test positives; with per-row context
     (data.context) over requests instead, a request being a (user, context) with test positives
-    (csmf.data.context). A model that reads no context ranks every request of a user alike."""
+    (csmf.data.context). A model that reads no context ranks every request of a user alike.
+    `shard` (training processes, csmf.distributed): each ranks every world-th user and the sums are
+    all-reduced, so every process returns one process's metrics."""
     truth_mat = data.test[stage]
     units = users = users_with_positives(truth_mat)
     codes: dict[str, np.ndarray] = {}
@@ -71,10 +75,14 @@ def evaluate_stage(
     excluded = data.excluded(stage)
     n_pos = np.diff(truth_mat.indptr)[units]
     batch = batch_size_for(data.n_items, budget_mb)
-    sums: dict[str, float] = {}
-    batches = range(0, len(units), batch)
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    mine = np.arange(len(units))  # the rows this process ranks: every world-th when sharded
+    if shard is not None and shard.active:
+        mine = mine[shard.rank :: shard.world]
+    batches = range(0, len(mine), batch)
     for start in bar(batches, progress, desc=f"eval {stage}", unit="batch", leave=False):
-        rows, ub = units[start : start + batch], users[start : start + batch]
+        at = mine[start : start + batch]
+        rows, ub = units[at], users[at]
         with torch.no_grad():
             if in_context:
                 scores = model.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float()
@@ -86,8 +94,10 @@ def evaluate_stage(
         hits = topk_hits(scores, exclude, rows_mask(truth_mat, rows, data.n_items), max(ks))
         if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
             hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
-        for name, values in recall_ndcg(hits, n_pos[start : start + batch], ks).items():
-            sums[name] = sums.get(name, 0.0) + float(values.sum())
+        for name, values in recall_ndcg(hits, n_pos[at], ks).items():
+            sums[name] += float(values.sum())
+    if shard is not None and shard.active:
+        sums = dict(zip(sums, all_sum(list(sums.values())), strict=True))
     metrics = {name: total / len(units) for name, total in sums.items()}
     metrics["users"] = int(len(np.unique(users)))
     if codes:
@@ -102,11 +112,12 @@ def evaluate(
     budget_mb: int = 256,
     stages: tuple[str, ...] | None = None,
     progress: bool = False,
+    shard: Ranks | None = None,
 ) -> dict[str, dict[str, float]]:
     """{stage: {"recall@10": x, "ndcg@10": x, ..., "users": n}} for every stage with test pairs."""
     out = {}
     for stage in stages or data.stages:
-        result = evaluate_stage(model, data, stage, ks, budget_mb, progress)
+        result = evaluate_stage(model, data, stage, ks, budget_mb, progress, shard)
         if result:
             out[stage] = result
     return out

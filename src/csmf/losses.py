@@ -47,17 +47,22 @@ def aml_margin(upstream: torch.Tensor, target: torch.Tensor, m0: float) -> torch
     return m0 * above
 
 
-def in_batch_scores(user: torch.Tensor, item: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def in_batch_scores(
+    user: torch.Tensor, item: torch.Tensor, items: torch.Tensor, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In-batch negatives: every other pair's item is a negative of each row.
 
-    user, item: (B, D) vectors of the batch pairs; items: (B,) item ids. Returns (scores (B, B), target).
-    Other copies of a row's own positive item are masked out, so a repeated item is never a negative of
-    itself. Pair with `log_q` of the batch items in `softmax_loss` (logQ correction).
+    user: (B, D) vectors of the batch pairs; item, items: (M, D) vectors and (M,) ids of the batch items,
+    row b's own at position offset + b (M = B and offset 0 for one process; the items of every rank's batch
+    when they are gathered, csmf.distributed). Returns (scores (B, M), target (B,)). Other copies of a row's
+    own positive item are masked out, so a repeated item is never a negative of itself. Pair with `log_q`
+    of the batch items in `softmax_loss` (logQ correction).
     """
-    scores = user @ item.T  # (B, B)
-    same = items.unsqueeze(0) == items.unsqueeze(1)
-    same.fill_diagonal_(False)
-    return scores.masked_fill(same, float("-inf")), torch.arange(len(items))
+    scores = user @ item.T  # (B, M)
+    target = torch.arange(user.shape[0]) + offset
+    same = items.unsqueeze(0) == items[target].unsqueeze(1)
+    same[torch.arange(user.shape[0]), target] = False
+    return scores.masked_fill(same, float("-inf")), target
 
 
 def user_softmax_loss(

@@ -23,7 +23,7 @@ from csmf.experiments.cost import query_cost
 from csmf.experiments.sweep import weight_sweep
 from csmf.experiments.tuning import coordinate_search
 from csmf.models.als import ALS, ALSSettings
-from csmf.models.csmf import CSMF, ID_ONLY, VARIANTS
+from csmf.models.csmf import CSMF, ID_ONLY, NO_CONTEXT, VARIANTS
 from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.multitask import KINDS, MultiTask
@@ -140,7 +140,7 @@ MODELS: dict[str, Callable[[Config, CascadeData, bool], tuple[Retriever, dict]]]
     "als": build_als,
     "itemknn": build_itemknn,
     "ease": build_ease,
-    **{name: build_neural(name) for name in (*VARIANTS, ID_ONLY)},
+    **{name: build_neural(name) for name in (*VARIANTS, ID_ONLY, NO_CONTEXT)},
     **{kind: build_multitask(kind) for kind in KINDS},
 }
 

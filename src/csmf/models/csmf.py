@@ -39,6 +39,9 @@ BASELINES = {
 VARIANTS = {**ABLATIONS, **BASELINES}
 # The same cascade without any user or item feature (model.features = false): what the features add.
 ID_ONLY = "csmf-id-only"
+# The same cascade without the per-row context columns (model.context = false): what request context adds,
+# ranked on the same (user, context) requests.
+NO_CONTEXT = "csmf-no-context"
 
 
 class CSMF(Retriever):
@@ -61,6 +64,8 @@ class CSMF(Retriever):
             return cls(cfg, objectives=(name.removeprefix("single-"),), name=name, **kw)
         if name == ID_ONLY:
             return cls(replace(cfg, model=replace(cfg.model, features=False)), name=name, **kw)
+        if name == NO_CONTEXT:
+            return cls(replace(cfg, model=replace(cfg.model, context=False)), name=name, **kw)
         if name not in VARIANTS:
             raise KeyError(name)
         return cls(replace(cfg, cascade=VARIANTS[name](cfg.cascade)), name=name, **kw)

@@ -35,11 +35,11 @@ from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch
 from csmf.evaluation import evaluate_stage, metric_values
 from csmf.graph import StageGraph, graph_weights
+from csmf.loop import run_epochs
 from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
 from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.retriever import Retriever
 from csmf.towers import features_of, pool_bags
-from csmf.train import run_epochs
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
 

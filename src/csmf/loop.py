@@ -1,0 +1,65 @@
+"""The one training loop every neural model runs: epochs of batch losses, a (masked) gradient step,
+validation after every epoch, and the best epoch's weights kept (patience stops a run that stopped
+improving). The cascade's phases and the multi-task towers differ only in what they hand it: the
+batches, the step hook (the cascade masks the gradients of units a stage does not own) and how an
+epoch is scored."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from csmf.progress import bar
+
+
+def run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    epoch_losses: Callable[[], Iterator[torch.Tensor]],
+    validate: Callable[[], tuple[float | None, dict]],
+    patience: int,
+    select: bool = True,
+    after_backward: Callable[[], None] | None = None,
+    describe: Callable[[int, float, float | None, dict], str] | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+    progress: bool = False,
+    desc: str = "epoch",
+    steps: int | None = None,
+) -> tuple[list[dict], int]:
+    """Train for up to `epochs` epochs; returns (one record per epoch, the epoch whose weights the model holds).
+
+    epoch_losses(): a fresh iterator of batch losses for one epoch (it draws the epoch's order itself);
+    validate(): (score, metrics) on validation after an epoch, score None when there is nothing to select on;
+    select: keep the best-scoring epoch and stop after `patience` epochs without a gain; False = keep the last.
+    """
+    best, best_state, best_epoch, records = -1.0, None, 0, []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, batches = 0.0, 0
+        for loss in bar(epoch_losses(), progress, desc=f"{desc} {epoch}", total=steps, unit="batch", leave=False):
+            optimizer.zero_grad()
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+        model.eval()
+        score, valid = validate()
+        mean_loss = total / max(batches, 1)
+        records.append({"epoch": epoch, "loss": round(mean_loss, 5), "valid": valid})
+        if describe is not None:
+            log(describe(epoch, mean_loss, score, valid))
+        if not select or score is None:  # no validation pairs: keep the last epoch
+            continue
+        if score > best:
+            best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+        elif epoch - best_epoch >= patience:
+            break
+    if select and best_state is not None:
+        model.load_state_dict(best_state)
+    return records, (best_epoch if select else epochs)
