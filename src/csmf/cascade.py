@@ -301,7 +301,13 @@ class CascadeTrainer:
         self.cfg = cfg
         self.objectives = objectives or data.stages
         self.tuning = data.tuning_view()
+        self.device = distributed.resolve_device(cfg.runtime.device)
         self.model = build_model(data, cfg, cfg.seed, self.objectives)
+        if self.device.type != "cpu":
+            if not isinstance(self.model, TwoTower):
+                raise ConfigError("runtime.device: the graph encoder trains on the CPU only; use --config mlp "
+                                  "(model.encoder = 'mlp') on a GPU")  # fmt: skip
+            self.model.place(self.device)
         self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
         self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
@@ -322,7 +328,7 @@ class CascadeTrainer:
         for table in self._sparse_tables():
             table.sparse = True
         # several processes: DDP averages every loss's gradients over the ranks before the masks apply
-        self.parallel = distributed.data_parallel(self.model, torch.device("cpu")) if self.ranks.active else None
+        self.parallel = distributed.data_parallel(self.model, self.device) if self.ranks.active else None
         # the graph encoder's full-catalogue loss takes each user's positives at once (one softmax per user)
         self.per_user = self.full_softmax and isinstance(self.model, GraphTwoTower)
         if data.context and not reads_context(self.model):
@@ -373,7 +379,8 @@ class CascadeTrainer:
 
     # ----- phases --------------------------------------------------------------------------------
     def run(self) -> TrainedCascade:
-        with deterministic_torch():
+        # on a GPU some kernels have no deterministic form: warned about, not refused (CPU runs are bit-exact)
+        with deterministic_torch(warn_only=self.device.type != "cpu"):
             return self._run()
 
     def _run(self) -> TrainedCascade:
@@ -399,6 +406,8 @@ class CascadeTrainer:
             if index == 0 and self.pretrain is not None and self.ranks.main:
                 self.pretrain.store(self.model.state_dict(), self.history[0])
             distributed.barrier()
+        if self.device.type != "cpu":  # the trained model is handed back on the CPU: evaluation, export, serving
+            self.model.place(torch.device("cpu"))
         return self.retriever(self.data.train | self.data.side)
 
     def retriever(self, history: dict[str, sp.csr_matrix], top: int | None = None) -> TrainedCascade:
@@ -470,7 +479,7 @@ class CascadeTrainer:
                 return self._step(lambda: self._user_loss(stage, units[idx], targets, m0, generator, extras))
         else:  # a batch is a set of (user, item) pairs
             units, batch_size = users, t.batch_size
-            log_q = item_log_q(items, self.data.n_items)
+            log_q = item_log_q(items, self.data.n_items).to(self.device)
             # each pair's context (its latest row's); an auxiliary pair of another behaviour has its own
             codes = context.lookup(self.tuning.context, users, items) if reads_context(model) else {}
 
@@ -504,7 +513,7 @@ class CascadeTrainer:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + seed)
         m0 = self.cfg.cascade.aml_m0 if stage > 1 else 0.0
         counts = cache.train_item_counts(objective)
-        log_q = log_q_from_counts(counts)
+        log_q = log_q_from_counts(counts).to(self.device)
         n_rows = int(counts.sum())
         drawn = {"epoch": 0}
 
@@ -630,8 +639,11 @@ class CascadeTrainer:
 
     def _step(self, loss: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One batch's loss; with several processes computed through DDP, whose backward averages the
-        gradients over the ranks (the masks then zero the same entries everywhere)."""
-        return self.parallel(loss) if self.parallel is not None else loss()
+        gradients over the ranks (the masks then zero the same entries everywhere). runtime.amp on a GPU:
+        under bfloat16 autocast (no loss scaling needed: bfloat16 keeps float32's range)."""
+        amp = self.cfg.runtime.amp and self.device.type == "cuda"
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
+            return self.parallel(loss) if self.parallel is not None else loss()
 
     def _context_dropout(self, codes: dict[str, np.ndarray], generator: torch.Generator) -> dict[str, np.ndarray]:
         """A seeded share (model.context_dropout) of the rows lose their whole context (code 0 = unknown), so the
@@ -649,7 +661,10 @@ class CascadeTrainer:
             u = model.user_vectors(users, stage, leave_out=leave_out, context=codes)
         else:
             u = model.user_vectors(users, stage, leave_out=leave_out)
-        target_items = torch.from_numpy(items)
+        device = u.device
+        target_items = torch.from_numpy(items).to(device)
+        log_q = log_q.to(device)
+        weight = None if weight is None else weight.to(device)
         if self.full_softmax:
             v = model.item_vectors(stage)  # (N, D)
             scores, target, correction = u @ v.T, target_items, None  # (B, N)
@@ -667,6 +682,7 @@ class CascadeTrainer:
             extra = self.cfg.train.extra_negatives
             if extra:
                 negatives, uniform = uniform_negatives(self.data.n_items, extra, generator)
+                negatives, uniform = negatives.to(device), uniform.to(device)
                 v_neg = model.item_vectors(stage, negatives)  # (M, D)
                 scores = torch.cat([scores, u @ v_neg.T], dim=1)  # (B, B + M)
                 correction = torch.cat([correction, uniform])

@@ -23,6 +23,7 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict) -> N
     """Write atomically: a checkpoint is either complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".partial")
+    state = {k: v.detach().cpu() for k, v in state.items()}  # a GPU run's checkpoint resumes anywhere
     torch.save({"state": state, "meta": json.dumps(meta, default=float)}, tmp)  # numpy scalars as floats
     tmp.replace(path)
 

@@ -32,6 +32,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"),
+        help="where CSMF trains: cpu (default), cuda (the MLP encoder: --config mlp), auto = cuda when present",
+    )  # fmt: skip
+
+
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", help="jd, sim, aliccp, aliexpress, kuairand, tenrec, or a generic log's path (.csv/.parquet)"
@@ -51,6 +58,8 @@ def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
         sets.append(f"data.data_dir={args.data_dir}")
     if getattr(args, "models", None):
         sets.append(f"bench.models={args.models}")
+    if getattr(args, "device", None):
+        sets.append(f"runtime.device={args.device}")
     if getattr(args, "out", None) and args.command == "bench":
         sets.append(f"bench.out_dir={args.out}")
     cfg = override(cfg, sets)
@@ -157,9 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
-    import torch
 
-    ranks = distributed.init_from_env(torch.device("cpu"))
+    ranks = distributed.init_from_env(distributed.resolve_device(cfg.runtime.device))
     try:
         return _train(args, cfg, ranks)
     finally:
@@ -302,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="with --suite: a small smoke version (minutes)")
     _common(bench)
+    _device_flag(bench)
 
     simulate = sub.add_parser("simulate", help="write a simulated exposure -> click -> conversion log")
     simulate.add_argument("--out", required=True, help="output path, .parquet or .csv (a folder with --layout)")
@@ -333,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the same run folder as one process. Several machines: torchrun -m csmf.train (README)",
     )  # fmt: skip
     _common(train)
+    _device_flag(train)
 
     export = sub.add_parser("export", help="write a serving artifact (vectors, ids, manifest) from a `csmf train` run")
     export.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote")

@@ -413,6 +413,19 @@ class BenchConfig(Checked):
 
 
 @dataclass(frozen=True)
+class RuntimeConfig(Checked):
+    """Where training runs; never what it learns (a run folder resumes on another device)."""
+
+    SECTION: ClassVar[str] = "runtime"
+    RULES: ClassVar[dict] = {}
+
+    # "cpu"; "cuda" (the MLP encoder: towers, losses, validation on the GPU; an error without one); "auto" =
+    # cuda when a GPU is present, else cpu. The trained model is handed back on the CPU (export, serving).
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    amp: bool = False  # cuda: bfloat16 autocast for the towers and losses (mixed precision)
+
+
+@dataclass(frozen=True)
 class ServeConfig(Checked):
     """`csmf serve` (and the server `csmf loadtest` starts, the HNSW settings `csmf querybench` measures)."""
 
@@ -453,6 +466,7 @@ class Config:
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         for key, metric in (
@@ -465,7 +479,7 @@ class Config:
 
 
 # sections that say where results go and how to serve, never what a model learns
-HARNESS = ("bench", "serve")
+HARNESS = ("bench", "serve", "runtime")
 # data.dataset values that name a dataset rather than a file
 NAMED_DATASETS = ("jd", "sim", "kuairand", "aliccp", "aliexpress", "tenrec")
 # where the data lives: its content is compared by fingerprint instead

@@ -12,6 +12,7 @@ uninitialised memory, which csmf never does): that fill cost ~4% of a multi-task
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,10 +20,12 @@ import torch
 
 
 @contextmanager
-def deterministic_torch() -> Iterator[None]:
+def deterministic_torch(warn_only: bool = False) -> Iterator[None]:
+    """warn_only: an operation without a deterministic kernel warns instead of failing (on a GPU)."""
     before = torch.are_deterministic_algorithms_enabled()
     fill_before = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks for; CPU ignores it
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield

@@ -49,6 +49,22 @@ def ranks() -> Ranks:
     return Ranks()
 
 
+def resolve_device(name: str) -> torch.device:
+    """runtime.device as a torch device: "auto" is CUDA when a GPU is present, else the CPU; under torchrun
+    each process takes the GPU of its LOCAL_RANK."""
+    from csmf.config import ConfigError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ConfigError(f"runtime.device: {name!r} is not one of ['cpu', 'cuda', 'auto']")
+    if not torch.cuda.is_available():
+        raise ConfigError("runtime.device: 'cuda' asked for, but this PyTorch sees no GPU; use cpu or auto")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -178,7 +194,7 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     only when they change (`broadcast_owners`), not before every step; a stage leaves some units unused."""
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    ids = [device.index or 0] if device.type == "cuda" else None
     return DistributedDataParallel(
         StepModule(model), device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
     )

@@ -85,9 +85,9 @@ def evaluate_stage(
         rows, ub = units[at], users[at]
         with torch.no_grad():
             if in_context:
-                scores = model.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float()
+                scores = model.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float().cpu()
             else:
-                scores = model.score(ub, stage).float()  # (B, N)
+                scores = model.score(ub, stage).float().cpu()  # (B, N); from a GPU while training there
         exclude = rows_mask(excluded, ub, data.n_items)
         if data.candidates is not None:  # rank only these items (a cold-item split)
             exclude |= ~torch.from_numpy(data.candidates).unsqueeze(0)

@@ -23,7 +23,7 @@ def softmax_loss(
     (logQ correction for sampled candidates); weight: (B,) importance of each row (auxiliary pairs of an
     upstream behaviour count less than the stage's own positives).
     """
-    scaled = scores / temperature
+    scaled = scores.float() / temperature  # the softmax in float32 also under mixed precision
     if log_q is not None:
         scaled = scaled - log_q.unsqueeze(0)
     if margin is not None:
@@ -59,9 +59,10 @@ def in_batch_scores(
     of the batch items in `softmax_loss` (logQ correction).
     """
     scores = user @ item.T  # (B, M)
-    target = torch.arange(user.shape[0]) + offset
+    rows = torch.arange(user.shape[0], device=user.device)
+    target = rows + offset
     same = items.unsqueeze(0) == items[target].unsqueeze(1)
-    same[torch.arange(user.shape[0]), target] = False
+    same[rows, target] = False
     return scores.masked_fill(same, float("-inf")), target
 
 

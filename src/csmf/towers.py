@@ -37,19 +37,20 @@ def pool_bags(
     Returns len(matrices) tensors of shape (B, H).
     """
     out = []
-    n_items = table.shape[0]
+    n_items, device = table.shape[0], table.device
     for mat in matrices:
         rows = mat[users]
-        counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32))
+        counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32)).to(device)
         coo = rows.tocoo()
         idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-        sparse = torch.sparse_coo_tensor(
-            idx, torch.ones(coo.nnz), (len(users), n_items), check_invariants=False
+        sparse = torch.sparse_coo_tensor(idx, torch.ones(coo.nnz), (len(users), n_items), check_invariants=False).to(
+            device
         )  # built from a valid scipy matrix: the invariant check would only cost time
-        total = torch.sparse.mm(sparse, table)  # (B, H)
+        with torch.autocast(device_type=device.type, enabled=False):  # no bfloat16 sparse product on CUDA
+            total = torch.sparse.mm(sparse, table.float())  # (B, H)
         if leave_out is not None:
-            hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0)
-            total = total - table[torch.from_numpy(leave_out)] * hit.float().unsqueeze(1)
+            hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0).to(device)
+            total = total - table[torch.from_numpy(leave_out).to(device)] * hit.float().unsqueeze(1)
             counts = counts - hit.float()
         out.append(total / counts.clamp(min=1.0).pow(power).unsqueeze(1))
     return out
@@ -170,6 +171,14 @@ class Features:
     def n_dense(self) -> int:
         return 0 if self.dense is None else self.dense.shape[1]
 
+    def to(self, device: torch.device) -> Features:
+        """The same features with their tensors on `device` (a tower's lookups index them there)."""
+        return Features(
+            {n: t.to(device) for n, t in self.categorical.items()}, dict(self.cardinality),
+            None if self.dense is None else self.dense.to(device), {n: t.to(device) for n, t in self.bags.items()},
+            self.hashed,
+        )  # fmt: skip
+
     def lookup(self, name: str, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """(B, d) rows of `weight` for entities `ids`: a categorical's row, or the mean over a bag's codes."""
         if name in self.bags:
@@ -181,7 +190,7 @@ class Features:
     def lookup_all(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """(n, d): `lookup` for every entity."""
         if name in self.bags:
-            return self.lookup(name, torch.arange(len(self.bags[name])), weight)
+            return self.lookup(name, torch.arange(len(self.bags[name]), device=weight.device), weight)
         return weight[self.categorical[name]]
 
 
@@ -285,7 +294,11 @@ class Tower(nn.Module):
         ]
         for name, emb in self.ctx_emb.items():
             codes = (context or {}).get(name)
-            rows = torch.zeros_like(ids) if codes is None else context_rows(codes, self.ctx_hashed.get(name, 0))
+            rows = (
+                torch.zeros_like(ids)
+                if codes is None
+                else context_rows(codes.cpu(), self.ctx_hashed.get(name, 0)).to(ids.device)
+            )
             rows = torch.where((rows >= 0) & (rows < emb.weight.shape[0]), rows, 0)  # unseen value: unknown
             x.append(emb(rows, stage))
         if self.features.dense is not None:
@@ -388,14 +401,25 @@ class TwoTower(nn.Module):
         context: dict[str, np.ndarray] | None = None,
     ) -> torch.Tensor:
         """(B, D); context: column -> (B,) codes (csmf.data.context), None = unknown context."""
-        ids = torch.from_numpy(np.asarray(users, dtype=np.int64))
+        device = self.device
+        ids = torch.from_numpy(np.asarray(users, dtype=np.int64)).to(device)
         bags = self.bags(np.asarray(users), leave_out, history) if self.user.history is not None else None
-        codes = {n: torch.from_numpy(np.asarray(c, dtype=np.int64)) for n, c in (context or {}).items()}
+        codes = {n: torch.from_numpy(np.asarray(c, dtype=np.int64)).to(device) for n, c in (context or {}).items()}
         return self.user(ids, stage, bags, codes)  # (B, D)
 
     def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:
-        ids = torch.arange(self.n_items) if items is None else items
+        ids = torch.arange(self.n_items, device=self.device) if items is None else items.to(self.device)
         return self.item(ids, stage)  # (N, D)
+
+    @property
+    def device(self) -> torch.device:
+        return self.user.layers[0].weight.device
+
+    def place(self, device: torch.device) -> TwoTower:
+        """Move the weights and the feature tensors to `device` (training on a GPU: csmf.cascade)."""
+        self.to(device)
+        self.user.features, self.item.features = self.user.features.to(device), self.item.features.to(device)
+        return self
 
     def group_mask(self, stage: int) -> torch.Tensor:
         """(D,) 1 on the output dimensions that objective `stage` scores with (owners 1..stage)."""
