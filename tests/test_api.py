@@ -97,3 +97,19 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert not bar(range(3), True).disable and bar(range(3), False).disable
+
+
+def test_importing_csmf_makes_openmp_wait_passively_unless_the_caller_chose():
+    """Spinning OpenMP threads made training ~15x slower on a busy machine (csmf trainspeed): csmf sets
+    OMP_WAIT_POLICY=PASSIVE on import, before torch or faiss start OpenMP, and keeps a caller's own choice."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, csmf; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "ACTIVE"

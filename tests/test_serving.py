@@ -544,3 +544,16 @@ def test_limits_are_configurable_and_checked(exported):
     with pytest.raises(ValueError, match="ServeLimits.max_ids must be a positive integer"):
         ServeLimits(max_ids=0)
     assert main(["serve", "--artifact", str(exported[1]), "--max-body-bytes", "0"]) == 2
+
+
+def test_a_few_queries_search_on_one_faiss_thread_and_a_batch_on_the_configured_ones():
+    import faiss
+
+    vectors = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+    index = build_index(vectors, IndexSettings(kind="exact", threads=2))
+    exact = vectors @ vectors[:1].T
+    scores, rows = index.search(vectors[:1], 5)
+    assert faiss.omp_get_max_threads() == 1  # one query: no OpenMP region to wait in
+    assert rows[0, 0] == int(np.argmax(exact))
+    index.search(vectors[:16], 5)
+    assert faiss.omp_get_max_threads() == 2

@@ -15,7 +15,14 @@ The public API (imported on first use, so `import csmf` stays light):
 - `export_model(model, folder)`: the serving artifact `csmf serve --artifact folder` serves.
 """
 
+import os
 from importlib import import_module, metadata
+
+# OpenMP threads that wait for work spin by default; on a machine whose cores are busy with something else
+# (a load generator, another job) that spinning turned a training step ~37x slower and one faiss query from
+# 0.07 ms into 32 ms (issue 17). Passive waiting, unless the caller chose: set here, on the first csmf import,
+# before torch or faiss can start OpenMP (a process that loaded them earlier keeps its own policy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = metadata.version("csmf")

@@ -269,6 +269,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 else 1
 
 
+def cmd_trainspeed(args: argparse.Namespace) -> int:
+    from csmf.experiments.trainspeed import run_trainspeed
+
+    run_trainspeed(args.out, args.seconds)
+    return 0
+
+
 def cmd_querybench(args: argparse.Namespace) -> int:
     from csmf.serving.querybench import run_querybench
 
@@ -284,6 +291,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "data": cmd_data,
     "train": cmd_train,
+    "trainspeed": cmd_trainspeed,
     "export": cmd_export,
     "serve": cmd_serve,
 }
@@ -385,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--artifact", help="also measure HNSW recall@50 and speed-up on this artifact")
     query.add_argument("--out", default="results/serving/querybench.json", help="result JSON")
     _common(query)  # serve.hnsw_m and serve.ef_search set the HNSW it measures
+
+    speed = sub.add_parser("trainspeed", help="training batch/s, idle and loaded machine, per OpenMP wait policy")
+    speed.add_argument("--seconds", type=float, default=20.0, help="wall time of each measurement (default 20)")
+    speed.add_argument("--out", default="results/trainspeed.json", help="result JSON")
 
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)
