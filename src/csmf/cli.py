@@ -257,7 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     index = build_index(artifact.item_vectors, settings)
     recommender = Recommender(artifact, index, s.fallback == "popularity", limits)
     print(f"serving {len(artifact.item_ids):,} items ({s.index} index) on http://{s.host}:{s.port}")
-    uvicorn.run(create_app(recommender), host=s.host, port=s.port, log_level="warning")
+    # the C HTTP parser and event loop when installed (they are dependencies; a platform without them still runs)
+    fast = {"http": "httptools", "loop": "uvloop"} if _installed("httptools", "uvloop") else {}
+    uvicorn.run(create_app(recommender), host=s.host, port=s.port, log_level="warning", access_log=False, **fast)
     return 0
 
 
@@ -267,6 +269,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     index = _serve_config(args).serve.index
     result = run_loadtest(args.artifact, args.clients, args.requests, args.k, index, args.out)
     return 0 if result["errors"] == 0 else 1
+
+
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def cmd_trainspeed(args: argparse.Namespace) -> int:
