@@ -104,10 +104,21 @@ class Recommender:
         self.user_rows = {u: i for i, u in enumerate(artifact.user_ids)}
         self.masks = np.stack([artifact.objective_mask(s) for s in artifact.stages])  # (S, D)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
+        # each user's seen items sorted and distinct, once at load: a request then tests membership by binary
+        # search and reads its count, instead of sorting the list again (np.isin, np.unique) every time
+        n_users, n_items = len(artifact.user_ids), len(artifact.item_ids)
+        owner = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(artifact.seen_indptr))
+        key = np.unique(owner * n_items + artifact.seen_indices.astype(np.int64))  # by user, then item; distinct
+        self.seen_items = key % n_items
+        self.seen_starts = np.searchsorted(key, np.arange(n_users + 1, dtype=np.int64) * n_items)
 
     @property
     def stages(self) -> tuple[str, ...]:
         return self.artifact.stages
+
+    def _seen(self, row: int) -> np.ndarray:
+        """The user's seen item rows, sorted and distinct."""
+        return self.seen_items[self.seen_starts[row] : self.seen_starts[row + 1]]
 
     def info(self) -> dict:
         a = self.artifact
@@ -178,7 +189,7 @@ class Recommender:
         for u in user_ids:
             if u in found:
                 items = self._describe(self.user_rows[u], found[u], weights)
-                seen = len(np.unique(self.artifact.seen(self.user_rows[u]))) if exclude_seen else 0
+                seen = len(self._seen(self.user_rows[u])) if exclude_seen else 0
                 why = f"this user has seen all but {n - seen} of the {n} items (exclude_seen)" if seen else (
                     f"the catalogue holds {n} items")  # fmt: skip
                 note = self._note(len(items), k, n - seen, why)
@@ -191,7 +202,7 @@ class Recommender:
 
     def _top(self, rows: np.ndarray, k: int, weights: dict[str, float], exclude_seen: bool) -> list[np.ndarray]:
         """Each user's top-k item rows, seen items left out; searched in blocks of <= CANDIDATE_BLOCK candidates."""
-        seen = [self.artifact.seen(r) for r in rows]
+        seen = [self._seen(r) for r in rows]
         width = [min(k + (len(s) if exclude_seen else 0), self.index.n_items) for s in seen]  # candidates per user
         out, start = [], 0
         while start < len(rows):
@@ -201,8 +212,9 @@ class Recommender:
             _, top = self.index.search(self.query_vectors(rows[start:stop], weights), wide)  # (b, wide)
             for candidates, s in zip(top, seen[start:stop], strict=True):
                 candidates = candidates[candidates >= 0]
-                if exclude_seen:
-                    candidates = candidates[~np.isin(candidates, s)]
+                if exclude_seen and len(s):
+                    at = np.minimum(np.searchsorted(s, candidates), len(s) - 1)
+                    candidates = candidates[s[at] != candidates]  # not among the user's (sorted) seen items
                 out.append(candidates[:k])
             start = stop
         return out
@@ -221,12 +233,9 @@ class Recommender:
         u, v = self.artifact.user_vectors[row], self.artifact.item_vectors[items]  # (D,), (k, D)
         per_stage = (v * u) @ self.masks.T  # (k, S)
         w = np.array([weights[s] for s in self.stages], dtype=np.float32)
-        fused = per_stage @ w  # (k,)
+        fused = (per_stage @ w).tolist()  # (k,) Python floats in one call, not one float() per number
+        rows, ids = per_stage.tolist(), self.artifact.item_ids
         return [
-            {
-                "item_id": self.artifact.item_ids[i],
-                "score": float(fused[j]),
-                "scores": {s: float(per_stage[j, n]) for n, s in enumerate(self.stages)},
-            }
-            for j, i in enumerate(items)
+            {"item_id": ids[i], "score": fused[j], "scores": dict(zip(self.stages, rows[j], strict=True))}
+            for j, i in enumerate(items.tolist())
         ]
