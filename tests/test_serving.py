@@ -242,10 +242,26 @@ def test_loadtest_drives_a_real_server_and_reports_latency(exported, tmp_path):
     from csmf.serving.loadtest import run_loadtest
 
     out = tmp_path / "load.json"
-    result = run_loadtest(exported[1], clients=4, requests=60, k=10, out=out, log=lambda _: None)
-    assert result["errors"] == 0 and result["requests"] == 60
+    result = run_loadtest(exported[1], clients=4, requests=60, k=10, out=out, log=lambda _: None, generator="python")
+    assert result["errors"] == 0 and result["requests"] == 60 and result["generator"] == "python"
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     assert json.loads(out.read_text())["throughput_rps"] > 0
+    assert result["server_cpu_ms_per_request"] is None or result["server_cpu_ms_per_request"] > 0
+
+
+def test_loadtest_with_wrk_when_installed_and_a_warning_without(exported, tmp_path, monkeypatch):
+    import shutil
+
+    from csmf.serving.loadtest import run_loadtest
+
+    if shutil.which("wrk"):
+        result = run_loadtest(exported[1], clients=4, k=10, log=lambda _: None, generator="wrk", seconds=2)
+        assert result["generator"] == "wrk" and result["errors"] == 0 and result["requests"] > 10
+        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
+    monkeypatch.setattr(shutil, "which", lambda _name: None)  # as on a machine without wrk
+    said: list[str] = []
+    result = run_loadtest(exported[1], clients=2, requests=20, k=10, log=said.append)
+    assert result["generator"] == "python" and any("wrk is not installed" in m for m in said)
 
 
 def test_querybench_measures_fused_single_and_per_index_queries(exported, tmp_path):

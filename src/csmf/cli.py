@@ -267,7 +267,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from csmf.serving.loadtest import run_loadtest
 
     index = _serve_config(args).serve.index
-    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, index, args.out)
+    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, index, args.out,
+                          generator=args.generator, seconds=args.seconds)  # fmt: skip
     return 0 if result["errors"] == 0 else 1
 
 
@@ -389,7 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("loadtest", help="start csmf serve on 127.0.0.1 and drive it with concurrent clients")
     load.add_argument("--artifact", required=True, help="folder written by `csmf export`")
     load.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
-    load.add_argument("--requests", type=int, default=20_000, help="requests in all (default 20000)")
+    load.add_argument("--requests", type=int, default=20_000, help="Python clients: requests in all (default 20000)")
+    load.add_argument("--seconds", type=float, default=20.0, help="wrk: seconds of load after a warm-up (default 20)")
+    load.add_argument(
+        "--generator",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="auto: wrk when installed (a C load generator), else Python clients with a warning",
+    )
     load.add_argument("--k", type=int, default=50, help="items per request (default 50)")
     load.add_argument("--index", choices=["exact", "hnsw"], help="the server's index (default: serve.index)")
     load.add_argument("--out", default="results/serving/loadtest.json", help="result JSON")

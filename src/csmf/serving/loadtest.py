@@ -2,8 +2,13 @@
 
 Each client sends GET /recommend for a random known user with one of a few objective weightings until
 the shared request budget is spent. Reported: throughput, p50/p95/p99 latency (client side, whole HTTP
-round trip) and the error count (non-200 answers and failed connections). The clients run in one asyncio
-process next to the server on the same machine, so they share its cores.
+round trip), the error count (non-200 answers and failed connections) and the server's CPU time per request.
+
+The generator is `wrk` (a C load generator; Debian package `wrk`) when it is installed: one wrk thread with
+`clients` connections and a Lua script drawing users and weightings, stopping after `requests` answers. It
+costs far less CPU per request than the server, so on a small machine it measures the server. Without wrk
+the clients are Python (httpx, asyncio) in this process; they spend more CPU per request than the server
+on the same cores, so that figure measures them too: a warning says so.
 """
 
 from __future__ import annotations
@@ -70,6 +75,59 @@ async def _drive(url: str, users: list[str], weightings: list[str], clients: int
     return latencies, errors, wall
 
 
+WRK_SCRIPT = """
+local users, weights = {}, {}
+for line in io.lines("%(users)s") do users[#users + 1] = line end
+for line in io.lines("%(weights)s") do weights[#weights + 1] = line end
+math.randomseed(%(seed)d)
+request = function()
+  return wrk.format("GET", "/recommend?k=%(k)d&user_id=" .. users[math.random(#users)]
+    .. "&weights=" .. weights[math.random(#weights)])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %%d, "seconds": %%.6f, "errors": %%d, "p50": %%d, "p95": %%d, "p99": %%d}\\n',
+    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _drive_wrk(url: str, users: list[str], weightings: list[str], clients: int, seconds: float, k: int,
+               seed: int) -> tuple[dict, int, float, int]:  # fmt: skip
+    """(latency percentiles in ms, errors, seconds, answers) of wrk driving the server for `seconds` (wrk runs
+    for a duration: a thread told to stop at a count still waits out the duration)."""
+    import tempfile
+    from urllib.parse import quote
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "users.txt").write_text("\n".join(quote(u, safe="") for u in users) + "\n")
+        (folder / "weights.txt").write_text("\n".join(quote(w, safe=":,") for w in weightings) + "\n")
+        script = WRK_SCRIPT % {"users": folder / "users.txt", "weights": folder / "weights.txt", "seed": seed,
+                               "k": k}  # fmt: skip
+        (folder / "load.lua").write_text(script)
+        # one generator thread, so the server gets the other cores
+        command = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s",
+                   str(folder / "load.lua"), url]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("{")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    got = json.loads(line)
+    latency = {p: got[p] / 1000 for p in ("p50", "p95", "p99")}  # wrk reports microseconds
+    return latency, int(got["errors"]), float(got["seconds"]), int(got["requests"])
+
+
 def run_loadtest(
     artifact: str | Path,
     clients: int = 32,
@@ -79,8 +137,21 @@ def run_loadtest(
     out: str | Path | None = None,
     seed: int = 0,
     log=print,
+    generator: str = "auto",
+    seconds: float = 20.0,
 ) -> dict:
+    """generator: "wrk", "python", or "auto" (wrk when installed, else the Python clients with a warning).
+    wrk runs for `seconds` (after a 3-second warm-up) and reports the requests it got answered; the Python
+    clients send exactly `requests`."""
+    import shutil
+
     from csmf.serving.export import load_artifact
+
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+        if generator == "python":
+            log("warning: wrk is not installed (Debian: apt-get install wrk); the Python clients share the cores "
+                "and spend more CPU per request than the server, so this measures them too")  # fmt: skip
 
     art = load_artifact(artifact)
     stages = art.stages
@@ -93,26 +164,40 @@ def run_loadtest(
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
         _wait_healthy(url, process)
-        latencies, errors, wall = asyncio.run(_drive(url, art.user_ids, weightings, clients, requests, k, seed))
+        cpu0 = _cpu_seconds(process.pid)
+        if generator == "wrk":
+            _drive_wrk(url, art.user_ids[:1000], weightings, clients, 3, k, seed + 1)  # warm-up, not reported
+            cpu0 = _cpu_seconds(process.pid)
+            latency, errors, wall, answered = _drive_wrk(url, art.user_ids[:1000], weightings, clients, seconds, k,
+                                                         seed)  # fmt: skip
+        else:
+            latencies, errors, wall = asyncio.run(_drive(url, art.user_ids, weightings, clients, requests, k, seed))
+            ms = np.array(latencies) * 1000
+            latency = {p: float(np.percentile(ms, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+            answered = requests
+        cpu1 = _cpu_seconds(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
-    ms = np.array(latencies) * 1000
+    server_ms = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) * 1000 / max(answered, 1)
     result = {
         "artifact": str(artifact),
         "index": index,
+        "generator": generator,
         "clients": clients,
-        "requests": requests,
+        "requests": answered,
         "k": k,
         "errors": int(errors),
         "seconds": wall,
-        "throughput_rps": requests / wall,
-        "latency_ms": {p: float(np.percentile(ms, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "throughput_rps": answered / wall,
+        "latency_ms": latency,
+        "server_cpu_ms_per_request": server_ms,
         "cores": os.cpu_count(),
     }
-    log(f"{requests:,} requests from {clients} clients in {wall:.1f}s: {result['throughput_rps']:.0f} req/s, "
-        f"p50 {result['latency_ms']['p50']:.1f} ms, p95 {result['latency_ms']['p95']:.1f} ms, "
-        f"p99 {result['latency_ms']['p99']:.1f} ms, {errors} errors")  # fmt: skip
+    cpu = f", server CPU {server_ms:.2f} ms a request" if server_ms is not None else ""
+    log(f"{answered:,} requests from {clients} {generator} connections in {wall:.1f}s: "
+        f"{result['throughput_rps']:.0f} req/s, p50 {latency['p50']:.1f} ms, p95 {latency['p95']:.1f} ms, "
+        f"p99 {latency['p99']:.1f} ms, {errors} errors{cpu}")  # fmt: skip
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
