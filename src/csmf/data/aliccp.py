@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from csmf.data.aliccp_raw import has_raw_layout, raw_files, read_raw
-from csmf.data.context import resolve
+from csmf.data.context import resolve, wanted
 from csmf.data.errors import DataError
 from csmf.data.filesplit import SPLITS, cascade_from_files
 from csmf.data.logtable import Locator, check_stage, read_table
@@ -142,7 +142,7 @@ def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0
     return Source(
         name="aliccp", files=files, options={"layout": "aliccp-raw", "valid_frac": valid_frac, "seed": seed},
         stages=STAGES, blocks=blocks, user_features=USER_FIELDS[1:], item_features=ITEM_FIELDS[1:],
-        context=CONTEXT_FIELDS if context_features is None else context_features,
+        context=wanted(context_features, CONTEXT_FIELDS),
         context_required=context_features is not None,
         notes=[f"Ali-CCP raw release: test = sample_skeleton_test, validation = {valid_frac:.0%} of the training "
                f"impressions (seeded); scenario {CONTEXT_FIELDS} is per impression"],
@@ -170,7 +170,7 @@ def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0,
 
     return Source(
         name="aliccp", files=list(files.values()), options={"layout": "aliccp"}, stages=STAGES, blocks=blocks,
-        context=CONTEXT_FIELDS if context_features is None else context_features,
+        context=wanted(context_features, CONTEXT_FIELDS),
         context_required=context_features is not None,
         notes=["Ali-CCP: the release's train / val / test files are the split; exposure = every row"],
     )  # fmt: skip

@@ -407,7 +407,7 @@ class Cache:
         key = u * self.n_items + i
         order = np.argsort(key, kind="stable")  # a pair's rows in the order they were read
         starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]]) if len(order) else order
-        last = order[np.r_[starts[1:], len(order)] - 1] if len(order) else order
+        last = context.latest_per_pair(np.arange(len(key)), order, starts)
         return context.matrices(
             {c: codes[last, k].astype(np.int64) for k, c in enumerate(self.context)},
             u[last], i[last], self.n_users, self.n_items,

@@ -67,12 +67,15 @@ def lookup(context: dict[str, sp.csr_matrix], users: np.ndarray, items: np.ndarr
     return out
 
 
+def wanted(named: tuple[str, ...] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The context columns asked for: the named ones (data.context_features), or, when None, the layout's
+    `default` (read where the files have them)."""
+    return tuple(default if named is None else named)
+
+
 def resolve(named: tuple[str, ...] | None, default: tuple[str, ...], columns) -> tuple[str, ...]:
-    """The context columns to read: the named ones (data.context_features), or, when None, those of the
-    layout's `default` that the files have."""
-    if named is not None:
-        return tuple(named)
-    return tuple(c for c in default if c in columns)
+    """The context columns to read: the named ones, or those of the layout's `default` that the files have."""
+    return wanted(named, tuple(c for c in default if c in columns))
 
 
 def check_columns(names: tuple[str, ...], columns: list[str], path: str, taken: set[str]) -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from csmf.config import NAMED_DATASETS, Config, ConfigError
-from csmf.data.context import resolve
+from csmf.data.context import wanted
 from csmf.data.jd import load_jd
 from csmf.data.logtable import load_log
 from csmf.data.schema import CascadeData
@@ -37,8 +35,7 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
         from csmf.data.aliccp import load_aliccp
 
         return load_aliccp(d.data_dir, d.valid_frac, d.split_seed, d.context_features)  # the files are the split
-    if d.dataset in ("aliexpress", "tenrec") and d.context_features:
-        raise ConfigError(f"data.context_features: the {PUBLIC[d.dataset]} loader reads no per-row context")
+    _check_context(d)
     if d.dataset == "aliexpress":
         from csmf.data.aliexpress import load_aliexpress
 
@@ -60,12 +57,20 @@ def load_dataset(cfg: Config, progress: bool = False) -> CascadeData:
     return _load_log_dataset(cfg, Path(d.dataset), dataset_name(d.dataset))
 
 
+def _check_context(d) -> None:
+    if d.dataset in ("aliexpress", "tenrec") and d.context_features:
+        raise ConfigError(f"data.context_features: the {PUBLIC[d.dataset]} loader reads no per-row context")
+
+
+def _sim_context(cfg: Config) -> tuple[str, ...]:
+    """The simulator's context: its scenario column, written when sim.scenarios > 0."""
+    return ("scenario",) if cfg.sim.scenarios else ()
+
+
 def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
     d = cfg.data
-    # a generic log names its context columns; the simulator's is its scenario column (sim.scenarios > 0)
-    default = ("scenario",) if name == "sim" else ()
-    columns = pq.read_schema(path).names if name == "sim" else ()  # the simulator writes Parquet
-    context = resolve(d.context_features, default, columns)
+    # a generic log names its context columns; the simulator's is its scenario column
+    context = wanted(d.context_features, _sim_context(cfg) if name == "sim" else ())
     log = load_log(path, d.stages, d.user_col, d.item_col, d.timestamp_col, d.user_features, d.item_features, context)
     return split_log(log, d.test_frac, d.valid_frac, d.split_seed, d.split, name=name)
 
@@ -101,8 +106,7 @@ def convert(cfg: Config, progress: bool = False):
     folder = Path(d.cache_dir).expanduser()
     if d.dataset in PUBLIC and not d.data_dir:
         raise ConfigError(f"data.data_dir: give the folder holding the {PUBLIC[d.dataset]} files (--data-dir DIR)")
-    if d.dataset in ("aliexpress", "tenrec") and d.context_features:
-        raise ConfigError(f"data.context_features: the {PUBLIC[d.dataset]} loader reads no per-row context")
+    _check_context(d)
     if d.dataset == "aliccp":
         from csmf.data.aliccp import aliccp_source
 
@@ -124,8 +128,7 @@ def convert(cfg: Config, progress: bool = False):
         path = _simulated_log(cfg, folder.with_name(folder.name + "-source"), progress)
         source = log_source(path, ("exposure", "click", "conversion"), "user_id", "item_id", d.test_frac,
                             d.valid_frac, d.split_seed, "sim")  # fmt: skip
-        scenario = ("scenario",) if cfg.sim.scenarios else ()
-        source.context = scenario if d.context_features is None else d.context_features
+        source.context = wanted(d.context_features, _sim_context(cfg))
         source.context_required = d.context_features is not None
     elif d.dataset in NAMED_DATASETS:
         raise ConfigError(f"data.cache_dir: {d.dataset} loads in memory; the cache converts Ali-CCP, AliExpress, "

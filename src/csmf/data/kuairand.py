@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from csmf.data.context import resolve
+from csmf.data.context import resolve, wanted
 from csmf.data.errors import DataError
 from csmf.data.logtable import Concatenated, Locator, check_stage, log_from_table, read_table
 from csmf.data.schema import CascadeLog
@@ -93,7 +93,7 @@ def load_kuairand(
 ) -> CascadeLog:
     """The KuaiRand cascade exposure -> click -> `conversion` from the files in `folder`; context_features:
     per-row context columns, None = `tab` (the page of the app the video was shown on)."""
-    wanted = CONTEXT_COLUMNS if context_features is None else context_features
+    asked = wanted(context_features, CONTEXT_COLUMNS)
     if conversion not in CONVERSIONS:
         raise DataError(f"data.kuairand_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")
     folder = Path(folder)
@@ -117,7 +117,7 @@ def load_kuairand(
         if "time_ms" in table.column_names:
             out["timestamp"] = table.column("time_ms")
         out |= {c: table.column(c) for c in table.column_names if c in USER_COLUMNS or c in VIDEO_COLUMNS}
-        out |= {c: table.column(c) for c in wanted if c in table.column_names and c not in out}
+        out |= {c: table.column(c) for c in asked if c in table.column_names and c not in out}
         parts.append(pa.table(out))
         sizes.append((path, table.num_rows))
     table = pa.concat_tables(parts, promote_options="default")
@@ -150,7 +150,7 @@ def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid
                     context_features: tuple[str, ...] | None = None):  # fmt: skip
     """KuaiRand as a cache source: each log read in blocks and joined with the feature files (held whole: one
     row per user or video), split per pair; context_features as in `load_kuairand`."""
-    wanted = CONTEXT_COLUMNS if context_features is None else context_features
+    asked = wanted(context_features, CONTEXT_COLUMNS)
     from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note, require
 
     if conversion not in CONVERSIONS:
@@ -184,7 +184,7 @@ def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid
                        "click": pa.array(click.astype(np.int8)),
                        conversion: pa.array(later.astype(np.int8))}  # fmt: skip
                 out |= {c: table.column(c) for c in table.column_names if c in USER_COLUMNS or c in VIDEO_COLUMNS}
-                out |= {c: table.column(c) for c in wanted if c in table.column_names and c not in out}
+                out |= {c: table.column(c) for c in asked if c in table.column_names and c not in out}
                 block = pa.table(out).append_column("__row", pa.array(np.arange(table.num_rows)))
                 for side, features in joins:
                     extra = [c for c in features.column_names if c != side and c not in block.column_names]
@@ -194,6 +194,6 @@ def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid
     options = {"layout": "kuairand", "conversion": conversion, "test_frac": test_frac, "valid_frac": valid_frac,
                "seed": seed}  # fmt: skip
     return Source(name="kuairand", files=logs + user_files + video_files, options=options,
-                  stages=("exposure", "click", conversion), blocks=blocks, context=tuple(wanted),
+                  stages=("exposure", "click", conversion), blocks=blocks, context=asked,
                   context_required=context_features is not None,
                   notes=[pair_split_note(f"{len(logs)} KuaiRand log(s)", test_frac, valid_frac)])  # fmt: skip
