@@ -562,14 +562,108 @@ def test_limits_are_configurable_and_checked(exported):
     assert main(["serve", "--artifact", str(exported[1]), "--max-body-bytes", "0"]) == 2
 
 
-def test_a_few_queries_search_on_one_faiss_thread_and_a_batch_on_the_configured_ones():
+def test_a_few_queries_search_on_one_thread_and_a_batch_on_the_configured_ones():
     import faiss
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {
+            lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas" and "numpy" in lib["filepath"]
+        }
 
     vectors = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+    exact_scores = vectors @ vectors[:1].T
     index = build_index(vectors, IndexSettings(kind="exact", threads=2))
-    exact = vectors @ vectors[:1].T
     scores, rows = index.search(vectors[:1], 5)
-    assert faiss.omp_get_max_threads() == 1  # one query: no OpenMP region to wait in
-    assert rows[0, 0] == int(np.argmax(exact))
+    assert blas_threads() == {1}  # one query: no thread pool to wait in
+    assert rows[0, 0] == int(np.argmax(exact_scores))
     index.search(vectors[:16], 5)
+    assert blas_threads() == {2}
+    hnsw = build_index(vectors, IndexSettings(kind="hnsw", threads=2))
+    hnsw.search(vectors[:1], 5)
+    assert faiss.omp_get_max_threads() == 1
+    hnsw.search(vectors[:16], 5)
     assert faiss.omp_get_max_threads() == 2
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_items_added_and_removed_while_serving_are_found_and_never_returned(kind):
+    rng = np.random.default_rng(1)
+    items = rng.normal(size=(300, 6)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)  # unit rows: an item is its own best match
+    index = build_index(items, IndexSettings(kind=kind, hnsw_ef_search=300))
+    query = items[7:8] * 3
+    assert index.search(query, 1)[1][0, 0] == 7
+    index.remove(np.array([7, 7]))  # twice is once
+    assert index.n_items == 299 and 7 not in index.search(query, 50)[1]
+    rows = index.add(np.vstack([items[7] * 2, -items[7]]))
+    assert rows.tolist() == [300, 301] and index.n_items == 301  # rows go on from the last; 7 is not reused
+    scores, found = index.search(query, 3)
+    assert found[0, 0] == 300 and 7 not in found and 301 not in found
+    assert scores[0, 0] == pytest.approx(float(query[0] @ (items[7] * 2)), rel=1e-4)
+
+
+def test_exact_search_leaves_out_rows_per_query_and_answers_the_same_in_any_batch():
+    rng = np.random.default_rng(2)
+    items = rng.normal(size=(2000, 16)).astype(np.float32)
+    items[100] = items[101]  # a tie: the lower row first
+    queries = rng.normal(size=(17, 16)).astype(np.float32)
+    queries[3] = items[100]
+    index = build_index(items)
+    scores, rows = index.search(queries, 20)
+    for b in range(len(queries)):  # alone (one query) or in a batch of 17: the same rows and order
+        alone = index.search(queries[b : b + 1], 20)
+        assert alone[1][0].tolist() == rows[b].tolist()
+        truth = np.argsort(-(items.astype(np.float64) @ queries[b].astype(np.float64)), kind="stable")[:20]
+        assert rows[b].tolist() == truth.tolist()
+    assert rows[3][:2].tolist() == [100, 101]
+    leave_out = [np.array([rows[b][0]]) for b in range(len(queries))]
+    _, without = index.search(queries, 20, leave_out)
+    assert (without[:, :19] == rows[:, 1:]).all()  # each query lost its own best row, and only that
+    _, few = build_index(items[:5]).search(queries[:2], 10, [np.array([0, 1]), np.array([], dtype=np.int64)])
+    best = sorted(range(2, 5), key=lambda r: -float(items[r] @ queries[0]))
+    assert few.shape == (2, 5) and few[0].tolist() == [*best, -1, -1]  # k is at most the catalogue; -1 past it
+    assert sorted(few[1].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_requests_ready_together_are_searched_in_one_batch_with_the_same_answers(exported):
+    import asyncio
+
+    from csmf.serving.batching import Batcher
+
+    artifact = load_artifact(exported[1])
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    users = artifact.user_ids[:12]
+    weights = {"exposure": 0.2, "click": 1.0, "conversion": 0.5}
+    batcher = Batcher(recommender)
+
+    async def together():
+        return await asyncio.gather(*(
+            batcher.recommend(recommender.queries([u], weights)[0], 5 + n % 3, weights, n % 2 == 0)
+            for n, u in enumerate(users)
+        ))  # fmt: skip
+
+    answers = asyncio.run(together())
+    assert batcher.batches == 2 and batcher.searched == 12  # one search per exclude_seen setting
+    for n, (u, got) in enumerate(zip(users, answers, strict=True)):
+        alone = recommender.recommend([u], 5 + n % 3, weights, n % 2 == 0)[0]
+        assert got.items == alone.items and got.note == alone.note
+
+
+def test_the_fast_path_answers_as_the_app_does_and_leaves_anything_unusual_to_it(server):
+    url, artifact = server
+    user = artifact.user_ids[4]
+    fast = httpx.get(f"{url}/recommend", params={"user_id": user, "k": 7, "weights": "click:1", "exclude_seen": "true"})
+    slow = httpx.get(f"{url}/recommend", params={"user_id": user, "k": 7, "weights": "click:1", "exclude_seen": "True"})
+    assert fast.status_code == slow.status_code == 200
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+    (fast, slow) = (fast.json(), slow.json())
+    assert fast.pop("seconds") >= 0 and slow.pop("seconds") >= 0 and fast == slow
+    from csmf.serving.app import FastRecommend
+
+    path = FastRecommend(None, Recommender(artifact, build_index(artifact.item_vectors)), None)
+    default = {"exposure": 0.0, "click": 1.0, "conversion": 2.0}
+    assert path._parse(f"user_id={user}&k=7".encode()) == (user, 7, default, True)
+    unusual = ["exclude_seen=True", "k=07&k=7", "k=%EF%BC%91", "k=0", "k=1001", "weights=click:-1", "extra=1", "k"]
+    for query in [f"user_id={user}&{u}" for u in unusual] + ["user_id=no-such-user", "k=5", "user_id=é"]:
+        assert path._parse(query.encode()) is None, query

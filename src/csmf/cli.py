@@ -231,7 +231,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "fallback", "max_ids", "max_results",
+SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "threads", "fallback", "max_ids", "max_results",
                "max_body_bytes", "host", "port")  # fmt: skip
 
 
@@ -252,7 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     s = _serve_config(args).serve
     artifact = load_artifact(args.artifact)
-    settings = IndexSettings(kind=s.index, hnsw_m=s.hnsw_m, hnsw_ef_search=s.ef_search, milvus_uri=s.milvus_uri)
+    settings = IndexSettings(kind=s.index, hnsw_m=s.hnsw_m, hnsw_ef_search=s.ef_search, milvus_uri=s.milvus_uri,
+                             threads=s.threads)  # fmt: skip
     limits = ServeLimits(max_ids=s.max_ids, max_results=s.max_results, max_body_bytes=s.max_body_bytes)
     index = build_index(artifact.item_vectors, settings)
     recommender = Recommender(artifact, index, s.fallback == "popularity", limits)
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--milvus-uri", help="milvus: a .db file (embedded milvus-lite) or a server, http://host:19530")
     serve.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
     serve.add_argument("--ef-search", type=int, help="HNSW efSearch (default 128)")
+    serve.add_argument("--threads", type=int, help="threads of one batched search (default 1; 0 = all cores)")
     serve.add_argument("--fallback", choices=["none", "popularity"],
                        help="unknown users: 404 (none, default) or the most popular items")  # fmt: skip
     serve.add_argument("--max-ids", type=int,

@@ -433,6 +433,7 @@ class ServeConfig(Checked):
     RULES: ClassVar[dict] = {
         "hnsw_m": (_positive, "> 0"),
         "ef_search": (_positive, "> 0"),
+        "threads": (_at_least(0), ">= 0"),
         "max_ids": (_positive, "> 0"),
         "max_results": (_positive, "> 0"),
         "max_body_bytes": (_positive, "> 0"),
@@ -443,6 +444,7 @@ class ServeConfig(Checked):
     milvus_uri: str = "csmf-milvus.db"  # a .db file (embedded milvus-lite) or a server, http://host:19530
     hnsw_m: int = 32  # HNSW graph degree M
     ef_search: int = 128  # HNSW efSearch: candidates kept while searching (recall against speed)
+    threads: int = 1  # threads of one batched search; 1 leaves the other cores to HTTP and other workers; 0 = all
     fallback: Literal["none", "popularity"] = "none"  # unknown users: 404, or the most popular items
     max_ids: int = 1000  # most user ids in one POST /recommend
     max_results: int = 20_000  # most items one request may ask for (user ids x k)

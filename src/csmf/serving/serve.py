@@ -75,6 +75,21 @@ def check_weights(weights: dict[str, float], stages: tuple[str, ...]) -> dict[st
         raise RequestError("weights", str(err)) from None
 
 
+def checked_vector(values, dim: int, field: str) -> np.ndarray:
+    """A caller's vector as (dim,) float32: numbers only, finite, within +-MAX_ABS (RequestError naming `field`)."""
+    try:
+        q = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RequestError(field, "must be a list of numbers") from None
+    if q.shape != (dim,):
+        raise RequestError(field, f"must be a list of {dim} numbers, got shape {q.shape}")
+    if not np.isfinite(q).all():
+        raise RequestError(field, "must hold finite numbers only")
+    if np.abs(q).max() > MAX_ABS:
+        raise RequestError(field, f"entries must lie within +-{MAX_ABS:g}, got {np.abs(q).max():g}")
+    return q.astype(np.float32)
+
+
 def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
         raise RequestError("k", f"must be a whole number between 1 and {MAX_K}, got {clip(repr(k))}")
@@ -88,10 +103,28 @@ class Recommendation:
     fallback: bool
     seconds: float
     note: str | None = None  # why `items` holds fewer than k, when it does
+    unknown_items: list[str] | None = None  # ids in a sent history that this catalogue does not hold
+
+
+@dataclass
+class Query:
+    """One user's part of a request, ready to search: the query vector (weights folded in) and the item rows it
+    must not return. `row` is the user's row in the artifact; None for a user sent as a history (or unknown)."""
+
+    user_id: str
+    row: int | None
+    raw: np.ndarray | None  # (D,) float32 user vector; None = an unknown user answered from popularity
+    vector: np.ndarray | None  # raw * the request's fold (csmf.fusion): what the index is searched with
+    seen: np.ndarray  # sorted distinct item rows the user has (left out when exclude_seen)
+    unknown_items: list[str] | None = None  # history item ids this artifact does not hold (reported)
 
 
 class Recommender:
-    """An artifact plus an index: user id + weights -> ranked items with per-objective and fused scores."""
+    """An artifact plus an index: user id + weights -> ranked items with per-objective and fused scores.
+
+    Items can be added, replaced and removed while serving (`put_items`, `remove_items`): the index and the
+    item table here change together; the artifact on disk does not.
+    """
 
     def __init__(
         self, artifact: Artifact, index: Index, popularity_fallback: bool = False, limits: ServeLimits = ServeLimits()
@@ -103,6 +136,12 @@ class Recommender:
         self.limits = limits
         self.user_rows = {u: i for i, u in enumerate(artifact.user_ids)}
         self.masks = np.stack([artifact.objective_mask(s) for s in artifact.stages])  # (S, D)
+        # the live catalogue: starts as the artifact's, rows appended by put_items; removed rows stay, marked
+        self.item_ids = list(artifact.item_ids)
+        self.item_vectors = artifact.item_vectors  # (rows, D); grown (copied once) when items are added
+        self.live = np.ones(len(self.item_ids), dtype=bool)
+        self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
+        self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
         # each user's seen items sorted and distinct, once at load: a request then tests membership by binary
         # search and reads its count, instead of sorting the list again (np.isin, np.unique) every time
@@ -116,6 +155,17 @@ class Recommender:
     def stages(self) -> tuple[str, ...]:
         return self.artifact.stages
 
+    @property
+    def n_items(self) -> int:
+        """Items a request may get (the artifact's, plus those added, less those removed)."""
+        return self.index.n_items
+
+    @property
+    def item_rows(self) -> dict[str, int]:
+        if self._item_rows is None:
+            self._item_rows = {item: row for row, item in enumerate(self.item_ids) if self.live[row]}
+        return self._item_rows
+
     def _seen(self, row: int) -> np.ndarray:
         """The user's seen item rows, sorted and distinct."""
         return self.seen_items[self.seen_starts[row] : self.seen_starts[row + 1]]
@@ -126,7 +176,7 @@ class Recommender:
             "stages": list(a.stages),
             "default_weights": a.default_weights,
             "index": self.index.kind,
-            "items": len(a.item_ids),
+            "items": self.n_items,
             "users": len(a.user_ids),
             "dim": a.dim,
             "dimension_groups": a.manifest["dimension_groups"],
@@ -137,28 +187,16 @@ class Recommender:
     def search_vector(self, vector: list[float], k: int) -> tuple[list[dict], str | None]:
         """Top-k items for a caller's query vector, and a note when fewer than k come back."""
         check_k(k)
-        try:
-            q = np.asarray(vector, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise RequestError("vector", "must be a list of numbers") from None
-        if q.shape != (self.artifact.dim,):
-            raise RequestError("vector", f"must be a list of {self.artifact.dim} numbers, got shape {q.shape}")
-        if not np.isfinite(q).all():
-            raise RequestError("vector", "must hold finite numbers only")
-        if np.abs(q).max() > MAX_ABS:
-            raise RequestError("vector", f"entries must lie within +-{MAX_ABS:g}, got {np.abs(q).max():g}")
-        scores, rows = self.index.search(q.astype(np.float32)[None, :], k)  # (1, k), (1, k)
+        q = checked_vector(vector, self.artifact.dim, "vector")
+        scores, rows = self.index.search(q[None, :], k)  # (1, k), (1, k)
         hits = zip(scores[0], rows[0], strict=True)
-        items = [{"item_id": self.artifact.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
-        n = len(self.artifact.item_ids)
+        items = [{"item_id": self.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
+        n = self.n_items
         return items, self._note(len(items), k, n, f"the catalogue holds {n} items")
 
     def sample_users(self, limit: int) -> list[str]:
         activity = np.diff(self.artifact.seen_indptr)
         return [self.artifact.user_ids[i] for i in np.argsort(-activity, kind="stable")[:limit]]
-
-    def query_vectors(self, rows: np.ndarray, weights: dict[str, float]) -> np.ndarray:
-        return self.artifact.user_vectors[rows] * self.artifact.fold(weights)  # (B, D)
 
     def check_request(self, n_ids: int, k: int) -> None:
         """The bounds on one request's work, before any of it is done (RequestError naming the field)."""
@@ -171,53 +209,81 @@ class Recommender:
                                f"than this server's limit of {self.limits.max_results:,} per request (csmf serve "
                                "--max-results): send fewer ids per request or a smaller k")  # fmt: skip
 
+    # ----- a request: queries -> one search -> answers -----------------------------------------------------
+    def queries(self, user_ids: list[str], weights: dict[str, float]) -> list[Query]:
+        """Each known user's query vector and seen items; an unknown user is a 404 unless popularity answers."""
+        unknown = next((u for u in user_ids if u not in self.user_rows), None)
+        if unknown is not None and not self.popularity_fallback:
+            raise UnknownUser(unknown)
+        rows = [self.user_rows.get(u, -1) for u in user_ids]
+        fold, vectors, none = self.artifact.fold(weights), self.artifact.user_vectors, np.zeros(0, dtype=np.int64)
+        return [
+            Query(u, r, vectors[r], vectors[r] * fold, self._seen(r)) if r >= 0 else Query(u, None, None, None, none)
+            for u, r in zip(user_ids, rows, strict=True)
+        ]
+
+    def width(self, query: Query, k: int, exclude_seen: bool) -> int:
+        """Candidates to ask the index for: k from an index that leaves the seen rows out itself (exact), else k
+        plus the user's seen items, which are filtered out afterwards."""
+        return k + len(query.seen) if exclude_seen and not self.excludes else k
+
+    def search(self, queries: list[Query], wide: int, exclude_seen: bool) -> np.ndarray:
+        """One index search for `queries`: (B, wide) candidate rows, best first, -1 where fewer."""
+        vectors = np.stack([q.vector for q in queries])
+        if exclude_seen and self.excludes:
+            return self.index.search(vectors, wide, [q.seen for q in queries])[1]
+        return self.index.search(vectors, wide)[1]
+
     def recommend(
         self, user_ids: list[str], k: int, weights: dict[str, float] | None, exclude_seen: bool
     ) -> list[Recommendation]:
         self.check_request(len(user_ids), k)
         weights = check_weights(weights if weights is not None else self.artifact.default_weights, self.stages)
         t0 = time.perf_counter()
-        known = [u for u in user_ids if u in self.user_rows]
-        unknown = [u for u in user_ids if u not in self.user_rows]
-        if unknown and not self.popularity_fallback:
-            raise UnknownUser(unknown[0])
-        rows = np.array([self.user_rows[u] for u in known], dtype=np.int64)
-        found = dict(zip(known, self._top(rows, k, weights, exclude_seen), strict=True))
+        queries = self.queries(user_ids, weights)
+        searched = [q for q in queries if q.vector is not None]
+        found = self._top(searched, [k] * len(searched), exclude_seen)
         seconds = time.perf_counter() - t0  # the search itself, shared by the batch
-        n = len(self.artifact.item_ids)
-        out = []
-        for u in user_ids:
-            if u in found:
-                items = self._describe(self.user_rows[u], found[u], weights)
-                seen = len(self._seen(self.user_rows[u])) if exclude_seen else 0
-                why = f"this user has seen all but {n - seen} of the {n} items (exclude_seen)" if seen else (
-                    f"the catalogue holds {n} items")  # fmt: skip
-                note = self._note(len(items), k, n - seen, why)
-            else:
-                items = [{"item_id": self.artifact.item_ids[i], "popularity": float(self.artifact.popularity[i])}
-                         for i in self.popular[:k]]  # fmt: skip
-                note = self._note(len(items), k, n, f"the catalogue holds {n} items")
-            out.append(Recommendation(u, items, weights, u not in found, seconds, note))
-        return out
+        tops = iter(found)
+        return [self.answer(q, next(tops) if q.vector is not None else None, k, weights, exclude_seen, seconds)
+                for q in queries]  # fmt: skip
 
-    def _top(self, rows: np.ndarray, k: int, weights: dict[str, float], exclude_seen: bool) -> list[np.ndarray]:
-        """Each user's top-k item rows, seen items left out; searched in blocks of <= CANDIDATE_BLOCK candidates."""
-        seen = [self._seen(r) for r in rows]
-        width = [min(k + (len(s) if exclude_seen else 0), self.index.n_items) for s in seen]  # candidates per user
+    def _top(self, queries: list[Query], ks: list[int], exclude_seen: bool) -> list[np.ndarray]:
+        """Each query's candidate rows, best first (at least its k, or all there are), searched in blocks of at
+        most CANDIDATE_BLOCK candidates."""
+        width = [self.width(q, k, exclude_seen) for q, k in zip(queries, ks, strict=True)]
         out, start = [], 0
-        while start < len(rows):
+        while start < len(queries):
             stop, wide = start + 1, width[start]
-            while stop < len(rows) and (stop - start + 1) * max(wide, width[stop]) <= CANDIDATE_BLOCK:
+            while stop < len(queries) and (stop - start + 1) * max(wide, width[stop]) <= CANDIDATE_BLOCK:
                 wide, stop = max(wide, width[stop]), stop + 1
-            _, top = self.index.search(self.query_vectors(rows[start:stop], weights), wide)  # (b, wide)
-            for candidates, s in zip(top, seen[start:stop], strict=True):
-                candidates = candidates[candidates >= 0]
-                if exclude_seen and len(s):
-                    at = np.minimum(np.searchsorted(s, candidates), len(s) - 1)
-                    candidates = candidates[s[at] != candidates]  # not among the user's (sorted) seen items
-                out.append(candidates[:k])
+            out.extend(self.search(queries[start:stop], wide, exclude_seen))
             start = stop
         return out
+
+    def answer(
+        self, query: Query, candidates: np.ndarray | None, k: int, weights: dict[str, float], exclude_seen: bool,
+        seconds: float,
+    ) -> Recommendation:  # fmt: skip
+        """The answer to one query from its candidate rows (None: the popularity fallback)."""
+        n = self.n_items
+        if candidates is None:
+            items = [{"item_id": self.item_ids[i], "popularity": float(self.artifact.popularity[i])}
+                     for i in self.popular[: k + len(self.popular) - int(self.live[self.popular].sum())]
+                     if self.live[i]][:k]  # fmt: skip
+            note = self._note(len(items), k, n, f"the catalogue holds {n} items")
+            return Recommendation(query.user_id, items, weights, True, seconds, note, query.unknown_items)
+        candidates = candidates[candidates >= 0]
+        s = query.seen
+        if exclude_seen and len(s):
+            at = np.minimum(np.searchsorted(s, candidates), len(s) - 1)
+            candidates = candidates[s[at] != candidates]  # not among the user's (sorted) seen items
+        items = self._describe(query, candidates[:k], weights)
+        seen = int(self.live[s].sum()) if exclude_seen else 0
+        why = f"this user has seen all but {n - seen} of the {n} items (exclude_seen)" if seen else (
+            f"the catalogue holds {n} items")  # fmt: skip
+        note = self._note(len(items), k, n - seen, why)
+        return Recommendation(query.user_id, items, weights, False, seconds, note, query.unknown_items)
 
     def _note(self, got: int, k: int, available: int, why: str) -> str | None:
         """Why an answer holds fewer than k items: fewer exist for this request, or the index missed some."""
@@ -228,13 +294,13 @@ class Recommender:
         return (f"{got} items, not {min(k, available)}: the {self.index.kind} index returned fewer candidates "
                 "than asked (an approximate index can miss items; the exact index does not)")  # fmt: skip
 
-    def _describe(self, row: int, items: np.ndarray, weights: dict[str, float]) -> list[dict]:
+    def _describe(self, query: Query, items: np.ndarray, weights: dict[str, float]) -> list[dict]:
         """Each item's per-objective scores s_k = <u * mask_k, v> and the fused sum_k w_k s_k."""
-        u, v = self.artifact.user_vectors[row], self.artifact.item_vectors[items]  # (D,), (k, D)
+        u, v = query.raw, self.item_vectors[items]  # (D,), (k, D)
         per_stage = (v * u) @ self.masks.T  # (k, S)
         w = np.array([weights[s] for s in self.stages], dtype=np.float32)
         fused = (per_stage @ w).tolist()  # (k,) Python floats in one call, not one float() per number
-        rows, ids = per_stage.tolist(), self.artifact.item_ids
+        rows, ids = per_stage.tolist(), self.item_ids
         return [
             {"item_id": ids[i], "score": fused[j], "scores": dict(zip(self.stages, rows[j], strict=True))}
             for j, i in enumerate(items.tolist())
