@@ -667,3 +667,39 @@ def test_the_fast_path_answers_as_the_app_does_and_leaves_anything_unusual_to_it
     unusual = ["exclude_seen=True", "k=07&k=7", "k=%EF%BC%91", "k=0", "k=1001", "weights=click:-1", "extra=1", "k"]
     for query in [f"user_id={user}&{u}" for u in unusual] + ["user_id=no-such-user", "k=5", "user_id=é"]:
         assert path._parse(query.encode()) is None, query
+
+
+def test_workers_share_memory_mapped_vectors_and_answer_alike(exported):
+    import subprocess
+    import sys
+
+    mapped = load_artifact(exported[1], mmap=True)
+    assert isinstance(mapped.item_vectors, np.memmap) and not mapped.item_vectors.flags.writeable
+    assert np.array_equal(mapped.item_vectors, load_artifact(exported[1]).item_vectors)
+    port = _free_port()
+    command = [sys.executable, "-m", "csmf.cli", "serve", "--artifact", str(exported[1]), "--port", str(port),
+               "--workers", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        user = mapped.user_ids[2]
+        answers = {
+            json.dumps(
+                httpx.get(f"http://127.0.0.1:{port}/recommend", params={"user_id": user, "k": 5}).json()["items"]
+            )
+            for _ in range(8)
+        }
+        assert len(answers) == 1  # every worker gives the same answer
+        assert [i["item_id"] for i in json.loads(answers.pop())] == offline_top_k(
+            mapped, 2, {"click": 1.0, "conversion": 2.0}, 5
+        )
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "2 worker processes" in output

@@ -231,7 +231,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "threads", "fallback", "max_ids", "max_results",
+SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "threads", "workers", "fallback", "max_ids", "max_results",
                "max_body_bytes", "host", "port")  # fmt: skip
 
 
@@ -243,40 +243,20 @@ def _serve_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from csmf.serving.workers import run
 
-    from csmf.serving.app import create_app
-    from csmf.serving.export import load_artifact
-    from csmf.serving.index import IndexSettings, build_index
-    from csmf.serving.serve import Recommender, ServeLimits
-
-    s = _serve_config(args).serve
-    artifact = load_artifact(args.artifact)
-    settings = IndexSettings(kind=s.index, hnsw_m=s.hnsw_m, hnsw_ef_search=s.ef_search, milvus_uri=s.milvus_uri,
-                             threads=s.threads)  # fmt: skip
-    limits = ServeLimits(max_ids=s.max_ids, max_results=s.max_results, max_body_bytes=s.max_body_bytes)
-    index = build_index(artifact.item_vectors, settings)
-    recommender = Recommender(artifact, index, s.fallback == "popularity", limits)
-    print(f"serving {len(artifact.item_ids):,} items ({s.index} index) on http://{s.host}:{s.port}")
-    # the C HTTP parser and event loop when installed (they are dependencies; a platform without them still runs)
-    fast = {"http": "httptools", "loop": "uvloop"} if _installed("httptools", "uvloop") else {}
-    uvicorn.run(create_app(recommender), host=s.host, port=s.port, log_level="warning", access_log=False, **fast)
+    run(args.artifact, _serve_config(args).serve)
     return 0
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from csmf.serving.loadtest import run_loadtest
 
-    index = _serve_config(args).serve.index
-    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, index, args.out,
-                          generator=args.generator, seconds=args.seconds)  # fmt: skip
+    s = _serve_config(args).serve
+    options = {name: getattr(s, name) for name in ("workers", "threads", "hnsw_m", "ef_search")}
+    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, s.index, args.out,
+                          generator=args.generator, seconds=args.seconds, serve_options=options)  # fmt: skip
     return 0 if result["errors"] == 0 else 1
-
-
-def _installed(*modules: str) -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def cmd_trainspeed(args: argparse.Namespace) -> int:
@@ -377,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
     serve.add_argument("--ef-search", type=int, help="HNSW efSearch (default 128)")
     serve.add_argument("--threads", type=int, help="threads of one batched search (default 1; 0 = all cores)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port and the vectors (default 1)")
     serve.add_argument("--fallback", choices=["none", "popularity"],
                        help="unknown users: 404 (none, default) or the most popular items")  # fmt: skip
     serve.add_argument("--max-ids", type=int,
@@ -402,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--k", type=int, default=50, help="items per request (default 50)")
     load.add_argument("--index", choices=["exact", "hnsw"], help="the server's index (default: serve.index)")
+    load.add_argument("--workers", type=int, help="the server's worker processes (default: serve.workers)")
+    load.add_argument("--threads", type=int, help="the server's threads per batched search (default: serve.threads)")
+    load.add_argument("--hnsw-m", type=int, help="the server's HNSW M (default: serve.hnsw_m)")
+    load.add_argument("--ef-search", type=int, help="the server's HNSW efSearch (default: serve.ef_search)")
     load.add_argument("--out", default="results/serving/loadtest.json", help="result JSON")
     _common(load)
 

@@ -434,6 +434,7 @@ class ServeConfig(Checked):
         "hnsw_m": (_positive, "> 0"),
         "ef_search": (_positive, "> 0"),
         "threads": (_at_least(0), ">= 0"),
+        "workers": (_positive, "> 0"),
         "max_ids": (_positive, "> 0"),
         "max_results": (_positive, "> 0"),
         "max_body_bytes": (_positive, "> 0"),
@@ -445,6 +446,7 @@ class ServeConfig(Checked):
     hnsw_m: int = 32  # HNSW graph degree M
     ef_search: int = 128  # HNSW efSearch: candidates kept while searching (recall against speed)
     threads: int = 1  # threads of one batched search; 1 leaves the other cores to HTTP and other workers; 0 = all
+    workers: int = 1  # server processes sharing the port and the memory-mapped vectors (items then read-only)
     fallback: Literal["none", "popularity"] = "none"  # unknown users: 404, or the most popular items
     max_ids: int = 1000  # most user ids in one POST /recommend
     max_results: int = 20_000  # most items one request may ask for (user ids x k)

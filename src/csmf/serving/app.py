@@ -179,7 +179,7 @@ class FastRecommend:
     its errors: the two paths cannot disagree on what is valid."""
 
     def __init__(self, app, recommender: Recommender, batcher: Batcher):
-        self.app, self.recommender, self.batcher = app, recommender, batcher
+        self.app, self.recommender, self.batcher = app, recommender, batcher  # app: the FastAPI app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/recommend":

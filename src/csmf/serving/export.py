@@ -157,7 +157,10 @@ def write_artifact(
     return out
 
 
-def load_artifact(path: str | Path) -> Artifact:
+def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
+    """The artifact at `path`, every file checked. `mmap`: the arrays are read-only memory maps of the files, so
+    several server processes (csmf serve --workers) share one copy in the page cache; the folder must then not be
+    written while it is served."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
@@ -194,19 +197,21 @@ def load_artifact(path: str | Path) -> Artifact:
             raise ArtifactError(f"{file}: missing from the artifact")
         if _sha256(file) != digest:
             raise ArtifactError(f"{file}: checksum does not match the manifest (the file changed or is damaged)")
-    arrays = {n: _read_array(path / f"{n}.npy") for n in ARRAYS}
+    arrays = {n: _read_array(path / f"{n}.npy", mmap) for n in ARRAYS}
     ids = {n: _read_ids(path / f"{n}.json") for n in JSONS}
     _validate(manifest_path, manifest, arrays, ids)
     stages, weights = tuple(manifest["stages"]), manifest["default_weights"]
     return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest)
 
 
-def _read_array(file: Path) -> np.ndarray:
+def _read_array(file: Path, mmap: bool = False) -> np.ndarray:
     """One .npy array, never unpickled: a pickle, an .npz, a cut or padded file is an ArtifactError naming it."""
     try:
         with open(file, "rb") as f:
             array = np.lib.format.read_array(f, allow_pickle=False)
             trailing = f.read(1)
+        if mmap:  # the same array, now mapped from the file (read-only): checked above, shared between processes
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:  # numpy says what it found: pickled data, a short read, ...
         raise ArtifactError(f"{file}: not a readable .npy array ({clip(str(err), 200)}); export again") from err
     if trailing:

@@ -10,7 +10,9 @@ index and is never reused.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import faiss
@@ -181,6 +183,25 @@ class HnswIndex:
         self.index.add(self._lifted(vectors))
         self.removed = np.zeros(0, dtype=np.int64)
         self.params = None  # search parameters that skip removed rows, once there are any
+
+    def save(self, path: str | Path) -> None:
+        """The graph and vectors to `path` (faiss's format) and what the reduction needs to `path`.json."""
+        faiss.write_index(self.index, str(path))
+        Path(f"{path}.json").write_text(json.dumps({"max_norm2": self.max_norm2, "dim": self.dim}))
+
+    @classmethod
+    def load(cls, path: str | Path, settings: IndexSettings = IndexSettings()) -> HnswIndex:
+        """An index `save` wrote, its vectors memory-mapped read-only (worker processes share them); it takes no
+        items added or removed."""
+        index = cls.__new__(cls)
+        index.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        index.index.hnsw.efSearch = index.ef_search = settings.hnsw_ef_search
+        meta = json.loads(Path(f"{path}.json").read_text())
+        index.max_norm2, index.dim = float(meta["max_norm2"]), int(meta["dim"])
+        index.n_rows = index.n_items = int(index.index.ntotal)
+        index.threads = settings.threads or DEFAULT_THREADS
+        index.removed, index.params = np.zeros(0, dtype=np.int64), None
+        return index
 
     def _lifted(self, vectors: np.ndarray) -> np.ndarray:
         norms = (vectors.astype(np.float64) ** 2).sum(axis=1)

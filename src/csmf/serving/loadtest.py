@@ -94,12 +94,21 @@ end
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc), None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    """User + system CPU time so far of a process and its live children (the worker processes of
+    `csmf serve --workers`), from Linux /proc; None elsewhere."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended meanwhile
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])))  # (parent, ticks)
+    if pid not in stats:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree = {pid}
+    while grown := {p for p, (parent, _) in stats.items() if parent in tree} - tree:
+        tree |= grown
+    return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def _drive_wrk(url: str, users: list[str], weightings: list[str], clients: int, seconds: float, k: int,
@@ -139,8 +148,10 @@ def run_loadtest(
     log=print,
     generator: str = "auto",
     seconds: float = 20.0,
+    serve_options: dict[str, int] | None = None,
 ) -> dict:
     """generator: "wrk", "python", or "auto" (wrk when installed, else the Python clients with a warning).
+    serve_options: more `csmf serve` flags by name, e.g. {"workers": 2, "ef_search": 64}.
     wrk runs for `seconds` (after a 3-second warm-up) and reports the requests it got answered; the Python
     clients send exactly `requests`."""
     import shutil
@@ -161,6 +172,8 @@ def run_loadtest(
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "csmf.cli", "serve", "--artifact", str(artifact), "--port", str(port),
                "--index", index]  # fmt: skip
+    for name, value in (serve_options or {}).items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
         _wait_healthy(url, process)
@@ -183,6 +196,7 @@ def run_loadtest(
     result = {
         "artifact": str(artifact),
         "index": index,
+        "serve_options": serve_options or {},
         "generator": generator,
         "clients": clients,
         "requests": answered,

@@ -127,13 +127,15 @@ class Recommender:
     """
 
     def __init__(
-        self, artifact: Artifact, index: Index, popularity_fallback: bool = False, limits: ServeLimits = ServeLimits()
-    ):
+        self, artifact: Artifact, index: Index, popularity_fallback: bool = False, limits: ServeLimits = ServeLimits(),
+        mutable: bool = True,
+    ):  # fmt: skip
+        """`mutable`: items may be added and removed (False when several worker processes each hold an index)."""
         if (index.n_items, index.dim) != (len(artifact.item_ids), artifact.dim):
             raise ValueError(f"the index holds {index.n_items} x {index.dim} vectors, the artifact "
                              f"{len(artifact.item_ids)} x {artifact.dim}: build it from this artifact")  # fmt: skip
         self.artifact, self.index, self.popularity_fallback = artifact, index, popularity_fallback
-        self.limits = limits
+        self.limits, self.mutable = limits, mutable
         self.user_rows = {u: i for i, u in enumerate(artifact.user_ids)}
         self.masks = np.stack([artifact.objective_mask(s) for s in artifact.stages])  # (S, D)
         # the live catalogue: starts as the artifact's, rows appended by put_items; removed rows stay, marked
