@@ -45,6 +45,22 @@ def exported(sim_parquet, tmp_path_factory):
     return run, artifact
 
 
+@pytest.fixture(scope="module")
+def exported_mlp(sim_parquet, tmp_path_factory):
+    """The MLP encoder with a user-ID embedding and history bags: the other user tower an artifact carries."""
+    root = tmp_path_factory.mktemp("serving-mlp")
+    run, artifact = root / "run", root / "artifact"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(run), "--quiet", "--config", "mlp",
+                     *TINY, "--set", "model.user_id=true"]) == 0  # fmt: skip
+        assert main(["export", "--run", str(run), "--out", str(artifact)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return run, artifact
+
+
 def offline_top_k(artifact, user_row: int, weights: dict[str, float], k: int) -> list[str]:
     full = {s: float(weights.get(s, 0.0)) for s in artifact.stages}
     scores = (artifact.user_vectors[user_row] * artifact.fold(full)) @ artifact.item_vectors.T
@@ -703,3 +719,53 @@ def test_workers_share_memory_mapped_vectors_and_answer_alike(exported):
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert "2 worker processes" in output
+
+
+def _training_history(run: Path, recommender: Recommender, row: int) -> dict[str, list[str]]:
+    """A training user's whole history by behaviour (the matrices the exported user vectors were computed from)."""
+    history = CSMF.load(run / "model").trained.history
+    ids = recommender.artifact.item_ids
+    return {b: [ids[i] for i in m[row].indices] for b, m in history.items() if b in recommender.tower.behaviours}
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_mlp"])
+def test_the_online_vector_of_a_training_history_is_the_precomputed_one(which, request):
+    run, path = request.getfixturevalue(which)
+    artifact = load_artifact(path)
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    assert recommender.tower.kind == ("graph" if which == "exported" else "mlp")
+    history = CSMF.load(run / "model").trained.history
+    weights = {"exposure": 0.5, "click": 1.0, "conversion": 2.0}
+    worst = 0.0
+    for row in range(0, len(artifact.user_ids), 5):
+        sent = {b: [artifact.item_ids[i] for i in m[row].indices] for b, m in history.items()
+                if b in recommender.tower.behaviours}  # fmt: skip
+        query = recommender.history_query(sent, artifact.user_ids[row], weights)  # its ID row and features too
+        worst = max(worst, float(np.abs(query.raw - artifact.user_vectors[row]).max()))
+        online = recommender.answer(query, recommender._top([query], [10], True)[0], 10, weights, True, 0.0)
+        stored = recommender.recommend([artifact.user_ids[row]], 10, weights, True)[0]
+        assert [i["item_id"] for i in online.items] == [i["item_id"] for i in stored.items]
+    assert worst <= 1e-5
+    new = recommender.history_query({"exposure": artifact.item_ids[:3]}, None, weights)  # a new user: no ID row
+    assert np.isfinite(new.raw).all() and np.abs(new.raw).max() > 0 and new.seen.tolist() == [0, 1, 2]
+
+
+def test_a_new_user_is_answered_from_a_history_over_http(server, exported):
+    url, artifact = server
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    sent = _training_history(exported[0], recommender, 6)
+    weights = {"click": 0.3, "conversion": 0.7}
+    body = {"history": {**sent, "click": [*sent.get("click", []), "no-such-item"]}, "k": 10, "weights": weights}
+    new_user = httpx.post(f"{url}/recommend", json=body)
+    assert new_user.status_code == 200 and len(new_user.json()["items"]) == 10
+    online = httpx.post(f"{url}/recommend", json={**body, "user_id": artifact.user_ids[6]})  # + its user features
+    assert online.status_code == 200, online.text
+    stored = httpx.get(f"{url}/recommend", params={"user_id": artifact.user_ids[6], "k": 10,
+                                                  "weights": "click:0.3,conversion:0.7"}).json()  # fmt: skip
+    assert [i["item_id"] for i in online.json()["items"]] == [i["item_id"] for i in stored["items"]]
+    assert online.json()["unknown_items"] == ["no-such-item"]  # reported, not fatal
+    for bad, field in (({"history": {"likes": ["1"]}}, "history"), ({"history": {}, "features": {"age": 3}}, "features"),
+                       ({"history": {"click": [1]}}, "history"), ({"history": {}, "user_id": "nobody"}, "user_id")):  # fmt: skip
+        response = httpx.post(f"{url}/recommend", json=bad)
+        assert response.status_code in (404, 422), response.text
+        assert response.json()["detail"][0]["loc"][:2] == ["body", field], response.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from importlib import resources
+from typing import Annotated
 from urllib.parse import parse_qsl
 
 import orjson
@@ -24,7 +25,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from starlette.concurrency import run_in_threadpool
 
 from csmf.fusion import clip
 from csmf.serving.batching import Batcher
@@ -50,6 +52,29 @@ class BatchRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
     weights: dict[str, float] | None = None  # None = the artifact's default weights
     exclude_seen: bool = True
+
+
+class HistoryRequest(BaseModel):
+    """One user sent as a behaviour history (item ids per behaviour): the user tower computes the vector."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    history: dict[str, list[str]]  # behaviour -> item ids, e.g. {"view": ["6741", "2697"], "purchase": []}
+    user_id: str | None = None  # a known user whose ID embedding and features the tower reads (optional)
+    features: dict[str, str | float] | None = None  # a new user's raw features: not read yet (422 when given)
+    k: int = Field(10, ge=1, le=MAX_K)
+    weights: dict[str, float] | None = None  # None = the artifact's default weights
+    exclude_seen: bool = True  # leaves out the history's items (and a known user's seen ones)
+
+
+def _body_kind(body: object) -> str:
+    return "history" if isinstance(body, dict) and "history" in body else "ids"
+
+
+# POST /recommend takes user ids (a batch) or one user's history; the body's keys say which
+RecommendBody = Annotated[
+    Annotated[BatchRequest, Tag("ids")] | Annotated[HistoryRequest, Tag("history")], Discriminator(_body_kind)
+]
 
 
 class VectorQuery(BaseModel):
@@ -113,7 +138,8 @@ async def unique_json_keys(request: Request) -> None:
     try:
         json.loads(await request.body(), object_pairs_hook=_unique_keys)
     except _DuplicateKey as dup:
-        field = dup.key if dup.key in BatchRequest.model_fields or dup.key in VectorQuery.model_fields else "weights"
+        fields = {*BatchRequest.model_fields, *HistoryRequest.model_fields, *VectorQuery.model_fields}
+        field = dup.key if dup.key in fields else "weights"
         message = f"key {clip(repr(dup.key))} appears twice in one JSON object; give each key once"
         raise RequestError(field, message) from None
     except ValueError:
@@ -239,7 +265,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
 
     @app.exception_handler(UnknownUser)
     async def unknown_user(request: Request, err: UnknownUser) -> JSONResponse:
-        field = "user_id" if request.method == "GET" else "user_ids"
+        field = err.field or ("user_id" if request.method == "GET" else "user_ids")
         message = f"unknown user {clip(repr(err.user_id))} (start the server with --fallback popularity to answer them)"
         return _error(404, field, message, _where(request))
 
@@ -253,7 +279,10 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         errors = err.errors()
         detail = []
         for e in errors[:MAX_ERRORS]:
-            item = {"loc": [str(part) for part in e.get("loc", ())], "msg": clip(str(e.get("msg", "")), ECHO_CHARS)}
+            loc = [str(part) for part in e.get("loc", ())]
+            if loc[:1] == ["body"] and loc[1:2] in (["ids"], ["history"]):  # the POST /recommend form's tag
+                loc = loc[:1] + loc[2:]
+            item = {"loc": loc, "msg": clip(str(e.get("msg", "")), ECHO_CHARS)}
             item["type"] = str(e.get("type", ""))
             if "input" in e:
                 item["input"] = _short_input(e["input"])
@@ -304,8 +333,22 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
 
     @app.post("/recommend", dependencies=[Depends(unique_json_keys)])
-    def recommend_batch(request: BatchRequest):
-        result = recommender.recommend(request.user_ids, request.k, request.weights, request.exclude_seen)
+    async def recommend_post(request: RecommendBody):
+        """Several known users by id, or one user by behaviour history ({"history": {...}}: a new user, or a known
+        user's latest behaviour), answered from the user tower exported with the model."""
+        if isinstance(request, HistoryRequest):
+            if request.features:
+                raise RequestError("features", "a new user's raw features are not read yet: send `user_id` for a "
+                                   "known user's features, or the history alone")  # fmt: skip
+            recommender.check_request(1, request.k)
+            given = request.weights if request.weights is not None else recommender.artifact.default_weights
+            weights = check_weights(given, recommender.stages)
+            query = recommender.history_query(request.history, request.user_id, weights)
+            result = await batcher.recommend(query, request.k, weights, request.exclude_seen)
+            return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
+        result = await run_in_threadpool(
+            recommender.recommend, request.user_ids, request.k, request.weights, request.exclude_seen
+        )
         seconds = result[0].seconds if result else 0.0
         return {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
 

@@ -10,6 +10,8 @@ Artifact folder:
   seen_indptr.npy, seen_indices.npy   CSR of the items each user already has (for exclude_seen)
   popularity.npy       (N,) float32 training interactions per item (the unknown-user fallback)
   user_ids.json, item_ids.json        original ids, in index order
+  tower_*.npy          the user tower with its stage masks folded in (csmf.serving.usertower): a history ->
+                       a user vector at serving time; described by the manifest's `user_tower`
 
 The manifest carries `manifest_sha256`, a digest of its own canonical JSON (every key but that one, sorted,
 compact), so the file digests, stages, dimension groups and default weights are all covered. A checksum is
@@ -83,6 +85,7 @@ class Artifact:
     stages: tuple[str, ...]
     default_weights: dict[str, float]
     manifest: dict
+    tower: dict[str, np.ndarray] | None = None  # the user tower's arrays (manifest["user_tower"] says which)
 
     @property
     def dim(self) -> int:
@@ -113,7 +116,9 @@ def write_artifact(
     stages: tuple[str, ...],
     default_weights: dict[str, float],
     source: dict,
+    user_tower: tuple[dict, dict[str, np.ndarray]] | None = None,
 ) -> Path:
+    """user_tower: (manifest entry, arrays) of csmf.serving.usertower.tower_of, or None (no online users)."""
     out = Path(out)
     try:
         check_weights(default_weights, tuple(stages))
@@ -129,7 +134,8 @@ def write_artifact(
         "popularity": np.asarray(popularity, dtype=np.float32),
     }
     files = {}
-    for name, array in arrays.items():
+    tower = {f"tower_{n}": np.ascontiguousarray(a, dtype=np.float32) for n, a in (user_tower or ({}, {}))[1].items()}
+    for name, array in (arrays | tower).items():
         np.save(out / f"{name}.npy", array, allow_pickle=False)
         files[f"{name}.npy"] = _sha256(out / f"{name}.npy")
     for name, values in (("user_ids", user_ids), ("item_ids", item_ids)):
@@ -149,10 +155,12 @@ def write_artifact(
         "source": source,
         "files": files,
     }
+    if user_tower is not None:
+        manifest["user_tower"] = {**user_tower[0], "arrays": sorted(tower)}
     manifest = json.loads(json.dumps(manifest))  # the digest is of what a reader gets back (tuples -> lists)
     manifest["manifest_sha256"] = manifest_digest(manifest)
     ids = {"user_ids": [str(v) for v in user_ids], "item_ids": [str(v) for v in item_ids]}
-    _validate(out / "manifest.json", manifest, arrays, ids)  # refuse to write what loading would refuse
+    _validate(out / "manifest.json", manifest, arrays | tower, ids)  # refuse to write what loading would refuse
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -187,7 +195,15 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
     if manifest.get("manifest_sha256") != digest:
         raise ArtifactError(f"{manifest_path}: manifest_sha256 does not match the manifest's content (it was "
                             "edited or damaged); export the model again rather than editing the manifest")  # fmt: skip
-    expected = {f"{n}.npy" for n in ARRAYS} | {f"{n}.json" for n in JSONS}
+    tower = manifest.get("user_tower")
+    tower_arrays = tower.get("arrays") if isinstance(tower, dict) else None
+    if tower is not None and not (
+        isinstance(tower_arrays, list)
+        and all(isinstance(n, str) and n.startswith("tower_") and n.replace("_", "").isalnum() for n in tower_arrays)
+    ):
+        raise ArtifactError(f"{manifest_path}: user_tower.arrays: expected a list of tower_* names, got "
+                            f"{clip(repr(tower_arrays))}")  # fmt: skip
+    expected = {f"{n}.npy" for n in (*ARRAYS, *(tower_arrays or ()))} | {f"{n}.json" for n in JSONS}
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != expected:
         raise ArtifactError(f"{manifest_path}: files lists {clip(repr(files))}, expected {sorted(expected)}")
@@ -198,10 +214,12 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
         if _sha256(file) != digest:
             raise ArtifactError(f"{file}: checksum does not match the manifest (the file changed or is damaged)")
     arrays = {n: _read_array(path / f"{n}.npy", mmap) for n in ARRAYS}
+    tower_data = {n: _read_array(path / f"{n}.npy", mmap) for n in tower_arrays or ()}
     ids = {n: _read_ids(path / f"{n}.json") for n in JSONS}
-    _validate(manifest_path, manifest, arrays, ids)
+    _validate(manifest_path, manifest, arrays | tower_data, ids)
     stages, weights = tuple(manifest["stages"]), manifest["default_weights"]
-    return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest)
+    tower_data = {n.removeprefix("tower_"): a for n, a in tower_data.items()} if tower is not None else None
+    return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest, tower=tower_data)
 
 
 def _read_array(file: Path, mmap: bool = False) -> np.ndarray:
@@ -294,6 +312,24 @@ def _validate(manifest_path: Path, manifest: dict, arrays: dict[str, np.ndarray]
         check_weights(manifest.get("default_weights"), tuple(stages))
     except WeightError as err:
         fail("default_weights", str(err))
+    _validate_tower(fail, manifest.get("user_tower"), arrays, n_users, n_items)
+
+
+def _validate_tower(fail, tower: dict | None, arrays: dict[str, np.ndarray], n_users: int, n_items: int) -> None:
+    """The user tower's description against its arrays: kind, float32, finite, and the shapes it implies."""
+    if tower is None:
+        return
+    from csmf.serving.usertower import TOWER_KINDS, check_tower
+
+    if tower.get("kind") not in TOWER_KINDS:
+        fail("user_tower.kind", f"expected one of {TOWER_KINDS}, got {clip(repr(tower.get('kind')))}")
+    named = {n.removeprefix("tower_"): arrays[n] for n in tower["arrays"]}
+    for name, a in named.items():
+        if a.dtype != np.float32 or not np.isfinite(a).all():
+            fail(f"tower_{name}.npy", "must hold finite float32 numbers")
+    problem = check_tower(tower, named, n_users, n_items)
+    if problem:
+        fail("user_tower", problem)
 
 
 def _ids(original: np.ndarray | None, n: int) -> list[str]:
@@ -362,6 +398,7 @@ def export_model(
     import torch
 
     from csmf.data.schema import union
+    from csmf.serving.usertower import tower_of
 
     trained, inputs = model.trained, model._saved
     if trained is None:
@@ -388,6 +425,7 @@ def export_model(
         stages=stages,
         default_weights=weights,
         source={**(source or {}), "dataset": inputs.name, "seed": model.cfg.seed},
+        user_tower=tower_of(trained),
     )
     log(
         f"wrote {path}: {inputs.n_items:,} item vectors of dimension {trained.items.shape[1]}, {inputs.n_users:,} users"

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # csmf.serving.index loads faiss; the CLI reads ServeLimits' 
     from csmf.serving.index import Index
 
 MAX_K = 1000  # largest k of one request
+MAX_HISTORY = 100_000  # most items in one request's history (POST /recommend with "history")
 CANDIDATE_BLOCK = 1 << 20  # most (users x candidates) one index search returns at once: bounds its memory
 
 
@@ -54,9 +55,10 @@ class RequestError(ValueError):
 
 
 class UnknownUser(KeyError):
-    def __init__(self, user_id: str):
+    def __init__(self, user_id: str, field: str | None = None):
+        """field: the request field that named the user (None: user_id in a query, user_ids in a body)."""
         super().__init__(user_id)
-        self.user_id = user_id
+        self.user_id, self.field = user_id, field
 
 
 def parse_weights(text: str, stages: tuple[str, ...]) -> dict[str, float]:
@@ -145,6 +147,12 @@ class Recommender:
         self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
         self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
+        self.tower = None  # the user tower (csmf.serving.usertower): a history -> a vector; None in older artifacts
+        if artifact.tower is not None:
+            from csmf.serving.usertower import UserTower
+
+            entry = artifact.manifest["user_tower"]
+            self.tower = UserTower(entry, artifact.tower, artifact.item_vectors, artifact.output_owner)
         # each user's seen items sorted and distinct, once at load: a request then tests membership by binary
         # search and reads its count, instead of sorting the list again (np.isin, np.unique) every time
         n_users, n_items = len(artifact.user_ids), len(artifact.item_ids)
@@ -223,6 +231,35 @@ class Recommender:
             Query(u, r, vectors[r], vectors[r] * fold, self._seen(r)) if r >= 0 else Query(u, None, None, None, none)
             for u, r in zip(user_ids, rows, strict=True)
         ]
+
+    def history_query(self, history: dict[str, list[str]], user_id: str | None, weights: dict[str, float]) -> Query:
+        """The query of a user sent as a behaviour history (item ids per behaviour): the user tower computes the
+        vector (csmf.serving.usertower). `user_id`, when given, is a known user whose ID embedding and features the
+        tower reads (the MLP encoder) and whose seen items are left out too. Item ids this catalogue or the tower
+        does not know are skipped and reported in `unknown_items`."""
+        if self.tower is None:
+            raise RequestError("history", "this artifact has no user tower (it was exported by an older csmf): "
+                               "export the model again with `csmf export` to serve users by their history")  # fmt: skip
+        wrong = [b for b in history if b not in self.tower.behaviours]
+        if wrong:
+            raise RequestError("history", f"behaviour {clip(repr(wrong[0]))} is not one this model reads "
+                               f"{list(self.tower.behaviours)}")  # fmt: skip
+        if sum(len(items) for items in history.values()) > MAX_HISTORY:
+            raise RequestError("history", f"more than {MAX_HISTORY:,} items: send the user's most recent ones")
+        row = None
+        if user_id is not None:
+            if user_id not in self.user_rows:
+                raise UnknownUser(user_id, "user_id")
+            row = self.user_rows[user_id]
+        rows, unknown = {}, {}
+        for b, items in history.items():
+            found = [self.item_rows.get(i, -1) for i in items]
+            unknown.update((i, None) for i, r in zip(items, found, strict=True) if not 0 <= r < self.tower.n_items)
+            rows[b] = np.unique(np.array([r for r in found if 0 <= r < self.tower.n_items], dtype=np.int64))
+        raw = self.tower.vector(rows, row)
+        seen = np.unique(np.concatenate([*rows.values(), self._seen(row) if row is not None else []]).astype(np.int64))
+        fold = self.artifact.fold(weights)
+        return Query(user_id if user_id is not None else "", row, raw, raw * fold, seen, list(unknown) or None)
 
     def width(self, query: Query, k: int, exclude_seen: bool) -> int:
         """Candidates to ask the index for: k from an index that leaves the seen rows out itself (exact), else k
