@@ -764,8 +764,13 @@ def test_a_new_user_is_answered_from_a_history_over_http(server, exported):
                                                   "weights": "click:0.3,conversion:0.7"}).json()  # fmt: skip
     assert [i["item_id"] for i in online.json()["items"]] == [i["item_id"] for i in stored["items"]]
     assert online.json()["unknown_items"] == ["no-such-item"]  # reported, not fatal
-    for bad, field in (({"history": {"likes": ["1"]}}, "history"), ({"history": {}, "features": {"age": 3}}, "features"),
-                       ({"history": {"click": [1]}}, "history"), ({"history": {}, "user_id": "nobody"}, "user_id")):  # fmt: skip
+    bad_bodies = [
+        ({"history": {"likes": ["1"]}}, "history"),
+        ({"history": {}, "features": {"age": 3}}, "features"),
+        ({"history": {"click": [1]}}, "history"),
+        ({"history": {}, "user_id": "nobody"}, "user_id"),
+    ]
+    for bad, field in bad_bodies:
         response = httpx.post(f"{url}/recommend", json=bad)
         assert response.status_code in (404, 422), response.text
         assert response.json()["detail"][0]["loc"][:2] == ["body", field], response.text
