@@ -23,7 +23,7 @@ from csmf.models.csmf import CSMF
 from csmf.serving.app import create_app
 from csmf.serving.export import ArtifactError, load_artifact, manifest_digest, write_artifact
 from csmf.serving.index import IndexSettings, build_index, recall_against
-from csmf.serving.serve import Recommender, RequestError, ServeLimits
+from csmf.serving.serve import NotMutable, Recommender, RequestError, ServeLimits
 
 TINY = [
     "--set", "model.user_hidden=16", "--set", "model.id_dim=8", "--set", "model.history_dim=8",
@@ -252,6 +252,10 @@ def test_milvus_lite_returns_the_faiss_exact_top_k(tmp_path):
     scores, rows = milvus.search(queries, 10)
     np.testing.assert_array_equal(rows, exact_rows)
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    milvus.remove(exact_rows[:, 0])  # every query's best item goes; an upserted copy of query 0 comes
+    assert milvus.add(queries[:1] * 10).tolist() == [800]
+    _, after = milvus.search(queries, 10)
+    assert after[0, 0] == 800 and not set(exact_rows[:, 0]) & set(after.ravel().tolist())
 
 
 def test_loadtest_drives_a_real_server_and_reports_latency(exported, tmp_path):
@@ -774,3 +778,51 @@ def test_a_new_user_is_answered_from_a_history_over_http(server, exported):
         response = httpx.post(f"{url}/recommend", json=bad)
         assert response.status_code in (404, 422), response.text
         assert response.json()["detail"][0]["loc"][:2] == ["body", field], response.text
+
+
+def test_items_are_added_replaced_and_removed_over_http_without_a_restart(exported):
+    artifact = load_artifact(exported[1])
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    url, user = f"http://127.0.0.1:{port}", artifact.user_ids[3]
+    try:
+        weights = {"exposure": 1.0, "click": 1.0, "conversion": 1.0}
+        q = artifact.user_vectors[3] * artifact.fold(weights)
+        best = q / np.linalg.norm(q) * 50  # outscores every trained item for this user
+        added = httpx.post(f"{url}/items", json={"items": [{"item_id": "fresh", "vector": best.tolist()}]})
+        assert added.status_code == 200 and added.json() == {"added": ["fresh"], "replaced": [], "items": 201}
+        top = httpx.get(
+            f"{url}/recommend", params={"user_id": user, "k": 3, "weights": "exposure:1,click:1,conversion:1"}
+        )
+        assert top.json()["items"][0]["item_id"] == "fresh"
+        assert top.json()["items"][0]["score"] == pytest.approx(float(q @ best), rel=1e-4)
+        old_best = top.json()["items"][1]["item_id"]
+        replaced = httpx.post(f"{url}/items", json={"items": [{"item_id": "fresh", "vector": (-best).tolist()}]})
+        assert replaced.json() == {"added": [], "replaced": ["fresh"], "items": 201}
+        top = httpx.get(
+            f"{url}/recommend", params={"user_id": user, "k": 3, "weights": "exposure:1,click:1,conversion:1"}
+        )
+        assert top.json()["items"][0]["item_id"] == old_best  # the replaced vector now scores last
+        assert httpx.delete(f"{url}/items/{old_best}").json() == {"removed": old_best, "items": 200}
+        top = httpx.get(
+            f"{url}/recommend", params={"user_id": user, "k": 200, "weights": "exposure:1,click:1,conversion:1"}
+        )
+        ids = [i["item_id"] for i in top.json()["items"]]
+        assert old_best not in ids and ids[-1] == "fresh" and ids.count("fresh") == 1
+        missing = httpx.delete(f"{url}/items/{old_best}")
+        assert missing.status_code == 404 and missing.json()["detail"][0]["loc"] == ["path", "item_id"]
+        short = httpx.post(f"{url}/items", json={"items": [{"item_id": "x", "vector": [1.0]}]})
+        assert short.status_code == 422 and short.json()["detail"][0]["loc"] == ["body", "items.0.vector"]
+        twice = httpx.post(f"{url}/items", json={"items": [{"item_id": "y", "vector": best.tolist()}] * 2})
+        assert twice.status_code == 422 and "twice" in twice.text
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+    fixed = Recommender(artifact, build_index(artifact.item_vectors), mutable=False)
+    with pytest.raises(NotMutable):
+        fixed.remove_items([artifact.item_ids[0]])

@@ -2,7 +2,9 @@
 
 GET  /recommend?user_id=..&k=..&weights=click:0.3,purchase:0.7&exclude_seen=true
 POST /recommend  {"user_ids": [...], "k": 10, "weights": {"click": 0.3}, "exclude_seen": true}
+POST /recommend  {"history": {"view": ["6741"], "purchase": []}, "k": 10, ...}: one user by behaviour history
 POST /search     {"vector": [...], "k": 10}: top-k for a caller's own query vector
+POST /items      {"items": [{"item_id": "x", "vector": [...]}]}: add or replace items; DELETE /items/{id}
 GET  /health, GET /info, GET /users (example user ids); GET / is the scenario page; OpenAPI docs at /docs.
 
 Bad input answers 422 with the field named in `loc`; an unknown user 404 (or the popularity fallback); a body
@@ -32,9 +34,11 @@ from csmf.fusion import clip
 from csmf.serving.batching import Batcher
 from csmf.serving.serve import (
     MAX_K,
+    NotMutable,
     Recommendation,
     Recommender,
     RequestError,
+    UnknownItem,
     UnknownUser,
     check_weights,
     parse_weights,
@@ -75,6 +79,19 @@ def _body_kind(body: object) -> str:
 RecommendBody = Annotated[
     Annotated[BatchRequest, Tag("ids")] | Annotated[HistoryRequest, Tag("history")], Discriminator(_body_kind)
 ]
+
+
+class NewItem(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    item_id: str
+    vector: list[float]  # the item's vector in the artifact's space (from the item tower, or computed elsewhere)
+
+
+class ItemsRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    items: list[NewItem] = Field(min_length=1)  # at most ServeLimits.max_ids
 
 
 class VectorQuery(BaseModel):
@@ -269,6 +286,14 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         message = f"unknown user {clip(repr(err.user_id))} (start the server with --fallback popularity to answer them)"
         return _error(404, field, message, _where(request))
 
+    @app.exception_handler(UnknownItem)
+    async def unknown_item(request: Request, err: UnknownItem) -> JSONResponse:
+        return _error(404, "item_id", f"unknown item {clip(repr(err.item_id))}: not served here", "path")
+
+    @app.exception_handler(NotMutable)
+    async def not_mutable(request: Request, err: NotMutable) -> JSONResponse:
+        return _error(409, None, f"{err}: serve with --workers 1 to change items", "path")
+
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
         return _error(413, None, err.detail, "body")
@@ -351,6 +376,18 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         )
         seconds = result[0].seconds if result else 0.0
         return {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
+
+    @app.post("/items", dependencies=[Depends(unique_json_keys)])
+    async def put_items(request: ItemsRequest):
+        """Add items, or replace those already served, by vector; answers from then on include them."""
+        changed = recommender.put_items([(item.item_id, item.vector) for item in request.items])
+        return {**changed, "items": recommender.n_items}
+
+    @app.delete("/items/{item_id}")
+    async def delete_item(item_id: str):
+        """Take one item out of every answer from now on."""
+        recommender.remove_items([item_id])
+        return {"removed": item_id, "items": recommender.n_items}
 
     @app.post("/search", dependencies=[Depends(unique_json_keys)])
     def search(query: VectorQuery):

@@ -11,6 +11,7 @@ why it holds fewer in `note`.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,6 +53,16 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+
+class NotMutable(RuntimeError):
+    """Items cannot change in this server (several worker processes each hold an index): HTTP 409."""
+
+
+class UnknownItem(KeyError):
+    def __init__(self, item_id: str):
+        super().__init__(item_id)
+        self.item_id = item_id
 
 
 class UnknownUser(KeyError):
@@ -144,6 +155,8 @@ class Recommender:
         self.item_ids = list(artifact.item_ids)
         self.item_vectors = artifact.item_vectors  # (rows, D); grown (copied once) when items are added
         self.live = np.ones(len(self.item_ids), dtype=bool)
+        self.popularity = artifact.popularity  # (rows,): an added item starts at 0
+        self.lock = threading.RLock()  # item changes against searches (POST batches run on worker threads)
         self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
         self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
@@ -296,9 +309,61 @@ class Recommender:
             stop, wide = start + 1, width[start]
             while stop < len(queries) and (stop - start + 1) * max(wide, width[stop]) <= CANDIDATE_BLOCK:
                 wide, stop = max(wide, width[stop]), stop + 1
-            out.extend(self.search(queries[start:stop], wide, exclude_seen))
+            with self.lock:
+                out.extend(self.search(queries[start:stop], wide, exclude_seen))
             start = stop
         return out
+
+    # ----- items added, replaced and removed while serving ------------------------------------------------------
+    def put_items(self, items: list[tuple[str, list[float]]]) -> dict[str, list[str]]:
+        """Add items by id and vector; an id already served is replaced (its old row removed, a new one added).
+        Returns {"added": ids, "replaced": ids}."""
+        if not self.mutable:
+            raise NotMutable("items are fixed in a server with several worker processes (each holds its own index)")
+        if not items:
+            raise RequestError("items", "give at least one item")
+        if len(items) > self.limits.max_ids:
+            raise RequestError("items", f"{len(items):,} items, more than this server's limit of "
+                               f"{self.limits.max_ids:,} per request (csmf serve --max-ids)")  # fmt: skip
+        ids = [item_id for item_id, _ in items]
+        repeated = next((i for i in ids if ids.count(i) > 1), None) if len(set(ids)) < len(ids) else None
+        if repeated is not None:
+            raise RequestError("items", f"item {clip(repr(repeated))} appears twice; give each item once")
+        vectors = np.stack([checked_vector(v, self.artifact.dim, f"items.{n}.vector") for n, (_, v) in
+                            enumerate(items)])  # fmt: skip
+        with self.lock:
+            replaced = [i for i in ids if i in self.item_rows]
+            kept = {i: float(self.popularity[self.item_rows[i]]) for i in replaced}  # a replaced item keeps it
+            if replaced:
+                self._remove([self.item_rows[i] for i in replaced])
+            rows = self.index.add(vectors)
+            if rows.tolist() != list(range(len(self.item_ids), len(self.item_ids) + len(rows))):
+                raise RuntimeError(f"the {self.index.kind} index numbered new items {rows[:3]}..., not from "
+                                   f"{len(self.item_ids)}: the item table and the index are out of step")  # fmt: skip
+            self.item_vectors = np.concatenate([self.item_vectors, vectors])
+            added = np.array([kept.get(i, 0.0) for i in ids], dtype=np.float32)
+            self.popularity = np.concatenate([self.popularity, added])
+            self.popular = np.argsort(-self.popularity, kind="stable")
+            self.live = np.concatenate([self.live, np.ones(len(rows), dtype=bool)])
+            self.item_ids.extend(ids)
+            self.item_rows.update(zip(ids, rows.tolist(), strict=True))
+        return {"added": [i for i in ids if i not in set(replaced)], "replaced": replaced}
+
+    def remove_items(self, ids: list[str]) -> None:
+        """Take items out of every answer (UnknownItem for an id not served)."""
+        if not self.mutable:
+            raise NotMutable("items are fixed in a server with several worker processes (each holds its own index)")
+        with self.lock:
+            missing = next((i for i in ids if i not in self.item_rows), None)
+            if missing is not None:
+                raise UnknownItem(missing)
+            self._remove([self.item_rows[i] for i in ids])
+
+    def _remove(self, rows: list[int]) -> None:
+        self.index.remove(np.asarray(rows, dtype=np.int64))
+        self.live[rows] = False
+        for row in rows:
+            del self.item_rows[self.item_ids[row]]
 
     def answer(
         self, query: Query, candidates: np.ndarray | None, k: int, weights: dict[str, float], exclude_seen: bool,
@@ -307,7 +372,7 @@ class Recommender:
         """The answer to one query from its candidate rows (None: the popularity fallback)."""
         n = self.n_items
         if candidates is None:
-            items = [{"item_id": self.item_ids[i], "popularity": float(self.artifact.popularity[i])}
+            items = [{"item_id": self.item_ids[i], "popularity": float(self.popularity[i])}
                      for i in self.popular[: k + len(self.popular) - int(self.live[self.popular].sum())]
                      if self.live[i]][:k]  # fmt: skip
             note = self._note(len(items), k, n, f"the catalogue holds {n} items")
