@@ -237,6 +237,21 @@ def test_page_updates_its_list_when_a_slider_moves(server):
         page.wait_for_timeout(300)  # let the last slider's answer land
         shown = [row.split("\t")[1] for row in page.inner_text("#results tbody").splitlines()]
         assert shown == offline_top_k(artifact, artifact.user_ids.index(user), {"exposure": 1.0}, 10)
+        # a new user typed as a history: the page asks POST /recommend and shows the tower's answer
+        recommender = Recommender(artifact, build_index(artifact.item_vectors))
+        history = {"exposure": artifact.item_ids[:4], "click": artifact.item_ids[2:4]}
+        weights = {"exposure": 1.0, "click": 0.0, "conversion": 0.0}
+        query = recommender.history_query(history, None, weights)
+        expected = recommender.answer(query, recommender._top([query], [10], True)[0], 10, weights, True, 0.0)
+        before = page.inner_text("#results tbody")
+        text = "\n".join(f"{b}: {' '.join(ids)}" for b, ids in history.items()) + "\nclick: no-such-item"
+        page.fill("#history", text)
+        page.wait_for_function("b => document.querySelector('#results tbody').innerText !== b", arg=before)
+        page.wait_for_timeout(300)
+        shown = [row.split("\t")[1] for row in page.inner_text("#results tbody").splitlines()]
+        assert shown == [i["item_id"] for i in expected.items]
+        status = page.inner_text("#status")
+        assert "new user from the history" in status and "no-such-item" in status
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "serving-page.png"), full_page=True)
         browser.close()

@@ -204,6 +204,7 @@ class Recommender:
             "dim": a.dim,
             "dimension_groups": a.manifest["dimension_groups"],
             "popularity_fallback": self.popularity_fallback,
+            "history_behaviours": list(self.tower.behaviours) if self.tower is not None else [],
             "limits": {"max_k": MAX_K, "max_abs": MAX_ABS, **vars(self.limits)},
         }
 
