@@ -841,3 +841,46 @@ def test_items_are_added_replaced_and_removed_over_http_without_a_restart(export
     fixed = Recommender(artifact, build_index(artifact.item_vectors), mutable=False)
     with pytest.raises(NotMutable):
         fixed.remove_items([artifact.item_ids[0]])
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_mlp"])
+def test_onnx_towers_give_the_vectors_torch_and_the_artifact_give(which, request, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the [test] and [onnx] extras")
+    from csmf.serving.onnx import user_tower_module
+
+    run, path = request.getfixturevalue(which)
+    copy = tmp_path / "artifact"
+    shutil.copytree(path, copy)
+    assert main(["export", "--run", str(run), "--out", str(copy), "--onnx"]) == 0
+    artifact = load_artifact(copy)
+    meta = json.loads((copy / "onnx" / "towers.json").read_text())
+    history = CSMF.load(run / "model").trained.history
+    behaviours = meta["user_tower"]["behaviours"]
+    rows = list(range(0, len(artifact.user_ids), 37))
+    pairs = [[(i, b) for b, name in enumerate(behaviours) for i in history[name][r].indices] for r in rows]
+    width = max(len(p) for p in pairs)
+    items = np.full((len(rows) + 1, width), -1, dtype=np.int64)  # the last row: a new user with 3 items
+    kinds = np.zeros_like(items)
+    for n, found in enumerate(pairs):
+        for j, (i, b) in enumerate(found):
+            items[n, j], kinds[n, j] = i, b
+    items[-1, :3] = [0, 1, 2]
+    users = np.array([*rows, -1], dtype=np.int64)
+    session = ort.InferenceSession(str(copy / "onnx" / "user_tower.onnx"))
+    onnx_vectors = session.run(None, {"items": items, "behaviours": kinds, "users": users})[0]
+    np.testing.assert_allclose(onnx_vectors[:-1], artifact.user_vectors[rows], atol=1e-5)  # = the offline model
+    torch_vectors = user_tower_module(artifact)(*(torch.from_numpy(a) for a in (items, kinds, users))).numpy()
+    np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=1e-5)
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    new = recommender.history_query({behaviours[0]: artifact.item_ids[:3]}, None, {artifact.stages[0]: 1.0})
+    np.testing.assert_allclose(onnx_vectors[-1], new.raw, atol=1e-5)  # = the server's online tower
+    items_session = ort.InferenceSession(str(copy / "onnx" / "item_tower.onnx"))
+    wanted = np.array([5, 0, 199], dtype=np.int64)
+    np.testing.assert_allclose(items_session.run(None, {"items": wanted})[0], artifact.item_vectors[wanted], atol=1e-6)
+    # the weight fold on ONNX vectors scores as the served objectives do: <u * lambda, v> = sum_k w_k s_k
+    weights = {"exposure": 0.2, "click": 1.0, "conversion": 3.0}
+    q = onnx_vectors[0] * artifact.fold(weights)
+    per_stage = [(onnx_vectors[0] * artifact.objective_mask(s)) @ artifact.item_vectors.T for s in artifact.stages]
+    np.testing.assert_allclose(q @ artifact.item_vectors.T, sum(weights[s] * p for s, p in
+                                                               zip(artifact.stages, per_stage, strict=True)),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip

@@ -227,7 +227,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         except WeightError as err:
             raise ConfigError(f"--weights {clip(repr(args.weights))}: {err}") from None
     export_run(args.run, args.out, weights, overrides=tuple(args.set), config_file=args.config)
-    load_artifact(args.out)  # what was written reads back (checksums, shapes)
+    artifact = load_artifact(args.out)  # what was written reads back (checksums, shapes)
+    if args.onnx:
+        from csmf.serving.onnx import export_onnx
+
+        export_onnx(artifact, Path(args.out) / "onnx")
     return 0
 
 
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote")
     export.add_argument("--out", required=True, help="artifact folder to write")
     export.add_argument("--weights", metavar="STAGE:W,...", help="default objective weights (default: 1 each)")
+    export.add_argument("--onnx", action="store_true",
+                        help="also write the user and item towers as ONNX to <out>/onnx (pip install 'csmf[onnx]')")
     _common(export)  # --config / --set: only for a run folder without a saved model (older runs)
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")

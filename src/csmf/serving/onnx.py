@@ -1,0 +1,151 @@
+"""`csmf export --onnx`: the user tower and the item table as ONNX graphs, for serving stacks other than csmf's.
+
+Both are built from the artifact's arrays (csmf.serving.usertower: every stage mask already folded in), so
+what onnxruntime computes is what `csmf serve` computes (tested to atol 1e-5). Written to <artifact>/onnx/:
+
+user_tower.onnx  inputs  items (B, L) int64: item rows of the user's history, -1 = padding
+                         behaviours (B, L) int64: each item's behaviour, an index into `behaviours` below
+                         users (B,) int64: a known user's row (its ID embedding and features), -1 = a new user
+                 output  vectors (B, D) float32: raw user vectors (fold objective weights in: q = u * lambda)
+item_tower.onnx  inputs  items (B,) int64: item rows      output vectors (B, D) float32
+                 (the trained item vectors: an item's vector does not depend on the request)
+towers.json      behaviours, item and user ids in row order are in the artifact (item_ids.json, user_ids.json),
+                 output_owner (which dimensions each objective scores with), the input and output names
+
+A history lists each (item, behaviour) pair once, as a training history does. Needs `pip install
+'csmf[onnx]'` (onnx, onnxscript) to export and onnxruntime to run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from csmf.serving.export import Artifact
+
+
+class GraphUserTower(nn.Module):
+    """u = sum_k (c_k @ V) * [owner == k] (+ a known user's feature part), as csmf.serving.usertower."""
+
+    def __init__(self, artifact: Artifact):
+        super().__init__()
+        entry, arrays = artifact.manifest["user_tower"], artifact.tower
+        behaviours = list(dict.fromkeys(b for w in entry["stage_weights"] for b in w))
+        self.behaviours = behaviours
+        weights = [[w.get(b, 0.0) for b in behaviours] for w in entry["stage_weights"]]
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))  # (S, behaviours)
+        self.register_buffer("scale", torch.from_numpy(np.array(arrays["item_scale"])))  # (S, N)
+        self.register_buffer("vectors", torch.from_numpy(np.array(artifact.item_vectors)))  # (N, D)
+        owner = torch.from_numpy(np.array(artifact.output_owner))
+        masks = torch.stack([(owner == k + 1).float() for k in range(len(weights))])
+        self.register_buffer("columns", masks)  # (S, D)
+        side = arrays.get("user_side")
+        side = torch.from_numpy(np.array(side)) if side is not None else torch.zeros(1, owner.numel())
+        self.register_buffer("side", side)  # (U, D) known users' feature parts, or one zero row
+
+    def forward(self, items: torch.Tensor, behaviours: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        valid = (items >= 0).float()  # (B, L)
+        rows, kinds = items.clamp(min=0), behaviours.clamp(min=0)
+        gathered = self.vectors[rows]  # (B, L, D)
+        u = torch.zeros(items.shape[0], self.vectors.shape[1])
+        for k in range(self.weights.shape[0]):
+            w = self.weights[k][kinds] * valid  # (B, L) edge weight of each pair in stage k's graph
+            degree = w.sum(dim=1, keepdim=True)
+            coef = w * self.scale[k][rows] / degree.clamp(min=1e-12).sqrt()
+            u = u + torch.einsum("bl,bld->bd", coef, gathered) * self.columns[k]
+        known = (users >= 0).float().unsqueeze(1)
+        return u + self.side[users.clamp(min=0) % self.side.shape[0]] * known
+
+
+class MlpUserTower(nn.Module):
+    """x = the user's fixed inputs (or a new user's) + each behaviour's bag in its slot, then the folded MLP."""
+
+    def __init__(self, artifact: Artifact):
+        super().__init__()
+        entry, arrays = artifact.manifest["user_tower"], artifact.tower
+        self.behaviours, self.power = list(entry["behaviours"]), float(entry["bag_power"])
+        self.n_layers = entry["layers"]
+        self.register_buffer("fixed", torch.from_numpy(np.array(arrays["fixed"])))  # (U, n_in)
+        self.register_buffer("new_user", torch.from_numpy(np.array(arrays["new_user"])))  # (n_in,)
+        n_in = self.fixed.shape[1]
+        table = arrays.get("history_table")
+        width = table.shape[1] if table is not None else 0
+        self.register_buffer("table", torch.from_numpy(np.array(table)) if table is not None else torch.zeros(1, 1))
+        places = torch.zeros(len(self.behaviours), width, n_in)  # bag b -> its slot of the input
+        for b, slot in enumerate(entry["slots"]):
+            places[b, torch.arange(width), slot + torch.arange(width)] = 1.0
+        self.register_buffer("places", places)
+        for n in range(self.n_layers):
+            self.register_buffer(f"w{n}", torch.from_numpy(np.array(arrays[f"w{n}"])))
+            self.register_buffer(f"b{n}", torch.from_numpy(np.array(arrays[f"b{n}"])))
+
+    def forward(self, items: torch.Tensor, behaviours: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        known = (users >= 0).float().unsqueeze(1)
+        x = self.fixed[users.clamp(min=0)] * known + self.new_user * (1.0 - known)  # (B, n_in)
+        if self.behaviours:
+            valid = (items >= 0).float()
+            gathered = self.table[items.clamp(min=0)]  # (B, L, H)
+            for b in range(len(self.behaviours)):
+                mine = valid * (behaviours == b).float()  # (B, L)
+                count = mine.sum(dim=1, keepdim=True).clamp(min=1.0)
+                bag = torch.einsum("bl,blh->bh", mine, gathered) / count.pow(self.power)
+                x = x + bag @ self.places[b]
+        h = x
+        for n in range(self.n_layers):
+            h = h @ getattr(self, f"w{n}").T + getattr(self, f"b{n}")
+            if n < self.n_layers - 1:
+                h = torch.relu(h)
+        return h
+
+
+class ItemTable(nn.Module):
+    def __init__(self, artifact: Artifact):
+        super().__init__()
+        self.register_buffer("vectors", torch.from_numpy(np.array(artifact.item_vectors)))
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.vectors[items]
+
+
+def user_tower_module(artifact: Artifact) -> nn.Module:
+    if artifact.tower is None:
+        raise ValueError("this artifact has no user tower (exported by an older csmf): export the model again")
+    kind = artifact.manifest["user_tower"]["kind"]
+    return (GraphUserTower if kind == "graph" else MlpUserTower)(artifact).eval()
+
+
+def export_onnx(artifact: Artifact, out: str | Path, log=print) -> Path:
+    """Write user_tower.onnx, item_tower.onnx and towers.json to `out` (a folder)."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it)
+    except ImportError as err:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'csmf[onnx]'") from err
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    user = user_tower_module(artifact)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed": not needed here
+    example = (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, -1]))
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations, not ours to act on
+        torch.onnx.export(user, example, out / "user_tower.onnx", input_names=["items", "behaviours", "users"],
+                          output_names=["vectors"], dynamo=True, external_data=False, verbose=False,
+                          dynamic_shapes={"items": {0: batch, 1: length}, "behaviours": {0: batch, 1: length},
+                                          "users": {0: batch}})  # fmt: skip
+        torch.onnx.export(ItemTable(artifact).eval(), (torch.tensor([0, 1]),), out / "item_tower.onnx",
+                          input_names=["items"], output_names=["vectors"], dynamo=True, external_data=False,
+                          verbose=False, dynamic_shapes={"items": {0: batch}})  # fmt: skip
+    kind = artifact.manifest["user_tower"]["kind"]
+    meta = {"user_tower": {"kind": kind, "inputs": ["items", "behaviours", "users"],
+                           "behaviours": list(user.behaviours), "output": "vectors"},
+            "item_tower": {"inputs": ["items"], "output": "vectors"},
+            "output_owner": np.asarray(artifact.output_owner).tolist(), "stages": list(artifact.stages)}  # fmt: skip
+    (out / "towers.json").write_text(json.dumps(meta, indent=2))
+    log(f"wrote {out}: user_tower.onnx, item_tower.onnx, towers.json")
+    return out
