@@ -884,3 +884,25 @@ def test_onnx_towers_give_the_vectors_torch_and_the_artifact_give(which, request
     np.testing.assert_allclose(q @ artifact.item_vectors.T, sum(weights[s] * p for s, p in
                                                                zip(artifact.stages, per_stage, strict=True)),
                                rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_an_hnsw_graph_file_is_reused_only_for_the_items_it_was_built_from(exported, tmp_path):
+    from csmf.config import ServeConfig
+    from csmf.serving.workers import hnsw_graph
+
+    artifact = load_artifact(exported[1])
+    where = tmp_path / "graph" / "items.hnsw"
+    said = []
+    s = ServeConfig(index="hnsw", hnsw_file=str(where))
+    assert hnsw_graph(artifact, s, where, said.append) == str(where) and "building" in said[-1]
+    built = where.stat().st_mtime_ns
+    hnsw_graph(artifact, s, where, said.append)
+    assert "built from these item vectors" in said[-1] and where.stat().st_mtime_ns == built  # reused
+    hnsw_graph(artifact, ServeConfig(index="hnsw", hnsw_file=str(where), hnsw_m=8), where, said.append)
+    assert "building" in said[-1]  # another M: built again
+    from csmf.serving.index import HnswIndex
+
+    loaded = HnswIndex.load(where, IndexSettings(kind="hnsw", hnsw_ef_search=64), mapped=False)
+    exact = build_index(artifact.item_vectors)
+    assert recall_against(exact, loaded, artifact.user_vectors[:20], 10) >= 0.9
+    assert loaded.add(artifact.item_vectors[:1]).tolist() == [len(artifact.item_ids)]  # read into memory: mutable

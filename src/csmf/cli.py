@@ -235,8 +235,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "threads", "workers", "fallback", "max_ids", "max_results",
-               "max_body_bytes", "host", "port")  # fmt: skip
+SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "hnsw_file", "threads", "workers", "fallback",
+               "max_ids", "max_results", "max_body_bytes", "host", "port")  # fmt: skip
 
 
 def _serve_config(args: argparse.Namespace) -> Config:
@@ -257,7 +257,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from csmf.serving.loadtest import run_loadtest
 
     s = _serve_config(args).serve
-    options = {name: getattr(s, name) for name in ("workers", "threads", "hnsw_m", "ef_search")}
+    options = {name: getattr(s, name) for name in ("workers", "threads", "hnsw_m", "ef_search", "hnsw_file") if
+               getattr(s, name) != ""}  # fmt: skip
     result = run_loadtest(args.artifact, args.clients, args.requests, args.k, s.index, args.out,
                           generator=args.generator, seconds=args.seconds, serve_options=options)  # fmt: skip
     return 0 if result["errors"] == 0 else 1
@@ -350,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote")
     export.add_argument("--out", required=True, help="artifact folder to write")
     export.add_argument("--weights", metavar="STAGE:W,...", help="default objective weights (default: 1 each)")
-    export.add_argument("--onnx", action="store_true",
-                        help="also write the user and item towers as ONNX to <out>/onnx (pip install 'csmf[onnx]')")
+    export.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write the user and item towers as ONNX to <out>/onnx (pip install 'csmf[onnx]')",
+    )
     _common(export)  # --config / --set: only for a run folder without a saved model (older runs)
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
@@ -362,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--milvus-uri", help="milvus: a .db file (embedded milvus-lite) or a server, http://host:19530")
     serve.add_argument("--hnsw-m", type=int, help="HNSW graph degree M (default 32)")
     serve.add_argument("--ef-search", type=int, help="HNSW efSearch (default 128)")
+    serve.add_argument("--hnsw-file", help="HNSW graph file: reused when built from these items, else written there")
     serve.add_argument("--threads", type=int, help="threads of one batched search (default 1; 0 = all cores)")
     serve.add_argument("--workers", type=int, help="server processes sharing the port and the vectors (default 1)")
     serve.add_argument("--fallback", choices=["none", "popularity"],
@@ -393,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--threads", type=int, help="the server's threads per batched search (default: serve.threads)")
     load.add_argument("--hnsw-m", type=int, help="the server's HNSW M (default: serve.hnsw_m)")
     load.add_argument("--ef-search", type=int, help="the server's HNSW efSearch (default: serve.ef_search)")
+    load.add_argument("--hnsw-file", help="the server's HNSW graph file (default: serve.hnsw_file)")
     load.add_argument("--out", default="results/serving/loadtest.json", help="result JSON")
     _common(load)
 

@@ -445,6 +445,9 @@ class ServeConfig(Checked):
     milvus_uri: str = "csmf-milvus.db"  # a .db file (embedded milvus-lite) or a server, http://host:19530
     hnsw_m: int = 32  # HNSW graph degree M
     ef_search: int = 128  # HNSW efSearch: candidates kept while searching (recall against speed)
+    # HNSW graph file: read when built from this artifact's item vectors with this M, else built and written
+    # there ("" = build in memory at every start; a 1M-item graph takes minutes)
+    hnsw_file: str = ""
     threads: int = 1  # threads of one batched search; 1 leaves the other cores to HTTP and other workers; 0 = all
     workers: int = 1  # server processes sharing the port and the memory-mapped vectors (items then read-only)
     fallback: Literal["none", "popularity"] = "none"  # unknown users: 404, or the most popular items

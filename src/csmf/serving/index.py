@@ -184,17 +184,29 @@ class HnswIndex:
         self.removed = np.zeros(0, dtype=np.int64)
         self.params = None  # search parameters that skip removed rows, once there are any
 
-    def save(self, path: str | Path) -> None:
-        """The graph and vectors to `path` (faiss's format) and what the reduction needs to `path`.json."""
+    def save(self, path: str | Path, built_from: dict | None = None) -> None:
+        """The graph and vectors to `path` (faiss's format); what the reduction needs, and `built_from` (what the
+        graph was built from, for a later reader to compare), to `path`.json."""
         faiss.write_index(self.index, str(path))
-        Path(f"{path}.json").write_text(json.dumps({"max_norm2": self.max_norm2, "dim": self.dim}))
+        meta = {"max_norm2": self.max_norm2, "dim": self.dim, "built_from": built_from}
+        Path(f"{path}.json").write_text(json.dumps(meta))
+
+    @staticmethod
+    def built_from(path: str | Path) -> dict | None:
+        """What the graph at `path` was built from (save's `built_from`), None when there is no readable one."""
+        try:
+            return json.loads(Path(f"{path}.json").read_text()).get("built_from") if Path(path).is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return None
 
     @classmethod
-    def load(cls, path: str | Path, settings: IndexSettings = IndexSettings()) -> HnswIndex:
-        """An index `save` wrote, its vectors memory-mapped read-only (worker processes share them); it takes no
-        items added or removed."""
+    def load(cls, path: str | Path, settings: IndexSettings = IndexSettings(), mapped: bool = True) -> HnswIndex:
+        """An index `save` wrote. `mapped`: its vectors memory-mapped read-only (worker processes share them; no
+        items can then be added or removed); else read into memory. faiss's reader trusts the file: keep it with
+        the artifact."""
         index = cls.__new__(cls)
-        index.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
+        index.index = faiss.read_index(str(path), flags)
         index.index.hnsw.efSearch = index.ef_search = settings.hnsw_ef_search
         meta = json.loads(Path(f"{path}.json").read_text())
         index.max_norm2, index.dim = float(meta["max_norm2"]), int(meta["dim"])

@@ -32,7 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 1800.0) -> None:
+    """Until the server answers /health (building a large HNSW graph takes minutes), or it exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:

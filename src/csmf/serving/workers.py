@@ -29,10 +29,29 @@ def build_service(artifact: str | Path, s: ServeConfig, mmap: bool = False, hnsw
 
     art = load_artifact(artifact, mmap=mmap)
     settings = index_settings(s)
-    index = HnswIndex.load(hnsw_file, settings) if hnsw_file else build_index(art.item_vectors, settings)
+    if hnsw_file is None and s.index == "hnsw" and s.hnsw_file:
+        hnsw_file = hnsw_graph(art, s, Path(s.hnsw_file))
+    index = HnswIndex.load(hnsw_file, settings, mapped=mmap) if hnsw_file else build_index(art.item_vectors, settings)
     limits = ServeLimits(max_ids=s.max_ids, max_results=s.max_results, max_body_bytes=s.max_body_bytes)
     recommender = Recommender(art, index, s.fallback == "popularity", limits, mutable=s.workers == 1)
     return create_app(recommender)
+
+
+def hnsw_graph(art, s: ServeConfig, where: Path, log=print) -> str:
+    """`where`, holding an HNSW graph of this artifact's item vectors with these settings: the one already there
+    when it was built from the same vectors (their sha256) and M, else one built now and written there."""
+    from csmf.serving.index import HnswIndex
+
+    settings = index_settings(s)
+    key = {"item_vectors_sha256": art.manifest["files"]["item_vectors.npy"], "hnsw_m": settings.hnsw_m,
+           "ef_construction": settings.hnsw_ef_construction}  # fmt: skip
+    if HnswIndex.built_from(where) == key:
+        log(f"HNSW graph: {where} (built from these item vectors)")
+        return str(where)
+    log(f"HNSW graph: building it over {len(art.item_ids):,} items, then writing {where}")
+    where.parent.mkdir(parents=True, exist_ok=True)
+    HnswIndex(art.item_vectors, settings).save(where, built_from=key)
+    return str(where)
 
 
 def index_settings(s: ServeConfig):
@@ -65,12 +84,11 @@ def run(artifact: str | Path, s: ServeConfig, log=print) -> None:
                          "(a Milvus server scales by itself: serve it with one worker per machine)")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="csmf-serve-") as tmp:
         hnsw_file = None
-        if s.index == "hnsw":  # built once here, mapped by every worker
+        if s.index == "hnsw":  # built once here (or read from serve.hnsw_file), mapped by every worker
             from csmf.serving.export import load_artifact
-            from csmf.serving.index import HnswIndex
 
-            hnsw_file = str(Path(tmp) / "items.hnsw")
-            HnswIndex(load_artifact(artifact, mmap=True).item_vectors, index_settings(s)).save(hnsw_file)
+            where = Path(s.hnsw_file) if s.hnsw_file else Path(tmp) / "items.hnsw"
+            hnsw_file = hnsw_graph(load_artifact(artifact, mmap=True), s, where, log)
         os.environ[SPEC_ENV] = json.dumps({"artifact": str(artifact), "serve": asdict(s), "hnsw_file": hnsw_file})
         log(f"serving with {s.workers} worker processes ({s.index} index, vectors memory-mapped) on "
             f"http://{s.host}:{s.port}")  # fmt: skip
