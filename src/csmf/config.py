@@ -441,7 +441,7 @@ class ServeConfig(Checked):
         "port": (_in(1, 65536), "a port, 1..65535"),
     }
 
-    index: Literal["exact", "hnsw", "milvus"] = "exact"  # faiss exact, faiss HNSW, or Milvus (serve.milvus_uri)
+    index: Literal["exact", "hnsw", "milvus"] = "exact"  # exact (BLAS), faiss HNSW, or Milvus (serve.milvus_uri)
     milvus_uri: str = "csmf-milvus.db"  # a .db file (embedded milvus-lite) or a server, http://host:19530
     hnsw_m: int = 32  # HNSW graph degree M
     ef_search: int = 128  # HNSW efSearch: candidates kept while searching (recall against speed)
