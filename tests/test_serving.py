@@ -777,6 +777,9 @@ def test_a_new_user_is_answered_from_a_history_over_http(server, exported):
     body = {"history": {**sent, "click": [*sent.get("click", []), "no-such-item"]}, "k": 10, "weights": weights}
     new_user = httpx.post(f"{url}/recommend", json=body)
     assert new_user.status_code == 200 and len(new_user.json()["items"]) == 10
+    featured = httpx.post(f"{url}/recommend", json={**body, "features": {"user_segment": 2, "shoe_size": 44}})
+    assert featured.status_code == 200 and featured.json()["unknown_features"] == ["shoe_size"]
+    assert featured.json()["items"] != new_user.json()["items"]  # the segment's row moved the vector
     online = httpx.post(f"{url}/recommend", json={**body, "user_id": artifact.user_ids[6]})  # + its user features
     assert online.status_code == 200, online.text
     stored = httpx.get(f"{url}/recommend", params={"user_id": artifact.user_ids[6], "k": 10,
@@ -785,7 +788,7 @@ def test_a_new_user_is_answered_from_a_history_over_http(server, exported):
     assert online.json()["unknown_items"] == ["no-such-item"]  # reported, not fatal
     bad_bodies = [
         ({"history": {"likes": ["1"]}}, "history"),
-        ({"history": {}, "features": {"age": 3}}, "features"),
+        ({"history": {}, "user_id": artifact.user_ids[0], "features": {"user_segment": 1}}, "features"),
         ({"history": {"click": [1]}}, "history"),
         ({"history": {}, "user_id": "nobody"}, "user_id"),
     ]
@@ -835,6 +838,10 @@ def test_items_are_added_replaced_and_removed_over_http_without_a_restart(export
         assert short.status_code == 422 and short.json()["detail"][0]["loc"] == ["body", "items.0.vector"]
         twice = httpx.post(f"{url}/items", json={"items": [{"item_id": "y", "vector": best.tolist()}] * 2})
         assert twice.status_code == 422 and "twice" in twice.text
+        by_features = httpx.post(f"{url}/items", json={"items": [{"item_id": "z", "features": {"item_category": 3}}]})
+        assert by_features.status_code == 200 and by_features.json()["added"] == ["z"]
+        neither = httpx.post(f"{url}/items", json={"items": [{"item_id": "w"}]})
+        assert neither.status_code == 422 and neither.json()["detail"][0]["loc"] == ["body", "items.0"]
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
@@ -906,3 +913,53 @@ def test_an_hnsw_graph_file_is_reused_only_for_the_items_it_was_built_from(expor
     exact = build_index(artifact.item_vectors)
     assert recall_against(exact, loaded, artifact.user_vectors[:20], 10) >= 0.9
     assert loaded.add(artifact.item_vectors[:1]).tolist() == [len(artifact.item_ids)]  # read into memory: mutable
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_mlp"])
+def test_a_new_users_and_a_new_items_raw_features_go_through_the_towers_as_in_training(which, request):
+    run, path = request.getfixturevalue(which)
+    artifact = load_artifact(path)
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    model = CSMF.load(run / "model")
+    saved, trained = model._saved, model.trained
+    assert recommender.tower.feature_names == ["user_segment"] and recommender.item_tower.feature_names == [
+        "item_category"
+    ]
+    weights = {"exposure": 1.0}
+    for row in range(0, len(artifact.user_ids), 29):
+        sent = _training_history(run, recommender, row)
+        raw = {"user_segment": float(saved.user_features["user_segment"][row])}
+        as_new = recommender.history_query(sent, None, weights, raw)
+        as_known = recommender.history_query(sent, artifact.user_ids[row], weights)
+        if which == "exported":  # the graph user: history bag + feature part, no ID: the same vector
+            np.testing.assert_allclose(as_new.raw, as_known.raw, atol=1e-5)
+        else:  # the MLP reads an ID row a new user lacks: its feature inputs are still the known user's
+            tower = recommender.tower
+            x = tower.arrays["new_user"].copy()
+            tower.features.fill(x, raw)
+            slot = tower.entry["features"]["slots"][0]
+            width = tower.arrays["ufeat0"].shape[1]
+            np.testing.assert_allclose(x[slot : slot + width], tower.arrays["fixed"][row][slot : slot + width])
+        assert as_new.unknown_features is None
+    odd = recommender.history_query({}, None, weights, {"user_segment": 999.0, "age": 3})
+    assert odd.unknown_features == ["user_segment", "age"]  # a value unseen in training, a name unknown
+    # a new item from its raw features: the item tower of an item without an ID row (or graph edges)
+    m = trained.model.eval()  # no dropout
+    for item in (0, 17, 150):
+        raw = {"item_category": saved.item_features["item_category"][item].item()}
+        vector, unknown = recommender.item_tower.vector(raw)
+        assert unknown == []
+        with torch.no_grad():
+            if which == "exported":
+                ids = torch.tensor([item])
+                part = m._feature_parts(m.item_features, m.item_tables, m.item_dense, ids)[0]
+                expected = (part * m.group_mask(trained.top) / (m.hops + 1)).numpy()
+            else:
+                saved_row = m.item.id_emb.weight[item].clone()
+                m.item.id_emb.weight[item] = 0.0  # the same item without its ID row
+                expected = m.item(torch.tensor([item]), trained.top)[0].numpy()
+                m.item.id_emb.weight[item] = saved_row
+        np.testing.assert_allclose(vector, expected, atol=1e-5)
+    changed = recommender.put_items([("new-item", {"item_category": 2.0, "colour": "red"})])
+    assert changed == {"added": ["new-item"], "replaced": [], "unknown_features": {"new-item": ["colour"]}}
+    np.testing.assert_allclose(recommender.item_vectors[-1], recommender.item_tower.vector({"item_category": 2})[0])

@@ -65,7 +65,7 @@ class HistoryRequest(BaseModel):
 
     history: dict[str, list[str]]  # behaviour -> item ids, e.g. {"view": ["6741", "2697"], "purchase": []}
     user_id: str | None = None  # a known user whose ID embedding and features the tower reads (optional)
-    features: dict[str, str | float] | None = None  # a new user's raw features: not read yet (422 when given)
+    features: dict[str, str | int | float] | None = None  # a new user's raw features (GET /info: user_features)
     k: int = Field(10, ge=1, le=MAX_K)
     weights: dict[str, float] | None = None  # None = the artifact's default weights
     exclude_seen: bool = True  # leaves out the history's items (and a known user's seen ones)
@@ -85,7 +85,8 @@ class NewItem(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     item_id: str
-    vector: list[float]  # the item's vector in the artifact's space (from the item tower, or computed elsewhere)
+    vector: list[float] | None = None  # the item's vector in the artifact's space, or
+    features: dict[str, str | int | float] | None = None  # its raw features, through the item tower
 
 
 class ItemsRequest(BaseModel):
@@ -202,6 +203,8 @@ def _as_json(r: Recommendation) -> dict:
     out = {"user_id": r.user_id, "fallback": r.fallback, "weights": r.weights, "items": r.items}
     if r.unknown_items:
         out["unknown_items"] = r.unknown_items
+    if r.unknown_features:
+        out["unknown_features"] = r.unknown_features
     return {**out, "note": r.note} if r.note else out
 
 
@@ -362,13 +365,10 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         """Several known users by id, or one user by behaviour history ({"history": {...}}: a new user, or a known
         user's latest behaviour), answered from the user tower exported with the model."""
         if isinstance(request, HistoryRequest):
-            if request.features:
-                raise RequestError("features", "a new user's raw features are not read yet: send `user_id` for a "
-                                   "known user's features, or the history alone")  # fmt: skip
             recommender.check_request(1, request.k)
             given = request.weights if request.weights is not None else recommender.artifact.default_weights
             weights = check_weights(given, recommender.stages)
-            query = recommender.history_query(request.history, request.user_id, weights)
+            query = recommender.history_query(request.history, request.user_id, weights, request.features)
             result = await batcher.recommend(query, request.k, weights, request.exclude_seen)
             return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
         result = await run_in_threadpool(
@@ -380,7 +380,11 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
     @app.post("/items", dependencies=[Depends(unique_json_keys)])
     async def put_items(request: ItemsRequest):
         """Add items, or replace those already served, by vector; answers from then on include them."""
-        changed = recommender.put_items([(item.item_id, item.vector) for item in request.items])
+        for n, item in enumerate(request.items):
+            if (item.vector is None) == (item.features is None):
+                raise RequestError(f"items.{n}", "give the item's vector or its features, one of the two")
+        given = [(item.item_id, item.vector if item.vector is not None else item.features) for item in request.items]
+        changed = recommender.put_items(given)
         return {**changed, "items": recommender.n_items}
 
     @app.delete("/items/{item_id}")

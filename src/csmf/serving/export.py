@@ -10,8 +10,10 @@ Artifact folder:
   seen_indptr.npy, seen_indices.npy   CSR of the items each user already has (for exclude_seen)
   popularity.npy       (N,) float32 training interactions per item (the unknown-user fallback)
   user_ids.json, item_ids.json        original ids, in index order
-  tower_*.npy          the user tower with its stage masks folded in (csmf.serving.usertower): a history ->
-                       a user vector at serving time; described by the manifest's `user_tower`
+  tower_*.npy          the user tower with its stage masks folded in (csmf.serving.towers): a history and
+                       features -> a user vector at serving time; described by the manifest's `user_tower`
+  itower_*.npy         the item tower, when items have features: raw features -> a new item's vector
+                       (manifest `item_tower`)
 
 The manifest carries `manifest_sha256`, a digest of its own canonical JSON (every key but that one, sorted,
 compact), so the file digests, stages, dimension groups and default weights are all covered. A checksum is
@@ -41,6 +43,7 @@ FORMAT = "csmf-serving"
 FORMAT_VERSION = 2  # 2: the manifest checksums itself (manifest_sha256) and its content is validated at load
 ARRAYS = ("item_vectors", "user_vectors", "output_owner", "seen_indptr", "seen_indices", "popularity")
 JSONS = ("user_ids", "item_ids")
+TOWERS = {"user_tower": "tower_", "item_tower": "itower_"}  # manifest entry -> its arrays' file prefix
 MAX_ABS = 1e6  # bound on every vector entry, served or sent: scores stay finite in float32 (D * 1e6 * 1e6 * S)
 
 
@@ -86,6 +89,7 @@ class Artifact:
     default_weights: dict[str, float]
     manifest: dict
     tower: dict[str, np.ndarray] | None = None  # the user tower's arrays (manifest["user_tower"] says which)
+    item_tower: dict[str, np.ndarray] | None = None  # the item tower's (manifest["item_tower"]), if items have features
 
     @property
     def dim(self) -> int:
@@ -117,8 +121,9 @@ def write_artifact(
     default_weights: dict[str, float],
     source: dict,
     user_tower: tuple[dict, dict[str, np.ndarray]] | None = None,
+    item_tower: tuple[dict, dict[str, np.ndarray]] | None = None,
 ) -> Path:
-    """user_tower: (manifest entry, arrays) of csmf.serving.usertower.tower_of, or None (no online users)."""
+    """user_tower, item_tower: (manifest entry, arrays) of csmf.serving.towers.towers_of, or None."""
     out = Path(out)
     try:
         check_weights(default_weights, tuple(stages))
@@ -134,7 +139,11 @@ def write_artifact(
         "popularity": np.asarray(popularity, dtype=np.float32),
     }
     files = {}
-    tower = {f"tower_{n}": np.ascontiguousarray(a, dtype=np.float32) for n, a in (user_tower or ({}, {}))[1].items()}
+    towers = {}
+    for key, prefix, given in (("user_tower", "tower_", user_tower), ("item_tower", "itower_", item_tower)):
+        if given is not None:
+            towers[key] = {f"{prefix}{n}": np.ascontiguousarray(a, dtype=np.float32) for n, a in given[1].items()}
+    tower = {n: a for named in towers.values() for n, a in named.items()}
     for name, array in (arrays | tower).items():
         np.save(out / f"{name}.npy", array, allow_pickle=False)
         files[f"{name}.npy"] = _sha256(out / f"{name}.npy")
@@ -155,8 +164,9 @@ def write_artifact(
         "source": source,
         "files": files,
     }
-    if user_tower is not None:
-        manifest["user_tower"] = {**user_tower[0], "arrays": sorted(tower)}
+    for key, given in (("user_tower", user_tower), ("item_tower", item_tower)):
+        if given is not None:
+            manifest[key] = {**given[0], "arrays": sorted(towers[key])}
     manifest = json.loads(json.dumps(manifest))  # the digest is of what a reader gets back (tuples -> lists)
     manifest["manifest_sha256"] = manifest_digest(manifest)
     ids = {"user_ids": [str(v) for v in user_ids], "item_ids": [str(v) for v in item_ids]}
@@ -195,14 +205,17 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
     if manifest.get("manifest_sha256") != digest:
         raise ArtifactError(f"{manifest_path}: manifest_sha256 does not match the manifest's content (it was "
                             "edited or damaged); export the model again rather than editing the manifest")  # fmt: skip
-    tower = manifest.get("user_tower")
-    tower_arrays = tower.get("arrays") if isinstance(tower, dict) else None
-    if tower is not None and not (
-        isinstance(tower_arrays, list)
-        and all(isinstance(n, str) and n.startswith("tower_") and n.replace("_", "").isalnum() for n in tower_arrays)
-    ):
-        raise ArtifactError(f"{manifest_path}: user_tower.arrays: expected a list of tower_* names, got "
-                            f"{clip(repr(tower_arrays))}")  # fmt: skip
+    tower_arrays = []
+    for key, prefix in TOWERS.items():
+        tower = manifest.get(key)
+        names = tower.get("arrays") if isinstance(tower, dict) else None
+        named_well = isinstance(names, list) and all(
+            isinstance(n, str) and n.startswith(prefix) and n.replace("_", "").isalnum() for n in names
+        )
+        if tower is not None and not named_well:
+            raise ArtifactError(f"{manifest_path}: {key}.arrays: expected a list of {prefix}* names, got "
+                                f"{clip(repr(names))}")  # fmt: skip
+        tower_arrays += names or []
     expected = {f"{n}.npy" for n in (*ARRAYS, *(tower_arrays or ()))} | {f"{n}.json" for n in JSONS}
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != expected:
@@ -218,8 +231,10 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
     ids = {n: _read_ids(path / f"{n}.json") for n in JSONS}
     _validate(manifest_path, manifest, arrays | tower_data, ids)
     stages, weights = tuple(manifest["stages"]), manifest["default_weights"]
-    tower_data = {n.removeprefix("tower_"): a for n, a in tower_data.items()} if tower is not None else None
-    return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest, tower=tower_data)
+    found = {key: {n.removeprefix(prefix): a for n, a in tower_data.items() if n.startswith(prefix)}
+             if key in manifest else None for key, prefix in TOWERS.items()}  # fmt: skip
+    return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest,
+                    tower=found["user_tower"], item_tower=found["item_tower"])  # fmt: skip
 
 
 def _read_array(file: Path, mmap: bool = False) -> np.ndarray:
@@ -312,24 +327,29 @@ def _validate(manifest_path: Path, manifest: dict, arrays: dict[str, np.ndarray]
         check_weights(manifest.get("default_weights"), tuple(stages))
     except WeightError as err:
         fail("default_weights", str(err))
-    _validate_tower(fail, manifest.get("user_tower"), arrays, n_users, n_items)
+    for key, prefix in TOWERS.items():
+        _validate_tower(fail, key, prefix, manifest.get(key), arrays, n_users, n_items, dim)
 
 
-def _validate_tower(fail, tower: dict | None, arrays: dict[str, np.ndarray], n_users: int, n_items: int) -> None:
-    """The user tower's description against its arrays: kind, float32, finite, and the shapes it implies."""
+def _validate_tower(fail, key: str, prefix: str, tower: dict | None, arrays: dict[str, np.ndarray], n_users: int,
+                    n_items: int, dim: int) -> None:  # fmt: skip
+    """A tower's description against its arrays: kind, float32, finite, and the shapes it implies."""
     if tower is None:
         return
-    from csmf.serving.usertower import TOWER_KINDS, check_tower
+    from csmf.serving.towers import TOWER_KINDS, check_tower
 
     if tower.get("kind") not in TOWER_KINDS:
-        fail("user_tower.kind", f"expected one of {TOWER_KINDS}, got {clip(repr(tower.get('kind')))}")
-    named = {n.removeprefix("tower_"): arrays[n] for n in tower["arrays"]}
+        fail(f"{key}.kind", f"expected one of {TOWER_KINDS}, got {clip(repr(tower.get('kind')))}")
+    named = {n.removeprefix(prefix): arrays[n] for n in tower["arrays"]}
     for name, a in named.items():
         if a.dtype != np.float32 or not np.isfinite(a).all():
-            fail(f"tower_{name}.npy", "must hold finite float32 numbers")
-    problem = check_tower(tower, named, n_users, n_items)
+            fail(f"{prefix}{name}.npy", "must hold finite float32 numbers")
+    try:
+        problem = check_tower(tower, named, n_users, n_items, dim, key.removesuffix("_tower"))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a field of the wrong type or missing
+        problem = f"malformed ({type(err).__name__}: {clip(str(err), 120)})"
     if problem:
-        fail("user_tower", problem)
+        fail(key, problem)
 
 
 def _ids(original: np.ndarray | None, n: int) -> list[str]:
@@ -398,7 +418,8 @@ def export_model(
     import torch
 
     from csmf.data.schema import union
-    from csmf.serving.usertower import tower_of
+    from csmf.serving.featurecodes import encoders
+    from csmf.serving.towers import towers_of
 
     trained, inputs = model.trained, model._saved
     if trained is None:
@@ -425,7 +446,17 @@ def export_model(
         stages=stages,
         default_weights=weights,
         source={**(source or {}), "dataset": inputs.name, "seed": model.cfg.seed},
-        user_tower=tower_of(trained),
+        **dict(
+            zip(
+                ("user_tower", "item_tower"),
+                towers_of(
+                    trained,
+                    encoders(inputs.user_features, model.cfg.model),
+                    encoders(inputs.item_features, model.cfg.model),
+                ),
+                strict=True,
+            )
+        ),  # fmt: skip
     )
     log(
         f"wrote {path}: {inputs.n_items:,} item vectors of dimension {trained.items.shape[1]}, {inputs.n_users:,} users"

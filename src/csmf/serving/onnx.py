@@ -1,6 +1,6 @@
 """`csmf export --onnx`: the user tower and the item table as ONNX graphs, for serving stacks other than csmf's.
 
-Both are built from the artifact's arrays (csmf.serving.usertower: every stage mask already folded in), so
+Both are built from the artifact's arrays (csmf.serving.towers: every stage mask already folded in), so
 what onnxruntime computes is what `csmf serve` computes (tested to atol 1e-5). Written to <artifact>/onnx/:
 
 user_tower.onnx  inputs  items (B, L) int64: item rows of the user's history, -1 = padding
@@ -31,7 +31,7 @@ from csmf.serving.export import Artifact
 
 
 class GraphUserTower(nn.Module):
-    """u = sum_k (c_k @ V) * [owner == k] (+ a known user's feature part), as csmf.serving.usertower."""
+    """u = sum_k (c_k @ V) * [owner == k] (+ a known user's feature part), as csmf.serving.towers."""
 
     def __init__(self, artifact: Artifact):
         super().__init__()

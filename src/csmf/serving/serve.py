@@ -117,6 +117,7 @@ class Recommendation:
     seconds: float
     note: str | None = None  # why `items` holds fewer than k, when it does
     unknown_items: list[str] | None = None  # ids in a sent history that this catalogue does not hold
+    unknown_features: list[str] | None = None  # sent features the tower could not read (name, or value unseen)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Query:
     vector: np.ndarray | None  # raw * the request's fold (csmf.fusion): what the index is searched with
     seen: np.ndarray  # sorted distinct item rows the user has (left out when exclude_seen)
     unknown_items: list[str] | None = None  # history item ids this artifact does not hold (reported)
+    unknown_features: list[str] | None = None  # feature names or values the user tower could not read
 
 
 class Recommender:
@@ -160,12 +162,15 @@ class Recommender:
         self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
         self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
-        self.tower = None  # the user tower (csmf.serving.usertower): a history -> a vector; None in older artifacts
+        self.tower = None  # the user tower (csmf.serving.towers): a history -> a vector; None in older artifacts
+        self.item_tower = None  # the item tower: raw features -> a new item's vector; None when items have none
         if artifact.tower is not None:
-            from csmf.serving.usertower import UserTower
+            from csmf.serving.towers import ItemTower, UserTower
 
             entry = artifact.manifest["user_tower"]
             self.tower = UserTower(entry, artifact.tower, artifact.item_vectors, artifact.output_owner)
+            if artifact.item_tower is not None:
+                self.item_tower = ItemTower(artifact.manifest["item_tower"], artifact.item_tower, artifact.dim)
         # each user's seen items sorted and distinct, once at load: a request then tests membership by binary
         # search and reads its count, instead of sorting the list again (np.isin, np.unique) every time
         n_users, n_items = len(artifact.user_ids), len(artifact.item_ids)
@@ -205,6 +210,8 @@ class Recommender:
             "dimension_groups": a.manifest["dimension_groups"],
             "popularity_fallback": self.popularity_fallback,
             "history_behaviours": list(self.tower.behaviours) if self.tower is not None else [],
+            "user_features": self.tower.feature_names if self.tower is not None else [],
+            "item_features": self.item_tower.feature_names if self.item_tower is not None else [],
             "limits": {"max_k": MAX_K, "max_abs": MAX_ABS, **vars(self.limits)},
         }
 
@@ -246,11 +253,16 @@ class Recommender:
             for u, r in zip(user_ids, rows, strict=True)
         ]
 
-    def history_query(self, history: dict[str, list[str]], user_id: str | None, weights: dict[str, float]) -> Query:
+    def history_query(
+        self, history: dict[str, list[str]], user_id: str | None, weights: dict[str, float],
+        features: dict | None = None,
+    ) -> Query:  # fmt: skip
         """The query of a user sent as a behaviour history (item ids per behaviour): the user tower computes the
-        vector (csmf.serving.usertower). `user_id`, when given, is a known user whose ID embedding and features the
+        vector (csmf.serving.towers). `user_id`, when given, is a known user whose ID embedding and features the
         tower reads (the MLP encoder) and whose seen items are left out too. Item ids this catalogue or the tower
-        does not know are skipped and reported in `unknown_items`."""
+        does not know are skipped and reported in `unknown_items`. `features`: a new user's raw feature values
+        (name -> value), read as in training; a name or value the tower does not know is reported in
+        `unknown_features` and adds nothing."""
         if self.tower is None:
             raise RequestError("history", "this artifact has no user tower (it was exported by an older csmf): "
                                "export the model again with `csmf export` to serve users by their history")  # fmt: skip
@@ -264,16 +276,20 @@ class Recommender:
         if user_id is not None:
             if user_id not in self.user_rows:
                 raise UnknownUser(user_id, "user_id")
+            if features:
+                raise RequestError("features", "a known user's features are those of training: send features "
+                                   "for a new user (no user_id) only")  # fmt: skip
             row = self.user_rows[user_id]
         rows, unknown = {}, {}
         for b, items in history.items():
             found = [self.item_rows.get(i, -1) for i in items]
             unknown.update((i, None) for i, r in zip(items, found, strict=True) if not 0 <= r < self.tower.n_items)
             rows[b] = np.unique(np.array([r for r in found if 0 <= r < self.tower.n_items], dtype=np.int64))
-        raw = self.tower.vector(rows, row)
+        raw, unread = self.tower.vector(rows, row, features)
         seen = np.unique(np.concatenate([*rows.values(), self._seen(row) if row is not None else []]).astype(np.int64))
         fold = self.artifact.fold(weights)
-        return Query(user_id if user_id is not None else "", row, raw, raw * fold, seen, list(unknown) or None)
+        return Query(user_id if user_id is not None else "", row, raw, raw * fold, seen, list(unknown) or None,
+                     unread or None)  # fmt: skip
 
     def width(self, query: Query, k: int, exclude_seen: bool) -> int:
         """Candidates to ask the index for: k from an index that leaves the seen rows out itself (exact), else k
@@ -316,9 +332,10 @@ class Recommender:
         return out
 
     # ----- items added, replaced and removed while serving ------------------------------------------------------
-    def put_items(self, items: list[tuple[str, list[float]]]) -> dict[str, list[str]]:
-        """Add items by id and vector; an id already served is replaced (its old row removed, a new one added).
-        Returns {"added": ids, "replaced": ids}."""
+    def put_items(self, items: list[tuple[str, list[float] | dict]]) -> dict[str, list[str]]:
+        """Add items by id and vector, or by raw features (a dict) through the item tower; an id already served
+        is replaced (its old row removed, a new one added). Returns {"added": ids, "replaced": ids} and, for
+        items given by features, "unknown_features": {id: names the tower could not read}."""
         if not self.mutable:
             raise NotMutable("items are fixed in a server with several worker processes (each holds its own index)")
         if not items:
@@ -330,8 +347,19 @@ class Recommender:
         repeated = next((i for i in ids if ids.count(i) > 1), None) if len(set(ids)) < len(ids) else None
         if repeated is not None:
             raise RequestError("items", f"item {clip(repr(repeated))} appears twice; give each item once")
-        vectors = np.stack([checked_vector(v, self.artifact.dim, f"items.{n}.vector") for n, (_, v) in
-                            enumerate(items)])  # fmt: skip
+        vectors, unread = [], {}
+        for n, (item_id, given) in enumerate(items):
+            if isinstance(given, dict):
+                if self.item_tower is None:
+                    raise RequestError(f"items.{n}.features", "this model's items have no features (or the "
+                                       "artifact is older): send the item's vector")  # fmt: skip
+                vector, unknown = self.item_tower.vector(given)
+                if unknown:
+                    unread[item_id] = unknown
+                vectors.append(checked_vector(vector, self.artifact.dim, f"items.{n}.features"))
+            else:
+                vectors.append(checked_vector(given, self.artifact.dim, f"items.{n}.vector"))
+        vectors = np.stack(vectors)
         with self.lock:
             replaced = [i for i in ids if i in self.item_rows]
             kept = {i: float(self.popularity[self.item_rows[i]]) for i in replaced}  # a replaced item keeps it
@@ -348,7 +376,8 @@ class Recommender:
             self.live = np.concatenate([self.live, np.ones(len(rows), dtype=bool)])
             self.item_ids.extend(ids)
             self.item_rows.update(zip(ids, rows.tolist(), strict=True))
-        return {"added": [i for i in ids if i not in set(replaced)], "replaced": replaced}
+        out = {"added": [i for i in ids if i not in set(replaced)], "replaced": replaced}
+        return {**out, "unknown_features": unread} if unread else out
 
     def remove_items(self, ids: list[str]) -> None:
         """Take items out of every answer (UnknownItem for an id not served)."""
@@ -377,7 +406,8 @@ class Recommender:
                      for i in self.popular[: k + len(self.popular) - int(self.live[self.popular].sum())]
                      if self.live[i]][:k]  # fmt: skip
             note = self._note(len(items), k, n, f"the catalogue holds {n} items")
-            return Recommendation(query.user_id, items, weights, True, seconds, note, query.unknown_items)
+            return Recommendation(query.user_id, items, weights, True, seconds, note, query.unknown_items,
+                                  query.unknown_features)  # fmt: skip
         candidates = candidates[candidates >= 0]
         s = query.seen
         if exclude_seen and len(s):
@@ -388,7 +418,8 @@ class Recommender:
         why = f"this user has seen all but {n - seen} of the {n} items (exclude_seen)" if seen else (
             f"the catalogue holds {n} items")  # fmt: skip
         note = self._note(len(items), k, n - seen, why)
-        return Recommendation(query.user_id, items, weights, False, seconds, note, query.unknown_items)
+        return Recommendation(query.user_id, items, weights, False, seconds, note, query.unknown_items,
+                              query.unknown_features)  # fmt: skip
 
     def _note(self, got: int, k: int, available: int, why: str) -> str | None:
         """Why an answer holds fewer than k items: fewer exist for this request, or the index missed some."""

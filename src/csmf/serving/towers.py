@@ -1,0 +1,354 @@
+"""The towers in the serving artifact, run with numpy alone: a user's behaviour history (and, for a new user,
+raw features) -> the user's vector; an item's raw features -> a new item's vector.
+
+`csmf export` writes each tower at the model's top stage with every stage mask folded in (a weight no
+objective uses is 0), so a server computes the vector of a user or item it has never seen without torch
+and without retraining. Objective weights fold into the user vector afterwards, as for precomputed users.
+Raw feature values become inputs as in training (csmf.serving.featurecodes).
+
+graph encoder (csmf.graph): u = sum_k (c_k @ V) * [owner == k] + the feature part, where V is the served
+  item matrix (the sum of the stages' smoothed item layers, which own disjoint columns) and c_k is the
+  user's normalised row of stage k's graph: c_k[i] = a_k[i] * s_k[i] / sqrt(sum_j a_k[j]), a_k[i] = sum over
+  behaviours b of w_kb * [i in history_b], s_k = 1 / sqrt(item degree) in stage k's training graph. The
+  feature part is the mean of the user's feature rows (a known user's from training, a new user's from the
+  request). A new item is a graph node without edges: its vector is the mean of its feature rows on the
+  stages' columns over (graph_hops + 1), the share of the item vector that propagation leaves it.
+mlp encoder (csmf.towers): x = the entity's fixed inputs (ID embedding, features, unknown context; zeros
+  for a new one, whose features fill their slots) with each behaviour's bag (sum of the history table's
+  rows / count ** bag_power) in its slot, then the masked MLP: relu between layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from csmf.serving.featurecodes import FeatureCodes
+
+TOWER_KINDS = ("graph", "mlp")
+
+
+def towers_of(trained, user_columns: list[dict], item_columns: list[dict]) -> tuple[tuple, tuple | None]:
+    """((entry, arrays) of the user tower, (entry, arrays) of the item tower or None when items have no
+    features) of a TrainedCascade at its top stage, masks folded in. *_columns: featurecodes.encoders."""
+    import torch
+
+    from csmf.cascade import evaluating
+    from csmf.graph import GraphTwoTower
+
+    with torch.no_grad(), evaluating(trained.model):
+        if isinstance(trained.model, GraphTwoTower):
+            return _graph_towers(trained, user_columns, item_columns)
+        return _mlp_towers(trained, user_columns, item_columns)
+
+
+def _graph_towers(trained, user_columns: list[dict], item_columns: list[dict]) -> tuple[tuple, tuple | None]:
+    import torch
+
+    model, top = trained.model, trained.top
+    users = torch.arange(next(iter(trained.history.values())).shape[0])
+    mask = model.group_mask(top)
+    arrays = {"item_scale": np.stack([g.item_scale for g in model.graphs[:top]]).astype(np.float32)}
+    side = model._user_side(users)
+    if side is not None:  # the known users' feature part
+        arrays["user_side"] = (side * mask).numpy()
+    weights = [{b: float(w) for b, w in model.stage_weights[k].items()} for k in range(top)]
+    user = {"kind": "graph", "stage_weights": weights}
+    user["features"], more = _graph_features(user_columns, model.user_tables, model.user_dense, mask, "u")
+    arrays |= more
+    if not model.item_tables and model.item_dense is None:
+        return (user, arrays), None
+    # a new item: an isolated node, so propagation leaves it its own rows over (hops + 1) on every stage's columns
+    features, item_arrays = _graph_features(item_columns, model.item_tables, model.item_dense,
+                                            mask / (model.hops + 1), "i")  # fmt: skip
+    return (user, arrays), ({"kind": "graph", "features": features}, item_arrays)
+
+
+def _graph_features(columns, tables, dense, mask, prefix: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The feature part of a graph tower: one D-wide table per table column, a dense map, averaged over the
+    parts (csmf.graph.GraphTwoTower._feature_parts)."""
+    arrays = {f"{prefix}feat{j}": (t * mask).numpy() for j, t in enumerate(tables.values())}
+    if dense is not None:
+        arrays[f"{prefix}dense"] = (dense * mask).numpy()
+    parts = len(tables) + (dense is not None)
+    return {"columns": columns, "parts": parts}, arrays
+
+
+def _mlp_towers(trained, user_columns: list[dict], item_columns: list[dict]) -> tuple[tuple, tuple | None]:
+    import torch
+
+    model, top = trained.model, trained.top
+    tower = model.user
+    users = torch.arange(next(iter(trained.history.values())).shape[0])
+    width = tower.history.weight.shape[1] if tower.history is not None else 0
+    parts = [(tower.id_emb(users, top), True)]  # (inputs of every known user, whether only they have it)
+    slots = []  # where each behaviour's bag goes in the input
+    for _ in model.behaviours if tower.history is not None else ():
+        slots.append(sum(p.shape[1] for p, _ in parts))
+        parts.append((torch.zeros(len(users), width), False))
+    feature_slots = []
+    for name, e in tower.feat_emb.items():
+        feature_slots.append(sum(p.shape[1] for p, _ in parts))
+        parts.append((tower.features.lookup(name, users, e.weight) * e.column_mask(top), True))
+    parts += [(e(torch.zeros_like(users), top), False) for e in tower.ctx_emb.values()]  # context unknown
+    dense_slot = sum(p.shape[1] for p, _ in parts)
+    if tower.features.dense is not None:
+        parts.append((tower.features.dense[users], True))
+    fixed = torch.cat([p for p, _ in parts], dim=1)
+    new_user = torch.cat([p[0] * (0.0 if known else 1.0) for p, known in parts])  # no ID, no features
+    arrays = {"fixed": fixed.numpy(), "new_user": new_user.numpy()}
+    if tower.history is not None:
+        arrays["history_table"] = (tower.history.weight * tower.history.column_mask(top)).numpy()
+    arrays |= _mlp_layers(tower, top, "")
+    arrays |= {f"ufeat{j}": (e.weight * e.column_mask(top)).numpy() for j, e in enumerate(tower.feat_emb.values())}
+    user = {"kind": "mlp", "behaviours": list(model.behaviours) if tower.history is not None else [],
+            "slots": slots, "bag_power": float(model.bag_power), "layers": len(tower.layers),
+            "features": {"columns": user_columns, "slots": feature_slots, "dense_slot": dense_slot}}  # fmt: skip
+    items = model.item
+    if not items.feat_emb and items.features.dense is None:
+        return (user, arrays), None
+    start = items.id_emb.weight.shape[1]  # a new item has no ID row: zeros there
+    item_slots, width = [], start
+    for e in items.feat_emb.values():
+        item_slots.append(width)
+        width += e.weight.shape[1]
+    item_arrays = _mlp_layers(items, top, "i")
+    item_arrays |= {f"ifeat{j}": (e.weight * e.column_mask(top)).numpy() for j, e in enumerate(items.feat_emb.values())}
+    item = {"kind": "mlp", "layers": len(items.layers), "width": width + items.features.n_dense,
+            "features": {"columns": item_columns, "slots": item_slots, "dense_slot": width}}  # fmt: skip
+    return (user, arrays), (item, item_arrays)
+
+
+def _mlp_layers(tower, top: int, prefix: str) -> dict[str, np.ndarray]:
+    from csmf.masks import active, usable
+
+    out, owner_in = {}, tower.input_owner()
+    for n, layer in enumerate(tower.layers):
+        out[f"{prefix}w{n}"] = (layer.weight * usable(layer.owner, owner_in, top).float()).numpy()
+        out[f"{prefix}b{n}"] = (layer.bias * active(layer.owner, top).float()).numpy()
+        owner_in = layer.owner
+    return out
+
+
+def _mlp(arrays: dict[str, np.ndarray], x: np.ndarray, layers: int, prefix: str = "") -> np.ndarray:
+    h = x
+    for n in range(layers):
+        h = arrays[f"{prefix}w{n}"] @ h + arrays[f"{prefix}b{n}"]
+        if n < layers - 1:
+            h = np.maximum(h, 0.0)
+    return h.astype(np.float32)
+
+
+class _FeatureInputs:
+    """A tower's feature columns and tables: raw values -> the rows they add (graph) or the slots they fill."""
+
+    def __init__(self, spec: dict, arrays: dict[str, np.ndarray], prefix: str):
+        self.spec, self.codes = spec, FeatureCodes(spec["columns"])
+        self.tables = [arrays.get(f"{prefix}feat{j}") for j in range(len(self.codes.tables))]
+        self.dense_map = arrays.get(f"{prefix}dense")
+
+    def graph_part(self, raw: dict, dim: int) -> tuple[np.ndarray, list[str]]:
+        """The mean over the parts of the rows of the encoded values (unknown ones add nothing)."""
+        codes, dense, unknown = self.codes.encode(raw)
+        total = np.zeros(dim, dtype=np.float32)
+        for code, table in zip(codes, self.tables, strict=True):
+            if code is not None and table is not None:
+                total += table[code]
+        if self.dense_map is not None:
+            total += dense @ self.dense_map
+        return total / max(self.spec["parts"], 1), unknown
+
+    def fill(self, x: np.ndarray, raw: dict) -> list[str]:
+        """Write the encoded values into their slots of the MLP input `x`."""
+        codes, dense, unknown = self.codes.encode(raw)
+        for code, table, slot in zip(codes, self.tables, self.spec["slots"], strict=True):
+            if code is not None:
+                x[slot : slot + table.shape[1]] = table[code]
+        if len(dense):
+            x[self.spec["dense_slot"] : self.spec["dense_slot"] + len(dense)] = dense
+        return unknown
+
+
+class UserTower:
+    """A user's history (item rows per behaviour) and features -> the raw user vector, as the trained tower."""
+
+    def __init__(self, entry: dict, arrays: dict[str, np.ndarray], item_vectors: np.ndarray, owner: np.ndarray):
+        self.kind, self.entry, self.arrays = entry["kind"], entry, arrays
+        self.item_vectors, self.owner = item_vectors, owner
+        self.features = _FeatureInputs(entry["features"], arrays, "u")
+        if self.kind == "graph":
+            self.behaviours = tuple(dict.fromkeys(b for w in entry["stage_weights"] for b in w))
+            self.n_items = arrays["item_scale"].shape[1]
+        else:
+            self.behaviours = tuple(entry["behaviours"])
+            self.n_items = arrays["history_table"].shape[0] if "history_table" in arrays else 0
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [c["name"] for c in self.entry["features"]["columns"] if c["kind"] != "bag"]
+
+    def vector(
+        self, history: dict[str, np.ndarray], user_row: int | None = None, features: dict | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """((D,) float32, feature names not understood). history: behaviour -> distinct item rows (< n_items);
+        user_row: a known user's row (its ID embedding and training features); features: a new user's raw
+        feature values (read only without user_row)."""
+        if self.kind == "graph":
+            return self._graph(history, user_row, features or {})
+        return self._mlp(history, user_row, features or {})
+
+    def _graph(self, history: dict[str, np.ndarray], user_row: int | None, features: dict):
+        u = np.zeros(self.item_vectors.shape[1], dtype=np.float32)
+        scale = self.arrays["item_scale"]
+        for k, weights in enumerate(self.entry["stage_weights"]):
+            columns = self.owner == k + 1
+            if not columns.any():
+                continue
+            a: dict[int, float] = {}
+            for b, w in weights.items():
+                for i in history.get(b, ()):
+                    a[int(i)] = a.get(int(i), 0.0) + w
+            degree = sum(a.values())
+            if degree <= 0:
+                continue
+            rows = np.fromiter(a.keys(), dtype=np.int64, count=len(a))
+            coef = np.fromiter(a.values(), dtype=np.float64, count=len(a)) * scale[k, rows] / np.sqrt(degree)
+            u[columns] += coef.astype(np.float32) @ self.item_vectors[rows][:, columns]
+        if user_row is not None:
+            if "user_side" in self.arrays:
+                u += self.arrays["user_side"][user_row]
+            return u, []
+        part, unknown = self.features.graph_part(features, len(u))
+        return u + part, unknown
+
+    def _mlp(self, history: dict[str, np.ndarray], user_row: int | None, features: dict):
+        a = self.arrays
+        x = (a["fixed"][user_row] if user_row is not None else a["new_user"]).copy()
+        unknown = self.features.fill(x, features) if user_row is None else []
+        table = a.get("history_table")
+        for b, slot in zip(self.behaviours, self.entry["slots"], strict=True):
+            rows = np.asarray(history.get(b, ()), dtype=np.int64)
+            if len(rows):
+                x[slot : slot + table.shape[1]] = table[rows].sum(axis=0) / len(rows) ** self.entry["bag_power"]
+        return _mlp(a, x, self.entry["layers"]), unknown
+
+
+class ItemTower:
+    """A new item's raw features -> its vector, as the trained item tower computes an item without an ID row."""
+
+    def __init__(self, entry: dict, arrays: dict[str, np.ndarray], dim: int):
+        self.kind, self.entry, self.arrays, self.dim = entry["kind"], entry, arrays, dim
+        self.features = _FeatureInputs(entry["features"], arrays, "i")
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [c["name"] for c in self.entry["features"]["columns"] if c["kind"] != "bag"]
+
+    def vector(self, features: dict) -> tuple[np.ndarray, list[str]]:
+        if self.kind == "graph":
+            return self.features.graph_part(features, self.dim)
+        x = np.zeros(self.entry["width"], dtype=np.float32)
+        unknown = self.features.fill(x, features)
+        return _mlp(self.arrays, x, self.entry["layers"], "i"), unknown
+
+
+COLUMN_KINDS = ("categorical", "hashed", "bag", "dense")
+
+
+def check_tower(entry: dict, arrays: dict[str, np.ndarray], n_users: int, n_items: int, dim: int,
+                side: str) -> str | None:  # fmt: skip
+    """What is wrong with a tower's description and arrays (side "user" or "item"), or None."""
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        return arrays[name].shape if name in arrays else None
+
+    prefix = side[0]
+    problem = _check_features(entry.get("features"), arrays, prefix, entry["kind"], dim)
+    if problem:
+        return problem
+    if side == "item":
+        if entry["kind"] == "mlp":
+            return _check_layers(entry, arrays, entry.get("width"), "i", dim)
+        return None
+    if entry["kind"] == "graph":
+        weights = entry.get("stage_weights")
+        if not (isinstance(weights, list) and weights and all(
+                isinstance(w, dict) and all(isinstance(b, str) and isinstance(v, int | float) and not isinstance(
+                    v, bool) and v >= 0 for b, v in w.items()) for w in weights)):  # fmt: skip
+            return f"stage_weights: expected a list of {{behaviour: weight >= 0}}, got {weights!r:.200}"
+        if shape("item_scale") != (len(weights), n_items):
+            return f"tower_item_scale.npy is {shape('item_scale')}, expected {(len(weights), n_items)}"
+        if "user_side" in arrays and shape("user_side") != (n_users, dim):
+            return f"tower_user_side.npy is {shape('user_side')}, expected {(n_users, dim)} (one row a user)"
+        return None
+    behaviours, slots = entry.get("behaviours"), entry.get("slots")
+    if not (isinstance(behaviours, list) and all(isinstance(b, str) for b in behaviours)
+            and isinstance(slots, list) and len(slots) == len(behaviours)
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in slots)):  # fmt: skip
+        return "behaviours and slots: expected two lists of equal length (names, input offsets)"
+    power = entry.get("bag_power")
+    if isinstance(power, bool) or not isinstance(power, int | float) or not np.isfinite(power):
+        return f"bag_power: expected a number, got {power!r:.50}"
+    fixed = shape("fixed")
+    if fixed is None or len(fixed) != 2 or fixed[0] != n_users or shape("new_user") != (fixed[1],):
+        return f"tower_fixed.npy {fixed} and tower_new_user.npy {shape('new_user')}: expected ({n_users}, n) and (n,)"
+    if behaviours:
+        table = shape("history_table")
+        if table is None or len(table) != 2 or table[0] != n_items:
+            return f"tower_history_table.npy is {table}, expected ({n_items}, width)"
+        if any(s < 0 or s + table[1] > fixed[1] for s in slots):
+            return f"slots {slots} do not fit an input of {fixed[1]}"
+    return _check_layers(entry, arrays, fixed[1], "", dim)
+
+
+def _check_layers(entry: dict, arrays: dict[str, np.ndarray], width, prefix: str, dim: int) -> str | None:
+    layers = entry.get("layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        return f"layers: expected a positive integer, got {layers!r:.50}"
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        return f"width: expected a non-negative integer, got {width!r:.50}"
+    for n in range(layers):
+        w, b = arrays.get(f"{prefix}w{n}"), arrays.get(f"{prefix}b{n}")
+        w, b = (None if w is None else w.shape), (None if b is None else b.shape)
+        if w is None or len(w) != 2 or w[1] != width or b != (w[0],):
+            return f"{prefix}w{n} {w} / {prefix}b{n} {b} do not follow an input of {width}"
+        width = w[0]
+    return None if width == dim else f"the last layer gives {width} numbers, not the artifact's dimension {dim}"
+
+
+def _check_features(spec, arrays: dict[str, np.ndarray], prefix: str, kind: str, dim: int) -> str | None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("columns"), list):
+        return f"features: expected {{columns: [...], ...}}, got {spec!r:.100}"
+    columns = spec["columns"]
+    for c in columns:
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and c.get("kind") in COLUMN_KINDS):
+            return f"features.columns: each needs a name and a kind in {COLUMN_KINDS}, got {c!r:.100}"
+        if c["kind"] == "categorical" and not (isinstance(c.get("values"), list) and all(
+                isinstance(v, str) for v in c["values"])):  # fmt: skip
+            return f"features.columns {c['name']!r}: values must be a list of texts"
+        if c["kind"] == "hashed" and not (isinstance(c.get("buckets"), int) and c["buckets"] > 0):
+            return f"features.columns {c['name']!r}: buckets must be a positive integer"
+        if c["kind"] == "dense" and not all(isinstance(c.get(f), int | float) and np.isfinite(c[f])
+                                            for f in ("mean", "std")):  # fmt: skip
+            return f"features.columns {c['name']!r}: mean and std must be finite numbers"
+    tables = [c for c in columns if c["kind"] != "dense"]
+    n_dense = len(columns) - len(tables)
+    for j, c in enumerate(tables):
+        table = arrays.get(f"{prefix}feat{j}")
+        rows = len(c["values"]) if c["kind"] == "categorical" else c.get("buckets", 1)
+        if table is None or table.ndim != 2 or table.shape[0] < rows:
+            return f"{prefix}feat{j} ({c['name']}) is {None if table is None else table.shape}, expected >= {rows} rows"
+        if kind == "graph" and table.shape[1] != dim:
+            return f"{prefix}feat{j} ({c['name']}) is {table.shape[1]} wide, expected {dim}"
+    if kind == "graph":
+        dense = arrays.get(f"{prefix}dense")
+        if (dense is None) != (n_dense == 0) or (dense is not None and dense.shape != (n_dense, dim)):
+            return f"{prefix}dense is {None if dense is None else dense.shape}, expected ({n_dense}, {dim})"
+        if spec.get("parts") != len(tables) + (n_dense > 0):
+            return f"features.parts is {spec.get('parts')!r:.20}, expected {len(tables) + (n_dense > 0)}"
+        return None
+    slots = spec.get("slots")
+    if not (isinstance(slots, list) and len(slots) == len(tables) and all(isinstance(s, int) for s in slots)):
+        return f"features.slots: expected {len(tables)} input offsets, got {slots!r:.100}"
+    if not isinstance(spec.get("dense_slot"), int):
+        return f"features.dense_slot: expected an input offset, got {spec.get('dense_slot')!r:.20}"
+    return None
