@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -31,34 +32,31 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def exported(sim_parquet, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
+def _train_and_export(root: Path, log: Path, train: list[str], export: list[str]) -> tuple[Path, Path]:
+    """A tiny run on `log` and its artifact, trained on one thread (the same numbers in every process)."""
     run, artifact = root / "run", root / "artifact"
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(run), "--quiet", *TINY]) == 0
-        assert main(["export", "--run", str(run), "--out", str(artifact), "--weights", "click:1,conversion:2"]) == 0
+        assert main(["train", "--dataset", str(log), "--out", str(run), "--quiet", *train, *TINY]) == 0
+        assert main(["export", "--run", str(run), "--out", str(artifact), *export]) == 0
     finally:
         torch.set_num_threads(before)
     return run, artifact
+
+
+@pytest.fixture(scope="module")
+def exported(sim_parquet, tmp_path_factory):
+    """The default (graph) encoder, exported with default weights click 1, conversion 2."""
+    return _train_and_export(tmp_path_factory.mktemp("serving"), sim_parquet[0], [],
+                             ["--weights", "click:1,conversion:2"])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def exported_mlp(sim_parquet, tmp_path_factory):
     """The MLP encoder with a user-ID embedding and history bags: the other user tower an artifact carries."""
-    root = tmp_path_factory.mktemp("serving-mlp")
-    run, artifact = root / "run", root / "artifact"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(run), "--quiet", "--config", "mlp",
-                     *TINY, "--set", "model.user_id=true"]) == 0  # fmt: skip
-        assert main(["export", "--run", str(run), "--out", str(artifact)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    return run, artifact
+    train = ["--config", "mlp", "--set", "model.user_id=true"]
+    return _train_and_export(tmp_path_factory.mktemp("serving-mlp"), sim_parquet[0], train, [])
 
 
 def offline_top_k(artifact, user_row: int, weights: dict[str, float], k: int) -> list[str]:
@@ -125,11 +123,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(exported):
-    """The real app under uvicorn on a free local port (one thread), with the popularity fallback off."""
-    artifact = load_artifact(exported[1])
-    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+@contextlib.contextmanager
+def serving(recommender: Recommender):
+    """The real app under uvicorn on a free local port, in a thread; yields its URL."""
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -138,9 +134,19 @@ def server(exported):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}", artifact
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    """The exported artifact served, with the popularity fallback off."""
+    artifact = load_artifact(exported[1])
+    with serving(Recommender(artifact, build_index(artifact.item_vectors))) as url:
+        yield url, artifact
 
 
 def test_served_top_k_equals_the_offline_fused_top_k(server):
@@ -800,15 +806,8 @@ def test_a_new_user_is_answered_from_a_history_over_http(server, exported):
 
 def test_items_are_added_replaced_and_removed_over_http_without_a_restart(exported):
     artifact = load_artifact(exported[1])
-    recommender = Recommender(artifact, build_index(artifact.item_vectors))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    url, user = f"http://127.0.0.1:{port}", artifact.user_ids[3]
-    try:
+    user = artifact.user_ids[3]
+    with serving(Recommender(artifact, build_index(artifact.item_vectors))) as url:
         weights = {"exposure": 1.0, "click": 1.0, "conversion": 1.0}
         q = artifact.user_vectors[3] * artifact.fold(weights)
         best = q / np.linalg.norm(q) * 50  # outscores every trained item for this user
@@ -842,9 +841,6 @@ def test_items_are_added_replaced_and_removed_over_http_without_a_restart(export
         assert by_features.status_code == 200 and by_features.json()["added"] == ["z"]
         neither = httpx.post(f"{url}/items", json={"items": [{"item_id": "w"}]})
         assert neither.status_code == 422 and neither.json()["detail"][0]["loc"] == ["body", "items.0"]
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
     fixed = Recommender(artifact, build_index(artifact.item_vectors), mutable=False)
     with pytest.raises(NotMutable):
         fixed.remove_items([artifact.item_ids[0]])
