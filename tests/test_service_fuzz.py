@@ -53,6 +53,14 @@ def _artifact(out: Path) -> Path:
         stages=STAGES,
         default_weights={"click": 1.0, "buy": 0.5},
         source={"dataset": "fuzz"},
+        user_tower=(  # a graph user tower, so histories are served too
+            {
+                "kind": "graph",
+                "stage_weights": [{"view": 1.0}, {"view": 0.2, "click": 1.0}, {"click": 0.2, "buy": 1.0}],
+                "features": {"columns": [], "parts": 0},
+            },
+            {"item_scale": rng.uniform(0.1, 1.0, size=(3, N_ITEMS))},
+        ),  # fmt: skip
     )
 
 
@@ -237,6 +245,31 @@ class Storm:
         body = iter([raw[i : i + 4096] for i in range(0, len(raw), 4096)]) if self.chance(0.05) else raw
         return Shot("POST", "/recommend", body, headers, valid, ("many", expect))
 
+    def post_history(self):
+        history: dict = {}
+        for b in self.rng.choice(STAGES, size=int(self.rng.integers(0, 4)), replace=False):
+            n = int(self.pick([0, 1, 3, 10, 50, 400]))
+            history[str(b)] = [f"item-{int(i)}" for i in self.rng.integers(0, N_ITEMS + 20, n)]  # 300+: unknown
+        body: dict = {"history": history}
+        k, k_ok = self.k()
+        if self.chance(0.8):
+            body["k"] = k
+        else:
+            k, k_ok = 10, True
+        valid = k_ok
+        if self.chance(0.1):
+            body["features"] = {"age": 31}  # a name the tower does not read: reported, not refused
+        if self.chance(0.1):
+            body["history"] = self.pick([{"likes": ["item-1"]}, {"view": [1]}, {"view": "item-1"}, [], None,
+                                         {"view": [None]}, {"view": ["item-1"], "view ": []}])  # fmt: skip
+            valid = False
+        if self.chance(0.03):
+            body["user_id"] = self.pick(["nobody", 5])
+            valid = False
+        known = {i for items in history.values() for i in items if int(i.split("-")[1]) < N_ITEMS}
+        expect = (int(k), N_ITEMS - len(known)) if valid else None
+        return Shot("POST", "/recommend", json.dumps(body).encode(), JSON, valid, ("history", expect))
+
     def post_search(self):
         vector, valid = self.vector()
         body: dict = {"vector": vector}
@@ -264,7 +297,8 @@ class Storm:
         return Shot("POST", "/search", iter([b'{"vector": ['] + [b"1.0, " * 2000] * 10 + [b"1.0]}"]), JSON)  # chunked
 
     def __iter__(self):
-        kinds = [self.get_recommend] * 40 + [self.post_recommend] * 30 + [self.post_search] * 25 + [self.other] * 5
+        kinds = [self.get_recommend] * 35 + [self.post_recommend] * 25 + [self.post_history] * 15
+        kinds += [self.post_search] * 20 + [self.other] * 5
         for _ in range(REQUESTS):
             yield self.pick(kinds)()
 
@@ -307,6 +341,8 @@ def _problem(storm: Storm, status: int, data: bytes, shot: Shot) -> str | None:
                 return problem
     if kind == "search" and expect:
         return _check_items(answer["items"], expect, N_ITEMS, False, answer)
+    if kind == "history" and expect:
+        return _check_items(answer["items"], expect[0], expect[1], False, answer)
     return None
 
 
