@@ -1,6 +1,6 @@
 """`csmf querybench`: what per-request objective weights cost at query time, measured in one run.
 
-Over a synthetic catalogue (default 1M items, D = 64, faiss exact inner product), for one batch of queries:
+Over a synthetic catalogue (default 1M items, D = 64, the exact index), for one batch of queries:
   single    one single-objective query per user: one search of the CSMF index
   fused     per-request weights: fold them into the query (q = u * lambda), then the same one search
   per-index the way single-objective towers must serve a fused query: one search per objective index
