@@ -155,6 +155,7 @@ def test_served_top_k_equals_the_offline_fused_top_k(server):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     info = httpx.get(f"{url}/info").json()
     assert info["stages"] == list(artifact.stages) and info["index"] == "exact" and info["dim"] == 8
+    assert info["batching"]["queries"] >= info["batching"]["searches"] >= 0
     rankings = []
     for text, weights in (
         ("exposure:1", {"exposure": 1.0}),

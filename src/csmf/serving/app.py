@@ -338,7 +338,9 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
 
     @app.get("/info")
     def info() -> dict:
-        return recommender.info()
+        """The artifact, the index, the limits, and how requests were batched so far (this process)."""
+        searched = {"searches": batcher.batches, "queries": batcher.searched}
+        return {**recommender.info(), "batching": searched}
 
     recommend_query = strict_query(RECOMMEND_QUERY, integers=("k",))
 
