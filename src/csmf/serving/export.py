@@ -238,13 +238,16 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
 
 
 def _read_array(file: Path, mmap: bool = False) -> np.ndarray:
-    """One .npy array, never unpickled: a pickle, an .npz, a cut or padded file is an ArtifactError naming it."""
+    """One .npy array, never unpickled: a pickle, an .npz, a cut or padded file is an ArtifactError naming it.
+    `mmap`: a read-only memory map of the file (nothing read into this process's memory)."""
     try:
-        with open(file, "rb") as f:
-            array = np.lib.format.read_array(f, allow_pickle=False)
-            trailing = f.read(1)
-        if mmap:  # the same array, now mapped from the file (read-only): checked above, shared between processes
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        if mmap:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)  # refuses object arrays; a cut file fails
+            trailing = file.stat().st_size > array.offset + array.nbytes
+        else:
+            with open(file, "rb") as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+                trailing = f.read(1)
     except (ValueError, EOFError, OSError) as err:  # numpy says what it found: pickled data, a short read, ...
         raise ArtifactError(f"{file}: not a readable .npy array ({clip(str(err), 200)}); export again") from err
     if trailing:
