@@ -879,6 +879,13 @@ def test_onnx_towers_give_the_vectors_torch_and_the_artifact_give(which, request
     recommender = Recommender(artifact, build_index(artifact.item_vectors))
     new = recommender.history_query({behaviours[0]: artifact.item_ids[:3]}, None, {artifact.stages[0]: 1.0})
     np.testing.assert_allclose(onnx_vectors[-1], new.raw, atol=1e-5)  # = the server's online tower
+    features_session = ort.InferenceSession(str(copy / "onnx" / "item_features_tower.onnx"))
+    raws = [{"item_category": c} for c in (0, 3, 7, 99)]  # 99: a value unseen in training
+    encoded = [recommender.item_tower.features.codes.encode(r) for r in raws]
+    codes = np.array([[-1 if c is None else c for c in e[0]] for e in encoded], dtype=np.int64)
+    dense = np.zeros((len(raws), 0), dtype=np.float32)
+    np.testing.assert_allclose(features_session.run(None, {"codes": codes, "dense": dense})[0],
+                               np.stack([recommender.item_tower.vector(r)[0] for r in raws]), atol=1e-5)  # fmt: skip
     items_session = ort.InferenceSession(str(copy / "onnx" / "item_tower.onnx"))
     wanted = np.array([5, 0, 199], dtype=np.int64)
     np.testing.assert_allclose(items_session.run(None, {"items": wanted})[0], artifact.item_vectors[wanted], atol=1e-6)

@@ -9,6 +9,10 @@ user_tower.onnx  inputs  items (B, L) int64: item rows of the user's history, -1
                  output  vectors (B, D) float32: raw user vectors (fold objective weights in: q = u * lambda)
 item_tower.onnx  inputs  items (B,) int64: item rows      output vectors (B, D) float32
                  (the trained item vectors: an item's vector does not depend on the request)
+item_features_tower.onnx (when items have features): a new item's vector from its encoded features
+                 inputs  codes (B, T) int64: each table column's code (-1 = unknown)
+                         dense (B, n) float32: the dense columns, standardised
+                 output  vectors (B, D) float32; towers.json lists the columns and how raw values encode
 towers.json      behaviours, item and user ids in row order are in the artifact (item_ids.json, user_ids.json),
                  output_owner (which dimensions each objective scores with), the input and output names
 
@@ -104,6 +108,65 @@ class MlpUserTower(nn.Module):
         return h
 
 
+class ItemFeatureTower(nn.Module):
+    """A new item's encoded features -> its vector (csmf.serving.towers.ItemTower): codes (B, T) int64 of the
+    table columns, -1 = unknown; dense (B, n_dense) float32, standardised (0 = the training mean)."""
+
+    def __init__(self, artifact: Artifact):
+        super().__init__()
+        entry, arrays = artifact.manifest["item_tower"], artifact.item_tower
+        spec = entry["features"]
+        self.kind, self.columns = entry["kind"], spec["columns"]
+        tables = [c for c in spec["columns"] if c["kind"] != "dense"]
+        self.n_tables, self.n_dense = len(tables), len(spec["columns"]) - len(tables)
+        for j in range(self.n_tables):
+            self.register_buffer(f"t{j}", torch.from_numpy(np.array(arrays[f"ifeat{j}"])))
+        if self.kind == "graph":
+            self.parts = float(max(spec["parts"], 1))
+            dense = arrays.get("idense")
+            dense = torch.from_numpy(np.array(dense)) if dense is not None else torch.zeros(0, 1)
+            self.register_buffer("dense_map", dense)  # (n_dense, D)
+            return
+        self.width, self.n_layers = entry["width"], entry["layers"]
+        places = []
+        for j, slot in enumerate(spec["slots"]):  # table j's row -> its slot of the input
+            width = arrays[f"ifeat{j}"].shape[1]
+            place = torch.zeros(width, self.width)
+            place[torch.arange(width), slot + torch.arange(width)] = 1.0
+            places.append(place)
+        dense_place = torch.zeros(self.n_dense, self.width)
+        dense_place[torch.arange(self.n_dense), spec["dense_slot"] + torch.arange(self.n_dense)] = 1.0
+        for j, place in enumerate(places):
+            self.register_buffer(f"p{j}", place)
+        self.register_buffer("dense_place", dense_place)
+        for n in range(self.n_layers):
+            self.register_buffer(f"w{n}", torch.from_numpy(np.array(arrays[f"iw{n}"])))
+            self.register_buffer(f"b{n}", torch.from_numpy(np.array(arrays[f"ib{n}"])))
+
+    def forward(self, codes: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for j in range(self.n_tables):
+            table = getattr(self, f"t{j}")
+            known = (codes[:, j] >= 0).float().unsqueeze(1)
+            rows.append(table[codes[:, j].clamp(min=0)] * known)  # (B, width of table j)
+        if self.kind == "graph":
+            total = torch.zeros(codes.shape[0], self.t0.shape[1] if self.n_tables else self.dense_map.shape[1])
+            for row in rows:
+                total = total + row
+            if self.n_dense:
+                total = total + dense @ self.dense_map
+            return total / self.parts
+        x = dense @ self.dense_place
+        for j, row in enumerate(rows):
+            x = x + row @ getattr(self, f"p{j}")
+        h = x
+        for n in range(self.n_layers):
+            h = h @ getattr(self, f"w{n}").T + getattr(self, f"b{n}")
+            if n < self.n_layers - 1:
+                h = torch.relu(h)
+        return h
+
+
 class ItemTable(nn.Module):
     def __init__(self, artifact: Artifact):
         super().__init__()
@@ -141,10 +204,19 @@ def export_onnx(artifact: Artifact, out: str | Path, log=print) -> Path:
         torch.onnx.export(ItemTable(artifact).eval(), (torch.tensor([0, 1]),), out / "item_tower.onnx",
                           input_names=["items"], output_names=["vectors"], dynamo=True, external_data=False,
                           verbose=False, dynamic_shapes={"items": {0: batch}})  # fmt: skip
+        if artifact.item_tower is not None:  # new items from their encoded features
+            features = ItemFeatureTower(artifact).eval()
+            example = (torch.zeros(2, features.n_tables, dtype=torch.long), torch.zeros(2, features.n_dense))
+            torch.onnx.export(features, example, out / "item_features_tower.onnx", input_names=["codes", "dense"],
+                              output_names=["vectors"], dynamo=True, external_data=False, verbose=False,
+                              dynamic_shapes={"codes": {0: batch}, "dense": {0: batch}})  # fmt: skip
     kind = artifact.manifest["user_tower"]["kind"]
     meta = {"user_tower": {"kind": kind, "inputs": ["items", "behaviours", "users"],
                            "behaviours": list(user.behaviours), "output": "vectors"},
             "item_tower": {"inputs": ["items"], "output": "vectors"},
+            "item_features_tower": None if artifact.item_tower is None else {
+                "inputs": ["codes", "dense"], "output": "vectors",
+                "columns": artifact.manifest["item_tower"]["features"]["columns"]},
             "output_owner": np.asarray(artifact.output_owner).tolist(), "stages": list(artifact.stages)}  # fmt: skip
     (out / "towers.json").write_text(json.dumps(meta, indent=2))
     log(f"wrote {out}: user_tower.onnx, item_tower.onnx, towers.json")
