@@ -746,6 +746,7 @@ def test_workers_share_memory_mapped_vectors_and_answer_alike(exported):
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert "2 worker processes" in output
+    assert main(["serve", "--artifact", str(exported[1]), "--workers", "2", "--index", "milvus"]) == 2  # refused
 
 
 def _training_history(run: Path, recommender: Recommender, row: int) -> dict[str, list[str]]:

@@ -229,9 +229,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     export_run(args.run, args.out, weights, overrides=tuple(args.set), config_file=args.config)
     artifact = load_artifact(args.out)  # what was written reads back (checksums, shapes)
     if args.onnx:
-        from csmf.serving.onnx import export_onnx
+        try:
+            from csmf.serving.onnx import export_onnx
 
-        export_onnx(artifact, Path(args.out) / "onnx")
+            export_onnx(artifact, Path(args.out) / "onnx")
+        except ImportError as err:  # onnx / onnxscript missing: say what to install
+            raise ConfigError(f"--onnx: {err}") from None
     return 0
 
 

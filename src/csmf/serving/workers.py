@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from csmf.config import ServeConfig
+from csmf.config import ConfigError, ServeConfig
 
 SPEC_ENV = "CSMF_SERVE_SPEC"
 
@@ -49,8 +49,11 @@ def hnsw_graph(art, s: ServeConfig, where: Path, log=print) -> str:
         log(f"HNSW graph: {where} (built from these item vectors)")
         return str(where)
     log(f"HNSW graph: building it over {len(art.item_ids):,} items, then writing {where}")
-    where.parent.mkdir(parents=True, exist_ok=True)
-    HnswIndex(art.item_vectors, settings).save(where, built_from=key)
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        HnswIndex(art.item_vectors, settings).save(where, built_from=key)
+    except (OSError, RuntimeError) as err:  # faiss reports a file it cannot write as a RuntimeError
+        raise ConfigError(f"serve.hnsw_file {where}: cannot write the graph there ({err})") from None
     return str(where)
 
 
@@ -80,8 +83,8 @@ def run(artifact: str | Path, s: ServeConfig, log=print) -> None:
         uvicorn.run(app, **options)
         return
     if s.index == "milvus":
-        raise ValueError("serve.workers > 1 takes the exact or hnsw index; milvus-lite is one process's database "
-                         "(a Milvus server scales by itself: serve it with one worker per machine)")  # fmt: skip
+        raise ConfigError("serve.workers > 1 takes the exact or hnsw index; milvus-lite is one process's database "
+                          "(a Milvus server scales by itself: serve it with one worker per machine)")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="csmf-serve-") as tmp:
         hnsw_file = None
         if s.index == "hnsw":  # built once here (or read from serve.hnsw_file), mapped by every worker
