@@ -10,6 +10,7 @@ A 2-process run killed mid-cascade resumes with one process and ends within the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,25 @@ def train(out: Path, nproc: int, *extra: str, wait: bool = True):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every process below it (Linux /proc), whatever session each started."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree = {pid}
+    while grown := {p for p, parent in parents.items() if parent in tree} - tree:
+        tree |= grown
+    return tree
 
 
 def recall(out: Path) -> dict[str, float]:
@@ -99,8 +119,7 @@ def test_all_gathered_negatives_train_in_step_on_both_ranks(runs):
 
 def test_a_killed_two_process_run_resumes_with_one(runs):
     out = runs / "killed"
-    # a long last stage, so the kill lands inside it even when this machine is busy (60 epochs of the small
-    # conversion stage took under a second, and a loaded machine let the run finish train-3 before the kill)
+    # a long last stage, so the kill lands inside it even when this machine is busy
     epochs = ["--set", "train.max_epochs=2,2,200", "--set", "train.patience=200"]
     run = train(out, 2, *epochs, wait=False)
     deadline = time.monotonic() + 300
@@ -108,8 +127,17 @@ def test_a_killed_two_process_run_resumes_with_one(runs):
         assert run.poll() is None, run.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "the 2-process run did not reach recover-2"
         time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)  # both training processes and torchrun, mid train-3
+    # mid train-3: csmf, torchrun and both training processes (torchrun starts each in its own session, so a
+    # kill of the process group alone left them training on, racing the resumed run for the checkpoints)
+    tree = _descendants(run.pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     run.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in tree):
+        assert time.monotonic() < deadline, "a training process outlived SIGKILL"
+        time.sleep(0.05)
     assert not (out / "metrics.json").exists()
     resumed = train(out, 1, *epochs)
     assert "resuming after phase recover-2" in resumed.stdout + resumed.stderr
