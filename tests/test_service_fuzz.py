@@ -162,6 +162,14 @@ class Storm:
         parts = [f"{bad[0]}:{bad[1]}"] + (["view:1", "view:2"] if self.chance(0.3) else [])
         return {"view": -1.0}, False, parts
 
+    def body_k(self, body: dict) -> tuple[object, bool]:
+        """A k for a JSON body (put in `body` 80% of the time, else the default 10 stands), and whether it is valid."""
+        k, k_ok = self.k()
+        if self.chance(0.8):
+            body["k"] = k
+            return k, k_ok
+        return 10, True
+
     def vector(self) -> tuple[list, bool]:
         length = DIM if self.chance(0.9) else int(self.pick([0, 1, DIM - 1, DIM + 1, 100]))
         scale = float(self.pick([1e-30, 1e-3, 1.0, 1e3, 1e5]))
@@ -206,11 +214,7 @@ class Storm:
         ids = [self.user() for _ in range(n)]
         valid = n >= 1
         body: dict = {"user_ids": ids}
-        k, k_ok = self.k()
-        if self.chance(0.8):
-            body["k"] = k
-        else:
-            k, k_ok = 10, True
+        k, k_ok = self.body_k(body)
         weights, w_ok, parts = self.weights()
         if parts is not None:
             if w_ok:
@@ -251,11 +255,7 @@ class Storm:
             n = int(self.pick([0, 1, 3, 10, 50, 400]))
             history[str(b)] = [f"item-{int(i)}" for i in self.rng.integers(0, N_ITEMS + 20, n)]  # 300+: unknown
         body: dict = {"history": history}
-        k, k_ok = self.k()
-        if self.chance(0.8):
-            body["k"] = k
-        else:
-            k, k_ok = 10, True
+        k, k_ok = self.body_k(body)
         valid = k_ok
         if self.chance(0.1):
             body["features"] = {"age": 31}  # a name the tower does not read: reported, not refused
@@ -273,11 +273,7 @@ class Storm:
     def post_search(self):
         vector, valid = self.vector()
         body: dict = {"vector": vector}
-        k, k_ok = self.k()
-        if self.chance(0.8):
-            body["k"] = k
-        else:
-            k, k_ok = 10, True
+        k, k_ok = self.body_k(body)
         valid = valid and k_ok
         return Shot("POST", "/search", json.dumps(body).encode(), JSON, valid, ("search", int(k) if valid else None))
 

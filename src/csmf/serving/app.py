@@ -40,8 +40,6 @@ from csmf.serving.serve import (
     RequestError,
     UnknownItem,
     UnknownUser,
-    check_weights,
-    parse_weights,
 )
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
@@ -254,8 +252,7 @@ class FastRecommend:
             return None
         try:
             r.check_request(1, int(k))
-            weights = parse_weights(given["weights"], r.stages) if "weights" in given else r.artifact.default_weights
-            weights = check_weights(weights, r.stages)
+            weights = r.weights_of(given.get("weights"))
         except RequestError:
             return None
         return given["user_id"], int(k), weights, exclude == "true"
@@ -355,10 +352,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         exclude_seen: bool = True,
     ):
         recommender.check_request(1, k)
-        parsed = (
-            parse_weights(weights, recommender.stages) if weights is not None else recommender.artifact.default_weights
-        )
-        parsed = check_weights(parsed, recommender.stages)
+        parsed = recommender.weights_of(weights)
         result = await batcher.recommend(recommender.queries([user_id], parsed)[0], k, parsed, exclude_seen)
         return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
 
@@ -368,8 +362,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         user's latest behaviour), answered from the user tower exported with the model."""
         if isinstance(request, HistoryRequest):
             recommender.check_request(1, request.k)
-            given = request.weights if request.weights is not None else recommender.artifact.default_weights
-            weights = check_weights(given, recommender.stages)
+            weights = recommender.weights_of(request.weights)
             query = recommender.history_query(request.history, request.user_id, weights, request.features)
             result = await batcher.recommend(query, request.k, weights, request.exclude_seen)
             return Response(_one_answer(result, recommender.index.kind), media_type="application/json")

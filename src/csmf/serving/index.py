@@ -167,20 +167,24 @@ class HnswIndex:
 
     def __init__(self, vectors: np.ndarray, settings: IndexSettings = IndexSettings()):
         vectors = _checked(vectors)
-        self.threads = settings.threads or DEFAULT_THREADS
         faiss.omp_set_num_threads(DEFAULT_THREADS)  # building a large HNSW graph uses every core
-        (self.n_rows, self.dim), self.ef_search = vectors.shape, settings.hnsw_ef_search
-        self.n_items = self.n_rows
         # HNSW navigates well in a metric space but poorly under raw inner product when item norms differ
         # (on JD it found 3% of the exact top-50). The standard MIPS -> L2 reduction: append
         # sqrt(max_norm^2 - |v|^2) to each item and 0 to each query; then the nearest item in L2 is the
-        # largest inner product, and the score is recovered from the distance.
-        norms = (vectors.astype(np.float64) ** 2).sum(axis=1)
-        self.max_norm2 = float(norms.max())
-        self.index = faiss.IndexHNSWFlat(self.dim + 1, settings.hnsw_m)
-        self.index.hnsw.efConstruction = settings.hnsw_ef_construction
-        self.index.hnsw.efSearch = settings.hnsw_ef_search
-        self.index.add(self._lifted(vectors))
+        # largest inner product (the scores returned are the inner products, from the stored vectors).
+        self.max_norm2 = float((vectors.astype(np.float64) ** 2).sum(axis=1).max())
+        graph = faiss.IndexHNSWFlat(vectors.shape[1] + 1, settings.hnsw_m)
+        graph.hnsw.efConstruction = settings.hnsw_ef_construction
+        graph.add(self._lifted(vectors))
+        self._serve(graph, self.max_norm2, settings)
+
+    def _serve(self, graph, max_norm2: float, settings: IndexSettings) -> None:
+        """Take `graph` (a lifted HNSWFlat index, built or read) as this index, nothing removed yet."""
+        self.index, self.max_norm2 = graph, max_norm2
+        self.dim = graph.d - 1
+        self.n_rows = self.n_items = int(graph.ntotal)
+        self.index.hnsw.efSearch = self.ef_search = settings.hnsw_ef_search
+        self.threads = settings.threads or DEFAULT_THREADS
         self.removed = np.zeros(0, dtype=np.int64)
         self.params = None  # search parameters that skip removed rows, once there are any
 
@@ -204,15 +208,10 @@ class HnswIndex:
         """An index `save` wrote. `mapped`: its vectors memory-mapped read-only (worker processes share them; no
         items can then be added or removed); else read into memory. faiss's reader trusts the file: keep it with
         the artifact."""
-        index = cls.__new__(cls)
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
-        index.index = faiss.read_index(str(path), flags)
-        index.index.hnsw.efSearch = index.ef_search = settings.hnsw_ef_search
-        meta = json.loads(Path(f"{path}.json").read_text())
-        index.max_norm2, index.dim = float(meta["max_norm2"]), int(meta["dim"])
-        index.n_rows = index.n_items = int(index.index.ntotal)
-        index.threads = settings.threads or DEFAULT_THREADS
-        index.removed, index.params = np.zeros(0, dtype=np.int64), None
+        index = cls.__new__(cls)
+        index._serve(faiss.read_index(str(path), flags), float(json.loads(Path(f"{path}.json").read_text())[
+            "max_norm2"]), settings)  # fmt: skip
         return index
 
     def _lifted(self, vectors: np.ndarray) -> np.ndarray:

@@ -34,6 +34,29 @@ from torch import nn
 from csmf.serving.export import Artifact
 
 
+def _placement(width: int, slot: int, n_in: int) -> torch.Tensor:
+    """(width, n_in): x @ it puts a width-wide part at columns slot.. of an n_in-wide input."""
+    place = torch.zeros(width, n_in)
+    place[torch.arange(width), slot + torch.arange(width)] = 1.0
+    return place
+
+
+def _register_layers(module: nn.Module, arrays: dict[str, np.ndarray], prefix: str, n_layers: int) -> None:
+    module.n_layers = n_layers
+    for n in range(n_layers):
+        module.register_buffer(f"w{n}", torch.from_numpy(np.array(arrays[f"{prefix}w{n}"])))
+        module.register_buffer(f"b{n}", torch.from_numpy(np.array(arrays[f"{prefix}b{n}"])))
+
+
+def _folded_mlp(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The layers `_register_layers` gave `module` (masks folded in), relu between them."""
+    for n in range(module.n_layers):
+        h = h @ getattr(module, f"w{n}").T + getattr(module, f"b{n}")
+        if n < module.n_layers - 1:
+            h = torch.relu(h)
+    return h
+
+
 class GraphUserTower(nn.Module):
     """u = sum_k (c_k @ V) * [owner == k] (+ a known user's feature part), as csmf.serving.towers."""
 
@@ -74,20 +97,15 @@ class MlpUserTower(nn.Module):
         super().__init__()
         entry, arrays = artifact.manifest["user_tower"], artifact.tower
         self.behaviours, self.power = list(entry["behaviours"]), float(entry["bag_power"])
-        self.n_layers = entry["layers"]
         self.register_buffer("fixed", torch.from_numpy(np.array(arrays["fixed"])))  # (U, n_in)
         self.register_buffer("new_user", torch.from_numpy(np.array(arrays["new_user"])))  # (n_in,)
         n_in = self.fixed.shape[1]
         table = arrays.get("history_table")
         width = table.shape[1] if table is not None else 0
         self.register_buffer("table", torch.from_numpy(np.array(table)) if table is not None else torch.zeros(1, 1))
-        places = torch.zeros(len(self.behaviours), width, n_in)  # bag b -> its slot of the input
-        for b, slot in enumerate(entry["slots"]):
-            places[b, torch.arange(width), slot + torch.arange(width)] = 1.0
-        self.register_buffer("places", places)
-        for n in range(self.n_layers):
-            self.register_buffer(f"w{n}", torch.from_numpy(np.array(arrays[f"w{n}"])))
-            self.register_buffer(f"b{n}", torch.from_numpy(np.array(arrays[f"b{n}"])))
+        places = [_placement(width, slot, n_in) for slot in entry["slots"]]  # bag b -> its slot of the input
+        self.register_buffer("places", torch.stack(places) if places else torch.zeros(0, width, n_in))
+        _register_layers(self, arrays, "", entry["layers"])
 
     def forward(self, items: torch.Tensor, behaviours: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         known = (users >= 0).float().unsqueeze(1)
@@ -100,12 +118,7 @@ class MlpUserTower(nn.Module):
                 count = mine.sum(dim=1, keepdim=True).clamp(min=1.0)
                 bag = torch.einsum("bl,blh->bh", mine, gathered) / count.pow(self.power)
                 x = x + bag @ self.places[b]
-        h = x
-        for n in range(self.n_layers):
-            h = h @ getattr(self, f"w{n}").T + getattr(self, f"b{n}")
-            if n < self.n_layers - 1:
-                h = torch.relu(h)
-        return h
+        return _folded_mlp(self, x)
 
 
 class ItemFeatureTower(nn.Module):
@@ -127,21 +140,11 @@ class ItemFeatureTower(nn.Module):
             dense = torch.from_numpy(np.array(dense)) if dense is not None else torch.zeros(0, 1)
             self.register_buffer("dense_map", dense)  # (n_dense, D)
             return
-        self.width, self.n_layers = entry["width"], entry["layers"]
-        places = []
+        n_in = entry["width"]
         for j, slot in enumerate(spec["slots"]):  # table j's row -> its slot of the input
-            width = arrays[f"ifeat{j}"].shape[1]
-            place = torch.zeros(width, self.width)
-            place[torch.arange(width), slot + torch.arange(width)] = 1.0
-            places.append(place)
-        dense_place = torch.zeros(self.n_dense, self.width)
-        dense_place[torch.arange(self.n_dense), spec["dense_slot"] + torch.arange(self.n_dense)] = 1.0
-        for j, place in enumerate(places):
-            self.register_buffer(f"p{j}", place)
-        self.register_buffer("dense_place", dense_place)
-        for n in range(self.n_layers):
-            self.register_buffer(f"w{n}", torch.from_numpy(np.array(arrays[f"iw{n}"])))
-            self.register_buffer(f"b{n}", torch.from_numpy(np.array(arrays[f"ib{n}"])))
+            self.register_buffer(f"p{j}", _placement(arrays[f"ifeat{j}"].shape[1], slot, n_in))
+        self.register_buffer("dense_place", _placement(self.n_dense, spec["dense_slot"], n_in))
+        _register_layers(self, arrays, "i", entry["layers"])
 
     def forward(self, codes: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -159,12 +162,7 @@ class ItemFeatureTower(nn.Module):
         x = dense @ self.dense_place
         for j, row in enumerate(rows):
             x = x + row @ getattr(self, f"p{j}")
-        h = x
-        for n in range(self.n_layers):
-            h = h @ getattr(self, f"w{n}").T + getattr(self, f"b{n}")
-            if n < self.n_layers - 1:
-                h = torch.relu(h)
-        return h
+        return _folded_mlp(self, x)
 
 
 class ItemTable(nn.Module):

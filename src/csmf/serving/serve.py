@@ -229,6 +229,13 @@ class Recommender:
         activity = np.diff(self.artifact.seen_indptr)
         return [self.artifact.user_ids[i] for i in np.argsort(-activity, kind="stable")[:limit]]
 
+    def weights_of(self, given: dict[str, float] | str | None) -> dict[str, float]:
+        """A request's weights (a dict, or `stage:w,...` text from a query) checked and completed with a 0 for
+        every stage it leaves out; None = the artifact's default weights (RequestError on `weights`)."""
+        if isinstance(given, str):
+            given = parse_weights(given, self.stages)
+        return check_weights(given if given is not None else self.artifact.default_weights, self.stages)
+
     def check_request(self, n_ids: int, k: int) -> None:
         """The bounds on one request's work, before any of it is done (RequestError naming the field)."""
         check_k(k)
@@ -307,7 +314,7 @@ class Recommender:
         self, user_ids: list[str], k: int, weights: dict[str, float] | None, exclude_seen: bool
     ) -> list[Recommendation]:
         self.check_request(len(user_ids), k)
-        weights = check_weights(weights if weights is not None else self.artifact.default_weights, self.stages)
+        weights = self.weights_of(weights)
         t0 = time.perf_counter()
         queries = self.queries(user_ids, weights)
         searched = [q for q in queries if q.vector is not None]
@@ -402,9 +409,9 @@ class Recommender:
         """The answer to one query from its candidate rows (None: the popularity fallback)."""
         n = self.n_items
         if candidates is None:
+            removed = len(self.live) - n  # every removed row could sit among the first k + removed
             items = [{"item_id": self.item_ids[i], "popularity": float(self.popularity[i])}
-                     for i in self.popular[: k + len(self.popular) - int(self.live[self.popular].sum())]
-                     if self.live[i]][:k]  # fmt: skip
+                     for i in self.popular[: k + removed] if self.live[i]][:k]  # fmt: skip
             note = self._note(len(items), k, n, f"the catalogue holds {n} items")
             return Recommendation(query.user_id, items, weights, True, seconds, note, query.unknown_items,
                                   query.unknown_features)  # fmt: skip
