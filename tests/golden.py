@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csmf.config import Config, load_config, override
+from csmf.config import Config, override
 from csmf.data.datasets import load_dataset
 from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
