@@ -85,7 +85,7 @@ def test_multitask_is_deterministic_for_a_seed(data, fitted):
 
 
 def test_mmoe_gates_are_per_objective_softmaxes(data):
-    model = MultiTaskTwoTower("mmoe", data, CFG, 3, seed=0)
+    model = MultiTaskTwoTower("mmoe", data, CFG, 3)
     x = torch.randn(5, model.user_body.shared[0].in_features)
     outs = model.user_body(x)
     experts = torch.stack([torch.relu(e(x)) for e in model.user_body.shared], dim=1)  # (B, E, H)
@@ -163,5 +163,5 @@ def test_multitask_distillation_changes_the_heads_and_needs_the_full_softmax(dat
     plain = MultiTask("shared-bottom", cfg).fit(data).score(np.arange(20), "click")
     taught = MultiTask("shared-bottom", override(cfg, ["train.distill=ease", "ease.l2=50"])).fit(data)
     assert not torch.equal(plain, taught.score(np.arange(20), "click"))
-    with pytest.raises(ValueError, match="train.distill needs the full-catalogue loss"):
+    with pytest.raises(ValueError, match="train.distill = 'ease' needs the per-user full-catalogue loss"):
         MultiTask("mmoe", override(cfg, ["train.distill=ease", "train.full_softmax_max_items=0"])).fit(data)

@@ -16,10 +16,11 @@ import pytest
 from csmf.cli import main
 from csmf.config import Config, ConfigError, SimConfig, override
 from csmf.data.aliccp import aliccp_raw_source, load_aliccp
-from csmf.data.cache import Cache, build_cache, ensure_cache, log_source, pair_split
+from csmf.data.cache import Cache, build_cache, ensure_cache
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import leak_violations
 from csmf.data.simulate import simulate, simulate_layout
+from csmf.data.sources import log_source, pair_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,7 +153,7 @@ def test_batches_cover_every_training_row_once_per_epoch(tmp_path):
 def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_cannot_stream(tmp_path):
     from test_cascade import changed_and_frozen, snapshot
 
-    from csmf.cascade import CascadeTrainer, reads_context
+    from csmf.cascade import CascadeTrainer
 
     cfg = override(Config(), [
         "data.dataset=sim", f"data.cache_dir={tmp_path / 'c'}", "sim.n_users=200", "sim.n_items=120",
@@ -165,12 +166,11 @@ def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_canno
     codes = np.concatenate([c["scenario"] for _, _, c in data.stream.batches("click", 64, 0)])
     assert set(codes.tolist()) == {1, 2, 3}  # every streamed row brings its own scenario
     trainer = CascadeTrainer(data, cfg)
-    assert reads_context(trainer.model) and trainer.model.user.ctx_emb["scenario"].weight.shape[0] == 4
-    trainer._train(1, 0)
-    trainer._prune(1)
-    trainer._recover(1, 2)
+    assert trainer.model.reads_context and trainer.model.user.ctx_emb["scenario"].weight.shape[0] == 4
+    for index in range(3):  # train-1, prune-1, recover-1
+        trainer.run_phase(index)
     before = snapshot(trainer.model)
-    trainer._train(2, 3)
+    trainer.run_phase(3)
     assert changed_and_frozen(before, snapshot(trainer.model), {1}, stage=2) > 0  # stage 2 learned, 1 did not
     with pytest.raises(ConfigError, match="model.encoder must be 'mlp'"):
         CascadeTrainer(data, override(cfg, ["model.encoder=graph"]))

@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from csmf.cascade import CascadeTrainer, TrainedCascade
-from csmf.config import config_to_dict, load_config, override, save_config
+from csmf.cascade import CascadeTrainer
+from csmf.config import config_to_dict, load_config, override, per_stage, save_config
+from csmf.data.batches import stage_pairs
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
+from csmf.phases import claim, prune
 from csmf.prune import cpp_free
+from csmf.trained import TrainedCascade
 
 TAU = (0.3, 0.6)  # stage 2 frees one of its two output dims (with 0.3 it may free none: see below)
 CFG = override(
@@ -50,6 +53,12 @@ def data(sim_parquet, one_thread):
     return split_log(load_log(sim_parquet[0]), test_frac=0.2, valid_frac=0.1, seed=0, by="random", name="sim")
 
 
+def pairs_of_stage(trainer: CascadeTrainer, stage: int):
+    """(users, items, weights) stage `stage` of the trainer trains on."""
+    aux = per_stage(trainer.cfg.train.aux_weight, stage)
+    return stage_pairs(trainer.tuning, trainer.objectives[stage - 1], aux)
+
+
 def full_history(data):
     return data.train | data.side
 
@@ -73,7 +82,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def unit_params(state: dict) -> list[tuple[str, str, int]]:
-    """(parameter key, owner key, unit axis) for every owned parameter of a TwoTower state dict: linear
+    """(parameter key, owner key, unit axis) for every owned parameter of an MLPBackbone state dict: linear
     layers (units = weight rows and bias entries) and embedding tables (units = columns; no bias)."""
     out = []
     for owner_key in state:
@@ -116,26 +125,26 @@ def staged(data):
     tr = CascadeTrainer(data, CFG)
     assert tr.objectives == OBJECTIVES
     s = {"trainer": tr}
-    tr._train(1, 0)
+    tr.run_phase(0)
     s["trained_1"] = copy.deepcopy(tr.model)
     s["pre_prune"] = [(name, mag.clone(), owner.clone()) for name, mag, owner in tr.model.prunable()]
-    s["prune_record"] = tr._prune(1)
+    s["prune_record"] = tr.run_phase(1)
     s["post_prune"] = {name: owner.clone() for name, _, owner in tr.model.prunable()}
     s["post_prune_item_output"] = tr.model.item.layers[-1].owner.clone()
-    tr._recover(1, 2)
+    tr.run_phase(2)
     s["before_2"] = snapshot(tr.model)
     s["stage1_before_2"] = stage_scores(tr.model, data, "exposure", tuning_history(tr))
-    tr._train(2, 3)
+    tr.run_phase(3)
     s["after_2"] = snapshot(tr.model)
     s["model_2"] = copy.deepcopy(tr.model)
     s["owners_2"] = {name: owner.clone() for name, _, owner in tr.model.prunable()}
     s["item_output_2"] = tr.model.item.layers[-1].owner.clone()
     s["scores_2"] = {o: stage_scores(tr.model, data, o, tuning_history(tr)) for o in OBJECTIVES}
-    tr._prune(2)
-    tr._recover(2, 5)
+    tr.run_phase(4)
+    tr.run_phase(5)
     s["before_3"] = snapshot(tr.model)
     s["scores_before_3"] = {o: stage_scores(tr.model, data, o, tuning_history(tr)) for o in OBJECTIVES}
-    tr._train(3, 6)
+    tr.run_phase(6)
     s["after_3"] = snapshot(tr.model)
     s["scores_3"] = {o: stage_scores(tr.model, data, o, tuning_history(tr)) for o in OBJECTIVES}
     return s
@@ -298,6 +307,7 @@ import torch
 
 torch.set_num_threads(1)  # the parent computes with one thread too: bit-identical results
 
+from csmf import stage_loss
 from csmf.cascade import CascadeTrainer
 from csmf.config import SimConfig, load_config
 from csmf.data.logtable import load_log
@@ -308,21 +318,21 @@ root = Path(sys.argv[1])
 simulate(SimConfig(n_users=300, n_items=200), root / "sim.parquet", progress=False)
 data = split_log(load_log(root / "sim.parquet"), test_frac=0.2, valid_frac=0.1, seed=0, by="random", name="sim")
 cfg = load_config(root / "cfg.toml")
-original, calls, parent = CascadeTrainer._loss, [0], os.getppid()
+original, calls, parent = stage_loss.PairLoss.__call__, [0], os.getppid()
 
 
-def stalling_loss(self, stage, *args):
-    if stage == 2:
+def stalling_loss(self, batch):
+    if self.stage == 2:
         calls[0] += 1
         if calls[0] == 4:  # train-2 has taken 3 optimiser steps that no checkpoint holds: hang, get killed
             (root / "stalled").write_text("stalled")
             while os.getppid() == parent:  # never outlive the test process
                 time.sleep(0.05)
             sys.exit(3)
-    return original(self, stage, *args)
+    return original(self, batch)
 
 
-CascadeTrainer._loss = stalling_loss
+stage_loss.PairLoss.__call__ = stalling_loss
 CascadeTrainer(data, cfg, run_dir=root / "run").run()
 """
 
@@ -426,8 +436,8 @@ def test_every_later_stage_gets_an_output_dimension(data):
         tr.model.user.layers[0].weight[-1] *= 0.01  # a low-mass stage-2 hidden unit: CPP frees it
         for tower in (tr.model.user, tr.model.item):  # the two stage-2 output dimensions carry the same mass
             tower.layers[-1].weight[-1] = tower.layers[-1].weight[-2]
-    tr._prune(2)
-    tr._claim(3)
+    prune(tr.model, 2, tr.cfg.cascade, 3)
+    claim(tr.model, 3)
     groups = {name: owner for name, _, owner in tr.model.prunable()}
     assert (groups["user.hidden0"] == 3).any()  # stage 3 does get hidden capacity ...
     assert (groups["output"] == 3).any()  # ... but no output dimension to reach the score with
@@ -438,14 +448,14 @@ def test_every_later_stage_gets_an_output_dimension(data):
 
 def test_stage_pairs_add_other_behaviours_at_the_aux_weight(data):
     plain = CascadeTrainer(data, CFG)
-    users, items, weights = plain._stage_pairs(3)
+    users, items, weights = pairs_of_stage(plain, 3)
     assert weights is None  # default: the stage's own pairs only
     own = {(u, i) for u, i in zip(users.tolist(), items.tolist(), strict=True)}
     assert own == set(zip(*plain.tuning.train["conversion"].nonzero(), strict=True))
 
     tr = CascadeTrainer(data, override(CFG, ["train.aux_weight=0,0,0.25"]))
-    assert tr._stage_pairs(1)[2] is None  # per stage: stage 1 keeps its own pairs only
-    users, items, weights = tr._stage_pairs(3)
+    assert pairs_of_stage(tr, 1)[2] is None  # per stage: stage 1 keeps its own pairs only
+    users, items, weights = pairs_of_stage(tr, 3)
     pairs = list(zip(users.tolist(), items.tolist(), strict=True))
     assert len(set(pairs)) == len(pairs)  # an aux pair that is also a positive is not counted twice
     by_pair = dict(zip(pairs, weights.tolist(), strict=True))
@@ -458,10 +468,11 @@ def test_stage_pairs_add_other_behaviours_at_the_aux_weight(data):
 
 
 def test_reading_a_run_folder_or_scoring_changes_no_model(sim_data, tmp_path):
-    from csmf.cascade import CascadeTrainer, evaluating
+    from csmf.cascade import CascadeTrainer
     from csmf.config import Config, override
+    from csmf.trained import evaluating
 
-    cfg = override(Config(), ["model.dim=8", "train.max_epochs=1"])
+    cfg = override(Config(), ["model.dim=8", "train.max_epochs=1", "train.distill="])
     CascadeTrainer(sim_data, cfg, run_dir=tmp_path / "run").run()
     fresh = CascadeTrainer(sim_data, cfg, run_dir=tmp_path / "run")
     before = {k: v.clone() for k, v in fresh.model.state_dict().items()}

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from csmf.cascade import build_model, claim, reads_context
+from csmf.backbones import build_backbone
 from csmf.config import Config, override
 from csmf.data import context
 from csmf.data.datasets import load_dataset
@@ -21,6 +21,7 @@ from csmf.data.errors import DataError
 from csmf.data.logtable import load_log
 from csmf.evaluation import evaluate_stage
 from csmf.models.csmf import CSMF
+from csmf.phases import claim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,9 +112,9 @@ def scenario_data():
 def test_context_tables_are_owned_units_that_earlier_stages_keep(scenario_data):
     cfg, data = scenario_data
     assert sorted(data.context) == ["scenario"]
-    model = build_model(data, cfg, seed=0)
+    model = build_backbone(data, cfg, seed=0)
     model.set_history(data.train)
-    assert reads_context(model)
+    assert model.reads_context
     table = model.user.ctx_emb["scenario"]
     assert table.weight.shape[0] == 5  # four scenarios and unknown
     names = [name for name, _, _ in model.prunable()]
@@ -136,7 +137,7 @@ def test_context_tables_are_owned_units_that_earlier_stages_keep(scenario_data):
 
 def test_unknown_and_unseen_context_read_row_zero(scenario_data):
     cfg, data = scenario_data
-    model = build_model(data, cfg, seed=0).eval()
+    model = build_backbone(data, cfg, seed=0).eval()
     model.set_history(data.train)
     users = np.arange(3)
     unknown = model.user_vectors(users, 1)

@@ -108,7 +108,7 @@ def test_parameter_counts_are_honest(fitted, data):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_a_saved_model_loads_and_scores_bit_identically(fitted, data, name, tmp_path):
-    from csmf.models.saving import load_model
+    from csmf.models import load_model
 
     model = fitted[name]
     loaded = load_model(model.save(tmp_path / name))

@@ -38,14 +38,12 @@ def _cfg(**runtime) -> Config:
     return replace(cfg, runtime=replace(cfg.runtime, **runtime))
 
 
-def test_the_graph_encoder_is_refused_on_a_gpu():
-    if not GPU:
-        pytest.skip("no GPU here (the refusal is checked where one is present)")
-    from csmf.cascade import CascadeTrainer
+def test_the_graph_encoder_is_refused_on_a_gpu_before_any_data_loads():
+    from csmf.rules import check_training
 
     cfg = replace(_cfg(device="cuda"), model=replace(_cfg().model, encoder="graph"))
-    with pytest.raises(ConfigError, match="graph encoder trains on the CPU only"):
-        CascadeTrainer(load_dataset(cfg), cfg)
+    with pytest.raises(ConfigError, match=r"runtime.device = 'cuda': model.encoder = 'graph' trains on \['cpu'\] only"):
+        check_training(cfg)  # a config rule: judged without a GPU and without the data
 
 
 @pytest.mark.skipif(not GPU, reason="no GPU: PyTorch sees no CUDA device here")

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from csmf.backbones.features import Features, stable_hash
 from csmf.config import Config, override
 from csmf.data.errors import DataError
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
-from csmf.towers import Features, stable_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,12 +97,12 @@ def test_the_cold_item_view_keeps_only_test_pairs_of_rarely_trained_items(sim_da
 
 
 def test_the_id_only_variant_reads_no_feature(sim_data):
-    from csmf.cascade import build_model
+    from csmf.backbones import build_backbone
     from csmf.models.csmf import CSMF
 
     assert sim_data.item_features  # the simulator's item_category
     cfg = override(Config(), ["model.dim=8"])
     variant = CSMF.variant("csmf-id-only", cfg)
     assert variant.cfg.model.features is False and variant.cfg.cascade == cfg.cascade
-    with_features, without = build_model(sim_data, cfg, 0), build_model(sim_data, variant.cfg, 0)
+    with_features, without = build_backbone(sim_data, cfg, 0), build_backbone(sim_data, variant.cfg, 0)
     assert len(with_features.item_tables) > 0 and len(without.item_tables) == 0

@@ -1,4 +1,4 @@
-"""The graph backbone (csmf/graph.py) and what trains over it: the tied degree-normalised bag, column
+"""The graph backbone (csmf/backbones/graph.py) and what trains over it: the tied degree-normalised bag, column
 ownership through propagation (cascade isolation, exact), the per-user softmax, the cross-stage hinge,
 distillation and EASE.
 """
@@ -13,15 +13,16 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from csmf.cascade import CascadeTrainer, TrainedCascade
+from csmf.backbones.features import Features
+from csmf.backbones.graph import GraphBackbone, graph_weights
+from csmf.cascade import CascadeTrainer
 from csmf.config import Config, override
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
-from csmf.distill import teacher_lists
-from csmf.graph import GraphTwoTower, graph_weights
 from csmf.losses import cross_stage_hinge, distillation_loss, softmax_loss, user_softmax_loss
 from csmf.models.ease import EASE, EASESettings, ease_weights
-from csmf.towers import Features
+from csmf.models.teachers import teacher_for, teacher_lists
+from csmf.trained import TrainedCascade
 
 CFG = override(
     Config(),
@@ -64,7 +65,7 @@ def test_graph_weights_follow_the_cascade_order():
 def test_user_vector_is_the_degree_normalised_bag_of_item_rows():
     # 2 users x 3 items; hops 0: item vector = E, user = sum_j a_uj e_j / sqrt(d_u d_j)
     a = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1]], dtype=np.float32))
-    model = GraphTwoTower(2, 3, 4, [{"buy": 1.0}], 0, no_features(), no_features(), seed=0)
+    model = GraphBackbone(2, 3, 4, [{"buy": 1.0}], 0, no_features(), no_features(), seed=0)
     model.set_history({"buy": a})
     e = model.items.detach()
     d_items = np.array([1.0, 2.0, 1.0])
@@ -90,7 +91,7 @@ def test_columns_of_other_stages_do_not_move_a_stage_score():
     a.data[:] = 1
     b = sp.random(20, 30, density=0.1, random_state=1, format="csr")
     b.data[:] = 1
-    model = GraphTwoTower(20, 30, 8, [{"x": 1.0, "y": 0.2}, {"y": 1.0, "x": 0.2}], 2, no_features(), no_features(), 0)
+    model = GraphBackbone(20, 30, 8, [{"x": 1.0, "y": 0.2}, {"y": 1.0, "x": 0.2}], 2, no_features(), no_features(), 0)
     model.set_history({"x": a, "y": b})
     model.owner.copy_(torch.tensor([1, 1, 1, 1, 1, 2, 2, 2]))
     users = np.arange(20)
@@ -109,22 +110,20 @@ def test_columns_of_other_stages_do_not_move_a_stage_score():
 
 @pytest.fixture(scope="module")
 def staged(data):
-    tr = CascadeTrainer(data, CFG)
-    assert tr.per_user and isinstance(tr.model, GraphTwoTower)
+    tr = CascadeTrainer(data, CFG, teacher=teacher_for(CFG))
+    assert tr.per_user and isinstance(tr.model, GraphBackbone) and tr.model.per_user_loss
     s = {"trainer": tr}
     history = data.train | data.side
-    tr._train(1, 0)
-    s["prune_1"] = tr._prune(1)
+    tr.run_phase(0)
+    s["prune_1"] = tr.run_phase(1)
     s["owner_1"] = tr.model.owner.clone()
-    tr._recover(1, 2)
+    tr.run_phase(2)
     s["before_2"] = {k: v.clone() for k, v in tr.model.state_dict().items()}
     s["scores_1"] = TrainedCascade(copy.deepcopy(tr.model), STAGES, history, 1).score(
         np.arange(data.n_users), "exposure"
     )
-    tr._train(2, 3)
-    tr._prune(2)
-    tr._recover(2, 5)
-    tr._train(3, 6)
+    for index in (3, 4, 5, 6):  # train-2, prune-2, recover-2, train-3
+        tr.run_phase(index)
     s["after"] = {k: v.clone() for k, v in tr.model.state_dict().items()}
     s["scores_1_after"] = TrainedCascade(tr.model, STAGES, history, 3).score(np.arange(data.n_users), "exposure")
     return s
@@ -152,8 +151,8 @@ def test_earlier_columns_are_bit_identical_after_later_stages(staged):
 
 def test_graph_cascade_is_deterministic(data):
     cfg = override(CFG, ["train.max_epochs=1"])
-    a = CascadeTrainer(data, cfg).run().score(np.arange(50), "conversion")
-    b = CascadeTrainer(data, cfg).run().score(np.arange(50), "conversion")
+    a = CascadeTrainer(data, cfg, teacher=teacher_for(cfg)).run().score(np.arange(50), "conversion")
+    b = CascadeTrainer(data, cfg, teacher=teacher_for(cfg)).run().score(np.arange(50), "conversion")
     assert torch.equal(a, b)
 
 
@@ -227,8 +226,11 @@ def test_ease_and_teacher_lists_on_the_simulator(data):
 
 def test_distillation_trains_and_changes_the_student(data):
     base = override(CFG, ["train.max_epochs=1", "cascade.prune=none"])
-    plain = CascadeTrainer(data, base, objectives=("click",)).run().score(np.arange(30), "click")
-    taught = CascadeTrainer(data, override(base, ["train.distill=ease", "ease.l2=50"]), objectives=("click",))
+    plain = (
+        CascadeTrainer(data, base, objectives=("click",), teacher=teacher_for(base)).run().score(np.arange(30), "click")
+    )
+    distilled = override(base, ["train.distill=ease", "ease.l2=50"])
+    taught = CascadeTrainer(data, distilled, objectives=("click",), teacher=teacher_for(distilled))
     assert not torch.equal(plain, taught.run().score(np.arange(30), "click"))
 
 
@@ -268,9 +270,14 @@ def test_mlp_preset_loads_and_unknown_names_fail():
 
 
 def test_distillation_refuses_the_in_batch_loss(data):
+    from csmf.config import ConfigError
+
     cfg = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=0"])
-    with pytest.raises(ValueError, match="train.distill needs the full-catalogue loss"):
+    with pytest.raises(ConfigError, match="train.distill = 'ease' needs the per-user full-catalogue loss"):
         CascadeTrainer(data, cfg)
+    small = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=10"])  # known once the data is
+    with pytest.raises(ConfigError, match=f"below the catalogue of {data.n_items:,} items"):
+        CascadeTrainer(data, small)
 
 
 def test_share_above_counts_the_candidates_ranked_above_the_positive():
@@ -287,16 +294,16 @@ def test_share_above_counts_the_candidates_ranked_above_the_positive():
 def test_frozen_stage_cache_changes_no_number(data, monkeypatch):
     """Smoothing the frozen stages once per phase gives the same weights as smoothing them every step."""
     cfg = override(CFG, ["train.max_epochs=1", "train.distill="])
-    cached = CascadeTrainer(data, cfg).run().score(np.arange(40), "conversion")
-    monkeypatch.setattr(GraphTwoTower, "freeze_below", lambda self, stage: None)
-    fresh = CascadeTrainer(data, cfg).run().score(np.arange(40), "conversion")
+    cached = CascadeTrainer(data, cfg, teacher=teacher_for(cfg)).run().score(np.arange(40), "conversion")
+    monkeypatch.setattr(GraphBackbone, "freeze_below", lambda self, stage: None)
+    fresh = CascadeTrainer(data, cfg, teacher=teacher_for(cfg)).run().score(np.arange(40), "conversion")
     assert torch.equal(cached, fresh)
 
 
 def test_smoothing_gradients_are_bit_identical_to_torch_sparse_backward():
     import scipy.sparse as sp
 
-    from csmf.graph import StageGraph
+    from csmf.backbones.graph import StageGraph
 
     rng = np.random.default_rng(3)
     mats = {"view": sp.random(60, 40, density=0.1, format="csr", random_state=1, dtype=np.float32)}

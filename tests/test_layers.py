@@ -1,6 +1,11 @@
-"""The import graph runs one way: the core never imports serving or the experiments, serving never imports
-the experiments, and the contract and evaluation never import a model (checked on the source with ast, so
-an import inside a function counts too)."""
+"""The import graph runs one way, and has no circle.
+
+Layers: the core never imports serving or the experiments, serving never imports the experiments, and the
+contract and evaluation never import a model. Circles: no file reaches itself through imports, counting an
+import inside a function (a function-local import only hides a circle until the function runs) and counting a
+package's __init__ as a file: `from csmf.data import context` reads the package csmf.data first, so inside that
+package it closes a circle through the __init__ that imports the submodules. Checked on the source with ast.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,75 @@ import csmf
 SRC = Path(csmf.__file__).parent
 SERVING = {"serving"}
 EXPERIMENTS = {"experiments"}
-INTERFACE = {"cli", "demo", "train", "__init__"}
+INTERFACE = {"cli", "train_command", "torchrun_entry"}
 BELOW_MODELS = {"retriever", "evaluation", "metrics"}
+ROOT = "csmf"  # the package's own __init__: core (its public API is imported by name on first use)
 
 
-def module_of(path: Path) -> str:
-    return ".".join(path.relative_to(SRC).with_suffix("").parts)
+def module_of(path: Path, src: Path = SRC) -> str:
+    """Dotted name under csmf of a file: data/cache.py -> data.cache, data/__init__.py -> data, __init__ -> csmf."""
+    parts = path.relative_to(src).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or ROOT
+
+
+def targets(node: ast.AST, modules: set[str]) -> set[str]:
+    """The files an import statement runs: a named module, or a package's __init__ and the submodules named."""
+    found = set()
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "csmf" and not node.level:
+        base = node.module.removeprefix("csmf").lstrip(".") or ROOT
+        found.add(base)
+        for alias in node.names:
+            sub = alias.name if base == ROOT else f"{base}.{alias.name}"
+            if sub in modules:
+                found.add(sub)
+    elif isinstance(node, ast.Import):
+        found |= {a.name.removeprefix("csmf").lstrip(".") for a in node.names if a.name.startswith("csmf.")}
+    return {m for m in found if m in modules}
+
+
+def imports(src: Path = SRC) -> dict[str, set[str]]:
+    files = {module_of(p, src): p for p in src.rglob("*.py")}
+    modules = set(files)
+    graph = {}
+    for module, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            found |= targets(node, modules)
+        graph[module] = found - {module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one file (Tarjan), each as a sorted list."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
 
 
 def layer(module: str) -> str:
@@ -31,19 +99,6 @@ def layer(module: str) -> str:
     return "core"
 
 
-def imports() -> dict[str, set[str]]:
-    graph = {}
-    for path in SRC.rglob("*.py"):
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("csmf"):
-                found.add(node.module.removeprefix("csmf").lstrip("."))
-            elif isinstance(node, ast.Import):
-                found |= {a.name.removeprefix("csmf").lstrip(".") for a in node.names if a.name.startswith("csmf.")}
-        graph[module_of(path)] = {m for m in found if m}
-    return graph
-
-
 ALLOWED = {
     "core": {"core"},
     "serving": {"core", "serving"},
@@ -55,8 +110,8 @@ ALLOWED = {
 def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
     wrong = [
         f"{module} ({layer(module)}) imports {target} ({layer(target)})"
-        for module, targets in imports().items()
-        for target in targets
+        for module, found in imports().items()
+        for target in found
         if layer(target) not in ALLOWED[layer(module)]
     ]
     assert not wrong, "\n".join(wrong)
@@ -65,16 +120,31 @@ def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
 def test_the_contract_and_evaluation_import_no_model():
     wrong = [
         f"{module} imports {target}"
-        for module, targets in imports().items()
+        for module, found in imports().items()
         if module in BELOW_MODELS
-        for target in targets
-        if target.startswith("models") or target in ("cascade", "graph", "towers")
+        for target in found
+        if target.split(".")[0] in ("models", "backbones") or target in ("cascade", "stage_loss", "trained")
     ]
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_check_sees_an_import_inside_a_function(tmp_path):
+def test_no_file_reaches_itself_through_imports():
+    found = circles(imports())
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(group) for group in found)
+
+
+def test_the_check_sees_a_function_local_import_and_a_circle_through_a_package(tmp_path):
     tree = ast.parse("def f():\n    from csmf.experiments.bench import run_model\n")
-    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert modules == ["csmf.experiments.bench"] and layer("experiments.bench") == "experiments"
-    assert "experiments" not in ALLOWED["core"] and layer("serving.export") == "serving" and layer("cascade") == "core"
+    assert [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == ["csmf.experiments.bench"]
+    assert layer("experiments.bench") == "experiments" and "experiments" not in ALLOWED["core"]
+    # a toy tree: pkg/__init__ imports pkg.a, which imports a name of the package (a circle) and, inside a
+    # function, b, which imports a at module level (a second circle, through a function-local import)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from csmf.pkg.a import f\n")
+    (tmp_path / "pkg" / "a.py").write_text("from csmf.pkg import helper\n\ndef f():\n    from csmf.b import g\n")
+    (tmp_path / "b.py").write_text("from csmf.pkg.a import f\n")
+    (tmp_path / "c.py").write_text("from csmf.pkg import a\n")  # the package and its submodule, no circle
+    graph = imports(tmp_path)
+    assert graph["pkg.a"] == {"pkg", "b"} and graph["c"] == {"pkg", "pkg.a"}
+    assert circles(graph) == [["b", "pkg", "pkg.a"]]
+    assert circles({"x": {"y"}, "y": set()}) == []

@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
+from csmf.backbones.mlp import MaskedEmbedding, MaskedLinear
 from csmf.fusion import fold_weights
 from csmf.losses import aml_margin, in_batch_scores, softmax_loss
 from csmf.masks import active, claim_free, trainable_rows, usable
 from csmf.prune import cpp_free, fixed_free, release
-from csmf.towers import MaskedEmbedding, MaskedLinear
 
 T, F = True, False
 

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 
-from csmf.serving.export import load_artifact, write_artifact
+from csmf.serving.artifact import load_artifact, write_artifact
 from csmf.serving.loadtest import _free_port, _wait_healthy
 
 STAGES = ("view", "click", "buy")

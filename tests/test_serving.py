@@ -22,7 +22,7 @@ from csmf.config import load_config
 from csmf.data.datasets import load_dataset
 from csmf.models.csmf import CSMF
 from csmf.serving.app import create_app
-from csmf.serving.export import ArtifactError, load_artifact, manifest_digest, write_artifact
+from csmf.serving.artifact import ArtifactError, load_artifact, manifest_digest, write_artifact
 from csmf.serving.index import IndexSettings, build_index, recall_against
 from csmf.serving.serve import NotMutable, Recommender, RequestError, ServeLimits
 
@@ -927,7 +927,7 @@ def test_a_new_users_and_a_new_items_raw_features_go_through_the_towers_as_in_tr
     artifact = load_artifact(path)
     recommender = Recommender(artifact, build_index(artifact.item_vectors))
     model = CSMF.load(run / "model")
-    saved, trained = model._saved, model.trained
+    saved, trained = model.inputs, model.trained
     assert recommender.tower.feature_names == ["user_segment"] and recommender.item_tower.feature_names == [
         "item_category"
     ]

@@ -16,6 +16,7 @@ from csmf.config import Config, ConfigError, override
 from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.experiments.suite import suite_runs
+from csmf.models.teachers import teacher_for
 
 TINY_SUITE = [
     "--set", "bench.suite_sim_users=160", "--set", "bench.suite_sim_items=120",
@@ -49,18 +50,18 @@ def _tiny_data(sim_parquet):
 def test_shared_pretraining_is_bit_identical_to_training_afresh(sim_parquet, tmp_path):
     data = _tiny_data(sim_parquet)
     cfg = override(Config(), ["train.max_epochs=2,1", "train.extra_negatives=64"])
-    fresh = CascadeTrainer(data, cfg).run()
+    fresh = CascadeTrainer(data, cfg, teacher=teacher_for(cfg)).run()
     cache = tmp_path / "cache"
-    first = CascadeTrainer(data, cfg, pretrain_cache=cache)
+    first = CascadeTrainer(data, cfg, pretrain_cache=cache, teacher=teacher_for(cfg))
     first.run()
     assert len(list(cache.glob("pretrain-*.pt"))) == 1
-    again = CascadeTrainer(data, cfg, pretrain_cache=cache)
+    again = CascadeTrainer(data, cfg, pretrain_cache=cache, teacher=teacher_for(cfg))
     shared = again.run()
     assert again.history[0].get("cached") is True and "cached" not in first.history[0]
     for name, tensor in fresh.model.state_dict().items():
         assert torch.equal(tensor, shared.model.state_dict()[name]), name
     # another seed is another pretraining: it must not be served from the cache
-    other = CascadeTrainer(data, override(cfg, ["seed=1"]), pretrain_cache=cache)
+    other = CascadeTrainer(data, override(cfg, ["seed=1"]), pretrain_cache=cache, teacher=teacher_for(cfg))
     assert other.pretrain.path != again.pretrain.path
 
 

@@ -115,10 +115,11 @@ def test_a_planted_pretrain_cache_file_is_refused(sim_data, tmp_path):
     from csmf.cascade import CascadeTrainer
     from csmf.checkpoints import CheckpointError
     from csmf.config import Config, override
+    from csmf.models.teachers import teacher_for
 
     cfg = override(Config(), ["model.dim=8", "train.max_epochs=1"])
     marker = tmp_path / "pwned.txt"
-    trainer = CascadeTrainer(sim_data, cfg, pretrain_cache=tmp_path / "cache")
+    trainer = CascadeTrainer(sim_data, cfg, pretrain_cache=tmp_path / "cache", teacher=teacher_for(cfg))
     (tmp_path / "cache").mkdir()
     torch.save(Payload(marker), trainer.pretrain.path)
     with pytest.raises(CheckpointError, match="refused"):
@@ -141,8 +142,10 @@ def test_export_works_from_another_directory(sim_parquet, tmp_path, monkeypatch)
     assert (elsewhere / "artifact" / "manifest.json").exists()
 
 
-def test_export_names_data_that_moved_or_changed(sim_parquet, tmp_path, capsys):
+def test_export_reads_the_saved_model_and_names_the_commands_for_an_older_run_folder(sim_parquet, tmp_path, capsys):
     import shutil
+
+    from csmf.serving.artifact import load_artifact
 
     log = tmp_path / "log.parquet"
     shutil.copy(sim_parquet[0], log)
@@ -153,18 +156,17 @@ def test_export_names_data_that_moved_or_changed(sim_parquet, tmp_path, capsys):
     # the run saved its model: export needs neither the data nor a trainer
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "saved")]) == 0
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "b"), "--set", f"data.dataset={moved}"]) == 2
-    assert "saved its model, which is exported as trained" in capsys.readouterr().err
-    shutil.rmtree(run / "model")  # a run folder from before runs saved their model: export reads the data
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
-    assert "--set data.dataset=PATH" in capsys.readouterr().err
-    # --set (or a --config file) says where the data is now
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "c"), "--set", f"data.dataset={moved}"]) == 0
-    config = tmp_path / "moved.toml"
-    config.write_text(f'[data]\ndataset = "{moved}"\n')
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "d"), "--config", str(config)]) == 0
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
-    assert f"trained on {log}, which is not there any more" in capsys.readouterr().err
-    _shuffled_copy(moved, log)  # other data under the old name
+    assert "a run is exported as it was trained: --config/--set do not apply" in capsys.readouterr().err
+    shutil.rmtree(run / "model")  # a run folder from before runs saved their model: no export from checkpoints
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
-    assert "trained on other data" in err and "point the run's config.toml at the original data" in err
+    assert "checkpoints but no saved model" in err and f"csmf train --config {run / 'config.toml'} --out {run}" in err
+    # the command it names saves the model from the finished checkpoints (nothing trains again); then export works
+    moved.rename(log)
+    assert main(["train", "--config", str(run / "config.toml"), "--out", str(run), "--quiet"]) == 0
+    assert "resuming after phase train-3" in capsys.readouterr().out
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "again")]) == 0
+    first, again = load_artifact(tmp_path / "saved"), load_artifact(tmp_path / "again")
+    assert (first.item_vectors == again.item_vectors).all() and (first.user_vectors == again.user_vectors).all()
+    assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no saved model (model/model.pt)" in capsys.readouterr().err

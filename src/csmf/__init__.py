@@ -39,7 +39,7 @@ _API = {
     "CSMF": "csmf.models.csmf",
     "evaluate": "csmf.evaluation",
     "export_model": "csmf.serving.export",
-    "load_model": "csmf.models.saving",
+    "load_model": "csmf.models",
 }
 __all__ = sorted(_API)
 

@@ -14,7 +14,8 @@ from csmf.checkpoints import CheckpointError
 from csmf.config import Config, ConfigError, ServeConfig, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
 from csmf.fusion import clip
-from csmf.serving.export import ArtifactError
+from csmf.rules import check_training
+from csmf.serving.artifact import ArtifactError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +69,9 @@ def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
     return cfg
 
 
+CLASSICAL = ("popularity", "als", "itemknn", "ease")  # bench models without a neural training config
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from csmf.experiments.bench import run_bench
     from csmf.experiments.suite import QUICK_SETS, run_suite
@@ -82,6 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite:
         run_suite(cfg, args.suite + ("-quick" if args.quick else ""), progress=not args.quiet)
     else:
+        if any(m not in CLASSICAL for m in cfg.bench.models):  # a neural model: its config must train
+            check_training(cfg)
         run_bench(cfg, progress=not args.quiet)
     return 0
 
@@ -166,6 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
+    check_training(cfg)  # a combination that cannot train fails now, before any data loads
 
     ranks = distributed.init_from_env(distributed.resolve_device(cfg.runtime.device))
     try:
@@ -189,7 +196,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _train(args: argparse.Namespace, cfg, ranks) -> int:
     from csmf.data.datasets import load_dataset
-    from csmf.demo import train_and_report
+    from csmf.train_command import train_and_report
 
     if cfg.data.cache_dir and ranks.active:  # one process converts (or checks) the cache, then all read it
         from csmf import distributed
@@ -216,7 +223,8 @@ def _train(args: argparse.Namespace, cfg, ranks) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from csmf.serving.export import export_run, load_artifact
+    from csmf.serving.artifact import load_artifact
+    from csmf.serving.export import export_run
 
     weights = None
     if args.weights:  # stage names are checked against the run's stages by export
@@ -270,7 +278,9 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 def cmd_trainspeed(args: argparse.Namespace) -> int:
     from csmf.experiments.trainspeed import run_trainspeed
 
-    run_trainspeed(args.out, args.seconds)
+    # the MLP preset unless --config names another (the default graph encoder trains per user, not per pair)
+    cfg = _config(args) if args.config else override(load_config("mlp"), args.set)
+    run_trainspeed(args.out, cfg, args.seconds)
     return 0
 
 
@@ -345,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--nproc", type=int, default=1,
         help="training processes on this machine, launched with torchrun (DDP: gloo on CPU, nccl on CUDA); "
-        "the same run folder as one process. Several machines: torchrun -m csmf.train (README)",
+        "the same run folder as one process. Several machines: torchrun -m csmf.torchrun_entry (README)",
     )  # fmt: skip
     _common(train)
     _device_flag(train)
@@ -359,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the user and item towers as ONNX to <out>/onnx (pip install 'csmf[onnx]')",
     )
-    _common(export)  # --config / --set: only for a run folder without a saved model (older runs)
+    _common(export)  # --config / --set are refused: a run is exported as it was trained
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
     serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")
@@ -415,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed = sub.add_parser("trainspeed", help="training batch/s, idle and loaded machine, per OpenMP wait policy")
     speed.add_argument("--seconds", type=float, default=20.0, help="wall time of each measurement (default 20)")
     speed.add_argument("--out", default="results/trainspeed.json", help="result JSON")
+    _common(speed)
 
     data = sub.add_parser("data", help="load and split a dataset; print its summary, load report and leak check")
     _data_flags(data)

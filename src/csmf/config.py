@@ -20,6 +20,11 @@ from typing import Any, ClassVar, Literal
 import tomli_w
 
 
+def per_stage(values: tuple, stage: int):
+    """The value for 1-based `stage` from a per-stage tuple whose last value repeats (train.lr, cascade.tau, ...)."""
+    return values[min(stage, len(values)) - 1]
+
+
 def _positive(v) -> bool:
     return all(x > 0 for x in (v if isinstance(v, tuple) else (v,)))
 
@@ -231,7 +236,8 @@ class ModelConfig(Checked):
     }
 
     # "graph": one item table, user = degree-normalised bag of its history, both sides smoothed over the
-    # multi-behaviour graph (csmf/graph.py); "mlp": ID + mean-pooled history bags -> masked MLP (csmf/towers.py)
+    # multi-behaviour graph (csmf/backbones/graph.py); "mlp": ID + mean-pooled history bags -> masked MLP
+    # (csmf/backbones/mlp.py). Each is a Backbone (csmf/backbones/base.py) registered by this name
     encoder: Literal["graph", "mlp"] = "graph"
     dim: int = 128  # D: the user / item vector size, split into per-stage groups by CSMF
     # user_hidden .. dropout: the MLP encoder only (the graph encoder has one D-wide item table, no dropout)

@@ -32,3 +32,16 @@ def deterministic_torch(warn_only: bool = False) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(before)
         torch.utils.deterministic.fill_uninitialized_memory = fill_before
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's default generators seeded with `seed` for the block, and the caller's state restored after it.
+
+    For what draws from the default generator and takes no generator of its own (dropout, nn.Linear's initial
+    weights); everything else draws from a torch.Generator it is handed. A fit thus neither reads nor moves
+    the caller's random state."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,6 +1,6 @@
 """Multi-process training on PyTorch's own engine: torch.distributed, DistributedDataParallel, torchrun.
 
-`csmf train --nproc N` (or `torchrun --nproc-per-node N -m csmf.train ...`) starts N processes; each
+`csmf train --nproc N` (or `torchrun --nproc-per-node N -m csmf.torchrun_entry ...`) starts N processes; each
 reads the same data, takes its share of every global batch, and DDP averages the gradients (gloo on CPU,
 nccl on CUDA). The cascade's guarantees hold across processes because everything after the all-reduce is
 the same on every rank: the stage masks zero the same gradient entries, the same optimizer step follows,
@@ -90,7 +90,7 @@ def launch(nproc: int, train_args: list[str]) -> int:
     import sys
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "csmf.train", *train_args]  # fmt: skip
+               "-m", "csmf.torchrun_entry", *train_args]  # fmt: skip
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores, shared out
     return subprocess.run(command, env=env, check=False).returncode

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.data import context
+import csmf.data.context as context
 from csmf.data.schema import CascadeData
 from csmf.distributed import Ranks, all_sum
 from csmf.metrics import recall_ndcg

@@ -1,9 +1,12 @@
-"""Training losses as pure tensor functions: softmax retrieval loss (full catalogue or in-batch with logQ)
-and the cross-stage adaptive margin (AML, method notes §5 [INTERPRETATION]).
+"""Training losses as pure tensor functions: the softmax retrieval loss over the full catalogue (per pair or
+per user) or over sampled candidates (in-batch + uniform negatives with logQ: `sampled_softmax`, the one
+sampled softmax CSMF and the multi-task towers share), the cross-stage adaptive margin (AML, method notes §5
+[INTERPRETATION]) and distillation.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +67,66 @@ def in_batch_scores(
     same = items.unsqueeze(0) == items[target].unsqueeze(1)
     same[rows, target] = False
     return scores.masked_fill(same, float("-inf")), target
+
+
+def sampled_softmax(
+    user: torch.Tensor,
+    items: torch.Tensor,
+    ids: torch.Tensor,
+    item_log_q: torch.Tensor,
+    temperature: float,
+    offset: int = 0,
+    negatives: torch.Tensor | None = None,
+    negative_log_q: torch.Tensor | None = None,
+    upstream_user: torch.Tensor | None = None,
+    m0: float = 0.0,
+    aml_form: str = "margin",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sampled softmax: each row's positive against the batch's other items and `negatives`, logQ-corrected.
+
+    user: (B, D); items, ids: (M, D) vectors and (M,) ids of the batch items, row b's own at offset + b (M = B
+    for one process; every rank's when gathered); item_log_q: (N,) log share of each item in the training
+    pairs (csmf.data.batches.log_q). negatives: (K, D) uniformly drawn extra items with negative_log_q (K,)
+    = log(K / N).
+
+    logQ: a candidate's logit loses the log of its expected count among the candidates: log(M q_i) for an
+    in-batch item (M draws in proportion to q), log(K / N) for a uniform one. Both parts are expected counts
+    of the same candidate set, so neither kind of negative outweighs the other (docs/method.md, *logQ*).
+
+    AML (m0 > 0): upstream_user (B, D) is the user at the frozen upstream objective (u masked to its dims); the
+    positive's margin is m0 x the share of candidates the upstream objective ranks above it ("margin": taken
+    off the positive's logit; "weight": 1 + that margin multiplies the row's weight).
+    """
+    scores, target = in_batch_scores(user, items, ids, offset)  # (B, M)
+    correction = item_log_q[ids] + np.log(len(ids))
+    upstream = in_batch_scores(upstream_user, items, ids, offset)[0] if m0 > 0 else None
+    if negatives is not None:
+        scores = torch.cat([scores, user @ negatives.T], dim=1)  # (B, M + K)
+        correction = torch.cat([correction, negative_log_q])
+        if upstream is not None:
+            upstream = torch.cat([upstream, upstream_user @ negatives.T], dim=1)
+    return aml_softmax(scores, target, temperature, upstream, m0, aml_form, correction, weight)
+
+
+def aml_softmax(
+    scores: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    upstream: torch.Tensor | None,
+    m0: float,
+    aml_form: str,
+    log_q: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`softmax_loss` with the cross-stage margin of `upstream` (B, C) scores over the same candidates (None or
+    m0 = 0: no margin), in AML form "margin" (off the positive's logit) or "weight" (1 + m multiplies the row)."""
+    if aml_form not in ("margin", "weight"):
+        raise ValueError(f"cascade.aml_form must be 'margin' or 'weight' on batches of pairs, got {aml_form!r}")
+    margin = aml_margin(upstream, target, m0) if upstream is not None and m0 > 0 else None
+    if margin is not None and aml_form == "weight":  # up-weight the positives the upstream stage misses
+        weight, margin = (1.0 if weight is None else weight) * (1.0 + margin), None
+    return softmax_loss(scores, target, temperature, margin=margin, log_q=log_q, weight=weight)
 
 
 def user_softmax_loss(

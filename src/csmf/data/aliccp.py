@@ -123,7 +123,7 @@ def aliccp_raw_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0
     """The raw release as a cache source (csmf.data.cache): the same rows, split and features as
     `load_aliccp_raw`, block by block, so a 42M-row release converts in bounded memory."""
     from csmf.data.aliccp_raw import CONTEXT_FIELDS, ITEM_FIELDS, USER_FIELDS
-    from csmf.data.cache import SPLIT_CODES, Source
+    from csmf.data.sources import SPLIT_CODES, Source
 
     folder = Path(folder)
 
@@ -154,7 +154,7 @@ def aliccp_source(folder: str | Path, valid_frac: float = 0.1, seed: int = 0,
     """Ali-CCP as a cache source: the raw release when it is there, else the processed CSVs read in blocks
     (the same rows, split and checks as `load_aliccp`)."""
     from csmf.data.aliccp_raw import CONTEXT_FIELDS
-    from csmf.data.cache import SPLIT_CODES, Source, file_blocks, no_empty
+    from csmf.data.sources import SPLIT_CODES, Source, file_blocks, no_empty
 
     folder = Path(folder)
     if has_raw_layout(folder):

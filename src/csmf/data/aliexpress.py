@@ -155,7 +155,7 @@ def aliexpress_source(folder: str | Path, valid_frac: float, seed: int, query_co
     a query column that turns out to vary within a search over all the rows is kept per row and named in the
     manifest's notes, and the item key (the other categorical columns) is not changed by it;
     validation = the training searches whose seeded hash falls below `valid_frac`."""
-    from csmf.data.cache import SPLIT_CODES, Source, file_blocks, pair_split
+    from csmf.data.sources import SPLIT_CODES, Source, file_blocks, pair_split
 
     folder = Path(folder)
     files = aliexpress_files(folder)

@@ -28,9 +28,7 @@ import hashlib
 import json
 import shutil
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,36 +37,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from csmf.data import context
+import csmf.data.context as context
 from csmf.data.errors import DataError
-from csmf.data.logtable import Locator
+from csmf.data.filesplit import apply_leak_rule
 from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
-from csmf.hashing import mix64
+from csmf.data.sources import SPLIT_CODES, Source, text_hash
 from csmf.progress import bar
 
 FORMAT = 1
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 BUILD_DEFAULTS = {"buckets": 16, "hash_threshold": 10_000, "hash_buckets": 4096}  # they change the encoding
-
-
-@dataclass
-class Source:
-    """A log to convert: its files (fingerprinted), the options that change its meaning, the stage names, and
-    `blocks()`, which yields normalised tables (user_id, item_id, split, one 0/1 int8 column per stage, features)
-    with `user_features` / `item_features` naming the columns of each side (None = infer from the data)."""
-
-    name: str
-    files: list[Path]
-    options: dict
-    stages: tuple[str, ...]
-    blocks: Callable[[], Iterator[pa.Table]]
-    user_features: tuple[str, ...] | None = None
-    item_features: tuple[str, ...] | None = None
-    notes: list[str] = field(default_factory=list)
-    # per-row context columns (csmf.data.context), kept per row; `context_required`: named by the user, so a
-    # missing one is an error (a layout's default context is skipped when the files lack it)
-    context: tuple[str, ...] = ()
-    context_required: bool = False
 
 
 def file_digest(path: Path) -> str:
@@ -115,7 +92,7 @@ class _Vocabulary:
     def encode(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         """int32 codes; 0 is reserved for an empty cell."""
         if self.hashed:  # an empty cell hashes to 0 as well
-            return (_text_hash(column) % np.uint64(self.buckets)).astype(np.int32)
+            return (text_hash(column) % np.uint64(self.buckets)).astype(np.int32)
         at = pc.index_in(column.cast(pa.string()), value_set=self.values)
         return (at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1).astype(np.int32)
 
@@ -454,8 +431,6 @@ class Cache:
     def cascade(self, name: str, users: np.ndarray | None = None) -> CascadeData:
         """The cache as an in-memory CascadeData (optionally only the rows of `users`: what evaluating
         those users needs), with the leak rule of release splits applied."""
-        from csmf.data.filesplit import apply_leak_rule
-
         report = LoadReport(str(self.folder))
         report.rows_read = int(self.manifest["rows"])
         parts = self.matrices(users)
@@ -489,109 +464,3 @@ def ensure_cache(source: Source, folder: Path, progress: bool = False, log: Call
         log(f"cache {folder}: unfinished conversion found; converting again")
     build_cache(source, folder, progress=progress, identity=identity, **options)
     return Cache(folder)
-
-
-def dictionary(column: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
-    """The column dictionary-encoded in one chunk: each distinct value once, and an index per row."""
-    encoded = pc.dictionary_encode(column)
-    return encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
-
-
-def _text_hash(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """crc32 of each value's text, computed once per distinct value of the block (an empty cell: 0)."""
-    encoded = dictionary(column.cast(pa.string()))
-    table = np.array([zlib.crc32(w.encode()) for w in encoded.dictionary.to_pylist()], dtype=np.uint64)
-    index = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)
-    hashed = table[index] if len(table) else np.zeros(len(index), dtype=np.uint64)
-    return np.where(np.asarray(encoded.is_null()), np.uint64(0), hashed)
-
-
-def pair_split(users: pa.Array, items: pa.Array, test_frac: float, valid_frac: float, seed: int) -> np.ndarray:
-    """Split code per row from a seeded hash of its (user, item) pair: every row of a pair, in every stage,
-    lands on the same side, so no test pair is ever trained on (the leak rule), whatever the block order."""
-    with np.errstate(over="ignore"):
-        key = mix64(_text_hash(users) * np.uint64(0x9E3779B97F4A7C15) + _text_hash(items) + np.uint64(seed))
-    u = (key >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    code = np.full(len(u), SPLIT_CODES["train"], dtype=np.int8)
-    code[u < test_frac + valid_frac * (1 - test_frac)] = SPLIT_CODES["val"]
-    code[u < test_frac] = SPLIT_CODES["test"]
-    return code
-
-
-def file_blocks(path: Path, block_bytes: int = 64 << 20) -> Iterator[tuple[Locator, pa.Table]]:
-    """A CSV (with a header) or Parquet file in blocks: (a locator of the block's rows in the file, block)."""
-    import pyarrow.csv as pacsv
-
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".parquet":
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1 << 20)
-    else:
-        read = pacsv.ReadOptions(block_size=block_bytes)
-        convert = pacsv.ConvertOptions(strings_can_be_null=True)
-        batches = pacsv.open_csv(path, read_options=read, convert_options=convert)
-    first = 0
-    try:
-        for batch in batches:
-            yield _Offset(path, first), pa.Table.from_batches([batch])
-            first += batch.num_rows
-    except pa.ArrowInvalid as err:  # a block the reader cannot parse: say where the readable rows end
-        raise DataError(f"{path}: cannot parse after data row {first:,}: {err}") from None
-
-
-def require(table: pa.Table, path: Path, columns: tuple[str, ...]) -> None:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
-
-
-def no_empty(table: pa.Table, where: Locator, columns: tuple[str, ...]) -> None:
-    for col in columns:
-        if table.column(col).null_count:
-            row = int(np.flatnonzero(np.asarray(pc.is_null(table.column(col))))[0])
-            raise DataError(f"{where(row)}: column {col!r} is empty")
-
-
-def log_source(
-    path: Path, stages: tuple[str, ...], user_col: str, item_col: str, test_frac: float, valid_frac: float,
-    seed: int, name: str, block_bytes: int = 64 << 20,
-) -> Source:  # fmt: skip
-    """A generic log (CSV or Parquet, e.g. the simulator's) as a cache source, read in blocks. Stages must be
-    named (`--stages`): inference needs the whole file. The split is per pair (a seeded hash), not per user."""
-    from csmf.data.logtable import check_stage
-
-    if not stages:
-        raise DataError(f"{path}: name the stage columns (--stages) to convert a log into a cache")
-
-    def blocks() -> Iterator[pa.Table]:
-        for where, table in file_blocks(path, block_bytes):
-            require(table, path, (user_col, item_col, *stages))
-            no_empty(table, where, (user_col, item_col))
-            out = {
-                "user_id": table.column(user_col),
-                "item_id": table.column(item_col),
-                "split": pair_split(table.column(user_col), table.column(item_col), test_frac, valid_frac, seed),
-            }
-            out |= {s: pa.array(check_stage(table, s, where).astype(np.int8)) for s in stages}  # fmt: skip
-            out |= {c: table.column(c) for c in table.column_names if c not in (user_col, item_col, *stages)}
-            yield pa.table(out)
-
-    options = {"layout": "log", "stages": list(stages), "user_col": user_col, "item_col": item_col,
-               "test_frac": test_frac, "valid_frac": valid_frac, "seed": seed}  # fmt: skip
-    return Source(name=name, files=[path], options=options, stages=stages, blocks=blocks,
-                  notes=[pair_split_note(path.name, test_frac, valid_frac)])  # fmt: skip
-
-
-def pair_split_note(what: str, test_frac: float, valid_frac: float) -> str:
-    return (f"{what}: split per (user, item) pair by a seeded hash (test {test_frac:.0%}, validation "
-            f"{valid_frac:.0%} of the rest)")  # fmt: skip
-
-
-class _Offset:
-    """A Locator for block `first`.. of a file: data row r of the block is data row first + r of the file."""
-
-    def __init__(self, path: Path, first: int):
-        self.locate, self.first, self.path = Locator(path), first, path
-
-    def __call__(self, row: int) -> str:
-        return self.locate(self.first + row)

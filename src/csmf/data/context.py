@@ -2,7 +2,7 @@
 
 A context column takes one value per logged row, not per user or item. Each (user, item) pair keeps the
 value of its latest row (by timestamp, else the last in the file); values become codes 1..K per column,
-code 0 meaning "unknown". The user tower embeds the codes (csmf.towers), so one user has a vector per
+code 0 meaning "unknown". The user tower embeds the codes (csmf.backbones.mlp), so one user has a vector per
 context; the item index is unchanged.
 
 Evaluation with context ranks per request: a request is a (user, context) pair, its positives the user's

@@ -98,7 +98,8 @@ def _load_cached(cfg: Config, progress: bool) -> CascadeData:
 def convert(cfg: Config, progress: bool = False):
     """The Parquet cache of the dataset `cfg` names, in data.cache_dir: reused when it matches its source,
     converted otherwise (csmf.data.cache.Cache)."""
-    from csmf.data.cache import ensure_cache, log_source
+    from csmf.data.cache import ensure_cache
+    from csmf.data.sources import log_source
 
     d = cfg.data
     if not d.cache_dir:

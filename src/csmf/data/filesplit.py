@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from csmf.data import context
+import csmf.data.context as context
 from csmf.data.logtable import Concatenated, log_from_table
 from csmf.data.schema import CascadeData, LoadReport, difference, pairs_to_csr, union
+from csmf.data.sources import dictionary
 from csmf.data.split import finish_report
 
 SPLITS = ("train", "val", "test")
@@ -93,8 +94,6 @@ def apply_leak_rule(
 def holdout_by_key(keys: pa.ChunkedArray | pa.Array, share: float, seed: int) -> np.ndarray:
     """Bool per row: its key (a search, a user) is among a seeded `share` of the distinct keys. Rows of one
     key stay together, so a held-out key is as new to the model as a test key."""
-    from csmf.data.cache import dictionary
-
     encoded = dictionary(keys)
     n = len(encoded.dictionary)
     chosen = np.zeros(n, dtype=bool)

@@ -151,7 +151,7 @@ def kuairand_source(folder: str | Path, conversion: str, test_frac: float, valid
     """KuaiRand as a cache source: each log read in blocks and joined with the feature files (held whole: one
     row per user or video), split per pair; context_features as in `load_kuairand`."""
     asked = wanted(context_features, CONTEXT_COLUMNS)
-    from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note, require
+    from csmf.data.sources import Source, file_blocks, no_empty, pair_split, pair_split_note, require
 
     if conversion not in CONVERSIONS:
         raise DataError(f"data.kuairand_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")

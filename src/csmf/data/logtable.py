@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from csmf.data import context
+import csmf.data.context as context
 from csmf.data.errors import DataError
 from csmf.data.schema import CascadeLog, LoadReport
 

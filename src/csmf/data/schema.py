@@ -176,6 +176,13 @@ class CascadeData:
             return self.side[name]
         raise KeyError(f"no training matrix named {name!r}; have {list(self.train) + list(self.side)}")
 
+    def context_sizes(self) -> dict[str, int]:
+        """Rows of each per-row context column's table (codes + code 0, unknown): the cache's vocabulary when
+        training streams (`context` then holds only the evaluated users' pairs), else the codes in `context`."""
+        if self.stream is not None and self.context:
+            return self.stream.context_sizes()
+        return {name: int(mat.data.max(initial=0)) + 1 for name, mat in self.context.items()}
+
     @property
     def behaviours(self) -> tuple[str, ...]:
         """Every training matrix name: the stages in cascade order, then side behaviours."""

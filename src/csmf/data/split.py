@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+import csmf.data.context as context
 from csmf.config import ConfigError
-from csmf.data import context
 from csmf.data.errors import DataError
 from csmf.data.schema import (
     CascadeData,

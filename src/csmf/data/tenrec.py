@@ -94,7 +94,7 @@ def load_tenrec(folder: str | Path, conversion: str = "like", name: str = "") ->
 
 def tenrec_source(folder: str | Path, conversion: str, name: str, test_frac: float, valid_frac: float, seed: int):
     """Tenrec as a cache source, read in blocks: the rows and checks of `load_tenrec`, split per pair."""
-    from csmf.data.cache import Source, file_blocks, no_empty, pair_split, pair_split_note
+    from csmf.data.sources import Source, file_blocks, no_empty, pair_split, pair_split_note
 
     if conversion not in CONVERSIONS:
         raise DataError(f"data.tenrec_conversion: {conversion!r} is not one of {list(CONVERSIONS)}")

@@ -16,12 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csmf.cascade import CascadeTrainer, TrainedCascade, build_model, context_sizes_of
+from csmf.backbones import build_backbone
+from csmf.backbones.features import feature_columns
+from csmf.cascade import CascadeTrainer
 from csmf.config import Config, config_from_dict, config_to_dict
-from csmf.data.schema import CascadeData
+from csmf.data.schema import CascadeData, union
 from csmf.fusion import fold_weights
 from csmf.models.saving import SavedInputs, read_model, write_model
+from csmf.models.teachers import teacher_for
 from csmf.retriever import Retriever
+from csmf.trained import TrainedCascade
 
 ABLATIONS = {
     "csmf": lambda c: c,
@@ -75,12 +79,11 @@ class CSMF(Retriever):
         missing = [o for o in objectives if o not in data.stages]
         if missing:
             raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
-        trainer = CascadeTrainer(
-            data, self.cfg, objectives, self.run_dir, self.progress, self.log, pretrain_cache=self.pretrain_cache
-        )
+        trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log,
+                                 pretrain_cache=self.pretrain_cache, teacher=teacher_for(self.cfg))  # fmt: skip
         self.trained = trainer.run()
         self.phases = trainer.history
-        self._saved = SavedInputs.of(data, trainer.tuning_history, context_sizes_of(data))
+        self.inputs = SavedInputs.of(data, trainer.tuning_history, data.context_sizes())
         return self
 
     # ----- save / load (csmf.models.saving) ---------------------------------------------------------
@@ -92,7 +95,7 @@ class CSMF(Retriever):
         t = self.trained
         meta = {"name": self.name, "config": config_to_dict(self.cfg), "objectives": list(t.objectives),
                 "top": t.top, "shared": t.shared}  # fmt: skip
-        return write_model(folder, "csmf", meta, self.model.state_dict(), self._saved, t.history)
+        return write_model(folder, "csmf", meta, self.model.state_dict(), self.inputs, t.history)
 
     @classmethod
     def load(cls, folder: str | Path) -> CSMF:
@@ -100,13 +103,37 @@ class CSMF(Retriever):
         meta, state, saved, history = read_model(folder, "csmf")
         cfg = config_from_dict(meta["config"])
         objectives = tuple(meta["objectives"])
-        model = build_model(saved.skeleton(history), cfg, cfg.seed, objectives, saved.context_sizes)
+        model = build_backbone(saved.skeleton(history), cfg, cfg.seed, objectives, saved.context_sizes)
         model.set_history(saved.tuning_history)
         model.load_state_dict(state)
         out = cls(cfg, objectives, name=meta["name"])
         out.trained = TrainedCascade(model, objectives, history, meta["top"], shared=meta["shared"])
-        out._saved, out.phases = saved, []
+        out.inputs, out.phases = saved, []
         return out
+
+    def served_arrays(self) -> dict:
+        """What a serving artifact holds of this model (csmf.serving.export writes it): the item vectors, every
+        user's vector from the training history the model holds, the output owners, the items each user has
+        seen, item popularity, ids, the stages, and the user (and item) tower with its feature columns."""
+        if self.trained is None:
+            raise RuntimeError(f"{self.name} is not fitted; fit or load it before exporting")
+        trained, inputs = self.trained, self.inputs
+        users = np.arange(inputs.n_users)
+        user_vectors = torch.cat([trained.raw_user_vectors(users[i : i + 4096]) for i in range(0, len(users), 4096)])
+        seen = union(*trained.history.values()).tocsr()
+        seen.sort_indices()
+        m = self.cfg.model
+        user_tower, item_tower = trained.export_towers(
+            feature_columns(inputs.user_features, m), feature_columns(inputs.item_features, m)
+        )
+        return {
+            "item_vectors": trained.items.numpy(), "user_vectors": user_vectors.numpy(),
+            "output_owner": self.model.output_owner.numpy(), "seen_indptr": seen.indptr, "seen_indices": seen.indices,
+            "popularity": np.asarray(seen.sum(axis=0)).ravel(),
+            "user_ids": _ids(inputs.user_ids, inputs.n_users), "item_ids": _ids(inputs.item_ids, inputs.n_items),
+            "stages": tuple(trained.objectives), "dataset": inputs.name, "user_tower": user_tower,
+            "item_tower": item_tower,
+        }  # fmt: skip
 
     @property
     def model(self):
@@ -149,3 +176,7 @@ class CSMF(Retriever):
             "vector_dim": int(self.item_vectors().shape[1]),
             "ownership": self.model.ownership(),
         }
+
+
+def _ids(original: np.ndarray | None, n: int) -> list[str]:
+    return [str(v) for v in (original if original is not None else range(n))]

@@ -27,19 +27,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csmf.cascade import pairs_of, per_stage, stage_pairs, target_matrix
-from csmf.config import Config, config_from_dict, config_to_dict
+from csmf.backbones.features import features_of, pool_bags
+from csmf.backbones.graph import StageGraph, graph_weights
+from csmf.config import Config, config_from_dict, config_to_dict, per_stage
+from csmf.data.batches import (
+    JointPairBatches,
+    PairBatch,
+    UserBatches,
+    pairs_of,
+    stage_pairs,
+    target_matrix,
+    uniform_negatives,
+)
 from csmf.data.batches import log_q as item_log_q
-from csmf.data.batches import uniform_negatives
 from csmf.data.schema import CascadeData
-from csmf.determinism import deterministic_torch
+from csmf.determinism import deterministic_torch, seeded
+from csmf.distributed import Ranks
 from csmf.evaluation import evaluate_stage, metric_values
-from csmf.graph import StageGraph, graph_weights
-from csmf.loop import run_epochs
-from csmf.losses import distillation_loss, in_batch_scores, softmax_loss, user_softmax_loss
+from csmf.losses import distillation_loss, sampled_softmax, user_softmax_loss
 from csmf.models.saving import SavedInputs, read_model, write_model
+from csmf.models.teachers import teacher_lists
 from csmf.retriever import Retriever
-from csmf.towers import features_of, pool_bags
+from csmf.rules import check_training
+from csmf.training_loop import run_epochs
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
 
@@ -94,11 +104,13 @@ class VirtualKernelExperts(nn.Module):
 
 
 class MultiTaskTwoTower(nn.Module):
-    def __init__(self, kind: str, data: CascadeData, cfg: Config, n_objectives: int, seed: int):
+    """The towers of one multi-task model; their initial weights draw from torch's default generator (nn.Linear
+    takes no other), so MultiTask builds them under `seeded(cfg.seed)`."""
+
+    def __init__(self, kind: str, data: CascadeData, cfg: Config, n_objectives: int):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown multi-task model {kind!r}; choose from {KINDS}")
-        torch.manual_seed(seed)  # every layer below draws its initial weights from this seed
         m, mt = cfg.model, cfg.multitask
         self.kind, self.dropout, self.bag_power = kind, m.dropout, m.bag_power
         self.n_items = data.n_items
@@ -225,18 +237,19 @@ class MultiTask(Retriever):
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
-        with deterministic_torch():
+        check_training(self.cfg, data.n_items, streaming=False)
+        # the layers' initial weights and dropout draw from torch's default generator, seeded for the fit
+        with deterministic_torch(), seeded(self.cfg.seed):
             return self._fit(data)
 
     def _fit(self, data: CascadeData) -> MultiTask:
         cfg, t = self.cfg, self.cfg.train
-        torch.manual_seed(cfg.seed * 1000 + 7)  # dropout draws from the global generator
         self.objectives = data.stages
         tuning = data.tuning_view()
-        model = self.model = MultiTaskTwoTower(self.kind, data, cfg, len(self.objectives), cfg.seed)
+        model = self.model = MultiTaskTwoTower(self.kind, data, cfg, len(self.objectives))
         self.history = {b: tuning.matrix(b) for b in model.behaviours}
         model.set_history(self.history)
-        self._saved = SavedInputs.of(data, self.history)  # what save() needs to rebuild the towers
+        self.inputs = SavedInputs.of(data, self.history)  # what save() needs to rebuild the towers
         optimizer = torch.optim.Adam(model.parameters(), lr=per_stage(t.lr, 1))
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         if model.graph and data.n_items <= t.full_softmax_max_items:
@@ -247,28 +260,17 @@ class MultiTask(Retriever):
             ]
             self._teachers = self._teacher_lists(tuning)
             active = np.flatnonzero(sum(np.diff(m.indptr) for m in targets) > 0)
-            steps = math.ceil(len(active) / t.user_batch_size)
+            batches = UserBatches(active, t.user_batch_size, generator, Ranks())
 
             def epoch_batches():
-                order = active[torch.randperm(len(active), generator=generator).numpy()]
-                for step in range(steps):
-                    yield self._user_loss(order[step * t.user_batch_size : (step + 1) * t.user_batch_size], targets)
+                return (self._user_loss(users, targets) for users in batches.epoch())
         else:
-            if t.distill:
-                from csmf.distill import distillation_error
-
-                raise distillation_error(cfg, data.n_items)
             pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
             log_q = [item_log_q(items, data.n_items) for _, items in pairs]
-            steps = max(math.ceil(len(u) / t.batch_size) for u, _ in pairs)  # an epoch = one pass of the largest
+            batches = JointPairBatches(pairs, t.batch_size, generator)  # an epoch = one pass of the largest
 
             def epoch_batches():
-                orders = [torch.randperm(len(u), generator=generator).numpy() for u, _ in pairs]
-                for step in range(steps):
-                    rows = np.arange(step * t.batch_size, (step + 1) * t.batch_size)
-                    picks = [np.take(order, rows, mode="wrap") for order in orders]
-                    batches = [(u[p], i[p]) for (u, i), p in zip(pairs, picks, strict=True)]
-                    yield self._loss(batches, log_q, [len(i) for _, i in pairs], data.n_items, generator)
+                return (self._loss(joint, log_q, data.n_items, generator) for joint in batches.epoch())
 
         def validate() -> tuple[float, dict]:  # the mean Recall@50 over the objectives picks the epoch
             valid = self._validate(tuning)
@@ -279,7 +281,7 @@ class MultiTask(Retriever):
 
         epochs_log, best_epoch = run_epochs(
             model, optimizer, max(t.max_epochs), epoch_batches, validate, t.patience, describe=describe,
-            log=self.log, progress=self.progress, desc=f"{self.kind} epoch", steps=steps,
+            log=self.log, progress=self.progress, desc=f"{self.kind} epoch", steps=batches.steps,
         )  # fmt: skip
         model.eval()
         self.phases = [{"phase": "joint", "epochs": epochs_log, "best_epoch": best_epoch}]
@@ -288,36 +290,32 @@ class MultiTask(Retriever):
             self.items = model.item_vectors()  # (N, D) per item vector
         return self
 
-    def _loss(self, batches, log_q, n_pairs, n_items, generator) -> torch.Tensor:
-        """Sum over objectives of each one's softmax loss on its batch of pairs: in-batch + uniform extra
-        negatives, logQ-corrected.
+    def _loss(self, batches: list[PairBatch], log_q, n_items, generator) -> torch.Tensor:
+        """Sum over objectives of each one's sampled softmax on its batch of pairs (csmf.losses.sampled_softmax,
+        the loss CSMF's stages train with: in-batch + uniform extra negatives, logQ-corrected).
 
-        batches[k]: (users, items) of objective k. All objectives go through each tower in one call (the
-        towers compute every head anyway), and they share one draw of extra negatives, so the item tower
-        runs over it once per step rather than once per objective: together a fifth of an epoch on JD.
+        batches[k]: objective k's pairs. All objectives go through each tower in one call (the towers compute
+        every head anyway), and they share one draw of extra negatives, so the item tower runs over it once per
+        step rather than once per objective: together a fifth of an epoch on JD.
         """
         model, extra = self.model, self.cfg.train.extra_negatives
-        users = np.concatenate([u for u, _ in batches])
-        items = np.concatenate([i for _, i in batches])
+        users = np.concatenate([b.users for b in batches])
+        items = np.concatenate([b.items for b in batches])
         user_heads = model.user_vectors(users, self.history, leave_out=items)  # per head (K * B, D)
         item_heads = model.item_vectors(torch.from_numpy(items))
+        negative_heads, uniform = None, None
         if extra:
             negatives, uniform = uniform_negatives(n_items, extra, generator)
             negative_heads = model.item_vectors(negatives)
         loss, start = 0.0, 0
-        for k, (_, batch_items) in enumerate(batches):
-            rows = slice(start, start + len(batch_items))
-            start += len(batch_items)
+        for k, batch in enumerate(batches):
+            rows = slice(start, start + len(batch.items))
+            start += len(batch.items)
             vk = min(k, len(item_heads) - 1)  # mvke: one shared item vector
-            u, v, target_items = user_heads[k][rows], item_heads[vk][rows], torch.from_numpy(batch_items)
-            scores, target = in_batch_scores(u, v, target_items)
-            # log of the item's expected count over all of this objective's pairs; the cascade's in-batch path
-            # uses the count in one batch (log B, not log n_pairs): kept as it was so results stay comparable
-            correction = log_q[k][target_items] + np.log(n_pairs[k])
-            if extra:
-                scores = torch.cat([scores, u @ negative_heads[vk].T], dim=1)  # (B, B + M)
-                correction = torch.cat([correction, uniform])
-            loss = loss + softmax_loss(scores, target, self.cfg.model.temperature, log_q=correction)
+            u, v, ids = user_heads[k][rows], item_heads[vk][rows], torch.from_numpy(batch.items)
+            extra_v = negative_heads[vk] if negative_heads is not None else None
+            loss = loss + sampled_softmax(u, v, ids, log_q[k], self.cfg.model.temperature, negatives=extra_v,
+                                          negative_log_q=uniform)  # fmt: skip
         return loss
 
     def _user_loss(self, users: np.ndarray, targets: list[sp.csr_matrix]) -> torch.Tensor:
@@ -345,8 +343,6 @@ class MultiTask(Retriever):
 
     def _teacher_lists(self, tuning: CascadeData) -> dict[int, tuple[sp.csr_matrix, sp.csr_matrix]]:
         """Objective index -> (seen items, teacher lists) for the objectives `train.distill_weight` distils."""
-        from csmf.distill import teacher_lists
-
         t = self.cfg.train
         if not t.distill:
             return {}
@@ -372,7 +368,7 @@ class MultiTask(Retriever):
         if self.model is None:
             raise RuntimeError(f"{self.name} is not fitted; fit it before saving")
         meta = {"name": self.kind, "config": config_to_dict(self.cfg), "objectives": list(self.objectives)}
-        return write_model(folder, "multitask", meta, self.model.state_dict(), self._saved, self.history)
+        return write_model(folder, "multitask", meta, self.model.state_dict(), self.inputs, self.history)
 
     @classmethod
     def load(cls, folder) -> MultiTask:
@@ -380,11 +376,12 @@ class MultiTask(Retriever):
         cfg = config_from_dict(meta["config"])
         out = cls(meta["name"], cfg)
         out.objectives = tuple(meta["objectives"])
-        model = out.model = MultiTaskTwoTower(out.kind, saved.skeleton(history), cfg, len(out.objectives), cfg.seed)
+        with seeded(cfg.seed):  # the initial weights, which the saved state then replaces
+            model = out.model = MultiTaskTwoTower(out.kind, saved.skeleton(history), cfg, len(out.objectives))
         model.set_history(saved.tuning_history)
         model.load_state_dict(state)
         model.eval()
-        out.history, out._saved = history, saved
+        out.history, out.inputs = history, saved
         with torch.no_grad():
             out.items = model.item_vectors()
         return out

@@ -3,8 +3,8 @@
 A saved model is a folder: `model.pt`, a weights-only checkpoint (tensors, plus JSON metadata naming the
 model's kind, its settings and the shape of its data), `inputs.npz` (features, ids and other dense arrays,
 read with allow_pickle=False) and `sparse/<group>/<name>.npz` (training histories and other sparse matrices,
-scipy's format). `load_model(folder)` rebuilds whichever model wrote it; each model's own `load` checks
-the kind. Nothing in it can run code when read.
+scipy's format). `csmf.models.load_model(folder)` rebuilds whichever model wrote it; each model's own `load`
+checks the kind. Nothing in it can run code when read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import scipy.sparse as sp
 import torch
 
 from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from csmf.data import context
 from csmf.data.schema import CascadeData
 
 SAVE_FORMAT = 2
@@ -45,7 +44,7 @@ class SavedInputs:
            context_sizes: dict[str, int] | None = None) -> SavedInputs:  # fmt: skip
         return cls(data.name, data.stages, tuple(data.side), data.n_users, data.n_items, data.user_features,
                    data.item_features, data.user_ids, data.item_ids, tuning_history,
-                   context.sizes(data.context) if context_sizes is None else context_sizes)  # fmt: skip
+                   data.context_sizes() if context_sizes is None else context_sizes)  # fmt: skip
 
     def meta(self) -> dict:
         return {"data": {"name": self.name, "stages": list(self.stages), "side": list(self.side),
@@ -139,23 +138,6 @@ def read_model(folder: str | Path, kind: str | None = None):
         inputs, history = None, _read_sparse(folder / "history", meta["history"], folder)
     meta["sparse_state"] = _read_sparse(folder / "sparse", meta.get("sparse", []), folder)
     return meta, state, inputs, history
-
-
-def load_model(folder: str | Path):
-    """Whichever model saved `folder`: CSMF (and its variants), a multi-task tower, or a classical peer."""
-    from csmf.models.als import ALS
-    from csmf.models.csmf import CSMF
-    from csmf.models.ease import EASE
-    from csmf.models.itemknn import ItemKNN
-    from csmf.models.multitask import MultiTask
-    from csmf.models.popularity import Popularity
-
-    kinds = {"csmf": CSMF, "multitask": MultiTask, "als": ALS, "itemknn": ItemKNN, "ease": EASE,
-             "popularity": Popularity}  # fmt: skip
-    meta, _, _, _ = read_model(folder)
-    if meta.get("kind") not in kinds:
-        raise CheckpointError(f"{folder}: unknown model kind {meta.get('kind')!r}; known: {sorted(kinds)}")
-    return kinds[meta["kind"]].load(folder)
 
 
 def _write_sparse(folder: Path, mats: dict[str, sp.csr_matrix]) -> None:

@@ -1,31 +1,18 @@
-"""Raw feature values -> a tower's inputs, at serving time, exactly as csmf.towers.Features built them in training.
+"""Raw feature values -> a tower's inputs, at serving time, exactly as csmf.backbones.features built them in
+training.
 
-`encoders` (at export) records, per feature column in the order the towers read them, how a value became an
-input: a categorical column's sorted distinct values (its code is the position), a hashed column's bucket
-count (a stable hash of the integer value), a dense column's mean and standard deviation. `encode` (at
-serving) turns one entity's raw values into codes and standardised numbers; a value not seen in training, a
-missing column or a list column (a bag, not read online) is reported and contributes nothing, as an unknown
-value would.
+An export records, per feature column in the order the towers read them, how a value became an input
+(csmf.backbones.features.feature_columns). `encode` (at serving) turns one entity's raw values into codes and
+standardised numbers; a value not seen in training, a missing column or a list column (a bag, not read online)
+is reported and contributes nothing, as an unknown value would.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from csmf.backbones.features import value_key
 from csmf.hashing import mix64
-
-
-def _key(value) -> str | None:
-    """A value's canonical text: integral numbers as integers ("3", from 3, 3.0 or "3"), other numbers as
-    Python floats, text as is; None for a value that is neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float | np.integer | np.floating):
-        number = float(value)
-        if not np.isfinite(number):
-            return None
-        return str(int(number)) if number.is_integer() else repr(number)
-    return str(value) if isinstance(value, str) else None
 
 
 def _number(value) -> float | None:
@@ -39,34 +26,9 @@ def _number(value) -> float | None:
     return number if np.isfinite(number) else None
 
 
-def encoders(arrays: dict[str, np.ndarray], m) -> list[dict]:
-    """The columns csmf.towers.features_of(arrays, m) reads, in its order: categorical and hashed columns (one
-    table each, sorted by name), then bags, then the dense columns (sorted by name)."""
-    if not m.features:
-        return []
-    tables, bags, dense = [], [], []
-    for name, values in sorted(arrays.items()):
-        values = np.asarray(values)
-        if values.ndim == 2:
-            bags.append({"name": name, "kind": "bag"})
-            continue
-        numeric = values.dtype.kind in "iuf"
-        is_int = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
-        if name in m.dense_features or not (is_int or name in m.categorical_features):
-            v = values.astype(np.float64)
-            dense.append({"name": name, "kind": "dense", "mean": float(v.mean()), "std": float(v.std())})
-            continue
-        uniques = np.unique(values)
-        if len(uniques) <= m.max_categories:
-            keys = [_key(v.item() if numeric else str(v)) for v in uniques]
-            tables.append({"name": name, "kind": "categorical", "numeric": numeric, "values": keys})
-        else:
-            tables.append({"name": name, "kind": "hashed", "numeric": numeric, "buckets": int(m.hash_buckets)})
-    return tables + bags + dense
-
-
 class FeatureCodes:
-    """One tower's feature columns (from `encoders`): raw values -> codes and standardised dense values."""
+    """One tower's feature columns (csmf.backbones.features.feature_columns): raw values -> codes and
+    standardised dense values."""
 
     def __init__(self, columns: list[dict]):
         self.columns = columns
@@ -100,7 +62,7 @@ class FeatureCodes:
         return codes, np.asarray(dense, dtype=np.float32), unknown
 
     def _code(self, column: dict, value) -> int | None:
-        key = _key(value) if column["numeric"] else (value if isinstance(value, str) else None)
+        key = value_key(value) if column["numeric"] else (value if isinstance(value, str) else None)
         if key is None:
             return None
         if column["kind"] == "categorical":

@@ -157,7 +157,7 @@ def run_loadtest(
     clients send exactly `requests`."""
     import shutil
 
-    from csmf.serving.export import load_artifact
+    from csmf.serving.artifact import load_artifact
 
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "python"

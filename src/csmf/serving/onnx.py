@@ -1,6 +1,6 @@
 """`csmf export --onnx`: the user tower and the item table as ONNX graphs, for serving stacks other than csmf's.
 
-Both are built from the artifact's arrays (csmf.serving.towers: every stage mask already folded in), so
+Both are built from the artifact's arrays (csmf.serving.online_towers: every stage mask already folded in), so
 what onnxruntime computes is what `csmf serve` computes (tested to atol 1e-5). Written to <artifact>/onnx/:
 
 user_tower.onnx  inputs  items (B, L) int64: item rows of the user's history, -1 = padding
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from csmf.serving.export import Artifact
+from csmf.serving.artifact import Artifact
 
 
 def _placement(width: int, slot: int, n_in: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def _folded_mlp(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 class GraphUserTower(nn.Module):
-    """u = sum_k (c_k @ V) * [owner == k] (+ a known user's feature part), as csmf.serving.towers."""
+    """u = sum_k (c_k @ V) * [owner == k] (+ a known user's feature part), as csmf.serving.online_towers."""
 
     def __init__(self, artifact: Artifact):
         super().__init__()
@@ -122,7 +122,7 @@ class MlpUserTower(nn.Module):
 
 
 class ItemFeatureTower(nn.Module):
-    """A new item's encoded features -> its vector (csmf.serving.towers.ItemTower): codes (B, T) int64 of the
+    """A new item's encoded features -> its vector (csmf.serving.online_towers.ItemTower): codes (B, T) int64 of the
     table columns, -1 = unknown; dense (B, n_dense) float32, standardised (0 = the training mean)."""
 
     def __init__(self, artifact: Artifact):

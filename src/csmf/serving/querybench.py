@@ -69,7 +69,7 @@ def fusion_cost(
 
 
 def hnsw_quality(artifact_path: str | Path, m: int = 32, ef_search: int = 128, users: int = 1024, k: int = 50) -> dict:
-    from csmf.serving.export import load_artifact
+    from csmf.serving.artifact import load_artifact
 
     artifact = load_artifact(artifact_path)
     rows = np.random.default_rng(0).choice(len(artifact.user_ids), min(users, len(artifact.user_ids)), replace=False)

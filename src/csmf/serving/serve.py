@@ -4,7 +4,7 @@ The weights of a request are folded into the user's query vector (q = u * lambda
 one search of the same index. Per-objective scores of the returned items are exact inner products over
 each objective's dimension groups, so a client sees why an item ranks where it does.
 
-Every input is bounded before it reaches the index (ServeLimits, MAX_K, csmf.serving.export's MAX_ABS and weight
+Every input is bounded before it reaches the index (ServeLimits, MAX_K, csmf.serving.artifact's MAX_ABS and weight
 rules), so scores stay finite in float32 and an answer holds min(k, items the user may get) items, or says
 why it holds fewer in `note`.
 """
@@ -22,7 +22,7 @@ from csmf.config import ServeConfig
 from csmf.fusion import WeightError, clip
 from csmf.fusion import check_weights as _check_weights
 from csmf.fusion import parse_weights as _parse_weights
-from csmf.serving.export import MAX_ABS, Artifact
+from csmf.serving.artifact import MAX_ABS, Artifact
 
 if TYPE_CHECKING:  # csmf.serving.index loads faiss; the CLI reads ServeLimits' defaults without it
     from csmf.serving.index import Index
@@ -162,10 +162,10 @@ class Recommender:
         self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
         self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
         self.popular = np.argsort(-artifact.popularity, kind="stable")
-        self.tower = None  # the user tower (csmf.serving.towers): a history -> a vector; None in older artifacts
+        self.tower = None  # the user tower (csmf.serving.online_towers): a history -> a vector; None in older artifacts
         self.item_tower = None  # the item tower: raw features -> a new item's vector; None when items have none
         if artifact.tower is not None:
-            from csmf.serving.towers import ItemTower, UserTower
+            from csmf.serving.online_towers import ItemTower, UserTower
 
             entry = artifact.manifest["user_tower"]
             self.tower = UserTower(entry, artifact.tower, artifact.item_vectors, artifact.output_owner)
@@ -265,7 +265,7 @@ class Recommender:
         features: dict | None = None,
     ) -> Query:  # fmt: skip
         """The query of a user sent as a behaviour history (item ids per behaviour): the user tower computes the
-        vector (csmf.serving.towers). `user_id`, when given, is a known user whose ID embedding and features the
+        vector (csmf.serving.online_towers). `user_id`, when given, is a known user whose ID embedding and features the
         tower reads (the MLP encoder) and whose seen items are left out too. Item ids this catalogue or the tower
         does not know are skipped and reported in `unknown_items`. `features`: a new user's raw feature values
         (name -> value), read as in training; a name or value the tower does not know is reported in

@@ -23,7 +23,7 @@ SPEC_ENV = "CSMF_SERVE_SPEC"
 def build_service(artifact: str | Path, s: ServeConfig, mmap: bool = False, hnsw_file: str | None = None):
     """The ASGI app serving `artifact` with the settings `s`; `hnsw_file`: a graph HnswIndex.save wrote."""
     from csmf.serving.app import create_app
-    from csmf.serving.export import load_artifact
+    from csmf.serving.artifact import load_artifact
     from csmf.serving.index import HnswIndex, build_index
     from csmf.serving.serve import Recommender, ServeLimits
 
@@ -88,7 +88,7 @@ def run(artifact: str | Path, s: ServeConfig, log=print) -> None:
     with tempfile.TemporaryDirectory(prefix="csmf-serve-") as tmp:
         hnsw_file = None
         if s.index == "hnsw":  # built once here (or read from serve.hnsw_file), mapped by every worker
-            from csmf.serving.export import load_artifact
+            from csmf.serving.artifact import load_artifact
 
             where = Path(s.hnsw_file) if s.hnsw_file else Path(tmp) / "items.hnsw"
             hnsw_file = hnsw_graph(load_artifact(artifact, mmap=True), s, where, log)

@@ -1,9 +1,10 @@
 """Distillation teachers: a classical model fit on the student's own training data gives each training user
 a soft list of its top unseen items (backbone notes, *Distillation*).
 
-The teacher is fit on the same data the student trains on (the tuning view inside the cascade trainer),
-so it never sees a validation or test pair. Each user's list is its top-`distill_top` items outside the
-user's seen items, weighted exp(-rank / distill_decay) and normalised to sum to 1.
+The teacher is fit on the same data the student trains on (the tuning view: CSMF hands the cascade trainer
+`teacher_lists` as its teacher, and the trainer calls it on that view), so it never sees a validation or test
+pair. Each user's list is its top-`distill_top` items outside the user's seen items, weighted
+exp(-rank / distill_decay) and normalised to sum to 1.
 """
 
 from __future__ import annotations
@@ -17,18 +18,12 @@ import torch
 
 from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData
+from csmf.models.als import ALS, ALSSettings
+from csmf.models.ease import EASE, EASESettings
+from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.retriever import Retriever
 
 TEACHERS = ("ease", "als", "itemknn")
-
-
-def distillation_error(cfg: Config, n_items: int) -> ValueError:
-    """The error for distillation asked of a model that does not train with the full-catalogue softmax."""
-    return ValueError(
-        "train.distill needs the full-catalogue loss of the graph encoder (model.encoder = 'graph' and at most "
-        f"train.full_softmax_max_items = {cfg.train.full_softmax_max_items:,} items; this data has {n_items:,}); "
-        "set train.distill = '' or change those"
-    )
 
 
 def fit_teacher(data: CascadeData, objective: str, cfg: Config) -> Retriever:
@@ -36,18 +31,12 @@ def fit_teacher(data: CascadeData, objective: str, cfg: Config) -> Retriever:
     tuning it would read validation inside training)."""
     kind = cfg.train.distill
     if kind == "ease":
-        from csmf.models.ease import EASE, EASESettings
-
         return EASE({objective: EASESettings(l2=cfg.ease.l2[0], aux_weight=cfg.ease.aux_weights[0])}).fit(data)
     if kind == "als":
-        from csmf.models.als import ALS, ALSSettings
-
         a = cfg.als
         s = ALSSettings(a.factors[0], a.regularization[0], a.alpha[0], a.aux_weights[0], a.iterations)
         return ALS({objective: s}, cfg.seed, a.num_threads).fit(data)
     if kind == "itemknn":
-        from csmf.models.itemknn import ItemKNN, ItemKNNSettings
-
         k = cfg.itemknn
         s = ItemKNNSettings(k.similarity[0], k.neighbours[0], k.aux_weights[0], k.bm25_k1, k.bm25_b)
         return ItemKNN({objective: s}, k.num_threads).fit(data)
@@ -113,3 +102,11 @@ def _teacher_lists(data: CascadeData, objective: str, cfg: Config, batch: int) -
     shape = (data.n_users, data.n_items)
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape,
                          dtype=np.float32)  # fmt: skip
+
+
+def teacher_for(cfg: Config):
+    """The teacher a cascade trainer is handed for `cfg`: tuning data, objective -> that objective's lists
+    (`teacher_lists`), or None when train.distill is off."""
+    if not cfg.train.distill:
+        return None
+    return lambda data, objective: teacher_lists(data, objective, cfg)

@@ -1,19 +1,19 @@
 """The towers in the serving artifact, run with numpy alone: a user's behaviour history (and, for a new user,
 raw features) -> the user's vector; an item's raw features -> a new item's vector.
 
-`csmf export` writes each tower at the model's top stage with every stage mask folded in (a weight no
-objective uses is 0), so a server computes the vector of a user or item it has never seen without torch
+`csmf export` writes each tower at the model's top stage with every stage mask folded in (a weight no objective
+uses is 0; Backbone.export_towers), so a server computes the vector of a user or item it has never seen without torch
 and without retraining. Objective weights fold into the user vector afterwards, as for precomputed users.
 Raw feature values become inputs as in training (csmf.serving.featurecodes).
 
-graph encoder (csmf.graph): u = sum_k (c_k @ V) * [owner == k] + the feature part, where V is the served
+graph encoder (csmf.backbones.graph): u = sum_k (c_k @ V) * [owner == k] + the feature part, where V is the served
   item matrix (the sum of the stages' smoothed item layers, which own disjoint columns) and c_k is the
   user's normalised row of stage k's graph: c_k[i] = a_k[i] * s_k[i] / sqrt(sum_j a_k[j]), a_k[i] = sum over
   behaviours b of w_kb * [i in history_b], s_k = 1 / sqrt(item degree) in stage k's training graph. The
   feature part is the mean of the user's feature rows (a known user's from training, a new user's from the
   request). A new item is a graph node without edges: its vector is the mean of its feature rows on the
   stages' columns over (graph_hops + 1), the share of the item vector that propagation leaves it.
-mlp encoder (csmf.towers): x = the entity's fixed inputs (ID embedding, features, unknown context; zeros
+mlp encoder (csmf.backbones.mlp): x = the entity's fixed inputs (ID embedding, features, unknown context; zeros
   for a new one, whose features fill their slots) with each behaviour's bag (sum of the history table's
   rows / count ** bag_power) in its slot, then the masked MLP: relu between layers.
 """
@@ -25,108 +25,6 @@ import numpy as np
 from csmf.serving.featurecodes import FeatureCodes
 
 TOWER_KINDS = ("graph", "mlp")
-
-
-def towers_of(trained, user_columns: list[dict], item_columns: list[dict]) -> tuple[tuple, tuple | None]:
-    """((entry, arrays) of the user tower, (entry, arrays) of the item tower or None when items have no
-    features) of a TrainedCascade at its top stage, masks folded in. *_columns: featurecodes.encoders."""
-    import torch
-
-    from csmf.cascade import evaluating
-    from csmf.graph import GraphTwoTower
-
-    with torch.no_grad(), evaluating(trained.model):
-        if isinstance(trained.model, GraphTwoTower):
-            return _graph_towers(trained, user_columns, item_columns)
-        return _mlp_towers(trained, user_columns, item_columns)
-
-
-def _graph_towers(trained, user_columns: list[dict], item_columns: list[dict]) -> tuple[tuple, tuple | None]:
-    import torch
-
-    model, top = trained.model, trained.top
-    users = torch.arange(next(iter(trained.history.values())).shape[0])
-    mask = model.group_mask(top)
-    arrays = {"item_scale": np.stack([g.item_scale for g in model.graphs[:top]]).astype(np.float32)}
-    side = model._user_side(users)
-    if side is not None:  # the known users' feature part
-        arrays["user_side"] = (side * mask).numpy()
-    weights = [{b: float(w) for b, w in model.stage_weights[k].items()} for k in range(top)]
-    user = {"kind": "graph", "stage_weights": weights}
-    user["features"], more = _graph_features(user_columns, model.user_tables, model.user_dense, mask, "u")
-    arrays |= more
-    if not model.item_tables and model.item_dense is None:
-        return (user, arrays), None
-    # a new item: an isolated node, so propagation leaves it its own rows over (hops + 1) on every stage's columns
-    features, item_arrays = _graph_features(item_columns, model.item_tables, model.item_dense,
-                                            mask / (model.hops + 1), "i")  # fmt: skip
-    return (user, arrays), ({"kind": "graph", "features": features}, item_arrays)
-
-
-def _graph_features(columns, tables, dense, mask, prefix: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """The feature part of a graph tower: one D-wide table per table column, a dense map, averaged over the
-    parts (csmf.graph.GraphTwoTower._feature_parts)."""
-    arrays = {f"{prefix}feat{j}": (t * mask).numpy() for j, t in enumerate(tables.values())}
-    if dense is not None:
-        arrays[f"{prefix}dense"] = (dense * mask).numpy()
-    parts = len(tables) + (dense is not None)
-    return {"columns": columns, "parts": parts}, arrays
-
-
-def _mlp_towers(trained, user_columns: list[dict], item_columns: list[dict]) -> tuple[tuple, tuple | None]:
-    import torch
-
-    model, top = trained.model, trained.top
-    tower = model.user
-    users = torch.arange(next(iter(trained.history.values())).shape[0])
-    width = tower.history.weight.shape[1] if tower.history is not None else 0
-    parts = [(tower.id_emb(users, top), True)]  # (inputs of every known user, whether only they have it)
-    slots = []  # where each behaviour's bag goes in the input
-    for _ in model.behaviours if tower.history is not None else ():
-        slots.append(sum(p.shape[1] for p, _ in parts))
-        parts.append((torch.zeros(len(users), width), False))
-    feature_slots = []
-    for name, e in tower.feat_emb.items():
-        feature_slots.append(sum(p.shape[1] for p, _ in parts))
-        parts.append((tower.features.lookup(name, users, e.weight) * e.column_mask(top), True))
-    parts += [(e(torch.zeros_like(users), top), False) for e in tower.ctx_emb.values()]  # context unknown
-    dense_slot = sum(p.shape[1] for p, _ in parts)
-    if tower.features.dense is not None:
-        parts.append((tower.features.dense[users], True))
-    fixed = torch.cat([p for p, _ in parts], dim=1)
-    new_user = torch.cat([p[0] * (0.0 if known else 1.0) for p, known in parts])  # no ID, no features
-    arrays = {"fixed": fixed.numpy(), "new_user": new_user.numpy()}
-    if tower.history is not None:
-        arrays["history_table"] = (tower.history.weight * tower.history.column_mask(top)).numpy()
-    arrays |= _mlp_layers(tower, top, "")
-    arrays |= {f"ufeat{j}": (e.weight * e.column_mask(top)).numpy() for j, e in enumerate(tower.feat_emb.values())}
-    user = {"kind": "mlp", "behaviours": list(model.behaviours) if tower.history is not None else [],
-            "slots": slots, "bag_power": float(model.bag_power), "layers": len(tower.layers),
-            "features": {"columns": user_columns, "slots": feature_slots, "dense_slot": dense_slot}}  # fmt: skip
-    items = model.item
-    if not items.feat_emb and items.features.dense is None:
-        return (user, arrays), None
-    start = items.id_emb.weight.shape[1]  # a new item has no ID row: zeros there
-    item_slots, width = [], start
-    for e in items.feat_emb.values():
-        item_slots.append(width)
-        width += e.weight.shape[1]
-    item_arrays = _mlp_layers(items, top, "i")
-    item_arrays |= {f"ifeat{j}": (e.weight * e.column_mask(top)).numpy() for j, e in enumerate(items.feat_emb.values())}
-    item = {"kind": "mlp", "layers": len(items.layers), "width": width + items.features.n_dense,
-            "features": {"columns": item_columns, "slots": item_slots, "dense_slot": width}}  # fmt: skip
-    return (user, arrays), (item, item_arrays)
-
-
-def _mlp_layers(tower, top: int, prefix: str) -> dict[str, np.ndarray]:
-    from csmf.masks import active, usable
-
-    out, owner_in = {}, tower.input_owner()
-    for n, layer in enumerate(tower.layers):
-        out[f"{prefix}w{n}"] = (layer.weight * usable(layer.owner, owner_in, top).float()).numpy()
-        out[f"{prefix}b{n}"] = (layer.bias * active(layer.owner, top).float()).numpy()
-        owner_in = layer.owner
-    return out
 
 
 def _mlp(arrays: dict[str, np.ndarray], x: np.ndarray, layers: int, prefix: str = "") -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`torchrun -m csmf.train ARGS`: one training process of a multi-process run (csmf.distributed); ARGS are
+"""`torchrun -m csmf.torchrun_entry ARGS`: one training process of a multi-process run (csmf.distributed); ARGS are
 `csmf train`'s. `csmf train --nproc N` launches N of these on one machine; several machines run torchrun
 with their own --nnodes / --node-rank / --rdzv-endpoint (README, multi-process training)."""
 

@@ -2,7 +2,7 @@
 validation after every epoch, and the best epoch's weights kept (patience stops a run that stopped
 improving). The cascade's phases and the multi-task towers differ only in what they hand it: the
 batches, the step hook (the cascade masks the gradients of units a stage does not own) and how an
-epoch is scored."""
+epoch is scored. And the optimiser both use: Adam, with SparseAdam on tables that take sparse gradients."""
 
 from __future__ import annotations
 
@@ -13,6 +13,31 @@ import torch
 from torch import nn
 
 from csmf.progress import bar
+
+
+class SplitAdam(torch.optim.Optimizer):
+    """SparseAdam on the sparse-gradient tables and Adam on the rest, stepped together as one optimizer."""
+
+    def __init__(self, sparse: torch.optim.Optimizer, dense: torch.optim.Optimizer):
+        self.parts = (sparse, dense)
+        super().__init__([p for o in self.parts for g in o.param_groups for p in g["params"]], {})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        for o in self.parts:
+            o.step()
+
+
+def adam(model: nn.Module, lr: float, sparse: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """Adam over the model; `sparse` parameters (tables with sparse gradients) get SparseAdam instead (lazy
+    Adam: only the rows a batch touches move), because a dense step over a million-row table costs ~1 s."""
+    if not sparse:
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    return SplitAdam(torch.optim.SparseAdam(list(sparse), lr=lr), torch.optim.Adam(dense, lr=lr))
 
 
 def run_epochs(

@@ -3,7 +3,7 @@
 User tower: user-ID embedding + one mean-pooled bag per training behaviour (the items the user viewed,
 bought, ...; YouTube-DNN style, one shared history table) + user features -> MLP -> D.
 Item tower: item-ID embedding + item features -> MLP -> D.
-Every embedding column, hidden unit and output dimension has an owner stage (masks.py). There are no
+Every embedding column, hidden unit and output dimension has an owner stage (csmf.masks). There are no
 normalisation layers: a norm mixes units of different stages and would break cascade isolation; biases
 are per unit, so they belong to their unit's stage. The objective-k score is the inner product over
 the output dimensions owned by stages 1..k.
@@ -12,48 +12,15 @@ the output dimensions owned by stages 1..k.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from csmf.hashing import mix64
+from csmf.backbones.base import Backbone, TowerExport, UnitGroup
+from csmf.backbones.features import Features, context_rows, context_tables, features_of, pool_bags
 from csmf.masks import active, trainable_rows, usable
-
-
-def pool_bags(
-    table: torch.Tensor,
-    matrices: list[sp.csr_matrix],
-    users: np.ndarray,
-    leave_out: np.ndarray | None = None,
-    power: float = 1.0,
-) -> list[torch.Tensor]:
-    """One pooled bag per behaviour matrix: sum of the table rows of the user's items / count**power.
-
-    table: (N, H) history embeddings; matrices: binary users x items; `leave_out[n]` (an item id) is dropped
-    from row n of every bag that holds it, so a training example never sees its own target.
-    Returns len(matrices) tensors of shape (B, H).
-    """
-    out = []
-    n_items, device = table.shape[0], table.device
-    for mat in matrices:
-        rows = mat[users]
-        counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32)).to(device)
-        coo = rows.tocoo()
-        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-        sparse = torch.sparse_coo_tensor(idx, torch.ones(coo.nnz), (len(users), n_items), check_invariants=False).to(
-            device
-        )  # built from a valid scipy matrix: the invariant check would only cost time
-        with torch.autocast(device_type=device.type, enabled=False):  # no bfloat16 sparse product on CUDA
-            total = torch.sparse.mm(sparse, table.float())  # (B, H)
-        if leave_out is not None:
-            hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0).to(device)
-            total = total - table[torch.from_numpy(leave_out).to(device)] * hit.float().unsqueeze(1)
-            counts = counts - hit.float()
-        out.append(total / counts.clamp(min=1.0).pow(power).unsqueeze(1))
-    return out
 
 
 class MaskedEmbedding(nn.Module):
@@ -64,7 +31,7 @@ class MaskedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.randn(num, dim, generator=generator) * scale)
         self.register_buffer("owner", torch.ones(dim, dtype=torch.long))
         # sparse gradients (only the rows a batch touches): for tables too large to update whole every step
-        # (streamed training, csmf.cascade); the forward values are the same either way
+        # (streamed training: Backbone.sparse_tables); the forward values are the same either way
         self.sparse = False
 
     def column_mask(self, stage: int) -> torch.Tensor:
@@ -118,114 +85,6 @@ class MaskedLinear(nn.Module):
             self.weight.grad *= keep
         if self.bias.grad is not None:
             self.bias.grad *= trainable_rows(self.owner, stage).float()
-
-
-@dataclass
-class Features:
-    """Per-entity feature inputs: categorical codes, bags of codes (both embedded) and standardised dense values.
-
-    A bag (a list feature: behaviour fields, a history column) is an (n, L) array of codes with 0 as padding;
-    its embedding is the mean of its codes' rows. A categorical column with more than `max_categories`
-    values is hashed into `hash_buckets` buckets (a stable hash of its value), never turned into a number.
-    """
-
-    categorical: dict[str, torch.Tensor]  # name -> (n,) long codes
-    cardinality: dict[str, int]  # name -> rows of its table: categorical columns, then bags
-    dense: torch.Tensor | None  # (n, n_dense) float32
-    bags: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n, L) long codes, 0 = padding
-    hashed: tuple[str, ...] = ()  # categorical columns hashed into buckets (too many values)
-
-    @staticmethod
-    def from_arrays(
-        arrays: dict[str, np.ndarray],
-        max_categories: int,
-        hash_buckets: int = 4096,
-        dense_names: tuple[str, ...] = (),
-        categorical_names: tuple[str, ...] = (),
-    ) -> Features:
-        categorical, cardinality, dense, bags, hashed = {}, {}, [], {}, []
-        for name, values in sorted(arrays.items()):
-            values = np.asarray(values)
-            if values.ndim == 2:  # a bag: codes 1.., 0 = padding
-                bags[name] = torch.from_numpy(values.astype(np.int64))
-                continue
-            is_int = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
-            if name in dense_names or not (is_int or name in categorical_names):
-                v = values.astype(np.float64)
-                dense.append((v - v.mean()) / (v.std() + 1e-8))
-                continue
-            uniques, codes = np.unique(values, return_inverse=True)
-            if len(uniques) <= max_categories:
-                categorical[name] = torch.from_numpy(codes.astype(np.int64))
-                cardinality[name] = len(uniques)
-            else:  # hashed by value, so a value keeps its bucket when the data around it changes
-                categorical[name] = torch.from_numpy(stable_hash(values) % hash_buckets)
-                cardinality[name] = hash_buckets
-                hashed.append(name)
-        for name, codes in bags.items():
-            cardinality[name] = int(codes.max()) + 1 if codes.numel() else 1
-        dense_t = torch.from_numpy(np.stack(dense, axis=1).astype(np.float32)) if dense else None
-        return Features(categorical, cardinality, dense_t, bags, tuple(hashed))
-
-    @property
-    def n_dense(self) -> int:
-        return 0 if self.dense is None else self.dense.shape[1]
-
-    def to(self, device: torch.device) -> Features:
-        """The same features with their tensors on `device` (a tower's lookups index them there)."""
-        return Features(
-            {n: t.to(device) for n, t in self.categorical.items()}, dict(self.cardinality),
-            None if self.dense is None else self.dense.to(device), {n: t.to(device) for n, t in self.bags.items()},
-            self.hashed,
-        )  # fmt: skip
-
-    def lookup(self, name: str, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(B, d) rows of `weight` for entities `ids`: a categorical's row, or the mean over a bag's codes."""
-        if name in self.bags:
-            codes = self.bags[name][ids]  # (B, L)
-            present = (codes > 0).unsqueeze(-1).to(weight.dtype)
-            return (weight[codes] * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
-        return weight[self.categorical[name][ids]]
-
-    def lookup_all(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """(n, d): `lookup` for every entity."""
-        if name in self.bags:
-            return self.lookup(name, torch.arange(len(self.bags[name]), device=weight.device), weight)
-        return weight[self.categorical[name]]
-
-
-def stable_hash(values: np.ndarray) -> np.ndarray:
-    """A platform-independent 63-bit hash of integer values."""
-    return (mix64(values.astype(np.int64).view(np.uint64)) >> np.uint64(1)).astype(np.int64)
-
-
-def context_rows(codes: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Table rows of context codes: the code itself, or (many values) its stable hash into 1..buckets;
-    0 (unknown) stays 0."""
-    if not buckets:
-        return codes
-    hashed = torch.from_numpy(stable_hash(codes.numpy()) % buckets + 1)
-    return torch.where(codes > 0, hashed, 0)
-
-
-def context_tables(sizes: dict[str, int], m) -> tuple[dict[str, int], dict[str, int]]:
-    """(rows per context table, buckets of the hashed columns) as `model` (a ModelConfig) asks: a column with
-    more than max_categories values is hashed into hash_buckets buckets, as a categorical feature is."""
-    rows, hashed = {}, {}
-    for name, size in sorted(sizes.items()):
-        if size - 1 > m.max_categories:
-            rows[name], hashed[name] = m.hash_buckets + 1, m.hash_buckets
-        else:
-            rows[name] = size
-    return rows, hashed
-
-
-def features_of(arrays: dict[str, np.ndarray], m) -> Features:
-    """Features built as `model` (a ModelConfig) asks: its category threshold, hash buckets and overrides;
-    none at all when model.features is off (an ID-only model of the same data)."""
-    if not m.features:
-        arrays = {}
-    return Features.from_arrays(arrays, m.max_categories, m.hash_buckets, m.dense_features, m.categorical_features)
 
 
 class Tower(nn.Module):
@@ -333,8 +192,11 @@ class Tower(nn.Module):
             layer.mask_grad(owner_in, stage)
 
 
-class TwoTower(nn.Module):
-    """The backbone. `output_owner` (the last layer's owners, shared by both towers) defines the groups."""
+class MLPBackbone(Backbone):
+    """The MLP backbone (`model.encoder = "mlp"`). `output_owner` (the last layer's owners, shared by both
+    towers) defines the groups."""
+
+    devices = ("cpu", "cuda")
 
     def __init__(
         self,
@@ -371,6 +233,21 @@ class TwoTower(nn.Module):
         self.bag_power = bag_power
         self.bag_matrices: dict[str, sp.csr_matrix] = {}
 
+    @classmethod
+    def build(cls, data, cfg, seed: int, objectives: tuple[str, ...],
+              context_sizes: dict[str, int]) -> MLPBackbone:  # fmt: skip
+        """The backbone `cfg.model` describes over `data`'s users, items, behaviours and features."""
+        m = cfg.model
+        rows, hashed = context_tables(context_sizes, m) if m.features and m.context else ({}, {})
+        return cls(
+            n_users=data.n_users, n_items=data.n_items, dim=m.dim, user_hidden=m.user_hidden,
+            item_hidden=m.item_hidden, id_dim=m.id_dim, user_id_dim=m.id_dim if m.user_id else 0,
+            history_dim=m.history_dim, behaviours=data.behaviours if m.history else (),
+            user_features=features_of(data.user_features, m), item_features=features_of(data.item_features, m),
+            feature_dim=m.feature_dim, seed=seed, dropout=m.dropout, bag_power=m.bag_power, context=rows,
+            context_hashed=hashed,
+        )  # fmt: skip
+
     # ----- history bags ------------------------------------------------------------------------
     def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
         """Binary user x item matrices the bags are pooled from (train data only)."""
@@ -386,6 +263,10 @@ class TwoTower(nn.Module):
         source = history if history is not None else self.bag_matrices
         matrices = [source[b] for b in self.behaviours]
         return pool_bags(self.user.history.weight, matrices, users, leave_out, self.bag_power)
+
+    @property
+    def reads_context(self) -> bool:
+        return len(self.user.ctx_emb) > 0
 
     # ----- vectors and scores ------------------------------------------------------------------
     @property
@@ -415,15 +296,11 @@ class TwoTower(nn.Module):
     def device(self) -> torch.device:
         return self.user.layers[0].weight.device
 
-    def place(self, device: torch.device) -> TwoTower:
-        """Move the weights and the feature tensors to `device` (training on a GPU: csmf.cascade)."""
+    def place(self, device: torch.device) -> MLPBackbone:
+        """Move the weights and the feature tensors to `device` (training on a GPU)."""
         self.to(device)
         self.user.features, self.item.features = self.user.features.to(device), self.item.features.to(device)
         return self
-
-    def group_mask(self, stage: int) -> torch.Tensor:
-        """(D,) 1 on the output dimensions that objective `stage` scores with (owners 1..stage)."""
-        return active(self.output_owner, stage).float()
 
     def mask_grads(self, stage: int) -> None:
         self.user.mask_grads(stage)
@@ -433,7 +310,10 @@ class TwoTower(nn.Module):
         """Both towers' last layers share one owner vector: a dimension is one stage's in u and in v."""
         self.item.layers[-1].owner.copy_(self.user.layers[-1].owner)
 
-    def prunable(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    def sparse_tables(self) -> list[MaskedEmbedding]:
+        return [t.id_emb for t in (self.user, self.item) if t.id_emb.weight.shape[1] > 0]
+
+    def prunable(self) -> list[UnitGroup]:
         """(name, magnitude, owner buffer) for every unit group CPP may prune, in a stable order.
 
         The output dimensions are one group for both towers (a dimension is one stage's in u and in v):
@@ -451,14 +331,59 @@ class TwoTower(nn.Module):
         out.append(("output", u_last.magnitude(u_in) + i_last.magnitude(i_in), u_last.owner))
         return out
 
-    def ownership(self) -> dict[str, dict[int, float]]:
-        return ownership(self.prunable())
+    # ----- export ------------------------------------------------------------------------------
+    def export_towers(self, top: int, user_columns: list[dict],
+                      item_columns: list[dict]) -> tuple[TowerExport, TowerExport | None]:  # fmt: skip
+        """x = the entity's fixed inputs (ID embedding, features, unknown context; zeros for a new one, whose
+        features fill their slots) with each behaviour's bag in its slot, then the masked MLP folded at `top`."""
+        tower = self.user
+        users = torch.arange(tower.id_emb.weight.shape[0])
+        width = tower.history.weight.shape[1] if tower.history is not None else 0
+        parts = [(tower.id_emb(users, top), True)]  # (inputs of every known user, whether only they have it)
+        slots = []  # where each behaviour's bag goes in the input
+        for _ in self.behaviours if tower.history is not None else ():
+            slots.append(sum(p.shape[1] for p, _ in parts))
+            parts.append((torch.zeros(len(users), width), False))
+        feature_slots = []
+        for name, e in tower.feat_emb.items():
+            feature_slots.append(sum(p.shape[1] for p, _ in parts))
+            parts.append((tower.features.lookup(name, users, e.weight) * e.column_mask(top), True))
+        parts += [(e(torch.zeros_like(users), top), False) for e in tower.ctx_emb.values()]  # context unknown
+        dense_slot = sum(p.shape[1] for p, _ in parts)
+        if tower.features.dense is not None:
+            parts.append((tower.features.dense[users], True))
+        fixed = torch.cat([p for p, _ in parts], dim=1)
+        new_user = torch.cat([p[0] * (0.0 if known else 1.0) for p, known in parts])  # no ID, no features
+        arrays = {"fixed": fixed.numpy(), "new_user": new_user.numpy()}
+        if tower.history is not None:
+            arrays["history_table"] = (tower.history.weight * tower.history.column_mask(top)).numpy()
+        arrays |= _folded_layers(tower, top, "")
+        arrays |= {f"ufeat{j}": (e.weight * e.column_mask(top)).numpy() for j, e in enumerate(tower.feat_emb.values())}
+        user = {"kind": "mlp", "behaviours": list(self.behaviours) if tower.history is not None else [],
+                "slots": slots, "bag_power": float(self.bag_power), "layers": len(tower.layers),
+                "features": {"columns": user_columns, "slots": feature_slots, "dense_slot": dense_slot}}  # fmt: skip
+        items = self.item
+        if not items.feat_emb and items.features.dense is None:
+            return (user, arrays), None
+        start = items.id_emb.weight.shape[1]  # a new item has no ID row: zeros there
+        item_slots, width = [], start
+        for e in items.feat_emb.values():
+            item_slots.append(width)
+            width += e.weight.shape[1]
+        item_arrays = _folded_layers(items, top, "i")
+        item_arrays |= {
+            f"ifeat{j}": (e.weight * e.column_mask(top)).numpy() for j, e in enumerate(items.feat_emb.values())
+        }
+        item = {"kind": "mlp", "layers": len(items.layers), "width": width + items.features.n_dense,
+                "features": {"columns": item_columns, "slots": item_slots, "dense_slot": width}}  # fmt: skip
+        return (user, arrays), (item, item_arrays)
 
 
-def ownership(groups: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, dict[int, float]]:
-    """Per unit group (name, magnitude, owner): the fraction of units each owner (0 = free) holds."""
-    table = {}
-    for name, _, owner in groups:
-        values, counts = torch.unique(owner, return_counts=True)
-        table[name] = {int(v): round(float(c) / len(owner), 4) for v, c in zip(values, counts, strict=False)}
-    return table
+def _folded_layers(tower: Tower, top: int, prefix: str) -> dict[str, np.ndarray]:
+    """Each linear layer's weight and bias with the masks of stage `top` multiplied in."""
+    out, owner_in = {}, tower.input_owner()
+    for n, layer in enumerate(tower.layers):
+        out[f"{prefix}w{n}"] = (layer.weight * usable(layer.owner, owner_in, top).float()).numpy()
+        out[f"{prefix}b{n}"] = (layer.bias * active(layer.owner, top).float()).numpy()
+        owner_in = layer.owner
+    return out

@@ -21,13 +21,16 @@ backbone holds exactly; the columns of stage k propagate over stage k's own grap
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from csmf.masks import active
-from csmf.towers import Features, ownership
+from csmf.backbones.base import Backbone, TowerExport, UnitGroup
+from csmf.backbones.features import Features, features_of
 
 
 def graph_weights(objective: str, stages: tuple[str, ...], behaviours: tuple[str, ...], up: float, down: float,
@@ -106,9 +109,12 @@ class StageGraph:
         return total / (hops + 1)
 
 
-class GraphTwoTower(nn.Module):
-    """The graph backbone behind the same interface as towers.TwoTower (the trainer and TrainedCascade
-    use either). `stage_weights[k-1]` is the graph of stage k (its behaviour -> edge weight)."""
+class GraphBackbone(Backbone):
+    """The graph backbone (`model.encoder = "graph"`). `stage_weights[k-1]` is the graph of stage k (its
+    behaviour -> edge weight). Every step propagates the whole item table, so its full-catalogue loss takes
+    batches of users with all their positives (`per_user_loss`)."""
+
+    per_user_loss = True
 
     def __init__(
         self,
@@ -151,6 +157,21 @@ class GraphTwoTower(nn.Module):
         self.history: dict[str, sp.csr_matrix] = {}
         self._frozen: dict[int, torch.Tensor] = {}  # stage -> its smoothed item layer, while a later stage trains
 
+    @classmethod
+    def build(cls, data, cfg, seed: int, objectives: tuple[str, ...],
+              context_sizes: dict[str, int]) -> GraphBackbone:  # fmt: skip
+        """The backbone `cfg.model` describes: one graph per objective over `data`'s behaviours (context is not
+        read: the user vector is a bag of the history)."""
+        m = cfg.model
+        stage_weights = [
+            graph_weights(o, data.stages, data.behaviours, m.graph_up_weight, m.graph_down_weight, m.graph_side_weight)
+            for o in objectives
+        ]
+        return cls(
+            data.n_users, data.n_items, m.dim, stage_weights, m.graph_hops, features_of(data.user_features, m),
+            features_of(data.item_features, m), seed, init_scale=m.init_scale,
+        )  # fmt: skip
+
     # ----- graph --------------------------------------------------------------------------------
     def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
         """Training matrices (binary users x items) the graphs are built from."""
@@ -191,9 +212,18 @@ class GraphTwoTower(nn.Module):
         return total / len(parts) if len(parts) > 1 else total
 
     # ----- vectors and scores -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def training_stage(self, stage: int) -> Iterator[None]:
+        """While `stage` trains, the columns of earlier stages cannot change: smoothed once, not every step."""
+        self.freeze_below(stage)
+        try:
+            yield
+        finally:
+            self.freeze_below(None)
+
     def freeze_below(self, stage: int | None) -> None:
-        """While `stage` trains, the columns of earlier stages cannot change: smooth them once, not every step
-        (the same numbers, computed once). None drops the cache; the trainer calls it when a phase ends."""
+        """Smooth the columns of the stages before `stage` once and reuse them (the same numbers, computed once);
+        None drops the cache."""
         self._frozen = {}
         if stage is None:
             return
@@ -244,8 +274,9 @@ class GraphTwoTower(nn.Module):
         stage: int,
         leave_out: np.ndarray | None = None,
         history: dict[str, sp.csr_matrix] | None = None,
+        context: dict[str, np.ndarray] | None = None,
     ) -> torch.Tensor:
-        """(B, D). The bag holds the user's own history (no leave-target-out: LightGCN's form)."""
+        """(B, D). The bag holds the user's own history (no leave-target-out: LightGCN's form); no context."""
         return self.vectors(users, stage, history)[0]
 
     def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,10 +288,6 @@ class GraphTwoTower(nn.Module):
     def output_owner(self) -> torch.Tensor:
         return self.owner
 
-    def group_mask(self, stage: int) -> torch.Tensor:
-        """(D,) 1 on the columns objective `stage` scores with (owners 1..stage)."""
-        return active(self.owner, stage).float()
-
     def mask_grads(self, stage: int) -> None:
         """Only the columns `stage` owns learn; earlier stages' columns stay bit-identical."""
         keep = (self.owner == stage).float()
@@ -268,13 +295,39 @@ class GraphTwoTower(nn.Module):
             if p.grad is not None:
                 p.grad *= keep
 
-    def sync_output_owner(self) -> None:
-        """One owner vector serves both sides: nothing to copy."""
-
-    def prunable(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """One unit group, the D columns; a column's magnitude is its L1 mass over every column tensor."""
+    def prunable(self) -> list[UnitGroup]:
+        """One unit group, the D columns (one owner vector serves both sides); a column's magnitude is its L1
+        mass over every column tensor."""
         magnitude = sum(p.detach().abs().sum(dim=0) for p in self.column_tensors())
         return [("output", magnitude, self.owner)]
 
-    def ownership(self) -> dict[str, dict[int, float]]:
-        return ownership(self.prunable())
+    # ----- export -------------------------------------------------------------------------------
+    def export_towers(self, top: int, user_columns: list[dict],
+                      item_columns: list[dict]) -> tuple[TowerExport, TowerExport | None]:  # fmt: skip
+        """u = sum_k (c_k @ V) * [owner == k] + the feature part: per-stage item scales and edge weights, the
+        known users' feature part and the feature tables, masked at `top`. A new item is a node without edges."""
+        mask = self.group_mask(top)
+        arrays = {"item_scale": np.stack([g.item_scale for g in self.graphs[:top]]).astype(np.float32)}
+        side = self._user_side(torch.arange(self.n_users))
+        if side is not None:  # the known users' feature part
+            arrays["user_side"] = (side * mask).numpy()
+        weights = [{b: float(w) for b, w in self.stage_weights[k].items()} for k in range(top)]
+        user = {"kind": "graph", "stage_weights": weights}
+        user["features"], more = _feature_export(user_columns, self.user_tables, self.user_dense, mask, "u")
+        arrays |= more
+        if not self.item_tables and self.item_dense is None:
+            return (user, arrays), None
+        # a new item: an isolated node, so propagation leaves it its own rows over (hops + 1) on every stage's columns
+        features, item_arrays = _feature_export(item_columns, self.item_tables, self.item_dense,
+                                                mask / (self.hops + 1), "i")  # fmt: skip
+        return (user, arrays), ({"kind": "graph", "features": features}, item_arrays)
+
+
+def _feature_export(columns, tables, dense, mask, prefix: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The feature part of a graph tower: one D-wide table per table column, a dense map, averaged over the
+    parts (GraphBackbone._feature_parts)."""
+    arrays = {f"{prefix}feat{j}": (t * mask).numpy() for j, t in enumerate(tables.values())}
+    if dense is not None:
+        arrays[f"{prefix}dense"] = (dense * mask).numpy()
+    parts = len(tables) + (dense is not None)
+    return {"columns": columns, "parts": parts}, arrays

@@ -1,0 +1,65 @@
+"""Cross-field rules of a training config: settings each valid alone that cannot train together.
+
+`check_training(cfg)` runs before any data loads (csmf train and csmf bench call it first), and again, with the
+catalogue size, when a trainer is built; a broken combination is one ConfigError that names every key involved
+and what to change, never a traceback at the first batch.
+"""
+
+from __future__ import annotations
+
+from csmf.backbones import BACKBONES
+from csmf.config import Config, ConfigError
+
+
+def training_problems(cfg: Config, n_items: int | None = None, streaming: bool | None = None) -> list[str]:
+    """Every broken combination in `cfg`, in words naming its keys. n_items: the catalogue, once known;
+    streaming: whether the data streams from a cache (None: judged from data.cache_dir)."""
+    m, t, c = cfg.model, cfg.train, cfg.cascade
+    backbone = BACKBONES[m.encoder]
+    problems = []
+    # the per-user full-catalogue loss: a backbone that computes every item each step, within the size limit
+    limit = f"train.full_softmax_max_items = {t.full_softmax_max_items:,}"
+    if not backbone.per_user_loss:
+        per_user = f"model.encoder = {m.encoder!r} trains on batches of pairs (only 'graph' has it)"
+    elif t.stream:
+        per_user = "train.stream = true trains on streamed pairs"
+    elif t.full_softmax_max_items == 0 or (n_items is not None and n_items > t.full_softmax_max_items):
+        per_user = f"{limit} is below the catalogue" + (f" of {n_items:,} items" if n_items is not None else "")
+    else:
+        per_user = ""
+    if per_user and c.aml_form == "hinge" and c.aml_m0 > 0:
+        problems.append(f"cascade.aml_form = 'hinge' needs the per-user full-catalogue loss, but {per_user}; set "
+                        "cascade.aml_form = 'margin' (or 'weight'), or model.encoder = 'graph' with "
+                        f"train.full_softmax_max_items at least the number of items")  # fmt: skip
+    if per_user and t.distill:
+        problems.append(f"train.distill = {t.distill!r} needs the per-user full-catalogue loss, but {per_user}; set "
+                        "train.distill = '' (no teacher), or model.encoder = 'graph' with "
+                        "train.full_softmax_max_items at least the number of items")  # fmt: skip
+    if t.stream:
+        problems += _stream_problems(cfg, streaming)
+    if cfg.runtime.device == "cuda" and "cuda" not in backbone.devices:
+        usable = [name for name, b in BACKBONES.items() if "cuda" in b.devices]
+        problems.append(f"runtime.device = 'cuda': model.encoder = {m.encoder!r} trains on {list(backbone.devices)} "
+                        f"only; use model.encoder = {usable[0]!r} (--config mlp) on a GPU")  # fmt: skip
+    return problems
+
+
+def _stream_problems(cfg: Config, streaming: bool | None) -> list[str]:
+    """train.stream reads training rows from the cache in batches: everything that needs every user's pairs in
+    memory at once is refused (--config stream sets them all)."""
+    m, t = cfg.model, cfg.train
+    out = []
+    if not (cfg.data.cache_dir if streaming is None else streaming):
+        out.append("data.cache_dir is not set (the rows are streamed from the cache)")
+    if m.encoder != "mlp" or m.history:
+        out.append("model.encoder must be 'mlp' with model.history = false (both need every user's history)")
+    if any(w > 0 for w in t.aux_weight):
+        out.append("train.aux_weight must be 0 (each stage streams its own rows)")
+    return ["train.stream: " + "; ".join(out) + "; --config stream sets these"] if out else []
+
+
+def check_training(cfg: Config, n_items: int | None = None, streaming: bool | None = None) -> None:
+    """Raise one ConfigError listing every problem `training_problems` finds."""
+    problems = training_problems(cfg, n_items, streaming)
+    if problems:
+        raise ConfigError("this configuration cannot train: " + " | ".join(problems))

@@ -1,0 +1,144 @@
+"""The loss one cascade stage trains with, for either kind of batch (csmf.data.batches):
+
+- `PairLoss`, batches of (user, item) pairs: the softmax over the whole catalogue when it is small enough
+  (train.full_softmax_max_items), else the sampled softmax (in-batch + uniform negatives with logQ,
+  csmf.losses.sampled_softmax), with AML as a margin or a weight;
+- `UserLoss`, batches of users with all their positives (a backbone whose `per_user_loss` is set): one
+  full-catalogue softmax per user, AML as a margin, a weight or the cross-stage hinge, plus distillation
+  towards a teacher's lists.
+
+Stage 1 trains without a margin (there is no upstream objective); a later stage's margin reads the frozen
+objective before it, the user vector masked to that objective's dimensions (method notes §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from csmf import distributed
+from csmf.backbones.base import Backbone
+from csmf.config import Config, per_stage
+from csmf.data.batches import PairBatch, uniform_negatives
+from csmf.data.schema import CascadeData, difference
+from csmf.losses import (
+    aml_softmax,
+    cross_stage_hinge,
+    distillation_loss,
+    sampled_softmax,
+    share_above,
+    user_softmax_loss,
+)
+
+
+def margin_scale(cfg: Config, stage: int) -> float:
+    """m0 of `stage`: the configured AML scale from stage 2 on, 0 for the first stage (nothing upstream)."""
+    return cfg.cascade.aml_m0 if stage > 1 else 0.0
+
+
+class PairLoss:
+    """A batch of pairs -> the stage's loss. log_q: (N,) log share of each item in the stage's training rows."""
+
+    def __init__(self, model: Backbone, stage: int, cfg: Config, log_q: torch.Tensor, generator: torch.Generator,
+                 full_softmax: bool):  # fmt: skip
+        self.model, self.stage, self.cfg, self.generator = model, stage, cfg, generator
+        self.log_q, self.full_softmax = log_q.to(model.device), full_softmax
+        self.m0 = margin_scale(cfg, stage)
+        self.ranks = distributed.ranks()
+
+    def __call__(self, batch: PairBatch) -> torch.Tensor:
+        model, stage, t = self.model, self.stage, self.cfg.train
+        # leave_out: a training pair's own item is not in the history bags its user vector reads
+        u = model.user_vectors(batch.users, stage, leave_out=batch.items, context=batch.codes)
+        device = u.device
+        ids = torch.from_numpy(batch.items).to(device)
+        weight = None if batch.weight is None else batch.weight.to(device)
+        upstream_user = u * model.group_mask(stage - 1) if self.m0 > 0 else None
+        temperature, form = self.cfg.model.temperature, self.cfg.cascade.aml_form
+        if self.full_softmax:
+            v = model.item_vectors(stage)  # (N, D)
+            upstream = upstream_user @ v.T if upstream_user is not None else None
+            return aml_softmax(u @ v.T, ids, temperature, upstream, self.m0, form, weight=weight)
+        v = model.item_vectors(stage, ids)  # (B, D)
+        pool, offset = ids, 0
+        if self.ranks.active and t.gather_negatives:  # every rank's batch items are negatives
+            v, pool, offset = distributed.gather_rows(v, ids)
+        negatives = negative_log_q = None
+        if t.extra_negatives:
+            drawn, negative_log_q = uniform_negatives(model.n_items, t.extra_negatives, self.generator)
+            negatives, negative_log_q = model.item_vectors(stage, drawn.to(device)), negative_log_q.to(device)
+        return sampled_softmax(u, v, pool, self.log_q, temperature, offset, negatives, negative_log_q,
+                               upstream_user, self.m0, form, weight)  # fmt: skip
+
+
+def user_loss_extras(tuning: CascadeData, objectives: tuple[str, ...], stage: int, cfg: Config,
+                     teacher: Callable[[str], sp.csr_matrix] | None) -> dict:  # fmt: skip
+    """What the per-user loss of `stage` reads besides its positives, computed once a phase: the items each user
+    reached only upstream (the hinge AML's negatives), the items each user has seen and the teacher's lists
+    (distillation; `teacher(objective)` gives them)."""
+    objective, extras = objectives[stage - 1], {}
+    c, t = cfg.cascade, cfg.train
+    if stage > 1 and c.aml_m0 > 0 and c.aml_form == "hinge":
+        previous = tuning.matrix(objectives[stage - 2])
+        extras["upstream_only"] = difference(previous, tuning.matrix(objective))
+    if t.distill and per_stage(t.distill_weight, stage) > 0:
+        if teacher is None:
+            raise ValueError("train.distill is set but the trainer was given no teacher lists")
+        extras["seen"] = tuning.excluded(objective)
+        extras["teacher"] = teacher(objective)
+    return extras
+
+
+class UserLoss:
+    """A batch of users -> the stage's full-catalogue loss over all of their positives. targets: (U, N) weight
+    of every training positive (csmf.data.batches.target_matrix); extras: `user_loss_extras`."""
+
+    def __init__(self, model: Backbone, stage: int, cfg: Config, targets: sp.csr_matrix, generator: torch.Generator,
+                 extras: dict):  # fmt: skip
+        self.model, self.stage, self.cfg, self.targets = model, stage, cfg, targets
+        self.generator, self.extras, self.m0 = generator, extras, margin_scale(cfg, stage)
+
+    def __call__(self, users: np.ndarray) -> torch.Tensor:
+        model, stage, temperature, form = self.model, self.stage, self.cfg.model.temperature, self.cfg.cascade.aml_form
+        u, v = model.vectors(users, stage)  # (B, D), (N, D)
+        scores = u @ v.T  # (B, N)
+        coo = self.targets[users].tocoo()
+        rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+        weight = torch.from_numpy(coo.data)
+        margin, hinge = None, None
+        if self.m0 > 0:
+            upstream = ((u * model.group_mask(stage - 1)) @ v.T).detach()  # (B, N) frozen earlier objective
+            if form == "hinge":
+                hinge = self._hinge(scores, upstream, users, rows, cols)
+            else:
+                # as losses.aml_margin, against a uniform sample of the catalogue (an exact rank over all
+                # items would sort every user's scores each step: more than the rest of the step together)
+                sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=self.generator)
+                margin = self.m0 * share_above(upstream, rows, cols, sample)  # (P,)
+                if form == "weight":
+                    weight, margin = weight * (1.0 + margin), None
+        loss = user_softmax_loss(scores, rows, cols, weight, temperature, margin=margin)
+        if hinge is not None:
+            loss = loss + hinge
+        if "teacher" in self.extras:
+            seen = torch.from_numpy(self.extras["seen"][users].toarray() > 0)  # (B, N)
+            teacher = torch.from_numpy(self.extras["teacher"][users].toarray())  # (B, N)
+            weight_kd = per_stage(self.cfg.train.distill_weight, stage)
+            loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
+        return loss
+
+    def _hinge(self, scores, upstream, users, rows, cols) -> torch.Tensor | None:
+        """Cross-stage hinge over one upstream-only item per positive, drawn uniformly from the user's."""
+        sub = self.extras["upstream_only"][users]  # (B, N)
+        counts = torch.from_numpy(np.diff(sub.indptr).astype(np.int64))[rows]  # (P,)
+        starts = torch.from_numpy(sub.indptr[:-1].astype(np.int64))[rows]
+        draw = (torch.rand(len(rows), generator=self.generator) * counts).long()
+        has = counts > 0
+        if not bool(has.any()):
+            return None
+        indices = torch.from_numpy(sub.indices.astype(np.int64))
+        negatives = indices[(starts + draw)[has]]
+        return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, self.m0, self.cfg.model.temperature)
