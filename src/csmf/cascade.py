@@ -1,18 +1,15 @@
 """The cascaded trainer: pretrain stage 1 -> CPP -> AR -> fine-tune stage 2 (AML) -> CPP -> AR -> ...
 
 Follows method notes §3-§6 (schedule table in §3). The trainer only orders and records phases; what it trains
-sits behind seams: the backbone (csmf.backbones: vectors, units, gradient masks), the batches
-(csmf.data.batches), the stage loss (csmf.stage_loss), ownership changes (csmf.phases) and the loop
-(csmf.training_loop). Every phase is seeded from (seed, phase index), logs its loss and validation metrics, and is
-checkpointed; a killed run resumes from the last completed phase and ends with the same weights as an
-uninterrupted one. Training uses the tuning view of the data (validation pairs removed from train) and
-validation picks each stage's best epoch; the test split is never read here. A one-objective run is the plain
-two-tower (`single-<stage>` in the benchmark).
+sits behind seams: the backbone (csmf.backbones), the batches (csmf.data.batches), the stage loss
+(csmf.stage_loss), ownership changes (csmf.phases) and the loop (csmf.training_loop). Every phase is seeded
+from (seed, phase index) and checkpointed; a killed run resumes from the last completed phase and ends with
+the same weights as an uninterrupted one. Training uses the tuning view of the data (validation pairs removed
+from train), validation picks each stage's best epoch, and the test split is never read here.
 
-Stage-1 pretraining depends only on the data, the seed and the model/train/eval config, not on anything
-that happens later in the cascade, so runs that differ only downstream (ablations, a tau sweep, the
-single stage-1 tower) may share it through `pretrain_cache`: a folder of pretrained states keyed by a
-hash of exactly those inputs. The result is bit-identical to pretraining afresh.
+Stage-1 pretraining depends only on the data, the seed and the model/train/eval config, so runs that differ
+only downstream (ablations, a tau sweep, the single stage-1 tower) may share it through `pretrain_cache`, a
+folder of pretrained states keyed by a hash of exactly those inputs: bit-identical to pretraining afresh.
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ from csmf.stage_loss import PairLoss, UserLoss, user_loss_extras
 from csmf.trained import TrainedCascade
 from csmf.training_loop import adam, run_epochs
 
-# objective -> a teacher's (U, N) lists over the data it is given (csmf.distill.teacher_lists)
+# (tuning data, objective) -> a teacher's (U, N) lists (csmf.models.teachers.teacher_for)
 Teacher = Callable[[CascadeData, str], sp.csr_matrix]
 
 
@@ -64,17 +61,13 @@ class CascadeTrainer:
         self.data, self.cfg, self.teacher = data, cfg, teacher
         self.objectives = objectives or data.stages
         self.stream = data.stream if cfg.train.stream else None
-        check_training(cfg, data.n_items, streaming=data.stream is not None)  # before any model is built
+        self.device = distributed.resolve_device(cfg.runtime.device)  # "auto": a GPU when there is one
+        check_training(cfg, data.n_items, data.stream is not None, self.device.type)  # before any model is built
         if cfg.train.distill and teacher is None:
             raise ConfigError(f"train.distill = {cfg.train.distill!r}: give the trainer its teacher, "
                               "teacher=csmf.models.teachers.teacher_for(cfg) (CSMF(cfg).fit does)")  # fmt: skip
         self.tuning = data.tuning_view()
-        self.device = distributed.resolve_device(cfg.runtime.device)
         self.model = build_backbone(data, cfg, cfg.seed, self.objectives)
-        if self.device.type not in self.model.devices:  # runtime.device "auto" found a GPU
-            raise ConfigError(f"runtime.device = {cfg.runtime.device!r} chose {self.device.type}, but model.encoder = "
-                              f"{cfg.model.encoder!r} trains on {list(self.model.devices)} only; set runtime.device "
-                              "= 'cpu', or use --config mlp on a GPU")  # fmt: skip
         if self.device.type != "cpu":
             self.model.place(self.device)
         self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
@@ -110,43 +103,35 @@ class CascadeTrainer:
         last = self.folder.last() if self.folder is not None else None
         return 0 if last is None else last[0] + 1
 
-    def _resume(self) -> int:
-        """Load the last completed phase into the model; returns the first phase still to run."""
+    def _start(self) -> int:
+        """Load the last completed phase, or stage 1 from the pretrain cache when it holds this run's
+        pretraining; returns the first phase still to run."""
         last = self.folder.last() if self.folder is not None else None
-        if last is None:
+        if last is not None:
+            index, state, self.history, name = last
+            self.model.load_state_dict(state)
+            self.log(f"resuming after phase {self.phases[index].name} ({name})")
+            return index + 1
+        cached = self.pretrain.load() if self.pretrain is not None else None
+        if cached is None:
             return 0
-        index, state, history, name = last
-        self.model.load_state_dict(state)
-        self.history = history
-        self.log(f"resuming after phase {self.phases[index].name} ({name})")
-        return index + 1
+        self.model.load_state_dict(cached[0])
+        self.history.append({**cached[1], "cached": True})
+        self.log(f"stage 1 pretraining loaded from the cache ({self.pretrain.path.name})")
+        self._save(0)
+        return 1
 
     def _save(self, index: int) -> None:
         if self.folder is not None and self.ranks.main:  # one writer; the others wait for the file
             self.folder.save(index, self.model.state_dict(), self.history)
         distributed.barrier()
 
-    def _cached_pretrain(self) -> bool:
-        """Load stage 1 from the pretrain cache if it holds this run's pretraining (then phase 0 is done)."""
-        cached = self.pretrain.load()
-        if cached is None:
-            return False
-        state, record = cached
-        self.model.load_state_dict(state)
-        self.history.append({**record, "cached": True})
-        self.log(f"stage 1 pretraining loaded from the cache ({self.pretrain.path.name})")
-        self._save(0)
-        return True
-
     # ----- phases --------------------------------------------------------------------------------
     def run(self) -> TrainedCascade:
         """Every phase still to run, each recorded and checkpointed; the trained cascade on the CPU."""
         # on a GPU some kernels have no deterministic form: warned about, not refused (CPU runs are bit-exact)
         with deterministic_torch(warn_only=self.device.type != "cpu"):
-            start = self._resume()
-            if start == 0 and self.pretrain is not None and self._cached_pretrain():
-                start = 1
-            for index in range(start, len(self.phases)):
+            for index in range(self._start(), len(self.phases)):
                 self.run_phase(index)
         if self.device.type != "cpu":  # the trained model is handed back on the CPU: evaluation, export, serving
             self.model.place(torch.device("cpu"))

@@ -362,6 +362,7 @@ class MultiTaskConfig(Checked):
         "specific_experts": (_at_least(0), ">= 0"),
         "kernels": (_positive, "> 0"),
         "kernel_dim": (_positive, "> 0"),
+        "min_steps": (_positive, "> 0"),
     }
 
     expert_dim: int = 128  # hidden width of each expert (shared-bottom: its one shared expert)
@@ -369,6 +370,10 @@ class MultiTaskConfig(Checked):
     specific_experts: int = 1  # PLE: experts of each objective's own
     kernels: int = 4  # MVKE: virtual-kernel experts on the user side
     kernel_dim: int = 32  # MVKE: width the user's input fields are projected to for the kernels' attention
+    # the per-user full-catalogue loss (graph encoder): a batch holds at most 1/min_steps of the users (and at most
+    # train.user_batch_size), so an epoch takes at least this many steps: the gated MLPs learn in steps, and with
+    # 4 steps an epoch on a 2,000-user log MMoE stopped at 0.18 validation R@50 against 0.26 (docs/method.md)
+    min_steps: int = 32
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from csmf.backbones import BACKBONES
 from csmf.config import Config, ConfigError
 
 
-def training_problems(cfg: Config, n_items: int | None = None, streaming: bool | None = None) -> list[str]:
+def training_problems(cfg: Config, n_items: int | None = None, streaming: bool | None = None,
+                      device: str | None = None) -> list[str]:  # fmt: skip
     """Every broken combination in `cfg`, in words naming its keys. n_items: the catalogue, once known;
-    streaming: whether the data streams from a cache (None: judged from data.cache_dir)."""
+    streaming: whether the data streams from a cache (None: judged from data.cache_dir); device: the device
+    runtime.device resolved to ("auto" finds a GPU or not), once known."""
     m, t, c = cfg.model, cfg.train, cfg.cascade
     backbone = BACKBONES[m.encoder]
     problems = []
@@ -37,10 +39,13 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
                         "train.full_softmax_max_items at least the number of items")  # fmt: skip
     if t.stream:
         problems += _stream_problems(cfg, streaming)
-    if cfg.runtime.device == "cuda" and "cuda" not in backbone.devices:
-        usable = [name for name, b in BACKBONES.items() if "cuda" in b.devices]
-        problems.append(f"runtime.device = 'cuda': model.encoder = {m.encoder!r} trains on {list(backbone.devices)} "
-                        f"only; use model.encoder = {usable[0]!r} (--config mlp) on a GPU")  # fmt: skip
+    device = device or (cfg.runtime.device if cfg.runtime.device != "auto" else None)
+    if device is not None and device not in backbone.devices:
+        usable = [name for name, b in BACKBONES.items() if device in b.devices]
+        chose = f" (runtime.device = 'auto' chose {device})" if cfg.runtime.device == "auto" else ""
+        problems.append(f"runtime.device = {device!r}{chose}: model.encoder = {m.encoder!r} trains on "
+                        f"{list(backbone.devices)} only; use model.encoder = {usable[0]!r} (--config mlp) there, or "
+                        "runtime.device = 'cpu'")  # fmt: skip
     return problems
 
 
@@ -58,8 +63,9 @@ def _stream_problems(cfg: Config, streaming: bool | None) -> list[str]:
     return ["train.stream: " + "; ".join(out) + "; --config stream sets these"] if out else []
 
 
-def check_training(cfg: Config, n_items: int | None = None, streaming: bool | None = None) -> None:
+def check_training(cfg: Config, n_items: int | None = None, streaming: bool | None = None,
+                   device: str | None = None) -> None:  # fmt: skip
     """Raise one ConfigError listing every problem `training_problems` finds."""
-    problems = training_problems(cfg, n_items, streaming)
+    problems = training_problems(cfg, n_items, streaming, device)
     if problems:
         raise ConfigError("this configuration cannot train: " + " | ".join(problems))

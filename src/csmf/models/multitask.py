@@ -260,7 +260,8 @@ class MultiTask(Retriever):
             ]
             self._teachers = self._teacher_lists(tuning)
             active = np.flatnonzero(sum(np.diff(m.indptr) for m in targets) > 0)
-            batches = UserBatches(active, t.user_batch_size, generator, Ranks())
+            size = min(t.user_batch_size, max(1, -(-len(active) // cfg.multitask.min_steps)))  # at least min_steps an epoch
+            batches = UserBatches(active, size, generator, Ranks())
 
             def epoch_batches():
                 return (self._user_loss(users, targets) for users in batches.epoch())

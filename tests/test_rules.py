@@ -1,0 +1,55 @@
+"""Cross-field config rules (csmf.rules): a combination that cannot train is refused before any data loads,
+in one message naming every key involved, never with a traceback at the first batch."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from csmf.cli import main
+from csmf.config import Config, ConfigError, load_config, override
+from csmf.rules import check_training, training_problems
+
+
+def test_the_hinge_on_the_in_batch_path_fails_in_seconds_naming_both_keys(capsys, monkeypatch):
+    def no_loading(*_a, **_k):
+        raise AssertionError("the data must not load")
+
+    monkeypatch.setattr("csmf.data.datasets.load_dataset", no_loading)
+    start = time.perf_counter()
+    argv = ["train", "--dataset", "jd", "--set", "cascade.aml_form=hinge", "--set", "train.full_softmax_max_items=0"]
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "cascade.aml_form = 'hinge'" in err and "train.full_softmax_max_items = 0" in err
+    assert "train.distill = 'ease'" in err  # the default teacher needs the per-user loss too: both said at once
+    assert "Traceback" not in err
+
+
+def test_each_rule_names_its_keys_and_a_valid_config_passes():
+    assert training_problems(Config()) == []
+    assert training_problems(load_config("mlp")) == []
+    assert training_problems(override(load_config("stream"), ["data.cache_dir=/tmp/c"])) == []
+    hinge_mlp = override(load_config("mlp"), ["cascade.aml_form=hinge"])
+    (problem,) = training_problems(hinge_mlp)
+    assert "cascade.aml_form = 'hinge'" in problem and "model.encoder = 'mlp'" in problem
+    assert training_problems(override(hinge_mlp, ["cascade.aml_m0=0"])) == []  # no margin, no hinge
+    (problem,) = training_problems(override(Config(), ["train.full_softmax_max_items=500"]), n_items=13_465)
+    assert "below the catalogue of 13,465 items" in problem and "train.distill" in problem
+    assert training_problems(override(Config(), ["train.full_softmax_max_items=500"])) == []  # size unknown yet
+    (problem,) = training_problems(override(Config(), ["train.stream=true", "train.distill="]))
+    assert "data.cache_dir is not set" in problem and "model.encoder must be 'mlp'" in problem
+    (problem,) = training_problems(override(Config(), ["runtime.device=cuda"]))
+    assert "model.encoder = 'graph' trains on ['cpu'] only" in problem
+    (problem,) = training_problems(override(Config(), ["runtime.device=auto"]), device="cuda")
+    assert "runtime.device = 'auto' chose cuda" in problem
+    with pytest.raises(ConfigError, match="cannot train: .*hinge"):
+        check_training(hinge_mlp)
+
+
+def test_every_subcommand_takes_a_config_file(capsys):
+    for command in ("bench", "simulate", "train", "export", "serve", "loadtest", "querybench", "trainspeed", "data"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--config" in capsys.readouterr().out, command
