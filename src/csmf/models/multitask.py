@@ -260,7 +260,8 @@ class MultiTask(Retriever):
             ]
             self._teachers = self._teacher_lists(tuning)
             active = np.flatnonzero(sum(np.diff(m.indptr) for m in targets) > 0)
-            size = min(t.user_batch_size, max(1, -(-len(active) // cfg.multitask.min_steps)))  # at least min_steps an epoch
+            # at most 1/min_steps of the users a batch: an epoch takes at least multitask.min_steps steps
+            size = min(t.user_batch_size, max(1, -(-len(active) // cfg.multitask.min_steps)))
             batches = UserBatches(active, size, generator, Ranks())
 
             def epoch_batches():
