@@ -28,7 +28,7 @@ from csmf.trained import TrainedCascade
 
 TAU = (0.3, 0.6)  # stage 2 frees one of its two output dims (with 0.3 it may free none: see below)
 CFG = override(
-    load_config("mlp"),  # this module tests the MLP backbone (towers.py); tests/test_graph.py the graph one
+    load_config("mlp"),  # this module tests the MLP backbone (backbones/mlp.py); tests/test_graph.py the graph one
     [
         "model.user_hidden=16",
         "model.user_id=true",  # the group counts below include the user-ID table

@@ -34,7 +34,6 @@ def test_each_rule_names_its_keys_and_a_valid_config_passes():
     hinge_mlp = override(load_config("mlp"), ["cascade.aml_form=hinge"])
     (problem,) = training_problems(hinge_mlp)
     assert "cascade.aml_form = 'hinge'" in problem and "model.encoder = 'mlp'" in problem
-    assert training_problems(override(hinge_mlp, ["cascade.aml_m0=0"])) == []  # no margin, no hinge
     (problem,) = training_problems(override(Config(), ["train.full_softmax_max_items=500"]), n_items=13_465)
     assert "below the catalogue of 13,465 items" in problem and "train.distill" in problem
     assert training_problems(override(Config(), ["train.full_softmax_max_items=500"])) == []  # size unknown yet

@@ -29,7 +29,7 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
         per_user = f"{limit} is below the catalogue" + (f" of {n_items:,} items" if n_items is not None else "")
     else:
         per_user = ""
-    if per_user and c.aml_form == "hinge" and c.aml_m0 > 0:
+    if per_user and c.aml_form == "hinge":
         problems.append(f"cascade.aml_form = 'hinge' needs the per-user full-catalogue loss, but {per_user}; set "
                         "cascade.aml_form = 'margin' (or 'weight'), or model.encoder = 'graph' with "
                         f"train.full_softmax_max_items at least the number of items")  # fmt: skip

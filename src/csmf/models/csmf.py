@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from csmf.backbones import build_backbone
-from csmf.backbones.features import feature_columns
 from csmf.cascade import CascadeTrainer
 from csmf.config import Config, config_from_dict, config_to_dict
 from csmf.data.schema import CascadeData, union
+from csmf.feature_schema import feature_columns
 from csmf.fusion import fold_weights
 from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.models.teachers import teacher_for

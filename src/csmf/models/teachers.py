@@ -2,7 +2,7 @@
 a soft list of its top unseen items (backbone notes, *Distillation*).
 
 The teacher is fit on the same data the student trains on (the tuning view: CSMF hands the cascade trainer
-`teacher_lists` as its teacher, and the trainer calls it on that view), so it never sees a validation or test
+`teacher_for(cfg)` as its teacher, and the trainer calls it on that view), so it never sees a validation or test
 pair. Each user's list is its top-`distill_top` items outside the user's seen items, weighted
 exp(-rank / distill_decay) and normalised to sum to 1.
 """

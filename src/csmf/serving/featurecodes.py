@@ -2,7 +2,7 @@
 training.
 
 An export records, per feature column in the order the towers read them, how a value became an input
-(csmf.backbones.features.feature_columns). `encode` (at serving) turns one entity's raw values into codes and
+(csmf.feature_schema.feature_columns). `encode` (at serving) turns one entity's raw values into codes and
 standardised numbers; a value not seen in training, a missing column or a list column (a bag, not read online)
 is reported and contributes nothing, as an unknown value would.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from csmf.backbones.features import value_key
+from csmf.feature_schema import value_key
 from csmf.hashing import mix64
 
 
@@ -27,7 +27,7 @@ def _number(value) -> float | None:
 
 
 class FeatureCodes:
-    """One tower's feature columns (csmf.backbones.features.feature_columns): raw values -> codes and
+    """One tower's feature columns (csmf.feature_schema.feature_columns): raw values -> codes and
     standardised dense values."""
 
     def __init__(self, columns: list[dict]):
