@@ -279,7 +279,8 @@ def cmd_trainspeed(args: argparse.Namespace) -> int:
     from csmf.experiments.trainspeed import run_trainspeed
 
     # the MLP preset unless --config names another (the default graph encoder trains per user, not per pair)
-    cfg = _config(args) if args.config else override(load_config("mlp"), args.set)
+    args.config = args.config or "mlp"
+    cfg = _config(args)
     run_trainspeed(args.out, cfg, args.seconds)
     return 0
 

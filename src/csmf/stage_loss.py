@@ -75,7 +75,7 @@ class PairLoss:
 
 
 def user_loss_extras(tuning: CascadeData, objectives: tuple[str, ...], stage: int, cfg: Config,
-                     teacher: Callable[[str], sp.csr_matrix] | None) -> dict:  # fmt: skip
+                     teacher: Callable[[str], sp.csr_matrix]) -> dict:  # fmt: skip
     """What the per-user loss of `stage` reads besides its positives, computed once a phase: the items each user
     reached only upstream (the hinge AML's negatives), the items each user has seen and the teacher's lists
     (distillation; `teacher(objective)` gives them)."""
@@ -84,9 +84,7 @@ def user_loss_extras(tuning: CascadeData, objectives: tuple[str, ...], stage: in
     if stage > 1 and c.aml_m0 > 0 and c.aml_form == "hinge":
         previous = tuning.matrix(objectives[stage - 2])
         extras["upstream_only"] = difference(previous, tuning.matrix(objective))
-    if t.distill and per_stage(t.distill_weight, stage) > 0:
-        if teacher is None:
-            raise ValueError("train.distill is set but the trainer was given no teacher lists")
+    if t.distill and per_stage(t.distill_weight, stage) > 0:  # the trainer refuses distillation without a teacher
         extras["seen"] = tuning.excluded(objective)
         extras["teacher"] = teacher(objective)
     return extras
