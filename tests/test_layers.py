@@ -4,7 +4,9 @@ Layers: the core never imports serving or the experiments, serving never imports
 contract and evaluation never import a model. Circles: no file reaches itself through imports, counting an
 import inside a function (a function-local import only hides a circle until the function runs) and counting a
 package's __init__ as a file: `from csmf.data import context` reads the package csmf.data first, so inside that
-package it closes a circle through the __init__ that imports the submodules. Checked on the source with ast.
+package it closes a circle through the __init__ that imports the submodules. Importing `csmf.a.b.c` also runs the
+__init__ of every package on the way (csmf.a, csmf.a.b) unless it already ran: for a file inside csmf.a that package
+is already being imported, so only the packages the importing file does not sit in count. Checked with ast.
 """
 
 from __future__ import annotations
@@ -30,8 +32,15 @@ def module_of(path: Path, src: Path = SRC) -> str:
     return ".".join(parts) or ROOT
 
 
-def targets(node: ast.AST, modules: set[str]) -> set[str]:
-    """The files an import statement runs: a named module, or a package's __init__ and the submodules named."""
+def packages_above(module: str) -> set[str]:
+    """The packages whose __init__ runs before a module: data.cache -> {data}; the root csmf is left out."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def targets(node: ast.AST, modules: set[str], importer: str = "") -> set[str]:
+    """The files an import statement in `importer` runs: a named module, or a package's __init__ and the
+    submodules named, and the __init__ of each package above them that `importer` does not itself sit in."""
     found = set()
     if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "csmf" and not node.level:
         base = node.module.removeprefix("csmf").lstrip(".") or ROOT
@@ -42,6 +51,8 @@ def targets(node: ast.AST, modules: set[str]) -> set[str]:
                 found.add(sub)
     elif isinstance(node, ast.Import):
         found |= {a.name.removeprefix("csmf").lstrip(".") for a in node.names if a.name.startswith("csmf.")}
+    for module in list(found):
+        found |= packages_above(module) - packages_above(importer) - {importer}
     return {m for m in found if m in modules}
 
 
@@ -52,7 +63,7 @@ def imports(src: Path = SRC) -> dict[str, set[str]]:
     for module, path in files.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            found |= targets(node, modules)
+            found |= targets(node, modules, module)
         graph[module] = found - {module}
     return graph
 
@@ -147,4 +158,15 @@ def test_the_check_sees_a_function_local_import_and_a_circle_through_a_package(t
     graph = imports(tmp_path)
     assert graph["pkg.a"] == {"pkg", "b"} and graph["c"] == {"pkg", "pkg.a"}
     assert circles(graph) == [["b", "pkg", "pkg.a"]]
+    # a package's __init__ runs on the way to its submodule: q.x imports pkg2.y, whose package __init__
+    # imports q.x back (a circle no name in the import shows); inside pkg2, pkg2.z importing pkg2.y adds no edge
+    for folder, text in {"pkg2": "from csmf.q.x import h\n", "q": ""}.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text(text)
+    (tmp_path / "pkg2" / "y.py").write_text("")
+    (tmp_path / "pkg2" / "z.py").write_text("from csmf.pkg2.y import k\n")
+    (tmp_path / "q" / "x.py").write_text("from csmf.pkg2.y import k\n")
+    graph = imports(tmp_path)
+    assert graph["q.x"] == {"pkg2", "pkg2.y"} and graph["pkg2.z"] == {"pkg2.y"}
+    assert ["pkg2", "q.x"] in circles(graph)
     assert circles({"x": {"y"}, "y": set()}) == []

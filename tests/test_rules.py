@@ -38,9 +38,16 @@ def test_each_rule_names_its_keys_and_a_valid_config_passes():
     assert "below the catalogue of 13,465 items" in problem and "train.distill" in problem
     assert training_problems(override(Config(), ["train.full_softmax_max_items=500"])) == []  # size unknown yet
     (problem,) = training_problems(override(Config(), ["train.stream=true", "train.distill="]))
-    assert "data.cache_dir is not set" in problem and "model.encoder must be 'mlp'" in problem
+    assert "data.cache_dir is not set" in problem and "model.encoder = 'graph' with model.history = true" in problem
+    assert "use model.encoder = 'mlp' with model.history = false" in problem
+    (problem,) = training_problems(override(load_config("stream"), ["data.cache_dir=/c", "model.history=true"]))
+    assert "model.encoder = 'mlp' with model.history = true needs every user's history" in problem
     (problem,) = training_problems(override(Config(), ["runtime.device=cuda"]))
     assert "model.encoder = 'graph' trains on ['cpu'] only" in problem
+    # the multi-task towers train on the CPU without AML: only the loss and teacher rules are theirs
+    assert training_problems(override(Config(), ["runtime.device=cuda"]), cascade=False) == []
+    assert training_problems(hinge_mlp, cascade=False) == []
+    assert training_problems(override(load_config("mlp"), ["train.distill=ease"]), cascade=False) != []
     (problem,) = training_problems(override(Config(), ["runtime.device=auto"]), device="cuda")
     assert "runtime.device = 'auto' chose cuda" in problem
     with pytest.raises(ConfigError, match="cannot train: .*hinge"):

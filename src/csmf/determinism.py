@@ -40,8 +40,9 @@ def seeded(seed: int) -> Iterator[None]:
 
     For what draws from the default generator and takes no generator of its own (dropout, nn.Linear's initial
     weights); everything else draws from a torch.Generator it is handed. A fit thus neither reads nor moves
-    the caller's random state."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    the caller's random state. Only GPUs torch has already started are forked: forking starts every GPU (slow,
+    and memory on each), while one started inside the block draws from the seed manual_seed queued for it."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

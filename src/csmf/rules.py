@@ -7,15 +7,19 @@ and what to change, never a traceback at the first batch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from csmf.backbones import BACKBONES
 from csmf.config import Config, ConfigError
 
 
 def training_problems(cfg: Config, n_items: int | None = None, streaming: bool | None = None,
-                      device: str | None = None) -> list[str]:  # fmt: skip
+                      device: str | None = None, cascade: bool = True) -> list[str]:  # fmt: skip
     """Every broken combination in `cfg`, in words naming its keys. n_items: the catalogue, once known;
     streaming: whether the data streams from a cache (None: judged from data.cache_dir); device: the device
-    runtime.device resolved to ("auto" finds a GPU or not), once known."""
+    runtime.device resolved to ("auto" finds a GPU or not), once known; cascade: False for the multi-task towers,
+    which read the encoder, the loss and the teacher but no AML and train on the CPU (the hinge and device
+    rules are the cascade's)."""
     m, t, c = cfg.model, cfg.train, cfg.cascade
     backbone = BACKBONES[m.encoder]
     problems = []
@@ -29,7 +33,7 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
         per_user = f"{limit} is below the catalogue" + (f" of {n_items:,} items" if n_items is not None else "")
     else:
         per_user = ""
-    if per_user and c.aml_form == "hinge":
+    if cascade and per_user and c.aml_form == "hinge":
         problems.append(f"cascade.aml_form = 'hinge' needs the per-user full-catalogue loss, but {per_user}; set "
                         "cascade.aml_form = 'margin' (or 'weight'), or model.encoder = 'graph' with "
                         f"train.full_softmax_max_items at least the number of items")  # fmt: skip
@@ -40,7 +44,7 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
     if t.stream:
         problems += _stream_problems(cfg, streaming)
     device = device or (cfg.runtime.device if cfg.runtime.device != "auto" else None)
-    if device is not None and device not in backbone.devices:
+    if cascade and device is not None and device not in backbone.devices:
         usable = [name for name, b in BACKBONES.items() if device in b.devices]
         chose = f" (runtime.device = 'auto' chose {device})" if cfg.runtime.device == "auto" else ""
         problems.append(f"runtime.device = {device!r}{chose}: model.encoder = {m.encoder!r} trains on "
@@ -56,16 +60,18 @@ def _stream_problems(cfg: Config, streaming: bool | None) -> list[str]:
     out = []
     if not (cfg.data.cache_dir if streaming is None else streaming):
         out.append("data.cache_dir is not set (the rows are streamed from the cache)")
-    if m.encoder != "mlp" or m.history:
-        out.append("model.encoder must be 'mlp' with model.history = false (both need every user's history)")
+    if not BACKBONES[m.encoder].can_stream(m):
+        usable = [name for name, b in BACKBONES.items() if b.can_stream(replace(m, history=False))]
+        out.append(f"model.encoder = {m.encoder!r} with model.history = {str(m.history).lower()} needs every user's "
+                   f"history; use model.encoder = {usable[0]!r} with model.history = false")  # fmt: skip
     if any(w > 0 for w in t.aux_weight):
         out.append("train.aux_weight must be 0 (each stage streams its own rows)")
     return ["train.stream: " + "; ".join(out) + "; --config stream sets these"] if out else []
 
 
 def check_training(cfg: Config, n_items: int | None = None, streaming: bool | None = None,
-                   device: str | None = None) -> None:  # fmt: skip
+                   device: str | None = None, cascade: bool = True) -> None:  # fmt: skip
     """Raise one ConfigError listing every problem `training_problems` finds."""
-    problems = training_problems(cfg, n_items, streaming, device)
+    problems = training_problems(cfg, n_items, streaming, device, cascade)
     if problems:
         raise ConfigError("this configuration cannot train: " + " | ".join(problems))

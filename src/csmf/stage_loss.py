@@ -104,8 +104,11 @@ class UserLoss:
         u, v = model.vectors(users, stage)  # (B, D), (N, D)
         scores = u @ v.T  # (B, N)
         coo = self.targets[users].tocoo()
-        rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
-        weight = torch.from_numpy(coo.data)
+        # the index tensors go where the scores are (a backbone on a GPU); the generators stay on the CPU
+        device = scores.device
+        rows = torch.from_numpy(coo.row.astype(np.int64)).to(device)
+        cols = torch.from_numpy(coo.col.astype(np.int64)).to(device)
+        weight = torch.from_numpy(coo.data).to(device)
         margin, hinge = None, None
         if self.m0 > 0:
             upstream = ((u * model.group_mask(stage - 1)) @ v.T).detach()  # (B, N) frozen earlier objective
@@ -115,6 +118,7 @@ class UserLoss:
                 # as losses.aml_margin, against a uniform sample of the catalogue (an exact rank over all
                 # items would sort every user's scores each step: more than the rest of the step together)
                 sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=self.generator)
+                sample = sample.to(device)
                 margin = self.m0 * share_above(upstream, rows, cols, sample)  # (P,)
                 if form == "weight":
                     weight, margin = weight * (1.0 + margin), None
@@ -122,8 +126,8 @@ class UserLoss:
         if hinge is not None:
             loss = loss + hinge
         if "teacher" in self.extras:
-            seen = torch.from_numpy(self.extras["seen"][users].toarray() > 0)  # (B, N)
-            teacher = torch.from_numpy(self.extras["teacher"][users].toarray())  # (B, N)
+            seen = torch.from_numpy(self.extras["seen"][users].toarray() > 0).to(device)  # (B, N)
+            teacher = torch.from_numpy(self.extras["teacher"][users].toarray()).to(device)  # (B, N)
             weight_kd = per_stage(self.cfg.train.distill_weight, stage)
             loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
         return loss
@@ -131,12 +135,14 @@ class UserLoss:
     def _hinge(self, scores, upstream, users, rows, cols) -> torch.Tensor | None:
         """Cross-stage hinge over one upstream-only item per positive, drawn uniformly from the user's."""
         sub = self.extras["upstream_only"][users]  # (B, N)
-        counts = torch.from_numpy(np.diff(sub.indptr).astype(np.int64))[rows]  # (P,)
-        starts = torch.from_numpy(sub.indptr[:-1].astype(np.int64))[rows]
-        draw = (torch.rand(len(rows), generator=self.generator) * counts).long()
+        on_cpu = rows.cpu()
+        counts = torch.from_numpy(np.diff(sub.indptr).astype(np.int64))[on_cpu]  # (P,)
+        starts = torch.from_numpy(sub.indptr[:-1].astype(np.int64))[on_cpu]
+        draw = (torch.rand(len(on_cpu), generator=self.generator) * counts).long()
         has = counts > 0
         if not bool(has.any()):
             return None
         indices = torch.from_numpy(sub.indices.astype(np.int64))
-        negatives = indices[(starts + draw)[has]]
+        negatives = indices[(starts + draw)[has]].to(scores.device)
+        has = has.to(scores.device)
         return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, self.m0, self.cfg.model.temperature)

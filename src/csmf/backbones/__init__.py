@@ -1,7 +1,8 @@
 """Backbones: the encoders the cascade trains, each behind the Backbone seam (csmf.backbones.base).
 
 `model.encoder` names one of BACKBONES; `build_backbone` is the one place a name becomes a class. A new encoder
-is a Backbone subclass with a `build(data, cfg, seed, objectives, context_sizes)` classmethod, added here.
+is a Backbone subclass (its abstract methods and `build` classmethod), added here and to the choices of
+config.ModelConfig.encoder.
 """
 
 from __future__ import annotations

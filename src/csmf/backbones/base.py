@@ -44,6 +44,18 @@ class Backbone(nn.Module, ABC):
     behaviours: tuple[str, ...] = ()
     n_items: int  # the catalogue: item rows 0..n_items-1
 
+    @classmethod
+    def can_stream(cls, model_cfg) -> bool:
+        """Whether it trains on pairs streamed from the cache (train.stream) with these `model` settings: only an
+        encoder that needs no user's whole history (no history bags, no graph) can."""
+        return False
+
+    @classmethod
+    @abstractmethod
+    def build(cls, data, cfg, seed: int, objectives: tuple[str, ...], context_sizes: dict[str, int]) -> Backbone:
+        """The backbone `cfg.model` describes over `data` (a CascadeData) for `objectives`, with its initial
+        weights drawn from `seed`; context_sizes: the per-row context tables' sizes (csmf.backbones.build_backbone)."""
+
     # ----- inputs ----------------------------------------------------------------------------------
     @abstractmethod
     def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
@@ -129,7 +141,8 @@ class Backbone(nn.Module, ABC):
                       item_columns: list[dict]) -> tuple[TowerExport, TowerExport | None]:  # fmt: skip
         """The user tower (and the item tower, when items have features) at stage `top` with every stage mask
         folded in, as arrays numpy alone can run (csmf.serving.online_towers). *_columns: how each raw feature
-        column becomes an input (csmf.serving.featurecodes.encoders)."""
+        column becomes an input (csmf.serving.featurecodes.encoders). Runs without autograd (no caller's no_grad
+        needed); the caller puts the model in eval mode."""
 
 
 def ownership(groups: list[UnitGroup]) -> dict[str, dict[int, float]]:

@@ -302,6 +302,7 @@ class GraphBackbone(Backbone):
         return [("output", magnitude, self.owner)]
 
     # ----- export -------------------------------------------------------------------------------
+    @torch.no_grad()
     def export_towers(self, top: int, user_columns: list[dict],
                       item_columns: list[dict]) -> tuple[TowerExport, TowerExport | None]:  # fmt: skip
         """u = sum_k (c_k @ V) * [owner == k] + the feature part: per-stage item scales and edge weights, the

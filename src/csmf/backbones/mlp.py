@@ -234,6 +234,10 @@ class MLPBackbone(Backbone):
         self.bag_matrices: dict[str, sp.csr_matrix] = {}
 
     @classmethod
+    def can_stream(cls, model_cfg) -> bool:
+        return not model_cfg.history  # the history bags need every user's training rows in memory
+
+    @classmethod
     def build(cls, data, cfg, seed: int, objectives: tuple[str, ...],
               context_sizes: dict[str, int]) -> MLPBackbone:  # fmt: skip
         """The backbone `cfg.model` describes over `data`'s users, items, behaviours and features."""
@@ -332,6 +336,7 @@ class MLPBackbone(Backbone):
         return out
 
     # ----- export ------------------------------------------------------------------------------
+    @torch.no_grad()
     def export_towers(self, top: int, user_columns: list[dict],
                       item_columns: list[dict]) -> tuple[TowerExport, TowerExport | None]:  # fmt: skip
         """x = the entity's fixed inputs (ID embedding, features, unknown context; zeros for a new one, whose

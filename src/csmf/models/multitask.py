@@ -237,7 +237,7 @@ class MultiTask(Retriever):
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
-        check_training(self.cfg, data.n_items, streaming=False)
+        check_training(self.cfg, data.n_items, streaming=False, cascade=False)
         # the layers' initial weights and dropout draw from torch's default generator, seeded for the fit
         with deterministic_torch(), seeded(self.cfg.seed):
             return self._fit(data)
