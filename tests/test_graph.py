@@ -85,6 +85,24 @@ def test_user_vector_is_the_degree_normalised_bag_of_item_rows():
     assert np.allclose(model.item_vectors(1).detach().numpy(), smooth, atol=1e-6)
 
 
+def test_user_rows_add_to_the_bag_and_are_exported_with_it():
+    a = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1]], dtype=np.float32))
+    graphs = [{"buy": 1.0}, {"buy": 1.0}]
+    plain = GraphBackbone(2, 3, 4, graphs, 0, no_features(), no_features(), seed=0)
+    rows = GraphBackbone(2, 3, 4, graphs, 0, no_features(), no_features(), seed=0, user_id=True)
+    for model in (plain, rows):
+        model.set_history({"buy": a})
+    assert torch.equal(plain.items, rows.items)  # the user rows are drawn last: the same item table
+    (u_plain, _), (u_rows, _) = plain.vectors(np.array([0, 1]), 1), rows.vectors(np.array([0, 1]), 1)
+    assert torch.allclose(u_rows, u_plain + rows.user_rows, atol=1e-7)
+    with torch.no_grad():
+        rows.owner[2:] = 2  # columns 2, 3 belong to stage 2: a stage-1 user vector has no user row there
+    u_1 = rows.user_vectors(np.array([0]), 1)
+    assert torch.equal(u_1[0, 2:], torch.zeros(2))
+    (_, arrays), _ = rows.export_towers(2, [], [])
+    assert np.allclose(arrays["user_side"], rows.user_rows.detach().numpy())  # the online tower adds it
+
+
 def test_columns_of_other_stages_do_not_move_a_stage_score():
     """Propagation mixes rows, never columns: changing stage 2's columns leaves stage 1's scores exact."""
     a = sp.random(20, 30, density=0.2, random_state=0, format="csr")
@@ -108,10 +126,12 @@ def test_columns_of_other_stages_do_not_move_a_stage_score():
 # ----- a 3-stage cascade over the graph encoder -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def staged(data):
-    tr = CascadeTrainer(data, CFG, teacher=teacher_for(CFG))
+@pytest.fixture(scope="module", params=[False, True], ids=["bag", "bag+user-rows"])
+def staged(data, request):
+    cfg = override(CFG, [f"model.user_id={str(request.param).lower()}"])
+    tr = CascadeTrainer(data, cfg, teacher=teacher_for(cfg))
     assert tr.per_user and isinstance(tr.model, GraphBackbone) and tr.model.per_user_loss
+    assert (tr.model.user_rows is not None) == request.param
     s = {"trainer": tr}
     history = data.train | data.side
     tr.run_phase(0)

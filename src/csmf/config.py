@@ -245,7 +245,9 @@ class ModelConfig(Checked):
     item_hidden: tuple[int, ...] = ()  # item-tower MLP widths (JD items are IDs only: a linear map is enough)
     id_dim: int = 64  # width of the user / item ID embeddings
     history_dim: int = 64  # width of the shared history table pooled into one bag per behaviour
-    user_id: bool = False  # user-ID embedding in the user tower (on JD it overfits: history + features are better)
+    # a user-ID row in the user tower: an ID embedding (mlp) or a D-wide row added to the bag (graph, LightGCN's
+    # user table); on JD it overfits or adds nothing: history + features are better there
+    user_id: bool = False
     history: bool = True  # user tower reads the user's train behaviours (leave-target-out in training)
     feature_dim: int = 16  # width of each categorical feature embedding
     # feature schema (inferred, overridable): an integer / text column is categorical (embedded), hashed into

@@ -127,7 +127,9 @@ class GraphBackbone(Backbone):
         item_features: Features,
         seed: int,
         init_scale: float = 0.1,
+        user_id: bool = False,
     ):
+        """user_id: a D-wide row per user added to its bag (LightGCN's user table; on JD it adds nothing)."""
         super().__init__()
         if not 0 <= hops <= 3:
             raise ValueError(f"model.graph_hops must be 0..3, got {hops}")
@@ -153,6 +155,8 @@ class GraphBackbone(Backbone):
 
         self.item_tables, self.user_tables = tables(item_features), tables(user_features)
         self.item_dense, self.user_dense = dense_map(item_features), dense_map(user_features)
+        # drawn after every other table, so a model without user rows draws exactly what it drew before
+        self.user_rows = nn.Parameter(torch.randn(n_users, dim, generator=g) * init_scale) if user_id else None
         self.graphs: list[StageGraph] = []
         self.history: dict[str, sp.csr_matrix] = {}
         self._frozen: dict[int, torch.Tensor] = {}  # stage -> its smoothed item layer, while a later stage trains
@@ -169,7 +173,7 @@ class GraphBackbone(Backbone):
         ]
         return cls(
             data.n_users, data.n_items, m.dim, stage_weights, m.graph_hops, features_of(data.user_features, m),
-            features_of(data.item_features, m), seed, init_scale=m.init_scale,
+            features_of(data.item_features, m), seed, init_scale=m.init_scale, user_id=m.user_id,
         )  # fmt: skip
 
     # ----- graph --------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class GraphBackbone(Backbone):
     def column_tensors(self) -> list[nn.Parameter]:
         """Every parameter whose last axis is the D output columns."""
         out = [self.items, *self.item_tables.values(), *self.user_tables.values()]
-        return out + [p for p in (self.item_dense, self.user_dense) if p is not None]
+        return out + [p for p in (self.item_dense, self.user_dense, self.user_rows) if p is not None]
 
     def _base_items(self) -> torch.Tensor:
         """E plus the mean of the item's feature rows (one row per categorical or bag, one for the dense map).
@@ -193,7 +197,11 @@ class GraphBackbone(Backbone):
         return self.items if parts is None else self.items + parts  # (N, D)
 
     def _user_side(self, users: torch.Tensor) -> torch.Tensor | None:
-        return self._feature_parts(self.user_features, self.user_tables, self.user_dense, users)  # (B, D) or None
+        """What a known user adds to its bag: the mean of its feature rows, plus its own row (model.user_id)."""
+        side = self._feature_parts(self.user_features, self.user_tables, self.user_dense, users)  # (B, D) or None
+        if self.user_rows is None:
+            return side
+        return self.user_rows[users] if side is None else side + self.user_rows[users]
 
     @staticmethod
     def _feature_parts(features: Features, tables: nn.ParameterDict, dense: nn.Parameter | None,
