@@ -60,3 +60,12 @@ def sim_log(sim_parquet):
 @pytest.fixture
 def sim_data(sim_log):
     return split_log(sim_log, test_frac=0.2, valid_frac=0.1, seed=0, by="random", name="sim")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Stored selections (csmf.selection) go to a folder of this test session, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    mp.undo()

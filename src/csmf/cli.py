@@ -218,8 +218,20 @@ def _train(args: argparse.Namespace, cfg, ranks) -> int:
         if not matches:
             raise ConfigError(f"--user {args.user!r}: no such user id in {data.name}")
         user = matches[0]
-    train_and_report(cfg, data, args.out, weightings, user, progress=not args.quiet)
+    train_and_report(cfg, data, args.out, weightings, user, progress=not args.quiet, pinned=_pinned(args, cfg))
     return 0
+
+
+def _pinned(args: argparse.Namespace, cfg) -> dict:
+    """The keys the user fixed (csmf.selection.pins): --set keys and a --config file's keys, even where they
+    repeat a default, and every value off the defaults."""
+    from csmf.config import read_leaves
+    from csmf.selection import pins
+
+    named = [a.split("=", 1)[0].strip() for a in args.set]
+    if args.config:
+        named += list(read_leaves(args.config))
+    return pins(cfg, named)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -378,6 +378,33 @@ class MultiTaskConfig(Checked):
     min_steps: int = 32
 
 
+def _candidates(v) -> bool:
+    return all(isinstance(c, str) and c.strip() and "=" not in c.split()[0] for c in v)
+
+
+@dataclass(frozen=True)
+class SelectConfig(Checked):
+    """Choosing CSMF's configuration on validation (csmf.selection), as `csmf bench` tunes ALS and item-kNN."""
+
+    SECTION: ClassVar[str] = "select"
+    RULES: ClassVar[dict] = {
+        "candidates": (_candidates, "candidates, each a preset name and then section.field=value settings"),
+        "budget_s": (_at_least(0.0), ">= 0 (0 = no limit)"),
+    }
+
+    # each candidate: a preset (csmf/presets: graph, mlp, ...) and then settings on top, e.g. "graph
+    # model.graph_hops=1"; every key the user set (--config, --set) is pinned in all of them, so candidates that
+    # pinning makes equal collapse into one; fewer than two left = no search. () = no search
+    candidates: tuple[str, ...] = ("graph", "mlp")
+    # seconds the search may take: a candidate is not started when the mean fit so far would pass it (the
+    # first always runs); 0 = no limit
+    budget_s: float = 240.0
+    # keep the pick by data fingerprint and candidate list, and reuse it (training the pick alone) on the same
+    # data: in store_dir ("" = $XDG_CACHE_HOME/csmf/selections, else ~/.cache/csmf/selections)
+    reuse: bool = True
+    store_dir: str = ""
+
+
 @dataclass(frozen=True)
 class BenchConfig(Checked):
     SECTION: ClassVar[str] = "bench"
@@ -484,6 +511,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -653,6 +681,32 @@ def override(cfg: Config, assignments: list[str]) -> Config:
         parts = dotted.strip().split(".")
         cfg = _override_path(cfg, parts, raw, dotted)
     return cfg
+
+
+def leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every field of a config as dotted key -> value (tuples as lists): what `with_values` takes back."""
+    out = {}
+    for key, value in config_to_dict(cfg).items() if not isinstance(cfg, dict) else cfg.items():
+        if isinstance(value, dict):
+            out |= leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """`cfg` with each dotted key set to its value (typed values, as TOML or `leaves` give them)."""
+    for dotted, value in values.items():
+        cfg = _override_path(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def read_leaves(path: str | Path) -> dict[str, Any]:
+    """The dotted keys a TOML config file (or shipped preset) sets, with their values."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (PRESETS / f"{path}.toml").exists():
+        path = PRESETS / f"{path}.toml"
+    return leaves(_read_toml(path))
 
 
 def override_from_file(cfg: Config, path: str | Path) -> Config:

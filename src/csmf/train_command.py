@@ -17,6 +17,7 @@ from csmf.config import Config, config_to_dict, save_config
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
+from csmf.selection import select
 
 
 def default_weightings(stages: tuple[str, ...]) -> list[dict[str, float]]:
@@ -60,7 +61,10 @@ def train_and_report(
     user: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pinned: dict | None = None,
 ) -> dict:
+    """Train (choosing among select.candidates on validation; `pinned`: the keys the user fixed, default every
+    value off the defaults: csmf.selection.pins), save the model, evaluate on test, write metrics.json."""
     out = Path(out)
     ranks = distributed.ranks()  # several training processes: all train and evaluate, rank 0 writes and reports
     if not ranks.main:
@@ -71,14 +75,26 @@ def train_and_report(
     distributed.barrier()
     log(data.summary())
     start = time.perf_counter()
-    model = CSMF(cfg, run_dir=str(out / "checkpoints"), progress=progress, log=log).fit(data)
+
+    def fit(candidate: Config, tag: str) -> CSMF:
+        checkpoints = out / "checkpoints" / tag if tag else out / "checkpoints"
+        return CSMF(candidate, run_dir=str(checkpoints), progress=progress, log=log).fit(data)
+
+    if cfg.select.candidates:
+        model, cfg, selection = select(cfg, data, fit, pinned, log)
+    else:
+        model, selection = fit(cfg, ""), None
     seconds = time.perf_counter() - start
     if ranks.main:
+        save_config(cfg, out / "config.toml")  # what was trained: the pick, when candidates were searched
         model.save(out / "model")  # what `csmf export` and CSMF.load read: no data loading, no trainer
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress, shard=ranks)
     if not ranks.main:
         return {"metrics": metrics}
     vector_dim = int(model.item_vectors().shape[1])
+    if selection and len(selection["trials"]) > 1:
+        log(f"\n{selection['pick']!r} chosen on validation ({selection['metric']}): "
+            + ", ".join(f"{t['candidate']!r} {t['mean']:.4f}" for t in selection["trials"]))  # fmt: skip
     log(f"\ntrained in {seconds:.1f}s; {model.num_params():,} parameters; one item vector of dimension {vector_dim}")
     log("ownership (share of units per stage; 0 = free): " + json.dumps(model.model.ownership()))
     log("\ntest metrics (full catalogue):")
@@ -99,6 +115,7 @@ def train_and_report(
         "ownership": model.model.ownership(),
         "phases": model.phases,
         "config": config_to_dict(cfg),
+        "selection": selection,
         "processes": ranks.world,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,120 @@
+"""Choosing CSMF's configuration on validation (csmf.selection): which candidates a user's pins leave, that the
+pick is the best validation value and reads no test pair, the time budget, and a stored pick reused."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import scipy.sparse as sp
+
+from csmf.cli import main
+from csmf.config import Config, ConfigError, load_config, override
+from csmf.data.logtable import load_log
+from csmf.data.split import split_log
+from csmf.models.itemknn import ItemKNN, ItemKNNSettings
+from csmf.models.popularity import Popularity
+from csmf.selection import candidates, pins, select, validation_score
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(sim_parquet, one_thread):
+    return split_log(load_log(sim_parquet[0]), test_frac=0.2, valid_frac=0.1, seed=0, by="random", name="sim")
+
+
+def names(cfg: Config, named=()) -> list[str]:
+    return [c.name for c in candidates(cfg, pins(cfg, named))]
+
+
+def test_pins_leave_only_the_candidates_they_agree_with():
+    assert names(override(Config(), ["data.dataset=sim"])) == ["graph", "mlp"]
+    assert names(load_config("mlp")) == ["mlp"]  # --config mlp pins every key of the preset
+    assert names(override(Config(), ["model.encoder=graph"]), ["model.encoder"]) == ["graph"]  # pinned at default
+    assert names(override(Config(), ["model.dim=8"])) == ["graph"]  # the mlp preset sets model.dim = 64
+    hops = override(Config(), ["select.candidates=graph,graph model.graph_hops=1,mlp", "model.feature_dim=8"])
+    found = candidates(hops, pins(hops))
+    assert [c.name for c in found] == ["graph", "graph model.graph_hops=1", "mlp"]
+    assert [c.cfg.model.graph_hops for c in found[:2]] == [2, 1] and all(c.cfg.model.feature_dim == 8 for c in found)
+    # a pin against every candidate: the user's own configuration is the one candidate
+    only = override(Config(), ["select.candidates=mlp", "model.encoder=graph"])
+    assert [(c.name, c.cfg) for c in candidates(only, pins(only, ["model.encoder"]))] == [("as configured", only)]
+    # two spellings of one configuration count once
+    same = override(Config(), ["select.candidates=graph,graph model.graph_hops=2"])
+    assert names(same) == ["graph"]
+
+
+def test_a_candidate_that_is_not_a_model_setting_is_refused():
+    with pytest.raises(ConfigError, match="'nosuch'"):
+        names(override(Config(), ["select.candidates=nosuch"]))
+    with pytest.raises(ConfigError, match="sets \\['data.dataset'\\]"):
+        names(override(Config(), ["select.candidates=graph data.dataset=sim"]))
+    with pytest.raises(ConfigError, match="select.candidates"):
+        override(Config(), ["select.candidates=model.dim=8"])  # settings without a preset first
+
+
+def _fit(data, calls):
+    """Stand-ins for two encoders: the 'mlp' candidate is item-kNN, the graph one popularity."""
+
+    def fit(cfg: Config, tag: str):
+        calls.append((cfg.model.encoder, tag))
+        if cfg.model.encoder == "mlp":
+            return ItemKNN({s: ItemKNNSettings("cosine", 50, 0.0, 1.2, 0.75) for s in data.stages}).fit(data)
+        return Popularity().fit(data)
+
+    return fit
+
+
+def test_the_pick_is_the_best_mean_validation_value_and_reads_no_test_pair(data, tmp_path):
+    cfg = override(Config(), [f"select.store_dir={tmp_path}"])
+    calls = []
+    model, chosen, record = select(cfg, data, _fit(data, calls), log=lambda _m: None)
+    assert calls == [("graph", "graph"), ("mlp", "mlp")] and record["pick"] == "mlp" == chosen.model.encoder
+    assert isinstance(model, ItemKNN) and not record["skipped"] and record["reused"] is None
+    means = {t["candidate"]: t["mean"] for t in record["trials"]}
+    assert means["mlp"] > means["graph"]
+    assert record["trials"][1]["values"] == validation_score(model, data, cfg)
+    # the test pairs replaced by nothing: the same values, the same pick (selection reads validation only)
+    blind = data.__class__(**{**data.__dict__, "test": {s: sp.csr_matrix(m.shape) for s, m in data.test.items()}})
+    _, _, again = select(override(cfg, ["select.reuse=false"]), blind, _fit(blind, []), log=lambda _m: None)
+    assert [t["values"] for t in again["trials"]] == [t["values"] for t in record["trials"]]
+    # a second run on the same data trains the stored pick alone, and says so
+    calls, said = [], []
+    model, chosen, reused = select(cfg, data, _fit(data, calls), log=said.append)
+    assert calls == [("mlp", "")] and reused["pick"] == "mlp" and reused["reused"].endswith(".json")
+    assert "chosen on validation by an earlier run" in said[0]
+    stored = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert stored["pick"] == "mlp" and len(stored["trials"]) == 2
+
+
+def test_the_budget_stops_starting_candidates(data, tmp_path):
+    cfg = override(Config(), [f"select.store_dir={tmp_path}", "select.budget_s=0.001"])
+    calls = []
+    fit = _fit(data, calls)
+
+    def slow(c, tag):
+        time.sleep(0.01)
+        return fit(c, tag)
+
+    _, chosen, record = select(cfg, data, slow, log=lambda _m: None)
+    assert calls == [("graph", "graph")] and record["skipped"] == ["mlp"] and record["pick"] == "graph"
+    assert not list(tmp_path.glob("*.json"))  # a cut search is not stored as the answer
+
+
+def test_csmf_train_searches_the_candidates_and_keeps_the_pick(sim_parquet, tmp_path):
+    tiny = "model.dim=8 train.max_epochs=1 model.user_hidden=16 model.id_dim=8 model.history_dim=8"
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(sim_parquet[0]), "--out", str(out), "--quiet",
+            "--set", f"select.candidates=graph {tiny},mlp {tiny}"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    record = summary["selection"]
+    assert [t["candidate"] for t in record["trials"]] == [f"graph {tiny}", f"mlp {tiny}"]
+    best = max(record["trials"], key=lambda t: t["mean"])
+    assert record["pick"] == best["candidate"]
+    assert summary["config"]["model"]["encoder"] == best["candidate"].split()[0]
+    assert load_config(out / "config.toml").model.encoder == best["candidate"].split()[0]  # what was trained
+    assert (out / "checkpoints" / "graph_model.dim-8_train.max_epochs-1_model.user_hidden-16_model.id_dim-8_"
+            "model.history_dim-8").is_dir()
