@@ -116,5 +116,7 @@ def test_csmf_train_searches_the_candidates_and_keeps_the_pick(sim_parquet, tmp_
     assert record["pick"] == best["candidate"]
     assert summary["config"]["model"]["encoder"] == best["candidate"].split()[0]
     assert load_config(out / "config.toml").model.encoder == best["candidate"].split()[0]  # what was trained
-    assert (out / "checkpoints" / "graph_model.dim-8_train.max_epochs-1_model.user_hidden-16_model.id_dim-8_"
-            "model.history_dim-8").is_dir()
+    assert (
+        out / "checkpoints" / "graph_model.dim-8_train.max_epochs-1_model.user_hidden-16_model.id_dim-8_"
+        "model.history_dim-8"
+    ).is_dir()

@@ -24,6 +24,7 @@ TINY_SUITE = [
     "--set", "train.max_epochs=1,1", "--set", "bench.suite_cost_items=2000", "--set", "bench.cost_users=32",
     "--set", "als.factors=8", "--set", "als.iterations=2", "--set", "itemknn.neighbours=20",
     "--set", "itemknn.aux_weights=0", "--set", "als.aux_weights=0", "--set", "multitask.expert_dim=16",
+    "--set", "select.candidates=graph,graph model.graph_hops=1",
 ]  # fmt: skip
 
 
@@ -115,6 +116,13 @@ def test_suite_writes_seeds_means_and_the_report(tiny_suite):
     assert f"{csmf['metrics']['conversion']['recall@50']:.4f} ± " in report
     for plot in ("main-sim.png", "cost-sim.png", "tau-sim.png"):
         assert (reports / "paper-quick" / plot).read_bytes()[:4] == b"\x89PNG"
+    # the neural rows' configuration was chosen on validation with the first seed, and every neural row used it
+    chosen = json.loads((folder / "selection.json").read_text())
+    trials = chosen["record"]["trials"]
+    assert [t["candidate"] for t in trials] == ["graph", "graph model.graph_hops=1"]
+    assert chosen["record"]["pick"] == max(trials, key=lambda t: t["mean"])["candidate"]
+    assert csmf["config"]["model"]["graph_hops"] == chosen["config"]["model"]["graph_hops"]
+    assert "### Configuration chosen on validation" in report and "**(picked)**" in report
 
 
 def test_suite_rows_runs_a_subset_and_names_unknown_rows(tiny_suite, monkeypatch, capsys):

@@ -81,14 +81,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite and (args.models or args.dataset):
         raise ConfigError("--suite runs its own models and datasets: drop --models/--dataset (see bench.suite_*)")
     cfg = _config(args, QUICK_SETS if args.quick else ())
-    if args.no_tune:
-        cfg = replace(cfg, bench=replace(cfg.bench, tune=False))
+    if args.no_tune:  # no search of any kind: the peers' grids and CSMF's candidates alike
+        cfg = replace(cfg, bench=replace(cfg.bench, tune=False), select=replace(cfg.select, candidates=()))
     if args.suite:
         run_suite(cfg, args.suite + ("-quick" if args.quick else ""), progress=not args.quiet)
     else:
         if any(m not in CLASSICAL for m in cfg.bench.models):  # a neural model: its config must train
             check_training(cfg)
-        run_bench(cfg, progress=not args.quiet)
+        run_bench(cfg, progress=not args.quiet, pinned=_pinned(args, cfg))
     return 0
 
 

@@ -29,6 +29,7 @@ from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.multitask import KINDS, MultiTask
 from csmf.models.popularity import Popularity
 from csmf.retriever import Retriever
+from csmf.selection import candidates, pins, select
 
 # ----- model builders: tune on the validation view, then fit on train ------------------------------
 
@@ -278,15 +279,48 @@ def write_table(out_dir: str | Path, dataset: str) -> tuple[Path, str]:
     return path, table
 
 
-def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print) -> str:
+NEURAL = (*VARIANTS, ID_ONLY, NO_CONTEXT, *KINDS)  # the rows that train on the model/train/cascade sections
+
+
+def is_neural(name: str) -> bool:
+    return name in NEURAL or name.startswith("single-")
+
+
+def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress: bool,
+                  log: Callable[[str], None]) -> tuple[Config, dict]:  # fmt: skip
+    """The configuration of the neural rows, chosen on validation among select.candidates by fitting CSMF with
+    each (csmf.selection), as ALS and item-kNN are tuned: (the pick's config, the selection record; None when
+    the user's pins leave one candidate)."""
+
+    def fit(candidate: Config, tag: str) -> CSMF:
+        b = candidate.bench
+        run_dir = str(Path(b.checkpoint_dir) / "select" / (tag or "pick")) if b.checkpoint_dir else None
+        return CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None).fit(data)
+
+    found = candidates(cfg, pins(cfg) if pinned is None else pinned)
+    if len(found) == 1:  # the pins leave one: nothing to search, nothing to fit here
+        return found[0].cfg, None
+    _, chosen, record = select(cfg, data, fit, pinned, log)
+    return chosen, record
+
+
+def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
+              pinned: dict | None = None) -> str:  # fmt: skip
+    """Fit and evaluate each of bench.models; the neural rows share one configuration chosen on validation
+    (select.candidates; `pinned`: the keys the user fixed, csmf.selection.pins)."""
     for name in cfg.bench.models:  # before loading: a typo should not cost a data load
         model_builder(name)
     data = load_dataset(cfg, progress)
     log(data.summary())
     log(data.report.render())
+    selection = None
+    if cfg.select.candidates and any(is_neural(n) for n in cfg.bench.models):
+        cfg, selection = choose_config(cfg, data, pinned, progress, log)
     results = []
     for name in cfg.bench.models:
         result = run_model(cfg, data, name, progress)
+        if selection is not None and is_neural(name):
+            result["selection"] = selection
         results.append(result)
         path = write_result(result, cfg.bench.out_dir)
         dim = result["config"]["model_settings"].get("vector_dim")

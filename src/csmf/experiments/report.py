@@ -31,7 +31,7 @@ SUITE_BUDGET_MIN = {"paper": 120}
 
 def load_results(folder: Path) -> dict[str, dict]:
     """The suite's aggregated results of one dataset, in the suite's row order."""
-    results = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    results = [json.loads(p.read_text()) for p in folder.glob("*.json") if p.name != "selection.json"]
     return {r["model"]: r for r in sorted(results, key=lambda r: (r.get("row", 1_000), r["model"]))}
 
 
@@ -302,6 +302,24 @@ def plot_sweep(rows: list[dict], path: Path, dataset: str) -> None:
 # ----- the report ---------------------------------------------------------------------------------
 
 
+def _selection_lines(path: Path) -> list[str]:
+    """The candidates the neural rows' configuration was chosen from on validation, and the pick."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())["record"]
+    lines = ["### Configuration chosen on validation", "",
+             f"The neural rows (CSMF, its ablations, the baselines of its trainer, the single and multi-task towers) "
+             f"use the candidate with the best {record['metric']} (`select.candidates`, first seed):", "",
+             "| candidate | validation per objective | mean | fit s |", "|---|---|---:|---:|"]  # fmt: skip
+    for t in record["trials"]:
+        values = ", ".join(f"{s} {v:.4f}" for s, v in t["values"].items())
+        mark = " **(picked)**" if t["candidate"] == record["pick"] else ""
+        lines.append(f"| `{t['candidate']}`{mark} | {values} | {t['mean']:.4f} | {t['seconds']:.0f} |")
+    if record.get("skipped"):
+        lines.append(f"\nNot tried within the budget of {record['budget_s']:g} s: {record['skipped']}.")
+    return [*lines, ""]
+
+
 def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, cfg: Config, minutes: float) -> Path:
     plots = report_dir / suite
     plots.mkdir(parents=True, exist_ok=True)
@@ -318,6 +336,7 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
         body += [f"## {dataset}", "", f"Objectives in cascade order: {' -> '.join(stages)}.", ""]
         if summary.exists():
             body += ["```", summary.read_text().rstrip(), "```", ""]
+        body += _selection_lines(root / dataset / "selection.json")
         body += ["### Main table", "", metric_table(main, stages), ""]
         body += ["Where CSMF stands on each objective (R@50, N@50; means over seeds):", "", *standing(main, stages), ""]
         plot_main(main, stages, plots / f"main-{dataset}.png", dataset)

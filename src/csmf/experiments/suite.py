@@ -25,8 +25,9 @@ from pathlib import Path
 from csmf.config import Config, ConfigError, config_to_dict, override, training_part
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
-from csmf.experiments.bench import build_tuned_as, run_model, versions
+from csmf.experiments.bench import build_tuned_as, choose_config, run_model, versions
 from csmf.experiments.sweep import mean_sweeps
+from csmf.selection import candidates, pins
 
 MAIN_BASELINES = ("popularity", "als", "itemknn", "ease")
 MAIN_NEURAL = ("naive-ft", "packnet", "shared-bottom", "mmoe", "ple", "mvke", "csmf")
@@ -214,6 +215,28 @@ def _sim_size(cfg: Config, dataset: str) -> list[str]:
     return sets
 
 
+def _selected(cfg: Config, data: CascadeData, folder: Path, progress: bool, log: Callable[[str], None]) -> Config:
+    """The neural rows' configuration, chosen on validation among select.candidates with the first seed (as ALS is
+    tuned) and kept in <dataset>/selection.json, so a resumed suite reuses it; the report shows its trials."""
+    if not cfg.select.candidates:
+        return cfg
+    path = folder / "selection.json"
+    if path.exists():  # the pick, rebuilt with today's pins (a changed setting then shows as another config)
+        pick = json.loads(path.read_text())["record"]["pick"]
+        found = {c.name: c.cfg for c in candidates(cfg, pins(cfg))}
+        if pick in found:
+            return found[pick]
+    first = replace(cfg, seed=cfg.bench.suite_seeds[0])
+    chosen, record = choose_config(first, data, None, progress, log)
+    chosen = replace(chosen, seed=cfg.seed)
+    if record is None:  # one candidate: nothing was searched
+        return chosen
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps({"record": record, "config": config_to_dict(chosen)}, indent=2))
+    tmp.replace(path)
+    return chosen
+
+
 def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every row of the suite on every dataset and seed; write the report. Returns its path."""
     from csmf.experiments.report import write_report
@@ -232,6 +255,7 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
         folder = root / data.name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "dataset.txt").write_text(data.summary() + "\n")
+        dcfg = _selected(dcfg, data, folder, progress, log)
         runs = suite_runs(dcfg, data.stages)
         unknown = sorted(set(cfg.bench.suite_rows) - {r.name for r in runs})
         if unknown:
