@@ -244,6 +244,28 @@ def test_ease_and_teacher_lists_on_the_simulator(data):
     assert np.count_nonzero(row) == 10 and int(np.argmax(row)) == int(np.argmax(scores))
 
 
+def test_teacher_lists_are_read_back_from_disk_and_refit_when_damaged(data, monkeypatch, tmp_path):
+    import csmf.models.teachers as teachers
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(teachers, "_CACHE", {})
+    cfg = override(CFG, ["train.distill=itemknn", "train.distill_top=5"])
+    fits = []
+    real_fit = teachers.fit_teacher
+    monkeypatch.setattr(teachers, "fit_teacher", lambda *a: fits.append(a[1]) or real_fit(*a))
+    first = teacher_lists(data, "click", cfg)
+    (stored,) = (tmp_path / "csmf" / "teachers").glob("*.npz")
+    teachers._CACHE.clear()  # a new process: only the disk remains
+    again = teacher_lists(data, "click", cfg)
+    assert fits == ["click"] and (first != again).nnz == 0 and again.dtype == np.float32
+    stored.write_bytes(stored.read_bytes()[:100])  # a cut file is not trusted: the teacher is fit again
+    teachers._CACHE.clear()
+    assert (teacher_lists(data, "click", cfg) != first).nnz == 0 and fits == ["click", "click"]
+    teachers._CACHE.clear()
+    teacher_lists(data, "click", override(cfg, ["train.teacher_cache=false"]))  # off: neither read nor written
+    assert fits == ["click", "click", "click"]
+
+
 def test_distillation_trains_and_changes_the_student(data):
     base = override(CFG, ["train.max_epochs=1", "cascade.prune=none"])
     plain = (

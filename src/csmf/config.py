@@ -312,6 +312,9 @@ class TrainConfig(Checked):
     distill_top: int = 100
     distill_decay: float = 5.0  # a sharp list: a flat one (20) lifted R@50 but cost N@50 on JD
     distill_weight: tuple[float, ...] = (1.0,)  # per trained stage (last value repeats)
+    # keep each teacher's lists on disk by the fingerprint of the training data and the teacher's settings
+    # ($XDG_CACHE_HOME/csmf/teachers, else ~/.cache/csmf/teachers) and read them back on the same data
+    teacher_cache: bool = True
     # Out of core: train from data.cache_dir in shuffled batches instead of from pairs in memory (needs the MLP
     # encoder without history bags, in-batch + sampled softmax, no distillation, aux_weight 0: --config stream)
     stream: bool = False
