@@ -238,23 +238,31 @@ class GraphBackbone(Backbone):
         with torch.no_grad():
             base = self._base_items()
             for k in range(1, stage):
-                cols = (self.owner == k).float()
-                if bool(cols.any()):
-                    self._frozen[k] = self.graphs[k - 1].smooth(base * cols, self.hops)
+                if bool((self.owner == k).any()):
+                    self._frozen[k] = self._smoothed(base, k)
 
     def stage_items(self, stage: int) -> list[torch.Tensor]:
         """Per stage k <= `stage`: the smoothed item vectors on stage k's columns (zero elsewhere). (N, D) each."""
         base = self._base_items()
         out = []
         for k in range(1, stage + 1):
-            cols = (self.owner == k).float()
             if k in self._frozen:
                 out.append(self._frozen[k])
-            elif not bool(cols.any()):
+            elif not bool((self.owner == k).any()):
                 out.append(None)
             else:
-                out.append(self.graphs[k - 1].smooth(base * cols, self.hops))
+                out.append(self._smoothed(base, k))
         return out
+
+    def _smoothed(self, base: torch.Tensor, stage: int) -> torch.Tensor:
+        """(N, D): `base` smoothed over stage `stage`'s graph on that stage's columns, zero elsewhere. Only those
+        columns are propagated (a sparse product costs in proportion to its columns: a later stage owning 1/8 of
+        D propagates 1/8 of the table); each column's values are those of propagating the whole masked table."""
+        columns = torch.nonzero(self.owner == stage).squeeze(1)
+        if len(columns) == base.shape[1]:
+            return self.graphs[stage - 1].smooth(base, self.hops)
+        part = self.graphs[stage - 1].smooth(base.index_select(1, columns), self.hops)  # (N, d_k)
+        return torch.zeros_like(base).index_copy(1, columns, part)
 
     def vectors(
         self, users: np.ndarray, stage: int, history: dict[str, sp.csr_matrix] | None = None
