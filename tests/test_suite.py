@@ -24,6 +24,7 @@ TINY_SUITE = [
     "--set", "train.max_epochs=1,1", "--set", "bench.suite_cost_items=2000", "--set", "bench.cost_users=32",
     "--set", "als.factors=8", "--set", "als.iterations=2", "--set", "itemknn.neighbours=20",
     "--set", "itemknn.aux_weights=0", "--set", "als.aux_weights=0", "--set", "multitask.expert_dim=16",
+    "--set", "multitask.max_epochs=1",
     "--set", "select.candidates=graph,graph model.graph_hops=1",
 ]  # fmt: skip
 

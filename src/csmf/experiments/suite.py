@@ -47,6 +47,7 @@ QUICK_SETS = (
     "bench.suite_sim_items=1000",
     "sim.exposures_per_user=30",
     "train.max_epochs=4,4",
+    "multitask.max_epochs=4",
     "als.factors=32,64",
     "als.regularization=0.1",
     "als.alpha=10",

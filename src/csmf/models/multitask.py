@@ -250,7 +250,7 @@ class MultiTask(Retriever):
         self.history = {b: tuning.matrix(b) for b in model.behaviours}
         model.set_history(self.history)
         self.inputs = SavedInputs.of(data, self.history)  # what save() needs to rebuild the towers
-        optimizer = torch.optim.Adam(model.parameters(), lr=per_stage(t.lr, 1))
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.multitask.lr)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         if model.graph and data.n_items <= t.full_softmax_max_items:
             # one full-catalogue softmax per user and objective over all of its positives (as CSMF's graph path)
@@ -282,7 +282,8 @@ class MultiTask(Retriever):
             return f"  {self.kind} epoch {epoch}: loss {loss:.4f} mean valid recall@50 {score:.4f}"
 
         epochs_log, best_epoch = run_epochs(
-            model, optimizer, max(t.max_epochs), epoch_batches, validate, t.patience, describe=describe,
+            model, optimizer, cfg.multitask.max_epochs, epoch_batches, validate, cfg.multitask.patience,
+            describe=describe,
             log=self.log, progress=self.progress, desc=f"{self.kind} epoch", steps=batches.steps,
         )  # fmt: skip
         model.eval()
