@@ -120,3 +120,31 @@ def test_csmf_train_searches_the_candidates_and_keeps_the_pick(sim_parquet, tmp_
         out / "checkpoints" / "graph_model.dim-8_train.max_epochs-1_model.user_hidden-16_model.id_dim-8_"
         "model.history_dim-8"
     ).is_dir()
+
+
+def test_a_fitted_cascade_is_validated_from_the_history_it_trained_on(data):
+    from csmf.models.csmf import CSMF
+
+    cfg = override(Config(), ["model.dim=16", "train.max_epochs=2", "train.user_batch_size=64", "train.distill="])
+    model = CSMF(cfg).fit(data)
+    values = validation_score(model, data, cfg)
+    # the trainer's own validation of each objective's last phase: the same numbers (stage k's scores do not move
+    # after its phases, cascade isolation); scored from the full history the validation pairs would be found
+    last = {}
+    for phase in model.phases:
+        if phase.get("epochs"):
+            stage = int(phase["phase"].split("-")[1])
+            last[data.stages[stage - 1]] = phase["epochs"][phase["best_epoch"] - 1]["valid"]["recall@50"]
+    assert values == pytest.approx(last, abs=1e-5)
+    leaky = {s: v for s, v in validation_score(_Plain(model), data, cfg).items()}
+    assert all(leaky[s] > values[s] for s in values)
+
+
+class _Plain:
+    """The fitted model without its validation view: it scores from its whole history."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def score(self, users, stage):
+        return self.model.score(users, stage)

@@ -86,12 +86,15 @@ def candidates(cfg: Config, pinned: dict[str, Any]) -> list[Candidate]:
 
 
 def validation_score(model: Retriever, data: CascadeData, cfg: Config) -> dict[str, float]:
-    """eval.tune_metric of each objective with validation pairs, on the validation split (the tuning view)."""
+    """eval.tune_metric of each objective with validation pairs, on the validation split (the tuning view), the
+    users scored from the history without the validation fold (CSMF.validation_view: a fitted model's own
+    history holds the validation pairs, and a history-bag encoder would find them there)."""
     tuning = data.tuning_view()
+    scorer = model.validation_view() if hasattr(model, "validation_view") else model
     out = {}
     for stage in data.stages:
         if stage in data.valid and data.valid[stage].nnz > 0:
-            result = evaluate_stage(model, tuning, stage, cfg.eval.ks, cfg.eval.score_budget_mb)
+            result = evaluate_stage(scorer, tuning, stage, cfg.eval.ks, cfg.eval.score_budget_mb)
             out[stage] = round(float(result[cfg.eval.tune_metric]), 6)
     return out
 

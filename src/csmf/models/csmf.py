@@ -9,6 +9,7 @@ weights, and the final model scores every objective, so earlier objectives are f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -85,6 +86,16 @@ class CSMF(Retriever):
         self.phases = trainer.history
         self.inputs = SavedInputs.of(data, trainer.tuning_history, data.context_sizes())
         return self
+
+    def validation_view(self) -> CSMF:
+        """This model scoring users from the history it trained on (training pairs without the validation fold),
+        as the trainer's own validation does: a fitted model scores from the whole training history, which
+        holds the validation pairs, so a validation metric of it would read them (csmf.selection)."""
+        if self.trained is None:
+            raise RuntimeError(f"{self.name} is not fitted; fit it before validating")
+        t, view = self.trained, copy.copy(self)
+        view.trained = TrainedCascade(t.model, t.objectives, self.inputs.tuning_history, t.top, shared=t.shared)
+        return view
 
     # ----- save / load (csmf.models.saving) ---------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
