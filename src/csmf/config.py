@@ -410,8 +410,8 @@ class SelectConfig(Checked):
     # pinning makes equal collapse into one; fewer than two left = no search. () = no search
     candidates: tuple[str, ...] = ("graph", "mlp")
     # seconds the search may take: a candidate is not started when the mean fit so far would pass it (the
-    # first always runs); 0 = no limit
-    budget_s: float = 240.0
+    # first always runs); 0 = no limit. A guard for large logs: a search cut short may keep the weaker encoder
+    budget_s: float = 900.0
     # keep the pick by data fingerprint and candidate list, and reuse it (training the pick alone) on the same
     # data: in store_dir ("" = $XDG_CACHE_HOME/csmf/selections, else ~/.cache/csmf/selections)
     reuse: bool = True

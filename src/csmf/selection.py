@@ -33,6 +33,7 @@ from csmf.config import (
     load_config,
     override,
     read_leaves,
+    training_part,
     with_values,
 )
 from csmf.data.schema import CascadeData
@@ -106,8 +107,10 @@ def store_path(cfg: Config, data: CascadeData, found: list[Candidate]) -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "csmf", "selections"
     )
     digest = hashlib.sha256(data.fingerprint().encode())
-    for c in found:
-        digest.update(json.dumps(config_to_dict(replace(c.cfg, seed=0)), sort_keys=True).encode())
+    for c in found:  # what decides the candidates' weights: not where the data lies, not the harness
+        part = training_part(config_to_dict(replace(c.cfg, seed=0)))
+        part.pop("select", None)  # how the search runs, not what it compares
+        digest.update(json.dumps(part, sort_keys=True).encode())
     return Path(root) / f"{digest.hexdigest()[:32]}.json"
 
 
