@@ -124,6 +124,9 @@ def test_suite_writes_seeds_means_and_the_report(tiny_suite):
     assert chosen["record"]["pick"] == max(trials, key=lambda t: t["mean"])["candidate"]
     assert csmf["config"]["model"]["graph_hops"] == chosen["config"]["model"]["graph_hops"]
     assert "### Configuration chosen on validation" in report and "**(picked)**" in report
+    # the ablation section says whether CPP's tau or the min_share floor decided each prune
+    binding = report.split("### Ablations")[1]
+    assert "Where CPP's criterion bound (csmf, first seed): prune-1: tau 0.1 frees" in binding
 
 
 def test_suite_rows_runs_a_subset_and_names_unknown_rows(tiny_suite, monkeypatch, capsys):

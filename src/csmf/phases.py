@@ -67,8 +67,18 @@ def prune(model: Backbone, stage: int, c: CascadeConfig, n_stages: int) -> dict:
         frees = {name: fixed_free(mag, owner, stage, share, min_free=floor.get(name, 1)) for name, mag, owner in groups}
     else:
         raise ValueError(f"cascade.prune must be 'cpp', 'fixed' or 'none', got {c.prune!r}")
+    before = [owner.clone() for _, _, owner in groups]
     for name, _, owner in groups:
         owner.copy_(release(owner, frees[name]))
     model.sync_output_owner()
     freed = {name: round(float(f.float().mean()), 4) for name, f in frees.items()}
-    return {"criterion": c.prune, "tau": tau, "freed_share": freed}
+    # what tau alone frees against the floor, per group: whether CPP's criterion decided this prune at all
+    bound = {
+        name: {
+            "tau_units": int(cpp_free(mag, owner_before, stage, tau).sum()),
+            "floor_units": floor.get(name, 1),
+            "freed_units": int(frees[name].sum()),
+        }  # fmt: skip
+        for (name, mag, _), owner_before in zip(groups, before, strict=True)
+    }
+    return {"criterion": c.prune, "tau": tau, "freed_share": freed, "bound": bound}

@@ -96,9 +96,30 @@ def standing(rows: list[dict], stages: list[str], reference: str = "csmf") -> li
     return lines
 
 
+def cpp_binding(r: dict) -> str:
+    """Whether CPP's tau criterion or the min_share floor decided each prune of the output dimensions of a
+    CSMF result (first seed's phases): the words the ablation section prints."""
+    prunes = [p for p in r.get("tuning") or [] if isinstance(p, dict) and p.get("phase", "").startswith("prune")]
+    parts = []
+    for p in prunes:
+        b = (p.get("bound") or {}).get("output")
+        if b is None:
+            return ""  # a result from before the bound was recorded
+        which = "tau" if b["tau_units"] >= b["floor_units"] else "the min_share floor"
+        parts.append(f"{p['phase']}: tau {p['tau']} frees {b['tau_units']} output dimensions, the floor "
+                     f"{b['floor_units']}, so {which} decided ({b['freed_units']} freed)")  # fmt: skip
+    if not parts:
+        return ""
+    never = all("floor decided" in x for x in parts)
+    tail = (" CPP's criterion never bound in this configuration: its smallest columns hold more than tau of the "
+            "mass before the floor's count is reached, so w/o CPP (the fixed share at the same floor) frees the "
+            "same columns." if never else "")  # fmt: skip
+    return "- Where CPP's criterion bound (csmf, first seed): " + "; ".join(parts) + "." + tail
+
+
 def ablation_deltas(rows: list[dict], stages: list[str]) -> list[str]:
     ref = next((r for r in rows if r["model"] == "csmf"), None)
-    out = []
+    out = [cpp_binding(ref)] if ref is not None and cpp_binding(ref) else []
     for r in rows:
         if ref is None or r is ref:
             continue
