@@ -651,13 +651,19 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-def load_config(path: str | Path) -> Config:
-    """A TOML config file, or the name of a shipped preset (`mlp`: the previous MLP backbone's settings)."""
+def _config_file(path: str | Path) -> Path:
+    """A config file's path, or the shipped preset a bare name (`mlp`) stands for."""
     path = Path(path)
     if not path.exists() and path.suffix == "" and (PRESETS / f"{path}.toml").exists():
-        path = PRESETS / f"{path}.toml"
-    elif not path.exists() and path.suffix == "":
+        return PRESETS / f"{path}.toml"
+    if not path.exists() and path.suffix == "":
         raise ConfigError(f"config file {path} does not exist and is not a preset; presets: {presets()}")
+    return path
+
+
+def load_config(path: str | Path) -> Config:
+    """A TOML config file, or the name of a shipped preset (`mlp`: the previous MLP backbone's settings)."""
+    path = _config_file(path)
     values = _read_toml(path)
     try:
         return config_from_dict(values)
@@ -716,10 +722,7 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
 
 def read_leaves(path: str | Path) -> dict[str, Any]:
     """The dotted keys a TOML config file (or shipped preset) sets, with their values."""
-    path = Path(path)
-    if not path.exists() and path.suffix == "" and (PRESETS / f"{path}.toml").exists():
-        path = PRESETS / f"{path}.toml"
-    return leaves(_read_toml(path))
+    return leaves(_read_toml(_config_file(path)))
 
 
 def override_from_file(cfg: Config, path: str | Path) -> Config:

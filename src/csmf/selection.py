@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -39,6 +38,7 @@ from csmf.config import (
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate_stage
 from csmf.retriever import Retriever
+from csmf.usercache import user_cache
 
 # sections a candidate may not change: where the data comes from, how it is judged, what runs the search
 _FIXED = ("seed", "data.", "sim.", "eval.", "select.", "bench.", "serve.", "runtime.")
@@ -103,9 +103,7 @@ def validation_score(model: Retriever, data: CascadeData, cfg: Config) -> dict[s
 def store_path(cfg: Config, data: CascadeData, found: list[Candidate]) -> Path:
     """Where the pick for this data and these candidates is kept (the seed is not part of the key: a pick made
     with one seed serves the others, as the benchmark tunes ALS with the first seed)."""
-    root = cfg.select.store_dir or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "csmf", "selections"
-    )
+    root = Path(cfg.select.store_dir) if cfg.select.store_dir else user_cache("selections")
     digest = hashlib.sha256(data.fingerprint().encode())
     for c in found:  # what decides the candidates' weights: not where the data lies, not the harness
         part = training_part(config_to_dict(replace(c.cfg, seed=0)))

@@ -297,7 +297,8 @@ def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress:
         run_dir = str(Path(b.checkpoint_dir) / "select" / (tag or "pick")) if b.checkpoint_dir else None
         return CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None).fit(data)
 
-    found = candidates(cfg, pins(cfg) if pinned is None else pinned)
+    pinned = pins(cfg) if pinned is None else pinned
+    found = candidates(cfg, pinned)
     if len(found) == 1:  # the pins leave one: nothing to search, nothing to fit here
         return found[0].cfg, None
     _, chosen, record = select(cfg, data, fit, pinned, log)

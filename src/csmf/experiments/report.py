@@ -100,17 +100,18 @@ def cpp_binding(r: dict) -> str:
     """Whether CPP's tau criterion or the min_share floor decided each prune of the output dimensions of a
     CSMF result (first seed's phases): the words the ablation section prints."""
     prunes = [p for p in r.get("tuning") or [] if isinstance(p, dict) and p.get("phase", "").startswith("prune")]
-    parts = []
+    parts, tau_bound = [], []
     for p in prunes:
         b = (p.get("bound") or {}).get("output")
         if b is None:
             return ""  # a result from before the bound was recorded
-        which = "tau" if b["tau_units"] >= b["floor_units"] else "the min_share floor"
+        tau_bound.append(b["tau_units"] >= b["floor_units"])
+        which = "tau" if tau_bound[-1] else "the min_share floor"
         parts.append(f"{p['phase']}: tau {p['tau']} frees {b['tau_units']} output dimensions, the floor "
                      f"{b['floor_units']}, so {which} decided ({b['freed_units']} freed)")  # fmt: skip
     if not parts:
         return ""
-    never = all("floor decided" in x for x in parts)
+    never = not any(tau_bound)
     tail = (" CPP's criterion never bound in this configuration: its smallest columns hold more than tau of the "
             "mass before the floor's count is reached, so w/o CPP (the fixed share at the same floor) frees the "
             "same columns." if never else "")  # fmt: skip
@@ -119,7 +120,8 @@ def cpp_binding(r: dict) -> str:
 
 def ablation_deltas(rows: list[dict], stages: list[str]) -> list[str]:
     ref = next((r for r in rows if r["model"] == "csmf"), None)
-    out = [cpp_binding(ref)] if ref is not None and cpp_binding(ref) else []
+    binding = cpp_binding(ref) if ref is not None else ""
+    out = [binding] if binding else []
     for r in rows:
         if ref is None or r is ref:
             continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from csmf.models.als import ALS, ALSSettings
 from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.retriever import Retriever
+from csmf.usercache import user_cache
 
 TEACHERS = ("ease", "als", "itemknn")
 
@@ -95,8 +95,7 @@ def teacher_lists(data: CascadeData, objective: str, cfg: Config, batch: int = 2
 
 
 def _disk_path(key: str) -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(root) / "csmf" / "teachers" / f"{key[:40]}.npz"
+    return user_cache("teachers", f"{key[:40]}.npz")
 
 
 def _read_lists(path: Path, shape: tuple[int, int]) -> sp.csr_matrix | None:
