@@ -160,9 +160,23 @@ def share_above(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, ca
 
     With a uniform sample of the catalogue as candidates this estimates the positive's upstream rank share
     without comparing every positive with every item. scores: (B, N); rows, cols: (P,); candidates: (M,).
+    Each row's pool is sorted once and every positive found in it by binary search: comparing each positive
+    with the whole pool costs P x M (JD purchases with their view pairs: 8% of a training run).
     """
-    pool = scores[:, candidates]  # (B, M)
-    return (pool[rows] > scores[rows, cols].unsqueeze(1)).float().mean(dim=1)  # (P,)
+    pool = scores[:, candidates].sort(dim=1).values  # (B, M)
+    positive = scores[rows, cols]  # (P,)
+    # the positives of each row side by side, padded to the longest row, so one batched search finds them all
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=scores.shape[0])  # (B,)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_rows = rows[order]
+    slot = torch.arange(len(rows), device=rows.device) - starts[sorted_rows]  # place of each positive in its row
+    padded = positive.new_full((scores.shape[0], int(counts.max()) if len(rows) else 0), float("inf"))
+    padded[sorted_rows, slot] = positive[order]
+    at_most = torch.searchsorted(pool, padded, right=True)  # (B, K) pool entries <= the positive
+    above = torch.empty_like(positive)
+    above[order] = (pool.shape[1] - at_most[sorted_rows, slot]).to(positive.dtype)
+    return above / pool.shape[1]
 
 
 def cross_stage_hinge(
@@ -188,16 +202,25 @@ def cross_stage_hinge(
 
 
 def distillation_loss(
-    scores: torch.Tensor, seen: torch.Tensor, teacher: torch.Tensor, temperature: float
+    scores: torch.Tensor,
+    seen: tuple[torch.Tensor, torch.Tensor],
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    temperature: float,
 ) -> torch.Tensor:
     """Cross-entropy of the student's full-catalogue softmax (seen items masked) against a teacher's list.
 
-    scores: (B, N); seen: (B, N) bool, items the user already has (never recommended, so never taught);
-    teacher: (B, N) rows summing to 1 (or 0 for a user the teacher has nothing for, who adds nothing).
+    scores: (B, N); seen: (rows, cols) of the items each user already has (never recommended, so never taught);
+    teacher: (rows, cols, weights) of each user's list, weights summing to 1 per listed user (a user without a
+    list adds nothing). Sparse on purpose: -sum_j t_j log p_j = logsumexp(unseen) - sum_j t_j z_j reads the
+    scores at the listed items only, where dense (B, N) masks and lists cost 12% of a JD run.
     """
-    log_p = torch.log_softmax((scores / temperature).masked_fill(seen, float("-inf")), dim=1)  # (B, N)
-    taught = teacher.sum(dim=1) > 0
-    if not bool(taught.any()):
+    t_rows, t_cols, t_weight = teacher
+    if len(t_rows) == 0:
         return scores.sum() * 0.0
-    per_user = -(teacher * log_p.masked_fill(seen, 0.0)).sum(dim=1)  # (B,)
-    return per_user[taught].mean()
+    z = scores / temperature
+    masked = z.index_put(seen, torch.tensor(float("-inf"), device=z.device))  # (B, N)
+    taught = torch.unique(t_rows)  # rows with a list (each has an unseen item: its list): finite logsumexp
+    log_partition = torch.logsumexp(masked[taught], dim=1)  # (T,)
+    mass = torch.zeros(len(z), dtype=z.dtype, device=z.device).index_add_(0, t_rows, t_weight.to(z.dtype))
+    listed = torch.zeros(len(z), dtype=z.dtype, device=z.device).index_add(0, t_rows, t_weight * z[t_rows, t_cols])
+    return (log_partition * mass[taught] - listed[taught]).mean()

@@ -22,7 +22,7 @@ import torch
 from csmf import distributed
 from csmf.backbones.base import Backbone
 from csmf.config import Config, per_stage
-from csmf.data.batches import PairBatch, uniform_negatives
+from csmf.data.batches import PairBatch, coo_tensors, uniform_negatives
 from csmf.data.schema import CascadeData, difference
 from csmf.losses import (
     aml_softmax,
@@ -103,12 +103,9 @@ class UserLoss:
         model, stage, temperature, form = self.model, self.stage, self.cfg.model.temperature, self.cfg.cascade.aml_form
         u, v = model.vectors(users, stage)  # (B, D), (N, D)
         scores = u @ v.T  # (B, N)
-        coo = self.targets[users].tocoo()
         # the index tensors go where the scores are (a backbone on a GPU); the generators stay on the CPU
         device = scores.device
-        rows = torch.from_numpy(coo.row.astype(np.int64)).to(device)
-        cols = torch.from_numpy(coo.col.astype(np.int64)).to(device)
-        weight = torch.from_numpy(coo.data).to(device)
+        rows, cols, weight = coo_tensors(self.targets[users], device)
         margin, hinge = None, None
         if self.m0 > 0:
             upstream = ((u * model.group_mask(stage - 1)) @ v.T).detach()  # (B, N) frozen earlier objective
@@ -126,8 +123,8 @@ class UserLoss:
         if hinge is not None:
             loss = loss + hinge
         if "teacher" in self.extras:
-            seen = torch.from_numpy(self.extras["seen"][users].toarray() > 0).to(device)  # (B, N)
-            teacher = torch.from_numpy(self.extras["teacher"][users].toarray()).to(device)  # (B, N)
+            seen = coo_tensors(self.extras["seen"][users], device)[:2]
+            teacher = coo_tensors(self.extras["teacher"][users], device)
             weight_kd = per_stage(self.cfg.train.distill_weight, stage)
             loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
         return loss

