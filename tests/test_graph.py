@@ -402,3 +402,16 @@ def test_smoothing_and_its_gradients_match_torch_sparse_backward():
     torch.testing.assert_close(graph.smooth(x, 2), (total / 3).detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-6)
     assert not torch.equal(ours.grad, torch.zeros_like(ours.grad))
+
+
+def test_an_ease_teacher_past_its_size_becomes_item_knn(data, monkeypatch):
+    import csmf.models.teachers as teachers
+    import csmf.rules
+
+    cfg = override(CFG, ["train.distill=ease", "train.distill_top=10", "train.teacher_cache=false"])
+    monkeypatch.setattr(csmf.rules, "EASE_TEACHER_MAX_ITEMS", data.n_items - 1)
+    fitted = []
+    real_fit = teachers.fit_teacher
+    monkeypatch.setattr(teachers, "fit_teacher", lambda *a: fitted.append(real_fit(*a)) or fitted[-1])
+    lists = teachers.teacher_lists(data, "click", cfg)
+    assert [m.name for m in fitted] == ["itemknn"] and lists.nnz > 0

@@ -39,7 +39,7 @@ from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch, seeded
 from csmf.evaluation import evaluate_stage, metric_values
 from csmf.phases import Phase, claim, plan, prune
-from csmf.rules import check_training
+from csmf.rules import check_training, teacher_kind
 from csmf.runfolder import PretrainCache, RunFolder
 from csmf.stage_loss import PairLoss, UserLoss, user_loss_extras
 from csmf.trained import TrainedCascade
@@ -234,7 +234,9 @@ class CascadeTrainer:
         """The distillation teacher's lists for `objective`, fit on the tuning data (never validation or test)."""
         t0 = time.perf_counter()
         lists = self.teacher(self.tuning, objective)
-        self.log(f"  teacher {self.cfg.train.distill} for {objective}: {time.perf_counter() - t0:.1f}s")
+        kind, asked = teacher_kind(self.cfg, self.tuning.n_items), self.cfg.train.distill
+        why = f" (an {asked} teacher would not fit {self.tuning.n_items:,} items)" if kind != asked else ""
+        self.log(f"  teacher {kind} for {objective}{why}: {time.perf_counter() - t0:.1f}s")
         return lists
 
 

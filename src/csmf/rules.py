@@ -53,6 +53,17 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
     return problems
 
 
+# EASE holds a few dense N x N float32 matrices while it solves (Gram, factor, weights: ~12 N^2 bytes, 7.5 GB at
+# 25k items); past this catalogue the teacher is item-kNN, sparse and seconds (docs/method.md, teachers)
+EASE_TEACHER_MAX_ITEMS = 25_000
+
+
+def teacher_kind(cfg: Config, n_items: int) -> str:
+    """The distillation teacher that fits: `train.distill`, or item-kNN where an EASE teacher would not fit."""
+    kind = cfg.train.distill
+    return "itemknn" if kind == "ease" and n_items > EASE_TEACHER_MAX_ITEMS else kind
+
+
 def _stream_problems(cfg: Config, streaming: bool | None) -> list[str]:
     """train.stream reads training rows from the cache in batches: everything that needs every user's pairs in
     memory at once is refused (--config stream sets them all)."""

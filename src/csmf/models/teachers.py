@@ -24,15 +24,16 @@ from csmf.models.als import ALS, ALSSettings
 from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.retriever import Retriever
+from csmf.rules import teacher_kind
 from csmf.usercache import user_cache
 
 TEACHERS = ("ease", "als", "itemknn")
 
 
 def fit_teacher(data: CascadeData, objective: str, cfg: Config) -> Retriever:
-    """The teacher named by `train.distill`, at the first value of each of its config grids (no search:
-    tuning it would read validation inside training)."""
-    kind = cfg.train.distill
+    """The teacher `teacher_kind` names, at the first value of each of its config grids (no search: tuning it
+    would read validation inside training)."""
+    kind = teacher_kind(cfg, data.n_items)
     if kind == "ease":
         return EASE({objective: EASESettings(l2=cfg.ease.l2[0], aux_weight=cfg.ease.aux_weights[0])}).fit(data)
     if kind == "als":
@@ -67,6 +68,7 @@ def _fingerprint(data: CascadeData, objective: str, cfg: Config) -> str:
         "exclude": data.exclude[objective],
         "distill": distill,
         "teachers": [config_to_dict(c) for c in (cfg.ease, cfg.als, cfg.itemknn)],
+        "teacher": teacher_kind(cfg, data.n_items),
         "seed": cfg.seed if cfg.train.distill == "als" else None,  # ALS is the only seeded teacher
         "lists": _LISTS_FORMAT,
     }
