@@ -229,6 +229,9 @@ def distillation_loss(
     masked = z.reshape(-1).index_fill(0, flat, float("-inf")).view_as(z)  # (B, N)
     taught = torch.unique(t_rows)  # rows with a list (each has an unseen item: its list): finite logsumexp
     log_partition = torch.logsumexp(masked.index_select(0, taught), dim=1)  # (T,)
-    mass = torch.zeros(len(z), dtype=z.dtype, device=z.device).index_add_(0, t_rows, t_weight.to(z.dtype))
-    listed = torch.zeros(len(z), dtype=z.dtype, device=z.device).index_add(0, t_rows, t_weight * entries(z, t_rows, t_cols))
+    t_weight = t_weight.to(z.dtype)
+    mass = torch.zeros(len(z), dtype=z.dtype, device=z.device).index_add_(0, t_rows, t_weight)  # 1 per listed row
+    listed = torch.zeros(len(z), dtype=z.dtype, device=z.device).index_add(
+        0, t_rows, t_weight * entries(z, t_rows, t_cols)
+    )
     return (log_partition * mass[taught] - listed[taught]).mean()
