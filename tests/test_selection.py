@@ -89,6 +89,40 @@ def test_the_pick_is_the_best_mean_validation_value_and_reads_no_test_pair(data,
     assert stored["pick"] == "mlp" and len(stored["trials"]) == 2
 
 
+def test_a_shipped_pick_serves_when_the_users_cache_has_none(data, tmp_path, monkeypatch):
+    import csmf.selection as selection
+
+    cfg = override(Config(), [f"select.store_dir={tmp_path / 'mine'}"])
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    name = selection.store_path(cfg, data, candidates(cfg, pins(cfg))).name
+    (shipped / name).write_text(json.dumps({"pick": "graph", "trials": [{"candidate": "graph", "mean": 0.1}]}))
+    monkeypatch.setattr(selection, "SHIPPED", shipped)
+    calls, said = [], []
+    _, chosen, record = select(cfg, data, _fit(data, calls), log=said.append)
+    assert calls == [("graph", "")] and chosen.model.encoder == "graph" and "shipped with csmf" in said[0]
+    assert record["reused"] == str(shipped / name)
+    calls = []  # the user's own pick comes first
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / name).write_text(json.dumps({"pick": "mlp", "trials": []}))
+    _, chosen, _ = select(cfg, data, _fit(data, calls), log=lambda _m: None)
+    assert chosen.model.encoder == "mlp" and calls == [("mlp", "")]
+
+
+def test_the_pick_shipped_for_jd_matches_the_default_candidates():
+    """The README's main job finds its shipped pick only while the key (JD's fingerprint and the candidates'
+    settings) is current: a change of defaults must rerun `csmf train --dataset jd` and ship its pick again."""
+    from csmf.data.datasets import load_dataset
+    from csmf.selection import SHIPPED, store_path
+
+    cfg = Config()
+    jd = load_dataset(cfg)
+    shipped = SHIPPED / store_path(cfg, jd, candidates(cfg, pins(cfg))).name
+    assert shipped.exists(), "no shipped JD pick for the current defaults: rerun the main job and copy its pick"
+    stored = json.loads(shipped.read_text())
+    assert stored["pick"] in ("graph", "mlp") and len(stored["trials"]) == 2
+
+
 def test_the_budget_stops_starting_candidates(data, tmp_path):
     cfg = override(Config(), [f"select.store_dir={tmp_path}", "select.budget_s=0.001"])
     calls = []
