@@ -384,3 +384,23 @@ def test_serve_flags_override_the_config_file(tmp_path):
     args = argparse.Namespace(config=str(path), set=[], seed=None, max_ids=7, index=None, command="serve")
     s = _serve_config(args).serve
     assert (s.index, s.max_ids, s.port) == ("hnsw", 7, 8000)
+
+
+def test_bench_reuses_the_selections_fit_of_the_pick_for_the_csmf_row(sim_log_path, tmp_path):
+    """The CSMF row is the model the selection fit with the picked config: the same numbers as fitting that config
+    anew, without a second fit."""
+    small = ["model.dim=16", "train.max_epochs=2", "train.user_batch_size=64", "train.distill=", "bench.cost_items=0",
+             "bench.sweep_points=0", f"select.store_dir={tmp_path / 'picks'}"]  # fmt: skip
+    out = tmp_path / "searched"
+    argv = ["bench", "--dataset", str(sim_log_path), "--models", "csmf", "--out", str(out), "--quiet",
+            "--set", "select.candidates=graph,graph model.graph_hops=1"]  # fmt: skip
+    assert main([*argv, *[a for s in small for a in ("--set", s)]]) == 0
+    searched = read_result(out, "sim", "csmf")
+    assert searched["fit_reused"] == "selection" and searched["selection"]["trials"]
+    hops = searched["config"]["model"]["graph_hops"]
+    again = tmp_path / "pinned"
+    pinned = ["bench", "--dataset", str(sim_log_path), "--models", "csmf", "--out", str(again), "--quiet",
+              "--set", f"model.graph_hops={hops}", "--set", "select.candidates="]  # fmt: skip
+    assert main([*pinned, *[a for s in small for a in ("--set", s)]]) == 0
+    fresh = read_result(again, "sim", "csmf")
+    assert fresh["fit_reused"] is None and fresh["metrics"] == searched["metrics"]

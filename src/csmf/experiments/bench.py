@@ -167,14 +167,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+Fitted = tuple[Retriever, float]  # a model already fit, and the seconds its fit took
+
+
 def run_model(
-    cfg: Config, data: CascadeData, model_name: str, progress: bool = True, builder: Callable | None = None
+    cfg: Config,
+    data: CascadeData,
+    model_name: str,
+    progress: bool = True,
+    builder: Callable | None = None,
+    fitted: Fitted | None = None,
 ) -> dict:
+    """Fit (or take `fitted`: a model already fit with `cfg`, and its fit seconds), evaluate and measure one row."""
     t0 = time.perf_counter()
-    model, tuning = (builder or model_builder(model_name))(cfg, data, progress)
-    t1 = time.perf_counter()
-    model.fit(data)
-    t2 = time.perf_counter()
+    if fitted is None:
+        model, tuning = (builder or model_builder(model_name))(cfg, data, progress)
+        t1 = time.perf_counter()
+        model.fit(data)
+        t2 = time.perf_counter()
+    else:
+        (model, seconds), tuning = fitted, {}
+        t1, t2 = t0, t0 + seconds
     tuning = tuning or getattr(model, "phases", {})
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, model.served(data), progress)
     b = cfg.bench
@@ -201,6 +214,7 @@ def run_model(
         "config": {**config_to_dict(getattr(model, "cfg", cfg)), "model_settings": model.settings()},
         "versions": versions(),
         "train_seconds": round(t2 - t1, 3),
+        "fit_reused": "selection" if fitted is not None else None,  # the selection's fit of the picked config
         "tuning_seconds": round(t1 - t0, 3),
         "params": model.num_params(),
         "metrics": {s: metric_values(m) for s, m in metrics.items()},
@@ -287,22 +301,28 @@ def is_neural(name: str) -> bool:
 
 
 def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress: bool,
-                  log: Callable[[str], None]) -> tuple[Config, dict]:  # fmt: skip
+                  log: Callable[[str], None]) -> tuple[Config, dict | None, Fitted | None]:  # fmt: skip
     """The configuration of the neural rows, chosen on validation among select.candidates by fitting CSMF with
-    each (csmf.selection), as ALS and item-kNN are tuned: (the pick's config, the selection record; None when
-    the user's pins leave one candidate)."""
+    each (csmf.selection), as ALS and item-kNN are tuned: (the pick's config, the selection record, and the
+    fitted pick with its fit seconds, which the CSMF row reuses instead of fitting the same model again; None,
+    None when the user's pins leave one candidate)."""
+    fitted: dict[int, Fitted] = {}
 
     def fit(candidate: Config, tag: str) -> CSMF:
         b = candidate.bench
         run_dir = str(Path(b.checkpoint_dir) / "select" / (tag or "pick")) if b.checkpoint_dir else None
-        return CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None).fit(data)
+        start = time.perf_counter()
+        model = CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None)
+        model.fit(data)
+        fitted[id(model)] = (model, time.perf_counter() - start)
+        return model
 
     pinned = pins(cfg) if pinned is None else pinned
     found = candidates(cfg, pinned)
     if len(found) == 1:  # the pins leave one: nothing to search, nothing to fit here
-        return found[0].cfg, None
-    _, chosen, record = select(cfg, data, fit, pinned, log)
-    return chosen, record
+        return found[0].cfg, None, None
+    model, chosen, record = select(cfg, data, fit, pinned, log)
+    return chosen, record, fitted[id(model)]
 
 
 def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
@@ -314,12 +334,13 @@ def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = p
     data = load_dataset(cfg, progress)
     log(data.summary())
     log(data.report.render())
-    selection = None
+    selection = picked = None
     if cfg.select.candidates and any(is_neural(n) for n in cfg.bench.models):
-        cfg, selection = choose_config(cfg, data, pinned, progress, log)
+        cfg, selection, picked = choose_config(cfg, data, pinned, progress, log)
     results = []
     for name in cfg.bench.models:
-        result = run_model(cfg, data, name, progress)
+        # the CSMF row is the model the selection fit with the pick (the same config and seed): not fit twice
+        result = run_model(cfg, data, name, progress, fitted=picked if name == "csmf" else None)
         if selection is not None and is_neural(name):
             result["selection"] = selection
         results.append(result)

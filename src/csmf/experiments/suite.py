@@ -228,7 +228,7 @@ def _selected(cfg: Config, data: CascadeData, folder: Path, progress: bool, log:
         if pick in found:
             return found[pick]
     first = replace(cfg, seed=cfg.bench.suite_seeds[0])
-    chosen, record = choose_config(first, data, None, progress, log)
+    chosen, record, _ = choose_config(first, data, None, progress, log)
     chosen = replace(chosen, seed=cfg.seed)
     if record is None:  # one candidate: nothing was searched
         return chosen
