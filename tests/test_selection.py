@@ -30,10 +30,12 @@ def names(cfg: Config, named=()) -> list[str]:
 
 
 def test_pins_leave_only_the_candidates_they_agree_with():
-    assert names(override(Config(), ["data.dataset=sim"])) == ["graph", "mlp"]
+    assert names(override(Config(), ["data.dataset=sim"])) == ["graph", "mlp", "graph model.graph_hops=1"]
     assert names(load_config("mlp")) == ["mlp"]  # --config mlp pins every key of the preset
-    assert names(override(Config(), ["model.encoder=graph"]), ["model.encoder"]) == ["graph"]  # pinned at default
-    assert names(override(Config(), ["model.dim=8"])) == ["graph"]  # the mlp preset sets model.dim = 64
+    graphs = ["graph", "graph model.graph_hops=1"]
+    assert names(override(Config(), ["model.encoder=graph"]), ["model.encoder"]) == graphs  # pinned at default
+    assert names(override(Config(), ["model.dim=8"])) == graphs  # the mlp preset sets model.dim = 64
+    assert names(override(Config(), ["model.graph_hops=2"]), ["model.graph_hops"]) == ["graph", "mlp"]
     hops = override(Config(), ["select.candidates=graph,graph model.graph_hops=1,mlp", "model.feature_dim=8"])
     found = candidates(hops, pins(hops))
     assert [c.name for c in found] == ["graph", "graph model.graph_hops=1", "mlp"]
@@ -68,7 +70,7 @@ def _fit(data, calls):
 
 
 def test_the_pick_is_the_best_mean_validation_value_and_reads_no_test_pair(data, tmp_path):
-    cfg = override(Config(), [f"select.store_dir={tmp_path}"])
+    cfg = override(Config(), [f"select.store_dir={tmp_path}", "select.candidates=graph,mlp"])
     calls = []
     model, chosen, record = select(cfg, data, _fit(data, calls), log=lambda _m: None)
     assert calls == [("graph", "graph"), ("mlp", "mlp")] and record["pick"] == "mlp" == chosen.model.encoder
@@ -92,7 +94,7 @@ def test_the_pick_is_the_best_mean_validation_value_and_reads_no_test_pair(data,
 def test_a_shipped_pick_serves_when_the_users_cache_has_none(data, tmp_path, monkeypatch):
     import csmf.selection as selection
 
-    cfg = override(Config(), [f"select.store_dir={tmp_path / 'mine'}"])
+    cfg = override(Config(), [f"select.store_dir={tmp_path / 'mine'}", "select.candidates=graph,mlp"])
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     name = selection.store_path(cfg, data, candidates(cfg, pins(cfg))).name
@@ -120,7 +122,7 @@ def test_the_pick_shipped_for_jd_matches_the_default_candidates():
     shipped = SHIPPED / store_path(cfg, jd, candidates(cfg, pins(cfg))).name
     assert shipped.exists(), "no shipped JD pick for the current defaults: rerun the main job and copy its pick"
     stored = json.loads(shipped.read_text())
-    assert stored["pick"] in ("graph", "mlp") and len(stored["trials"]) == 2
+    assert stored["pick"] in cfg.select.candidates and len(stored["trials"]) == len(cfg.select.candidates)
 
 
 def test_the_budget_stops_starting_candidates(data, tmp_path):
@@ -133,7 +135,8 @@ def test_the_budget_stops_starting_candidates(data, tmp_path):
         return fit(c, tag)
 
     _, chosen, record = select(cfg, data, slow, log=lambda _m: None)
-    assert calls == [("graph", "graph")] and record["skipped"] == ["mlp"] and record["pick"] == "graph"
+    assert calls == [("graph", "graph")] and record["pick"] == "graph"
+    assert record["skipped"] == ["mlp", "graph model.graph_hops=1"]
     assert not list(tmp_path.glob("*.json"))  # a cut search is not stored as the answer
 
 

@@ -123,6 +123,9 @@ def test_suite_writes_seeds_means_and_the_report(tiny_suite):
     assert [t["candidate"] for t in trials] == ["graph", "graph model.graph_hops=1"]
     assert chosen["record"]["pick"] == max(trials, key=lambda t: t["mean"])["candidate"]
     assert csmf["config"]["model"]["graph_hops"] == chosen["config"]["model"]["graph_hops"]
+    # the first seed's CSMF row is the search's fit of the pick; the other seeds fit their own
+    reused = {p.stem: json.loads(p.read_text())["fit_reused"] for p in (folder / "seeds" / "csmf").glob("seed-*.json")}
+    assert reused["seed-0"] == "selection" and all(v is None for k, v in reused.items() if k != "seed-0")
     assert "### Configuration chosen on validation" in report and "**(picked)**" in report
     # the ablation section says whether CPP's tau or the min_share floor decided each prune
     binding = report.split("### Ablations")[1]

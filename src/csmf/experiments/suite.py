@@ -25,7 +25,7 @@ from pathlib import Path
 from csmf.config import Config, ConfigError, config_to_dict, override, training_part
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
-from csmf.experiments.bench import build_tuned_as, choose_config, run_model, versions
+from csmf.experiments.bench import Fitted, build_tuned_as, choose_config, run_model, versions
 from csmf.experiments.sweep import mean_sweeps
 from csmf.selection import candidates, pins
 
@@ -72,6 +72,9 @@ class Run:
         if self.tau is not None:
             cfg = replace(cfg, cascade=replace(cfg.cascade, tau=(self.tau,)))
         return cfg
+
+
+Prefit = tuple[Fitted, Config]  # the selection's fit of the pick, and the config it was fit with
 
 
 def suite_runs(cfg: Config, stages: tuple[str, ...]) -> list[Run]:
@@ -138,11 +141,13 @@ def seed_result(
     first: dict | None,
     progress: bool,
     log: Callable[[str], None],
+    prefit: Prefit | None = None,
 ) -> dict:
     """The result of `run` with `seed`, from its file when an earlier invocation wrote it.
 
     `first` is the run's result on the suite's first seed (None for the first seed itself): ALS and
-    item-kNN reuse the settings it chose on validation, and only the first seed measures query cost."""
+    item-kNN reuse the settings it chose on validation, and only the first seed measures query cost. `prefit`: the
+    selection's fit of the pick and its config; the CSMF row whose config it is takes that model."""
     path = folder / "seeds" / run.name / f"seed-{seed}.json"
     run_cfg = run.config(cfg, seed)
     if path.exists():
@@ -163,7 +168,10 @@ def seed_result(
     builder = None
     if first is not None and run.model in TUNED:
         builder = build_tuned_as(run.model, first["config"]["model_settings"], first["seed"])
-    result = run_model(replace(run_cfg, bench=bench), data, run.model, progress, builder)
+    fitted = None
+    if prefit is not None and run.model == "csmf" and _same_config(config_to_dict(prefit[1]), config_to_dict(run_cfg)):
+        fitted = prefit[0]  # the same config and seed the search fit: the same model, not fit twice
+    result = run_model(replace(run_cfg, bench=bench), data, run.model, progress, builder, fitted)
     result.update(model=run.name, wall_seconds=round(time.perf_counter() - t0, 3), suite_config=config_to_dict(run_cfg))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.partial")
@@ -216,26 +224,28 @@ def _sim_size(cfg: Config, dataset: str) -> list[str]:
     return sets
 
 
-def _selected(cfg: Config, data: CascadeData, folder: Path, progress: bool, log: Callable[[str], None]) -> Config:
+def _selected(cfg: Config, data: CascadeData, folder: Path, progress: bool,
+              log: Callable[[str], None]) -> tuple[Config, Prefit | None]:  # fmt: skip
     """The neural rows' configuration, chosen on validation among select.candidates with the first seed (as ALS is
-    tuned) and kept in <dataset>/selection.json, so a resumed suite reuses it; the report shows its trials."""
+    tuned) and kept in <dataset>/selection.json, so a resumed suite reuses it; the report shows its trials. With it,
+    the pick as the search fit it (first seed), which the CSMF row of that seed takes instead of a second fit."""
     if not cfg.select.candidates:
-        return cfg
+        return cfg, None
     path = folder / "selection.json"
     if path.exists():  # the pick, rebuilt with today's pins (a changed setting then shows as another config)
         pick = json.loads(path.read_text())["record"]["pick"]
         found = {c.name: c.cfg for c in candidates(cfg, pins(cfg))}
         if pick in found:
-            return found[pick]
+            return found[pick], None
     first = replace(cfg, seed=cfg.bench.suite_seeds[0])
-    chosen, record, _ = choose_config(first, data, None, progress, log)
-    chosen = replace(chosen, seed=cfg.seed)
+    searched, record, fitted = choose_config(first, data, None, progress, log)
+    chosen = replace(searched, seed=cfg.seed)
     if record is None:  # one candidate: nothing was searched
-        return chosen
+        return chosen, None
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(json.dumps({"record": record, "config": config_to_dict(chosen)}, indent=2))
     tmp.replace(path)
-    return chosen
+    return chosen, (fitted, searched)
 
 
 def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = print) -> Path:
@@ -256,7 +266,7 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
         folder = root / data.name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "dataset.txt").write_text(data.summary() + "\n")
-        dcfg = _selected(dcfg, data, folder, progress, log)
+        dcfg, prefit = _selected(dcfg, data, folder, progress, log)
         runs = suite_runs(dcfg, data.stages)
         unknown = sorted(set(cfg.bench.suite_rows) - {r.name for r in runs})
         if unknown:
@@ -269,7 +279,7 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
             per_seed: dict[int, dict] = {}
             for seed in used:
                 first = per_seed.get(used[0])
-                per_seed[seed] = seed_result(run, dcfg, seed, data, folder, first, progress, log)
+                per_seed[seed] = seed_result(run, dcfg, seed, data, folder, first, progress, log, prefit)
             result = aggregate(run, per_seed, run.name in DETERMINISTIC)
             result.update(row=row, groups=list(run.groups), tau=tau_of(run, dcfg) if "tau" in run.groups else None)
             (folder / f"{run.name}.json").write_text(json.dumps(result, indent=2))
