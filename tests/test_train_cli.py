@@ -16,6 +16,7 @@ from csmf.cli import main
 TINY = [
     "--set", "model.user_hidden=16", "--set", "model.id_dim=8", "--set", "model.history_dim=8",
     "--set", "model.dim=8", "--set", "train.max_epochs=1", "--set", "train.batch_size=256",
+    "--set", "select.candidates=",  # one configuration (checkpoints/), whatever picks the user cache holds
 ]  # fmt: skip
 
 
@@ -99,6 +100,21 @@ def test_retraining_on_other_data_into_the_same_folder_is_refused_until_overwrit
     assert json.loads((out / "metrics.json").read_text()) == first  # nothing was overwritten
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text())["metrics"] != first["metrics"]  # trained afresh
+
+
+def test_other_data_is_refused_whichever_candidate_folders_the_runs_use(sim_parquet, tmp_path, capsys):
+    """A first run trained one configuration (checkpoints/), the second searches candidates (checkpoints/<name>):
+    the earlier run's checkpoints still refuse other data before anything is trained or written."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(sim_parquet[0]), "--out", str(out), "--quiet", *TINY]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    other = _shuffled_copy(sim_parquet[0], tmp_path / "other.parquet")
+    search = ["--set", "select.candidates=graph,graph model.graph_hops=1", "--set", f"select.store_dir={tmp_path}"]
+    capsys.readouterr()
+    assert main(["train", "--dataset", str(other), "--out", str(out), "--quiet", *TINY, *search]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints trained on other data" in err and "--overwrite" in err
+    assert json.loads((out / "metrics.json").read_text()) == first and not (out / "checkpoints" / "graph").exists()
 
 
 def test_a_planted_pickle_checkpoint_is_refused_and_never_runs(sim_parquet, tmp_path, capsys):

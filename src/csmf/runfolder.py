@@ -50,6 +50,19 @@ class RunFolder:
         return meta["phase"], state, meta["history"], done[-1].name
 
 
+def refuse_other_data(checkpoints: Path, fingerprint: str) -> None:
+    """Raise a CheckpointError when any run folder under `checkpoints` (the model's own, or one per selection
+    candidate) holds phases trained on other data: checked before anything is trained or written, whichever
+    candidate folders this run will use (a search writes checkpoints/<candidate>, a stored pick checkpoints/)."""
+    for path in sorted(checkpoints.rglob("phase-*.pt")) if checkpoints.exists() else []:
+        _, meta = load_checkpoint(path)
+        if meta.get("data") != fingerprint:
+            raise CheckpointError(
+                f"{path.parent} holds checkpoints trained on other data (data fingerprint {meta.get('data')}, this "
+                f"data {fingerprint}); use a new --out folder, or --overwrite to discard the checkpoints"
+            )
+
+
 class PretrainCache:
     """Stage-1 pretraining keyed by everything it reads (data, first objective, seed, model/train/eval config):
     a run that differs only downstream (an ablation, a tau, the single stage-1 tower) loads it bit-identically."""

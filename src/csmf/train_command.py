@@ -17,6 +17,7 @@ from csmf.config import Config, config_to_dict, save_config
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
+from csmf.runfolder import refuse_other_data
 from csmf.selection import select
 
 
@@ -69,6 +70,7 @@ def train_and_report(
     ranks = distributed.ranks()  # several training processes: all train and evaluate, rank 0 writes and reports
     if not ranks.main:
         progress, log = False, lambda _msg: None
+    refuse_other_data(out / "checkpoints", data.fingerprint())  # before any file of the earlier run is replaced
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.toml")
