@@ -44,9 +44,8 @@ def ease_weights(x: sp.csr_matrix, l2: float) -> torch.Tensor:
     if l2 <= 0:
         raise ValueError(f"EASE l2 must be > 0, got {l2}")
     touched = np.flatnonzero(np.diff(sp.csc_matrix(x).indptr) > 0)  # (M,) items with a training row
-    weights = torch.zeros(n, n)
     if len(touched) == 0:
-        return weights
+        return torch.zeros(n, n)
     sub = x[:, touched]
     gram = (sub.T @ sub).toarray().astype(np.float32)  # (M, M) symmetric, so its F-order view is itself
     gram[np.diag_indices_from(gram)] += l2
@@ -66,6 +65,7 @@ def ease_weights(x: sp.csr_matrix, l2: float) -> torch.Tensor:
         # LAPACK's storage is column-major; scipy's sparse x dense product would copy an F-ordered N x N matrix
         # to row-major on every call (4 s at 13k items), so make it row-major once here
         return block.contiguous()
+    weights = torch.zeros(n, n)
     weights.index_put_((index.unsqueeze(1), index.unsqueeze(0)), block)
     return weights
 
