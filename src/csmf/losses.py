@@ -11,10 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _flat(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Positions of (rows, cols) in x's flat view. Reading and writing entries there keeps autograd off index_put,
+    which takes a sort-based path under deterministic algorithms (~9 ms a call on a (512, 13k) score block)."""
+    return rows * x.shape[1] + cols
+
+
 def entries(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """x[rows, cols] through the flat view: its gradient is an index_add, where x[rows, cols]'s is an index_put
-    that takes a sort-based path under deterministic algorithms (~9 ms a call on a (512, 13k) score block)."""
-    return x.reshape(-1).index_select(0, rows * x.shape[1] + cols)
+    """x[rows, cols] whose gradient is an index_add (`_flat`)."""
+    return x.reshape(-1).index_select(0, _flat(x, rows, cols))
 
 
 def softmax_loss(
@@ -224,9 +229,7 @@ def distillation_loss(
     if len(t_rows) == 0:
         return scores.sum() * 0.0
     z = scores / temperature
-    # index_fill on the flat view: index_put takes a sort-based path under deterministic algorithms (6 ms a step)
-    flat = seen[0] * z.shape[1] + seen[1]
-    masked = z.reshape(-1).index_fill(0, flat, float("-inf")).view_as(z)  # (B, N)
+    masked = z.reshape(-1).index_fill(0, _flat(z, *seen), float("-inf")).view_as(z)  # (B, N) seen items out
     taught = torch.unique(t_rows)  # rows with a list (each has an unseen item: its list): finite logsumexp
     log_partition = torch.logsumexp(masked.index_select(0, taught), dim=1)  # (T,)
     t_weight = t_weight.to(z.dtype)

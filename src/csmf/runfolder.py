@@ -37,16 +37,12 @@ class RunFolder:
         if not done:
             return None
         state, meta = load_checkpoint(done[-1])
-        fix = "use a new --out folder, or --overwrite to discard the checkpoints"
         if meta.get("data") != self.data:
-            raise CheckpointError(
-                f"{self.path} holds checkpoints trained on other data (data fingerprint {meta.get('data')}, "
-                f"this data {self.data}); {fix}"
-            )
+            raise _other_data(self.path, meta.get("data"), self.data)
         if meta["objectives"] != list(self.objectives) or training_part(meta["config"]) != training_part(
             config_to_dict(self.cfg)
         ):
-            raise CheckpointError(f"{self.path} holds checkpoints of a run with another config or cascade; {fix}")
+            raise CheckpointError(f"{self.path} holds checkpoints of a run with another config or cascade; {_FIX}")
         return meta["phase"], state, meta["history"], done[-1].name
 
 
@@ -54,13 +50,21 @@ def refuse_other_data(checkpoints: Path, fingerprint: str) -> None:
     """Raise a CheckpointError when any run folder under `checkpoints` (the model's own, or one per selection
     candidate) holds phases trained on other data: checked before anything is trained or written, whichever
     candidate folders this run will use (a search writes checkpoints/<candidate>, a stored pick checkpoints/)."""
+    last: dict[Path, Path] = {}  # a folder's phases all share its data: its last one is read, as RunFolder.last does
     for path in sorted(checkpoints.rglob("phase-*.pt")) if checkpoints.exists() else []:
-        _, meta = load_checkpoint(path)
-        if meta.get("data") != fingerprint:
-            raise CheckpointError(
-                f"{path.parent} holds checkpoints trained on other data (data fingerprint {meta.get('data')}, this "
-                f"data {fingerprint}); use a new --out folder, or --overwrite to discard the checkpoints"
-            )
+        last[path.parent] = path
+    for folder, path in last.items():
+        stored = load_checkpoint(path)[1].get("data")
+        if stored != fingerprint:
+            raise _other_data(folder, stored, fingerprint)
+
+
+_FIX = "use a new --out folder, or --overwrite to discard the checkpoints"
+
+
+def _other_data(folder: Path, stored: str | None, current: str) -> CheckpointError:
+    return CheckpointError(f"{folder} holds checkpoints trained on other data (data fingerprint {stored}, this data "
+                           f"{current}); {_FIX}")  # fmt: skip
 
 
 class PretrainCache:

@@ -58,8 +58,8 @@ def _torch_sparse(mat: sp.spmatrix) -> torch.Tensor:
 
 
 def _torch_csr(mat: sp.csr_matrix) -> torch.Tensor:
-    """A CSR operator for the products of every step: torch multiplies CSR by a dense table 1.5-2x faster than
-    the same COO matrix on JD (its rows are summed in the same order, so the numbers are bit-identical)."""
+    """A CSR operator for the products of every step: a JD smoothing forward + backward takes 67 ms against 228 ms
+    with COO. Equal to COO to float precision (bit-identical at D = 128; narrow widths round differently)."""
     mat = sp.csr_matrix(mat)
     mat.sort_indices()
     with warnings.catch_warnings():  # "CSR support is in beta": the product used here is stable and tested
@@ -73,7 +73,7 @@ def _torch_csr(mat: sp.csr_matrix) -> torch.Tensor:
 class _SparseMatmul(torch.autograd.Function):
     """op @ x, whose backward multiplies by a transpose built once with the graph: torch's own backward of
     torch.sparse.mm transposes and re-sorts op at every step (2-3x the cost of the product on JD). The
-    gradient is bit-identical (tests/test_graph.py)."""
+    gradient equals torch's own to float precision (tests/test_graph.py)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, op: torch.Tensor, op_t: torch.Tensor) -> torch.Tensor:

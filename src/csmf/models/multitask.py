@@ -330,12 +330,11 @@ class MultiTask(Retriever):
         item_heads = model.item_vectors(smoothed=smoothed)  # per item vector (N, D)
         loss = torch.zeros(())
         for k, mat in enumerate(targets):
-            coo = mat[users].tocoo()
-            if coo.nnz == 0:
+            rows, cols, weight = coo_tensors(mat[users])
+            if len(rows) == 0:
                 continue
             scores = user_heads[k] @ item_heads[min(k, len(item_heads) - 1)].T  # (B, N)
-            rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
-            loss = loss + user_softmax_loss(scores, rows, cols, torch.from_numpy(coo.data), self.cfg.model.temperature)
+            loss = loss + user_softmax_loss(scores, rows, cols, weight, self.cfg.model.temperature)
             if k in self._teachers:  # distillation: each objective's head learns its own teacher's lists
                 seen, teacher = self._teachers[k]
                 kd = distillation_loss(scores, coo_tensors(seen[users], scores.device)[:2],
