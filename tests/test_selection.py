@@ -89,6 +89,10 @@ def test_the_pick_is_the_best_mean_validation_value_and_reads_no_test_pair(data,
     assert "chosen on validation by an earlier run" in said[0]
     stored = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert stored["pick"] == "mlp" and len(stored["trials"]) == 2
+    # a caller that needs only the config (no CSMF row) gets the stored pick without a fit
+    calls = []
+    model, chosen, reused = select(cfg, data, _fit(data, calls), log=lambda _m: None, fit_stored=False)
+    assert model is None and calls == [] and reused["pick"] == "mlp" and chosen.model.encoder == "mlp"
 
 
 def test_a_shipped_pick_serves_when_the_users_cache_has_none(data, tmp_path, monkeypatch):

@@ -124,9 +124,11 @@ def select(
     fit: Callable[[Config, str], Retriever],
     pinned: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[Retriever, Config, dict]:
+    fit_stored: bool = True,
+) -> tuple[Retriever | None, Config, dict]:
     """Fit the candidates with `fit(config, tag)`, keep the best on validation: (model, its config, record). The
     tag names the candidate when several are fit (a checkpoint folder each), "" when one model is trained.
+    `fit_stored=False`: a stored pick is returned unfitted (model None), for a caller that needs only the config.
 
     The record (results files and reports) holds the metric, every trial (per-objective validation values,
     mean, seconds), the candidates skipped by the budget, the pick, and whether a stored pick was reused."""
@@ -151,7 +153,7 @@ def select(
         log(f"selection: {pick.name!r}, chosen on validation by {source} this data ({where}; "
             "--set select.reuse=false searches again)")  # fmt: skip
         record |= {"pick": pick.name, "reused": str(where), "trials": stored["trials"]}
-        return fit(pick.cfg, ""), pick.cfg, record
+        return (fit(pick.cfg, "") if fit_stored else None), pick.cfg, record
     best: tuple[float, Retriever, Candidate] | None = None
     start = time.perf_counter()
     for n, candidate in enumerate(found):

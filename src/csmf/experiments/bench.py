@@ -300,12 +300,13 @@ def is_neural(name: str) -> bool:
     return name in NEURAL or name.startswith("single-")
 
 
-def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress: bool,
-                  log: Callable[[str], None]) -> tuple[Config, dict | None, Fitted | None]:  # fmt: skip
+def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress: bool, log: Callable[[str], None],
+                  fit_stored: bool = True) -> tuple[Config, dict | None, Fitted | None]:  # fmt: skip
     """The configuration of the neural rows, chosen on validation among select.candidates by fitting CSMF with
     each (csmf.selection), as ALS and item-kNN are tuned: (the pick's config, the selection record, and the
     fitted pick with its fit seconds, which the CSMF row reuses instead of fitting the same model again; None,
-    None when the user's pins leave one candidate)."""
+    None when the user's pins leave one candidate). `fit_stored=False`: a stored pick is not fit (no CSMF row
+    will take it), and the third item is None."""
     fitted: dict[int, Fitted] = {}
 
     def fit(candidate: Config, tag: str) -> CSMF:
@@ -321,8 +322,8 @@ def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress:
     found = candidates(cfg, pinned)
     if len(found) == 1:  # the pins leave one: nothing to search, nothing to fit here
         return found[0].cfg, None, None
-    model, chosen, record = select(cfg, data, fit, pinned, log)
-    return chosen, record, fitted[id(model)]
+    model, chosen, record = select(cfg, data, fit, pinned, log, fit_stored)
+    return chosen, record, (fitted[id(model)] if model is not None else None)
 
 
 def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
@@ -336,7 +337,8 @@ def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = p
     log(data.report.render())
     selection = picked = None
     if cfg.select.candidates and any(is_neural(n) for n in cfg.bench.models):
-        cfg, selection, picked = choose_config(cfg, data, pinned, progress, log)
+        # a stored pick is fit here only for a CSMF row to take (a search fits every candidate anyway)
+        cfg, selection, picked = choose_config(cfg, data, pinned, progress, log, fit_stored="csmf" in cfg.bench.models)
     results = []
     for name in cfg.bench.models:
         # the CSMF row is the model the selection fit with the pick (the same config and seed): not fit twice

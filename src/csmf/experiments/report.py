@@ -343,6 +343,12 @@ def _selection_lines(path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _selection_seconds(folder: Path) -> float:
+    """What choosing the neural rows' configuration cost the suite (0 when it ran no search)."""
+    path = folder / "selection.json"
+    return float(json.loads(path.read_text()).get("seconds", 0.0)) if path.exists() else 0.0
+
+
 def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, cfg: Config, minutes: float) -> Path:
     plots = report_dir / suite
     plots.mkdir(parents=True, exist_ok=True)
@@ -352,7 +358,7 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
     body: list[str] = []
     for dataset in datasets:
         results = load_results(root / dataset)
-        total += sum(r.get("wall_seconds", 0.0) for r in results.values())
+        total += sum(r.get("wall_seconds", 0.0) for r in results.values()) + _selection_seconds(root / dataset)
         stages = stages_of(results)
         main, ablation, taus = _in(results, "main"), _in(results, "ablation"), _in(results, "tau")
         summary = root / dataset / "dataset.txt"
@@ -396,7 +402,8 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
         f"with {os.cpu_count()} cores, Python {platform.python_version()}",
         f"- seeds: {seeds} (mean ± sample std over seeds; `*` = deterministic model, one run); ALS and "
         "item-kNN are tuned on validation with the first seed and refit with each seed",
-        f"- compute: {total / 60:.1f} min summed over every (model, seed) run; this invocation {minutes:.1f} min"
+        f"- compute: {total / 60:.1f} min summed over every (model, seed) run and the configuration search; "
+        f"this invocation {minutes:.1f} min"
         + (f" (**above the {budget} min budget of this suite**)" if budget and total / 60 > budget else ""),
         "- query cost: exact inner-product top-50 for a batch of users, first seed, as a ratio to a "
         "single-objective two-tower (one D-wide vector per item) timed in the same call",
