@@ -129,6 +129,19 @@ def test_the_pick_shipped_for_jd_matches_the_default_candidates():
     assert stored["pick"] in cfg.select.candidates and len(stored["trials"]) == len(cfg.select.candidates)
 
 
+def test_the_pick_key_holds_what_the_candidates_fits_read(data):
+    """A setting CSMF's fit reads (its own, or a teacher's) makes another key; the multi-task baselines' do not."""
+    from csmf.selection import store_path
+
+    def key(*sets):
+        cfg = override(Config(), ["select.candidates=graph,mlp", *sets])
+        return store_path(cfg, data, candidates(cfg, pins(cfg))).name
+
+    base = key()
+    assert key("multitask.lr=0.01", "multitask.patience=3") == base
+    assert key("train.lr=0.02") != base and key("ease.l2=50") != base and key("cascade.tau=0.2") != base
+
+
 def test_the_budget_stops_starting_candidates(data, tmp_path):
     cfg = override(Config(), [f"select.store_dir={tmp_path}", "select.budget_s=0.001"])
     calls = []

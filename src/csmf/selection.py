@@ -114,6 +114,7 @@ def store_path(cfg: Config, data: CascadeData, found: list[Candidate]) -> Path:
     for c in found:  # what decides the candidates' weights: not where the data lies, not the harness
         part = training_part(config_to_dict(replace(c.cfg, seed=0)))
         part.pop("select", None)  # how the search runs, not what it compares
+        part.pop("multitask", None)  # the multi-task baselines' settings: no candidate's fit reads them
         digest.update(json.dumps(part, sort_keys=True).encode())
     return Path(root) / f"{digest.hexdigest()[:32]}.json"
 
