@@ -97,6 +97,20 @@ def test_mmoe_gates_are_per_objective_softmaxes(data):
         torch.testing.assert_close(out, (gate.unsqueeze(2) * experts).sum(dim=1))
 
 
+def test_the_multitask_lr_grows_with_the_square_root_of_a_larger_user_batch(data):
+    from csmf.models.multitask import scaled_lr
+
+    assert scaled_lr(3e-3, 64, 64) == 3e-3 and scaled_lr(3e-3, 10, 64) == 3e-3  # small logs: lr as given
+    assert scaled_lr(3e-3, 256, 64) == pytest.approx(6e-3) and scaled_lr(3e-3, 256, 0) == 3e-3
+    # a fit whose batches hold more than lr_batch users trains, and records, the scaled rate
+    cfg = override(CFG, ["multitask.max_epochs=1", "multitask.min_steps=1", "train.user_batch_size=100",
+                         "multitask.lr_batch=25"])  # fmt: skip
+    model = MultiTask("shared-bottom", cfg).fit(data)
+    assert model.phases[0]["lr"] == pytest.approx(cfg.multitask.lr * 2)
+    unscaled = MultiTask("shared-bottom", override(cfg, ["multitask.lr_batch=0"])).fit(data)
+    assert unscaled.phases[0]["lr"] == cfg.multitask.lr
+
+
 def test_unknown_multitask_kind_is_refused():
     with pytest.raises(ValueError, match="unknown multi-task model"):
         MultiTask("moe", CFG)

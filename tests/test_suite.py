@@ -109,6 +109,10 @@ def test_suite_writes_seeds_means_and_the_report(tiny_suite):
     sweep = csmf["weight_sweep"]  # mean over the seeds' sweeps, one entry per pair of objectives
     assert [e["pair"] for e in sweep] == [["exposure", "click"], ["exposure", "conversion"], ["click", "conversion"]]
     assert "top-50 overlap" in report and (reports / "paper-quick" / "weights-sim.png").exists()
+    # the multi-task rows ran the first seed only (bench.suite_multitask_seeds = 1), and the table says so
+    mmoe = json.loads((folder / "mmoe.json").read_text())
+    assert set(mmoe["seeds"]) == {"0"} and "| mmoe † (seed 0) | " in report and "| csmf | " in report
+    assert "| mmoe † (seed 0) | " + f"{mmoe['metrics']['exposure']['recall@10']:.4f} |" in report  # no ± 0.0000
     # the other tau ran the first seed only (bench.suite_tau_seeds = 1); the tau table compares csmf on it
     assert set(json.loads((folder / "csmf-tau0.3.json").read_text())["seeds"]) == {"0"}
     seed0 = csmf["seeds"]["0"]["conversion"]["recall@50"]

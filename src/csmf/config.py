@@ -371,6 +371,7 @@ class MultiTaskConfig(Checked):
         "kernel_dim": (_positive, "> 0"),
         "min_steps": (_positive, "> 0"),
         "lr": (_positive, "> 0"),
+        "lr_batch": (_at_least(0), ">= 0 (0 = no scaling)"),
         "max_epochs": (_positive, "> 0"),
         "patience": (_positive, "> 0"),
     }
@@ -389,6 +390,11 @@ class MultiTaskConfig(Checked):
     # R@50 0.16 / 0.24 / 0.22) and MVKE still improved at its 24th epoch; lr 3e-3 with up to 48 epochs and
     # patience 8 lifted every tower (docs/method.md)
     lr: float = 3e-3
+    # the per-user loss on a larger log: batches of more than lr_batch users take lr * sqrt(batch / lr_batch), Adam's
+    # square-root scaling rule (Malladi et al., NeurIPS 2022): on JD (335 users a step) lr 3e-3 left MMoE still
+    # improving at its 46th epoch (20 min a fit); the scaled 6.9e-3 reached its mean validation R@50 of epoch 33
+    # (0.360) by epoch 21 (docs/method.md). 0 = lr as given at every size
+    lr_batch: int = 64
     max_epochs: int = 48
     patience: int = 8
 
@@ -432,6 +438,7 @@ class BenchConfig(Checked):
         "cold_items": (lambda v: v >= 0, ">= 0"),
         "suite_taus": (_in(0.0, 1.0), "thresholds in [0, 1)"),
         "suite_tau_seeds": (_at_least(0), ">= 0 (0 = every seed)"),
+        "suite_multitask_seeds": (_at_least(0), ">= 0 (0 = every seed)"),
         "suite_cost_items": (_at_least(0), ">= 0 (0 = no cost measurement)"),
         "suite_sim_users": (_at_least(0), ">= 0"),
         "suite_sim_items": (_at_least(0), ">= 0"),
@@ -459,6 +466,10 @@ class BenchConfig(Checked):
     # rows that only the tau sweep uses (csmf-tau0.05, ...) run the first this-many seeds (0 = every seed):
     # with one, the sweep costs a third and the suite fits its 2-hour budget; csmf itself runs every seed
     suite_tau_seeds: int = 1
+    # the multi-task rows (shared-bottom, mmoe, ple, mvke) run the first this-many seeds (0 = every seed): on JD one
+    # of their fits takes 5-10 min on 2 cores (a gated tower over the whole catalogue in every step, for 15-30
+    # epochs), so 3 seeds of 4 models alone would take the suite's 2 hours (docs/method.md)
+    suite_multitask_seeds: int = 1
     suite_cost_items: int = 1_000_000  # the suite's cost measurement: synthetic catalogue size (first seed per row)
     # run only these rows (csmf, als, csmf-tau0.3, ...; () = all); the others keep the results they have
     suite_rows: tuple[str, ...] = ()

@@ -46,11 +46,17 @@ def _in(results: dict[str, dict], group: str) -> list[dict]:
     return [r for r in results.values() if group in r.get("groups", [])]
 
 
-def _cell(r: dict, stage: str, metric: str, bold: bool = False) -> str:
+def _one_seed(r: dict, rows: list[dict]) -> bool:
+    """A seeded row that ran fewer seeds than the table's others (bench.suite_multitask_seeds): no spread to show."""
+    most = max((len(x.get("seeds", ())) for x in rows), default=0)
+    return not r.get("deterministic") and 0 < len(r.get("seeds", ())) < most
+
+
+def _cell(r: dict, stage: str, metric: str, bold: bool = False, spread: bool = True) -> str:
     if stage not in r["metrics"]:
         return ""
     mean, std = r["metrics"][stage][metric], r["metrics_std"][stage][metric]
-    text = f"{mean:.4f} ± {std:.4f}"
+    text = f"{mean:.4f} ± {std:.4f}" if spread else f"{mean:.4f}"
     return f"**{text}**" if bold else text
 
 
@@ -64,11 +70,13 @@ def metric_table(rows: list[dict], stages: list[str], metrics: tuple[str, ...] =
         for m in metrics
     }
     for r in rows:
-        cells = [r["model"] + (" *" if r.get("deterministic") else "")]
+        few = _one_seed(r, rows)
+        mark = (" *" if r.get("deterministic") else "") + (f" † (seed {min(r['seeds'])})" if few else "")
+        cells = [r["model"] + mark]
         for s in stages:
             for m in metrics:
                 top = s in r["metrics"] and r["metrics"][s][m] == best[(s, m)] and len(rows) > 1
-                cells.append(_cell(r, s, m, bold=top))
+                cells.append(_cell(r, s, m, bold=top, spread=not few))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -400,8 +408,9 @@ def write_report(root: Path, datasets: list[str], report_dir: Path, suite: str, 
         "",
         f"- generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
         f"with {os.cpu_count()} cores, Python {platform.python_version()}",
-        f"- seeds: {seeds} (mean ± sample std over seeds; `*` = deterministic model, one run); ALS and "
-        "item-kNN are tuned on validation with the first seed and refit with each seed",
+        f"- seeds: {seeds} (mean ± sample std over seeds; `*` = deterministic model, one run; `†` = the first "
+        "seed only, `bench.suite_multitask_seeds`); ALS and item-kNN are tuned on validation with the first seed and "
+        "refit with each seed",
         f"- compute: {total / 60:.1f} min summed over every (model, seed) run and the configuration search; "
         f"this invocation {minutes:.1f} min"
         + (f" (**above the {budget} min budget of this suite**)" if budget and total / 60 > budget else ""),

@@ -27,11 +27,13 @@ from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
 from csmf.experiments.bench import Fitted, build_tuned_as, choose_config, run_model, versions
 from csmf.experiments.sweep import mean_sweeps
+from csmf.models.multitask import KINDS as MULTITASK_KINDS
 from csmf.selection import candidates, pins
 
 MAIN_BASELINES = ("popularity", "als", "itemknn", "ease")
 MAIN_NEURAL = ("naive-ft", "packnet", "shared-bottom", "mmoe", "ple", "mvke", "csmf")
 ABLATION = ("csmf", "csmf-no-cpp", "csmf-no-aml", "csmf-no-ar")
+MULTITASK = frozenset(MULTITASK_KINDS)
 TUNED = frozenset({"als", "itemknn", "ease"})  # searched on validation with the first seed, refit with the others
 DETERMINISTIC = frozenset({"popularity", "itemknn", "ease"})  # no seed enters them: one run stands for every seed
 
@@ -101,12 +103,15 @@ def suite_runs(cfg: Config, stages: tuple[str, ...]) -> list[Run]:
     return list(runs.values())
 
 
-def seeds_of(run: Run, seeds: tuple[int, ...], tau_seeds: int) -> tuple[int, ...]:
-    """The seeds a row runs: one for a deterministic model, the first `tau_seeds` for a tau-sweep-only row."""
+def seeds_of(run: Run, seeds: tuple[int, ...], tau_seeds: int, multitask_seeds: int = 0) -> tuple[int, ...]:
+    """The seeds a row runs: one for a deterministic model, the first `tau_seeds` for a tau-sweep-only row, the
+    first `multitask_seeds` for a multi-task row (0 = every seed)."""
     if run.name in DETERMINISTIC:
         return seeds[:1]
     if run.groups == ("tau",) and tau_seeds > 0:
         return seeds[:tau_seeds]
+    if run.model in MULTITASK and multitask_seeds > 0:
+        return seeds[:multitask_seeds]
     return seeds
 
 
@@ -279,7 +284,7 @@ def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Cal
         for row, run in enumerate(runs):
             if cfg.bench.suite_rows and run.name not in cfg.bench.suite_rows:
                 continue  # a subset: this row keeps whatever results it already has
-            used = seeds_of(run, seeds, cfg.bench.suite_tau_seeds)
+            used = seeds_of(run, seeds, cfg.bench.suite_tau_seeds, cfg.bench.suite_multitask_seeds)
             per_seed: dict[int, dict] = {}
             for seed in used:
                 first = per_seed.get(used[0])

@@ -221,6 +221,12 @@ class MultiTaskTwoTower(nn.Module):
         return [head(v) for head, v in zip(self.item_heads, hidden, strict=True)]
 
 
+def scaled_lr(lr: float, batch: int, reference: int) -> float:
+    """Adam's square-root rule: `lr` holds for batches of up to `reference` users and grows with sqrt(batch /
+    reference) above (never below `lr`, so a small log trains as before; 0 = no scaling)."""
+    return lr * math.sqrt(batch / reference) if reference > 0 and batch > reference else lr
+
+
 class MultiTask(Retriever):
     """A multi-task two-tower baseline behind the Retriever interface (see the module docstring)."""
 
@@ -264,6 +270,8 @@ class MultiTask(Retriever):
             # at most 1/min_steps of the users a batch: an epoch takes at least multitask.min_steps steps
             size = min(t.user_batch_size, max(1, -(-len(active) // cfg.multitask.min_steps)))
             batches = UserBatches(active, size, generator, Ranks())
+            for group in optimizer.param_groups:
+                group["lr"] = scaled_lr(cfg.multitask.lr, size, cfg.multitask.lr_batch)
 
             def epoch_batches():
                 return (self._user_loss(users, targets) for users in batches.epoch())
@@ -288,7 +296,8 @@ class MultiTask(Retriever):
             log=self.log, progress=self.progress, desc=f"{self.kind} epoch", steps=batches.steps,
         )  # fmt: skip
         model.eval()
-        self.phases = [{"phase": "joint", "epochs": epochs_log, "best_epoch": best_epoch}]
+        self.phases = [{"phase": "joint", "epochs": epochs_log, "best_epoch": best_epoch,
+                        "lr": optimizer.param_groups[0]["lr"]}]  # fmt: skip
         self.history = data.train | data.side
         with torch.no_grad():
             self.items = model.item_vectors()  # (N, D) per item vector
