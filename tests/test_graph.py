@@ -126,12 +126,15 @@ def test_columns_of_other_stages_do_not_move_a_stage_score():
 # ----- a 3-stage cascade over the graph encoder -------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["bag", "bag+user-rows"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 0), (False, 6)],
+                ids=["bag", "bag+user-rows", "bag+neighbour-operator"])  # fmt: skip
 def staged(data, request):
-    cfg = override(CFG, [f"model.user_id={str(request.param).lower()}"])
+    user_id, neighbours = request.param
+    cfg = override(CFG, [f"model.user_id={str(user_id).lower()}", f"model.graph_neighbours={neighbours}"])
     tr = CascadeTrainer(data, cfg, teacher=teacher_for(cfg))
     assert tr.per_user and isinstance(tr.model, GraphBackbone) and tr.model.per_user_loss
-    assert (tr.model.user_rows is not None) == request.param
+    assert (tr.model.user_rows is not None) == user_id
+    assert all((g.operator is not None) == (neighbours > 0) for g in tr.model.graphs)
     s = {"trainer": tr}
     history = data.train | data.side
     tr.run_phase(0)
@@ -415,3 +418,64 @@ def test_an_ease_teacher_past_its_size_becomes_item_knn(data, monkeypatch):
     monkeypatch.setattr(teachers, "fit_teacher", lambda *a: fitted.append(real_fit(*a)) or fitted[-1])
     lists = teachers.teacher_lists(data, "click", cfg)
     assert [m.name for m in fitted] == ["itemknn"] and lists.nnz > 0
+
+
+# ----- the smoothing as one top-K neighbour operator (csmf.backbones.neighbours) -----------------------
+
+
+def _random_graph(seed=0, users=60, items=40):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    mats = {
+        "a": sp.csr_matrix((rng.random((users, items)) < 0.1).astype(np.float64)),
+        "b": sp.csr_matrix((rng.random((users, items)) < 0.05).astype(np.float64)),
+    }
+    return {"a": 1.0, "b": 0.5}, mats
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2, 3])
+def test_a_neighbour_operator_with_every_neighbour_is_the_exact_smoothing(hops):
+    from csmf.backbones.graph import StageGraph
+
+    weights, mats = _random_graph()
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32))
+    exact = StageGraph(weights, mats, 40).smooth(x, hops)
+    full = StageGraph(weights, mats, 40, hops=hops, neighbours=40)
+    torch.testing.assert_close(full.smooth(x, hops), exact, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="smooths"):
+        full.smooth(x, (hops + 1) % 4)
+
+
+def test_a_truncated_operator_keeps_k_entries_a_row_and_the_exact_row_weight():
+    from csmf.backbones.graph import StageGraph
+    from csmf.backbones.neighbours import smoothing_operator, top_k_rows
+
+    rows = top_k_rows(sp.csr_matrix(np.array([[0.1, 0.5, 0.3, 0.5], [0.0, 0.2, 0.0, 0.0]])), 2)
+    assert rows.toarray().tolist() == [[0.0, 0.5, 0.0, 0.5], [0.0, 0.2, 0.0, 0.0]]  # ties: the lower column
+    weights, mats = _random_graph(2)
+    graph = StageGraph(weights, mats, 40)
+    normalised = graph.normalise(graph.adjacency(mats))
+    m = smoothing_operator(normalised, 2, 5)
+    assert np.diff(m.indptr).max() <= 5
+    exact = graph.smooth(torch.ones(40, 1, dtype=torch.float32), 2).numpy().ravel()  # the exact row sums
+    np.testing.assert_allclose(np.asarray(m.sum(axis=1)).ravel(), exact, rtol=1e-5)
+    # the kept neighbours are the largest entries of the exact average: none dropped outweighs one kept
+    full = smoothing_operator(normalised, 1, 40).toarray()
+    one = smoothing_operator(normalised, 1, 5).toarray()
+    for i in range(40):
+        kept = one[i] > 0
+        if kept.sum() == 5:
+            assert full[i][~kept].max() <= full[i][kept].min() + 1e-12
+
+
+def test_the_neighbour_operator_gradient_is_its_transpose():
+    from csmf.backbones.graph import StageGraph
+
+    weights, mats = _random_graph(3)
+    graph = StageGraph(weights, mats, 40, hops=2, neighbours=6)
+    x = torch.randn(40, 4, requires_grad=True)
+    grad = torch.randn(40, 4)
+    graph.smooth(x, 2).backward(grad)
+    m = graph.operator[0].to_dense()
+    torch.testing.assert_close(x.grad, m.T @ grad, rtol=1e-5, atol=1e-6)

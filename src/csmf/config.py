@@ -229,6 +229,7 @@ class ModelConfig(Checked):
         "context_dropout": (_in(0.0, 1.0), "in [0, 1)"),
         "temperature": (_positive, "> 0"),
         "graph_hops": (_in(0, 4), "0, 1, 2 or 3"),
+        "graph_neighbours": (_at_least(0), ">= 0 (0 = propagate over the whole graph)"),
         "graph_up_weight": (_at_least(0.0), ">= 0"),
         "graph_down_weight": (_at_least(0.0), ">= 0"),
         "graph_side_weight": (_at_least(0.0), ">= 0"),
@@ -266,6 +267,10 @@ class ModelConfig(Checked):
     context_dropout: float = 0.2
     temperature: float = 0.1  # softmax temperature of the training loss (scores are u . v)
     graph_hops: int = 2  # graph encoder: item-smoothing steps S = Â^T Â (0-3); the user reads the smoothed items
+    # graph encoder: > 0 = the smoothing as one operator per stage graph holding each item's top-K neighbours in the
+    # smoothed co-occurrence, built once (csmf/backbones/neighbours.py); 0 = propagate over the whole graph in
+    # every step (exact)
+    graph_neighbours: int = 0
     graph_up_weight: float = 0.2  # graph encoder: edge weight of earlier stages' pairs in a stage's graph
     graph_down_weight: float = 1.0  # ... of later stages' pairs (a purchase implies the view)
     graph_side_weight: float = 0.5  # ... of side behaviours (JD favorites)

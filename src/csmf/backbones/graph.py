@@ -33,6 +33,7 @@ from torch import nn
 
 from csmf.backbones.base import Backbone, TowerExport, UnitGroup
 from csmf.backbones.features import Features, features_of
+from csmf.backbones.neighbours import smoothing_operator
 
 
 def graph_weights(objective: str, stages: tuple[str, ...], behaviours: tuple[str, ...], up: float, down: float,
@@ -89,7 +90,10 @@ class StageGraph:
     """One stage's weighted graph: the training adjacency for item smoothing and the rule that turns any
     user's history into the normalised row Â[u] (item degrees always from the training graph)."""
 
-    def __init__(self, weights: dict[str, float], matrices: dict[str, sp.csr_matrix], n_items: int):
+    def __init__(self, weights: dict[str, float], matrices: dict[str, sp.csr_matrix], n_items: int,
+                 hops: int = 0, neighbours: int = 0):  # fmt: skip
+        """neighbours > 0: smooth through one (N, N) operator of at most that many entries a row, built here for
+        `hops` (csmf.backbones.neighbours), instead of propagating over the whole graph in every step."""
         self.weights = weights
         adjacency = self.adjacency(matrices)  # (U, N) weighted
         self.item_scale = 1.0 / np.sqrt(np.maximum(np.asarray(adjacency.sum(axis=0)).ravel(), 1e-12))  # (N,)
@@ -97,6 +101,10 @@ class StageGraph:
         normalised = self.normalise(adjacency)
         self.forward_op = _torch_csr(normalised)  # (U, N): Â
         self.backward_op = _torch_csr(normalised.T.tocsr())  # (N, U): Â^T
+        self.operator_hops, self.operator = hops, None
+        if neighbours > 0:
+            m = smoothing_operator(normalised, hops, neighbours)
+            self.operator = (_torch_csr(m), _torch_csr(m.T.tocsr()))  # M and M^T (its backward)
 
     def __deepcopy__(self, memo: dict) -> StageGraph:
         # a graph is never changed once built, and torch cannot deep-copy a CSR tensor: copies of a model (the
@@ -121,6 +129,10 @@ class StageGraph:
 
     def smooth(self, x: torch.Tensor, hops: int) -> torch.Tensor:
         """Mean of x, S x, ..., S^hops x with S = Â^T Â.  x: (N, D) -> (N, D)."""
+        if self.operator is not None:
+            if hops != self.operator_hops:
+                raise ValueError(f"this graph's neighbour operator smooths {self.operator_hops} hops, not {hops}")
+            return _SparseMatmul.apply(x, *self.operator)
         total, layer = x, x
         for _ in range(hops):
             users = _SparseMatmul.apply(layer, self.forward_op, self.backward_op)  # (U,N)@(N,D)
@@ -148,13 +160,14 @@ class GraphBackbone(Backbone):
         seed: int,
         init_scale: float = 0.1,
         user_id: bool = False,
+        neighbours: int = 0,
     ):
         """user_id: a D-wide row per user added to its bag (LightGCN's user table; on JD it adds nothing)."""
         super().__init__()
         if not 0 <= hops <= 3:
             raise ValueError(f"model.graph_hops must be 0..3, got {hops}")
         g = torch.Generator().manual_seed(seed)
-        self.n_users, self.n_items, self.hops = n_users, n_items, hops
+        self.n_users, self.n_items, self.hops, self.neighbours = n_users, n_items, hops, neighbours
         self.stage_weights = stage_weights
         self.behaviours = tuple(dict.fromkeys(b for w in stage_weights for b in w))
         self.items = nn.Parameter(torch.randn(n_items, dim, generator=g) * init_scale)  # E: (N, D)
@@ -194,13 +207,16 @@ class GraphBackbone(Backbone):
         return cls(
             data.n_users, data.n_items, m.dim, stage_weights, m.graph_hops, features_of(data.user_features, m),
             features_of(data.item_features, m), seed, init_scale=m.init_scale, user_id=m.user_id,
+            neighbours=m.graph_neighbours,
         )  # fmt: skip
 
     # ----- graph --------------------------------------------------------------------------------
     def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
         """Training matrices (binary users x items) the graphs are built from."""
         self.history = {b: matrices[b] for b in self.behaviours}
-        self.graphs = [StageGraph(w, self.history, self.n_items) for w in self.stage_weights]
+        self.graphs = [
+            StageGraph(w, self.history, self.n_items, self.hops, self.neighbours) for w in self.stage_weights
+        ]
 
     # ----- parameters by column -----------------------------------------------------------------
     def column_tensors(self) -> list[nn.Parameter]:

@@ -123,7 +123,7 @@ class MultiTaskTwoTower(nn.Module):
             for o in data.stages[:n_objectives]
         ]
         self.graphs: list[StageGraph] = []
-        self.hops = m.graph_hops
+        self.hops, self.neighbours = m.graph_hops, m.graph_neighbours
         self.table = nn.Parameter(torch.randn(data.n_items, m.dim) * m.init_scale) if self.graph else None
         self.behaviours = data.behaviours if (m.history or self.graph) else ()
         self.history = (
@@ -177,7 +177,9 @@ class MultiTaskTwoTower(nn.Module):
     def set_history(self, matrices: dict[str, sp.csr_matrix]) -> None:
         """Graph encoder: the training matrices each objective's graph is built from."""
         if self.graph:
-            self.graphs = [StageGraph(w, matrices, self.n_items) for w in self.stage_weights]
+            self.graphs = [
+                StageGraph(w, matrices, self.n_items, self.hops, self.neighbours) for w in self.stage_weights
+            ]
 
     def smoothed_items(self) -> list[torch.Tensor]:
         """Graph encoder: the item table smoothed over each objective's graph, (N, D) each."""

@@ -1,0 +1,70 @@
+"""The graph encoder's item smoothing as one sparse operator per stage graph, built once: each item's top-K
+neighbours in the smoothed co-occurrence.
+
+The exact smoothing averages the layers E, S E, ..., S^h E with S = Â^T Â (csmf.backbones.graph.StageGraph), a
+product over the whole user x item graph (both directions, forward and backward) in every step. Here the same
+average is one (N, N) operator M with at most K entries a row, so item vectors are M E at N x K x D multiply-adds
+and a batch's items alone cost B x K x D (UltraGCN keeps about 10 item neighbours for the same reason):
+
+- S's rows are computed in blocks of items, S[block] = Â[:, block]^T Â, and each keeps its K largest entries: S_K;
+- the layers are the powers of S_K: M' = (I + S_K + ... + S_K^h) / (h + 1), again K entries a row;
+- each row is rescaled to the row sum of the exact average, (1 + r_1 + ... + r_h) / (h + 1) with r_j = S^j 1
+  (sparse products with a vector, exact), so a truncated row keeps the weight the exact smoothing gives it.
+
+With K at least the number of an item's co-occurring items the operator is exact (a test checks it against
+StageGraph.smooth). What a smaller K costs on each log is measured in docs/method.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def top_k_rows(mat: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The K largest entries of each row (ties: the lower column), the rest dropped."""
+    mat = sp.csr_matrix(mat)
+    counts = np.diff(mat.indptr)
+    if counts.max(initial=0) <= k:
+        return mat
+    rows = np.repeat(np.arange(mat.shape[0]), counts)
+    order = np.lexsort((mat.indices, -mat.data, rows))  # by row, then value descending, then column
+    rank = np.arange(len(order)) - mat.indptr[rows[order]]  # position within its row
+    keep = order[rank < k]
+    out = sp.csr_matrix((mat.data[keep], (rows[keep], mat.indices[keep])), shape=mat.shape)
+    out.sort_indices()
+    return out
+
+
+def co_occurrence_top_k(normalised: sp.csr_matrix, k: int, block: int = 2048) -> sp.csr_matrix:
+    """S_K: the K largest entries of each row of S = Â^T Â, built a block of items at a time (peak memory: one
+    block's rows of S, not the (N, N) matrix)."""
+    by_item = sp.csr_matrix(normalised.T)  # (N, U)
+    n = by_item.shape[0]
+    parts = []
+    for start in range(0, n, block):
+        rows = by_item[start : start + block] @ normalised  # (b, N): S's rows of this block
+        parts.append(top_k_rows(sp.csr_matrix(rows), k))
+    return sp.csr_matrix(sp.vstack(parts, format="csr")) if parts else sp.csr_matrix((n, n))
+
+
+def smoothing_operator(normalised: sp.csr_matrix, hops: int, k: int, block: int = 2048) -> sp.csr_matrix:
+    """M: (N, N) with at most K entries a row, M E ~ mean(E, S E, ..., S^hops E) (see the module docstring)."""
+    n = normalised.shape[1]
+    identity = sp.identity(n, dtype=np.float64, format="csr")
+    if hops == 0:
+        return identity
+    s_k = co_occurrence_top_k(normalised, k, block)
+    layer, total = identity, identity.copy()
+    for _ in range(hops):
+        layer = top_k_rows(layer @ s_k, k)  # the next power, kept sparse
+        total = total + layer
+    total = top_k_rows(total, k)
+    # the exact average's row sums: r_j = S r_{j-1}, r_0 = 1, with S v = Â^T (Â v)
+    r, exact = np.ones(n), np.ones(n)
+    for _ in range(hops):
+        r = normalised.T @ (normalised @ r)
+        exact = exact + r
+    kept = np.asarray(total.sum(axis=1)).ravel()
+    scale = np.divide(exact, kept, out=np.zeros(n), where=kept > 0)
+    return sp.csr_matrix(sp.diags(scale / (hops + 1)) @ total)
