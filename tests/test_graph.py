@@ -479,3 +479,31 @@ def test_the_neighbour_operator_gradient_is_its_transpose():
     graph.smooth(x, 2).backward(grad)
     m = graph.operator[0].to_dense()
     torch.testing.assert_close(x.grad, m.T @ grad, rtol=1e-5, atol=1e-6)
+
+
+def test_per_batch_vectors_equal_the_whole_catalogue_ones_and_train_the_same_columns():
+    """With neighbour operators a batch's user and item vectors read only the rows near it; they equal the
+    whole-catalogue computation (to float precision), frozen earlier stages included, and so do the gradients."""
+    weights, mats = _random_graph(4, users=50, items=30)
+    graphs = [weights, {"b": 1.0, "a": 0.2}]
+    model = GraphBackbone(50, 30, 8, graphs, 2, no_features(), no_features(), 0, neighbours=5)
+    model.set_history(mats)
+    assert model.per_batch()
+    model.owner[4:] = 2  # stage 1 owns columns 0-3, stage 2 columns 4-7
+    users, items = np.array([3, 7, 7, 20]), torch.tensor([0, 5, 29, 5])
+    with model.training_stage(2):
+        batch_u = model.user_vectors(users, 2)
+        batch_v = model.item_vectors(2, items)
+        whole_u, whole_v = model.vectors(users, 2)
+        torch.testing.assert_close(batch_u, whole_u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch_v, whole_v[items], rtol=1e-5, atol=1e-6)
+        (batch_u.sum() + batch_v.pow(2).sum()).backward()
+        per_batch_grad = model.items.grad.clone()
+        model.items.grad = None
+        (whole_u.sum() + whole_v[items].pow(2).sum()).backward()
+        torch.testing.assert_close(per_batch_grad, model.items.grad, rtol=1e-5, atol=1e-6)
+    # the batch's item gradient reaches only items within the operators' rows of the batch
+    touched = set(np.concatenate([g.neighbour_rows[items.numpy()].indices for g in model.graphs]))
+    touched |= set(np.concatenate([(g.user_rows_sp(users, mats) @ g.neighbour_rows).indices for g in model.graphs]))
+    moved = set(torch.nonzero(per_batch_grad.abs().sum(dim=1)).squeeze(1).tolist())
+    assert moved <= touched and len(moved) < 30

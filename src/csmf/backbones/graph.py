@@ -101,10 +101,11 @@ class StageGraph:
         normalised = self.normalise(adjacency)
         self.forward_op = _torch_csr(normalised)  # (U, N): Â
         self.backward_op = _torch_csr(normalised.T.tocsr())  # (N, U): Â^T
-        self.operator_hops, self.operator = hops, None
+        self.operator_hops, self.operator, self.neighbour_rows = hops, None, None
         if neighbours > 0:
             m = smoothing_operator(normalised, hops, neighbours)
             self.operator = (_torch_csr(m), _torch_csr(m.T.tocsr()))  # M and M^T (its backward)
+            self.neighbour_rows = m  # scipy CSR: a batch's rows of M (per-batch vectors)
 
     def __deepcopy__(self, memo: dict) -> StageGraph:
         # a graph is never changed once built, and torch cannot deep-copy a CSR tensor: copies of a model (the
@@ -125,7 +126,11 @@ class StageGraph:
 
     def user_rows(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix]) -> torch.Tensor:
         """(B, N) sparse Â rows of `users` built from `matrices` (training or evaluation history)."""
-        return _torch_sparse(self.normalise(self.adjacency(matrices, users)))
+        return _torch_sparse(self.user_rows_sp(users, matrices))
+
+    def user_rows_sp(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix]) -> sp.csr_matrix:
+        """`user_rows` as a scipy matrix."""
+        return self.normalise(self.adjacency(matrices, users))
 
     def smooth(self, x: torch.Tensor, hops: int) -> torch.Tensor:
         """Mean of x, S x, ..., S^hops x with S = Â^T Â.  x: (N, D) -> (N, D)."""
@@ -300,6 +305,67 @@ class GraphBackbone(Backbone):
         part = self.graphs[stage - 1].smooth(base.index_select(1, columns), self.hops)  # (N, d_k)
         return torch.zeros_like(base).index_copy(1, columns, part)
 
+    # ----- per-batch vectors (the neighbour operator, model.graph_neighbours > 0) -----------------------
+    def per_batch(self) -> bool:
+        """Whether a batch's vectors can be computed from its own rows (every graph has its neighbour operator),
+        so a step's cost grows with the batch and not with the catalogue."""
+        return bool(self.graphs) and all(g.neighbour_rows is not None for g in self.graphs)
+
+    def _base_rows(self, items: np.ndarray) -> torch.Tensor:
+        """(T, D): `_base_items` for `items` only."""
+        ids = torch.from_numpy(items)
+        parts = self._feature_parts(self.item_features, self.item_tables, self.item_dense, ids)
+        own = self.items.index_select(0, ids)
+        return own if parts is None else own + parts
+
+    def _rows_times_base(self, rows: sp.csr_matrix, stage: int) -> torch.Tensor:
+        """(B, D): sparse `rows` (B, N) over the items times the base table on stage `stage`'s columns (zero
+        elsewhere), reading only the items the rows touch."""
+        rows = sp.csr_matrix(rows)
+        touched, local = np.unique(rows.indices, return_inverse=True)
+        out = torch.zeros(rows.shape[0], self.items.shape[1])
+        if len(touched) == 0:
+            return out
+        columns = torch.nonzero(self.owner == stage).squeeze(1)
+        base = self._base_rows(touched.astype(np.int64)).index_select(1, columns)  # (T, d_k)
+        compact = sp.csr_matrix((rows.data, local.ravel(), rows.indptr), shape=(rows.shape[0], len(touched)))
+        part = torch.sparse.mm(_torch_sparse(compact), base)  # (B, T) @ (T, d_k)
+        return out.index_copy(1, columns, part)
+
+    def batch_item_vectors(self, stage: int, items: np.ndarray) -> torch.Tensor:
+        """(B, D) the vectors of `items` at `stage` through the neighbour operators (`item_vectors` of a batch)."""
+        items = np.asarray(items, dtype=np.int64)
+        total = torch.zeros(len(items), self.items.shape[1])
+        for k in range(1, stage + 1):
+            if not bool((self.owner == k).any()):
+                continue
+            if k in self._frozen:
+                total = total + self._frozen[k].index_select(0, torch.from_numpy(items))
+            else:
+                total = total + self._rows_times_base(self.graphs[k - 1].neighbour_rows[items], k)
+        return total
+
+    def batch_user_vectors(self, users: np.ndarray, stage: int,
+                           history: dict[str, sp.csr_matrix] | None = None) -> torch.Tensor:  # fmt: skip
+        """(B, D) the users' bags at `stage` through the neighbour operators: (Â_k[users] M_k) E on stage k's
+        columns, so only the items within K neighbours of their histories are read."""
+        source = history if history is not None else self.history
+        users = np.asarray(users, dtype=np.int64)
+        total = torch.zeros(len(users), self.items.shape[1])
+        for k in range(1, stage + 1):
+            if not bool((self.owner == k).any()):
+                continue
+            graph = self.graphs[k - 1]
+            rows = graph.user_rows_sp(users, source)  # (B, N): Â_k[users]
+            if k in self._frozen:
+                total = total + torch.sparse.mm(_torch_sparse(rows), self._frozen[k])
+            else:
+                total = total + self._rows_times_base(rows @ graph.neighbour_rows, k)
+        side = self._user_side(torch.from_numpy(users))
+        if side is not None:
+            total = total + side * self.group_mask(stage)
+        return total
+
     def vectors(
         self, users: np.ndarray, stage: int, history: dict[str, sp.csr_matrix] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,9 +395,13 @@ class GraphBackbone(Backbone):
         context: dict[str, np.ndarray] | None = None,
     ) -> torch.Tensor:
         """(B, D). The bag holds the user's own history (no leave-target-out: LightGCN's form); no context."""
+        if self.per_batch():  # only the items near the batch's histories, not the whole catalogue
+            return self.batch_user_vectors(users, stage, history)
         return self.vectors(users, stage, history)[0]
 
     def item_vectors(self, stage: int, items: torch.Tensor | None = None) -> torch.Tensor:
+        if items is not None and self.per_batch():
+            return self.batch_item_vectors(stage, np.asarray(items.cpu(), dtype=np.int64))
         layers = [x for x in self.stage_items(stage) if x is not None]
         v = torch.stack(layers).sum(dim=0) if layers else torch.zeros_like(self.items)
         return v if items is None else v[items]  # (N, D) or (B, D)
