@@ -9,7 +9,7 @@ import pytest
 
 from csmf.cli import main
 from csmf.config import Config, ConfigError, load_config, override
-from csmf.rules import check_training, training_problems
+from csmf.rules import SCALE_NEIGHBOURS, check_training, fit_to_size, training_problems
 
 
 def test_the_hinge_on_the_in_batch_path_fails_in_seconds_naming_both_keys(capsys, monkeypatch):
@@ -23,8 +23,11 @@ def test_the_hinge_on_the_in_batch_path_fails_in_seconds_naming_both_keys(capsys
     assert time.perf_counter() - start < 5
     err = capsys.readouterr().err
     assert "cascade.aml_form = 'hinge'" in err and "train.full_softmax_max_items = 0" in err
-    assert "train.distill = 'ease'" in err  # the default teacher needs the per-user loss too: both said at once
+    assert "train.distill" not in err  # the default teacher is turned off where the size rules it out
     assert "Traceback" not in err
+    # a teacher the user asked for is kept, and its conflict named beside the hinge's
+    assert main([*argv, "--set", "train.distill=ease"]) == 2
+    assert "train.distill = 'ease'" in capsys.readouterr().err
 
 
 def test_each_rule_names_its_keys_and_a_valid_config_passes():
@@ -59,3 +62,22 @@ def test_every_subcommand_takes_a_config_file(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--config" in capsys.readouterr().out, command
+
+
+def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
+    cfg = override(Config(), ["train.full_softmax_max_items=500"])
+    assert fit_to_size(cfg, 400) == (cfg, [])  # the per-user loss fits: nothing changes
+    adapted, notes = fit_to_size(cfg, 13_465)
+    assert adapted.train.distill == "" and adapted.model.graph_neighbours == SCALE_NEIGHBOURS
+    assert training_problems(adapted, n_items=13_465) == []
+    assert "train.distill = '' (was 'ease')" in notes[0] and "13,465 items are above" in notes[0]
+    assert f"model.graph_neighbours = {SCALE_NEIGHBOURS}" in notes[1]
+    # keys the user set are kept (check_training names the conflict), the others still adapt
+    pinned, notes = fit_to_size(override(cfg, ["train.distill=itemknn", "model.graph_neighbours=8"]), 13_465)
+    assert pinned.train.distill == "itemknn" and pinned.model.graph_neighbours == 8 and notes == []
+    assert training_problems(pinned, n_items=13_465) != []
+    kept, _ = fit_to_size(cfg, 13_465, pinned={"train.distill"})
+    assert kept.train.distill == "ease" and kept.model.graph_neighbours == SCALE_NEIGHBOURS
+    # the MLP encoder trains on pairs at any size: its teacher goes, it has no graph
+    mlp, notes = fit_to_size(override(load_config("mlp"), ["train.distill=ease"]), 100, pinned=())
+    assert mlp.train.distill == "" and mlp.model.graph_neighbours == 0 and "trains on pairs" in notes[0]

@@ -14,7 +14,7 @@ from csmf.checkpoints import CheckpointError
 from csmf.config import Config, ConfigError, ServeConfig, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
 from csmf.fusion import clip
-from csmf.rules import check_training
+from csmf.rules import check_training, fit_to_size
 from csmf.serving.artifact import ArtifactError
 
 
@@ -87,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_suite(cfg, args.suite + ("-quick" if args.quick else ""), progress=not args.quiet)
     else:
         if any(m not in CLASSICAL for m in cfg.bench.models):  # a neural model: its config must train
-            check_training(cfg)
+            check_training(fit_to_size(cfg, pinned=_pinned(args, cfg))[0])
         run_bench(cfg, progress=not args.quiet, pinned=_pinned(args, cfg))
     return 0
 
@@ -172,7 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
-    check_training(cfg)  # a combination that cannot train fails now, before any data loads
+    # a combination that cannot train fails now, before any data loads (defaults the size rules out are adapted)
+    check_training(fit_to_size(cfg, pinned=_pinned(args, cfg))[0])
 
     ranks = distributed.init_from_env(distributed.resolve_device(cfg.runtime.device))
     try:

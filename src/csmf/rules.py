@@ -7,6 +7,7 @@ and what to change, never a traceback at the first batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 from csmf.backbones import BACKBONES
@@ -51,6 +52,42 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
                         f"{list(backbone.devices)} only; use model.encoder = {usable[0]!r} (--config mlp) there, or "
                         "runtime.device = 'cpu'")  # fmt: skip
     return problems
+
+
+# the graph encoder's neighbours per item when a pair loss replaces the full-catalogue one (docs/method.md)
+SCALE_NEIGHBOURS = 32
+
+
+def fit_to_size(cfg: Config, n_items: int | None = None, streaming: bool = False,
+                pinned: Iterable[str] | None = None) -> tuple[Config, list[str]]:  # fmt: skip
+    """The configuration that trains on a catalogue of `n_items`, and a note per key it changed: where the per-user
+    full-catalogue loss does not fit (`train.full_softmax_max_items`, streamed rows, a pair-loss encoder), a
+    default teacher is turned off (its lists are read by that loss only) and the graph encoder smooths through
+    each item's nearest neighbours instead of the whole graph in every step. A key the user set (`pinned`:
+    default, every value off the defaults) is never changed: check_training then names the conflict. n_items None:
+    the catalogue is not known yet (only a limit of 0 or streamed rows rule the per-user loss out)."""
+    from csmf.selection import pins
+
+    pinned = set(pins(cfg) if pinned is None else pinned)
+    m, t = cfg.model, cfg.train
+    backbone = BACKBONES[m.encoder]
+    fits = t.full_softmax_max_items > 0 and (n_items is None or n_items <= t.full_softmax_max_items)
+    if backbone.per_user_loss and not t.stream and fits:
+        return cfg, []
+    size = "the catalogue is" if n_items is None else f"{n_items:,} items are"
+    why = (f"{size} above train.full_softmax_max_items = {t.full_softmax_max_items:,}"
+           if backbone.per_user_loss and not t.stream else
+           "rows are streamed" if t.stream else f"model.encoder = {m.encoder!r} trains on pairs")  # fmt: skip
+    notes = []
+    if t.distill and "train.distill" not in pinned:
+        cfg = replace(cfg, train=replace(t, distill=""))
+        notes.append(f"train.distill = '' (was {t.distill!r}): the teacher's lists train the per-user "
+                     f"full-catalogue loss, and {why}")  # fmt: skip
+    if m.encoder == "graph" and m.graph_neighbours == 0 and "model.graph_neighbours" not in pinned:
+        cfg = replace(cfg, model=replace(cfg.model, graph_neighbours=SCALE_NEIGHBOURS))
+        notes.append(f"model.graph_neighbours = {SCALE_NEIGHBOURS}: each item smoothed over its {SCALE_NEIGHBOURS} "
+                     f"nearest neighbours, so a step reads the batch's rows only ({why})")  # fmt: skip
+    return cfg, notes
 
 
 # EASE holds a few dense N x N float32 matrices while it solves (Gram, factor, weights: ~12 N^2 bytes, 7.5 GB at

@@ -87,6 +87,7 @@ def train_and_report(
     else:
         model, selection = fit(cfg, ""), None
     seconds = time.perf_counter() - start
+    cfg = model.cfg  # what was trained: the pick, as the catalogue's size adapted it (csmf.rules.fit_to_size)
     if ranks.main:
         save_config(cfg, out / "config.toml")  # what was trained: the pick, when candidates were searched
         model.save(out / "model")  # what `csmf export` and CSMF.load read: no data loading, no trainer

@@ -26,6 +26,7 @@ from csmf.fusion import fold_weights
 from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.models.teachers import teacher_for
 from csmf.retriever import Retriever
+from csmf.rules import fit_to_size
 from csmf.trained import TrainedCascade
 
 ABLATIONS = {
@@ -80,6 +81,9 @@ class CSMF(Retriever):
         missing = [o for o in objectives if o not in data.stages]
         if missing:
             raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
+        self.cfg, notes = fit_to_size(self.cfg, data.n_items, data.stream is not None and self.cfg.train.stream)
+        for note in notes:  # what the catalogue's size changed, and why (the saved config holds the result)
+            (self.log or print)(f"{self.name}: {note}")
         trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log,
                                  pretrain_cache=self.pretrain_cache, teacher=teacher_for(self.cfg))  # fmt: skip
         self.trained = trainer.run()

@@ -49,7 +49,7 @@ from csmf.losses import distillation_loss, sampled_softmax, user_softmax_loss
 from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.models.teachers import teacher_lists
 from csmf.retriever import Retriever
-from csmf.rules import check_training
+from csmf.rules import check_training, fit_to_size
 from csmf.training_loop import run_epochs
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
@@ -246,6 +246,9 @@ class MultiTask(Retriever):
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
+        self.cfg, notes = fit_to_size(self.cfg, data.n_items)
+        for note in notes:
+            self.log(f"{self.kind}: {note}")
         check_training(self.cfg, data.n_items, streaming=False, cascade=False)
         # the layers' initial weights and dropout draw from torch's default generator, seeded for the fit
         with deterministic_torch(), seeded(self.cfg.seed):
