@@ -330,6 +330,14 @@ def test_weight_sweep_moves_from_one_objective_to_the_other(data):
     assert abs(entry["recall"]["conversion"][-1] - round(own, 5)) < 1e-6
     assert 0.0 <= entry["overlap"] <= 1.0
     assert mean_sweeps([sweep, sweep]) == sweep
+    # past bench.sweep_max_scores a seeded sample of each objective's test users is swept, and said
+    users = {s: len(np.unique(data.test[s].nonzero()[0])) for s in data.stages}
+    assert entry["users"] == users
+    cap = 10 * data.n_items
+    sampled = weight_sweep(model, data, data.stages, points=5, max_scores=cap, seed=3)
+    assert sampled[2]["users"] == {s: min(n, 10) for s, n in users.items()}
+    assert sampled == weight_sweep(model, data, data.stages, points=5, max_scores=cap, seed=3)
+    assert sampled[2]["recall"] != entry["recall"]
 
 
 def test_mlp_preset_loads_and_unknown_names_fail():

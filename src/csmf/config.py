@@ -440,6 +440,7 @@ class BenchConfig(Checked):
         "cost_users": (_positive, "> 0"),
         "cost_items": (_at_least(0), ">= 0 (0 = no cost measurement)"),
         "sweep_points": (lambda v: v == 0 or v >= 2, "0 (no sweep) or >= 2"),
+        "sweep_max_scores": (_at_least(0), ">= 0 (0 = every test user)"),
         "cold_items": (lambda v: v >= 0, ">= 0"),
         "suite_taus": (_in(0.0, 1.0), "thresholds in [0, 1)"),
         "suite_tau_seeds": (_at_least(0), ">= 0 (0 = every seed)"),
@@ -457,6 +458,9 @@ class BenchConfig(Checked):
     cost_items: int = 0
     # objective-weight sweep: weights per pair of objectives (0 = no sweep; csmf.experiments.sweep)
     sweep_points: int = 6
+    # the sweep's score cells (test users x items) per objective; past it, a sample of users drawn with the seed
+    # (the result says how many): JD's 6,959 view users x 13,465 items are within it (0 = every user)
+    sweep_max_scores: int = 200_000_000
     # > 0: also evaluate every model on the test pairs of items with at most this many training pairs
     # (a cold-item split: where features must carry the item), written as "cold_items" in its result
     cold_items: int = 0

@@ -189,7 +189,9 @@ def run_model(
         (model, seconds), tuning = fitted, {}
         t1, t2 = t0, t0 + seconds
     tuning = tuning or getattr(model, "phases", {})
+    t3 = time.perf_counter()
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, model.served(data), progress)
+    eval_seconds = time.perf_counter() - t3
     b = cfg.bench
     cost = (
         query_cost(model, data, model.served(data), cfg.model.dim, b.cost_users, b.cost_items, seed=cfg.seed)
@@ -204,8 +206,11 @@ def run_model(
         cold = {"max_train_pairs": b.cold_items, "items": n_cold,
                 "metrics": {s: metric_values(m) for s, m in found.items()},
                 "eval_users": {s: m["users"] for s, m in found.items()}}  # fmt: skip
-    sweep = weight_sweep(model, data, served, b.sweep_points, budget_mb=cfg.eval.score_budget_mb) if (
+    t4 = time.perf_counter()
+    sweep = weight_sweep(model, data, served, b.sweep_points, budget_mb=cfg.eval.score_budget_mb,
+                         max_scores=b.sweep_max_scores, seed=cfg.seed) if (
         b.sweep_points >= 2 and len(served) >= 2) else None  # fmt: skip
+    sweep_seconds = time.perf_counter() - t4
     return {
         "model": model_name,
         "dataset": data.name,
@@ -216,6 +221,9 @@ def run_model(
         "train_seconds": round(t2 - t1, 3),
         "fit_reused": "selection" if fitted is not None else None,  # the selection's fit of the picked config
         "tuning_seconds": round(t1 - t0, 3),
+        # what measuring costs beside the fit: the full-catalogue test evaluation and the weight sweep
+        "eval_seconds": round(eval_seconds, 3),
+        "sweep_seconds": round(sweep_seconds, 3),
         "params": model.num_params(),
         "metrics": {s: metric_values(m) for s, m in metrics.items()},
         "eval_users": {s: m["users"] for s, m in metrics.items()},

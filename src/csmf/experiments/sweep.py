@@ -41,42 +41,61 @@ def top_overlap(model: Retriever, data: CascadeData, a: str, b: str, k: int, max
     return total / max(len(users), 1)
 
 
-def _pair_recalls(model: Retriever, data: CascadeData, a: str, b: str, objective: str, grid: list[float], k: int,
-                  budget_mb: int) -> list[float]:  # fmt: skip
-    """Recall@k of `objective` for every fused ranking (1 - w) s_a + w s_b, scoring each user batch once."""
+def sweep_users(users: np.ndarray, n_items: int, max_scores: int, seed: int) -> np.ndarray:
+    """The test users a sweep scores: all of them while users x items stays within `max_scores` (0 = no limit),
+    else a seeded sample of max_scores // items users (sorted, so the batches read rows in order)."""
+    if max_scores <= 0 or len(users) * n_items <= max_scores:
+        return users
+    keep = max(1, max_scores // n_items)
+    return np.sort(np.random.default_rng(seed).choice(users, size=keep, replace=False))
+
+
+def _objective_recalls(model: Retriever, data: CascadeData, objective: str, served: tuple[str, ...],
+                       pairs: list[tuple[str, str]], grid: list[float], k: int, budget_mb: int, max_scores: int,
+                       seed: int) -> tuple[dict[tuple[str, str], list[float]], int]:  # fmt: skip
+    """Recall@k of `objective` for every pair's fused rankings (1 - w) s_a + w s_b: each user batch is scored
+    once per served objective and mixed for every pair and weight. Returns ({pair: [R@k per w]}, users)."""
     truth = data.test[objective]
-    users = users_with_positives(truth)
+    users = sweep_users(users_with_positives(truth), data.n_items, max_scores, seed)
     if len(users) == 0:
-        return [0.0 for _ in grid]
+        return {pair: [0.0 for _ in grid] for pair in pairs}, 0
     excluded = data.excluded(objective)
     n_pos = np.diff(truth.indptr)[users]
     batch = batch_size_for(data.n_items, budget_mb)
-    sums = np.zeros(len(grid))
+    sums = {pair: np.zeros(len(grid)) for pair in pairs}
+    needed = [s for s in served if any(s in pair for pair in pairs)]
     for start in range(0, len(users), batch):
         ub = users[start : start + batch]
         with torch.no_grad():
-            sa, sb = model.score(ub, a).float(), model.score(ub, b).float()  # (B, N) each
+            scores = {s: model.score(ub, s).float() for s in needed}  # (B, N) each
         mask, hit = rows_mask(excluded, ub, data.n_items), rows_mask(truth, ub, data.n_items)
-        for j, w in enumerate(grid):
-            hits = topk_hits((1.0 - w) * sa + w * sb, mask, hit, k)
-            sums[j] += float(recall_ndcg(hits, n_pos[start : start + batch], (k,))[f"recall@{k}"].sum())
-    return [round(float(v) / len(users), 5) for v in sums]
+        for a, b in pairs:
+            for j, w in enumerate(grid):
+                hits = topk_hits((1.0 - w) * scores[a] + w * scores[b], mask, hit, k)
+                found = recall_ndcg(hits, n_pos[start : start + batch], (k,))[f"recall@{k}"]
+                sums[(a, b)][j] += float(found.sum())
+    return {pair: [round(float(v) / len(users), 5) for v in sums[pair]] for pair in pairs}, len(users)
 
 
-def weight_sweep(
-    model: Retriever, data: CascadeData, served: tuple[str, ...], points: int = 6, k: int = 50, budget_mb: int = 256
-) -> list[dict]:
-    """[{"pair": [a, b], "weights": [w...], "recall": {objective: [R@k per w]}, "overlap": x}, ...].
+def weight_sweep(model: Retriever, data: CascadeData, served: tuple[str, ...], points: int = 6, k: int = 50,
+                 budget_mb: int = 256, max_scores: int = 0, seed: int = 0) -> list[dict]:  # fmt: skip
+    """[{"pair": [a, b], "weights": [w...], "recall": {objective: [R@k per w]}, "overlap": x, "users": {...}}, ...].
 
     The fused score is linear in the weights for every model here (a folded query vector is the same sum),
-    so each user batch is scored once per objective and mixed for every weight."""
-    out = []
+    so each user batch is scored once per objective and mixed for every pair and weight. On a large catalogue
+    (users x items above `max_scores`, bench.sweep_max_scores) each objective's recall is measured on a sample
+    of its test users drawn with `seed`; "users" says how many."""
     grid = [round(float(w), 4) for w in np.linspace(0.0, 1.0, points)]
     k = min(k, data.n_items)
-    for a, b in objective_pairs(served):
-        recall = {s: _pair_recalls(model, data, a, b, s, grid, k, budget_mb) for s in served}
+    pairs = objective_pairs(served)
+    recall, users = {}, {}
+    for s in served:
+        recall[s], users[s] = _objective_recalls(model, data, s, served, pairs, grid, k, budget_mb, max_scores, seed)
+    out = []
+    for a, b in pairs:
         overlap = round(top_overlap(model, data, a, b, k), 4)
-        out.append({"pair": [a, b], "weights": grid, "k": k, "recall": recall, "overlap": overlap})
+        out.append({"pair": [a, b], "weights": grid, "k": k, "recall": {s: recall[s][(a, b)] for s in served},
+                    "overlap": overlap, "users": users})  # fmt: skip
     return out
 
 
