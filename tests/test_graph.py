@@ -517,3 +517,64 @@ def test_per_batch_vectors_equal_the_whole_catalogue_ones_and_train_the_same_col
     touched |= set(np.concatenate([(g.user_rows_sp(users, mats) @ g.neighbour_rows).indices for g in model.graphs]))
     moved = set(torch.nonzero(per_batch_grad.abs().sum(dim=1)).squeeze(1).tolist())
     assert moved <= touched and len(moved) < 30
+
+
+# ----- the pooled per-user loss past the full-softmax limit (csmf.stage_loss.Pool) ---------------------
+
+
+def _pool_setup(form: str, m0: float):
+    from csmf.data.batches import target_matrix
+    from csmf.data.schema import difference
+
+    weights, mats = _random_graph(5, users=50, items=30)
+    model = GraphBackbone(50, 30, 8, [{"b": 1.0, "a": 0.2}, weights], 2, no_features(), no_features(), 0,
+                          neighbours=30)  # fmt: skip
+    model.set_history(mats)
+    model.owner[5:] = 2
+    coo = mats["a"].tocoo()
+    targets = target_matrix(coo.row.astype(np.int64), coo.col.astype(np.int64), None, 50, 30)
+    rng = np.random.default_rng(0)
+    teacher = sp.csr_matrix(rng.random((50, 30)) * (rng.random((50, 30)) < 0.2))
+    teacher = sp.csr_matrix(sp.diags(1.0 / np.maximum(np.asarray(teacher.sum(axis=1)).ravel(), 1e-12)) @ teacher)
+    extras = {"seen": mats["b"], "teacher": teacher, "upstream_only": difference(mats["b"], mats["a"])}
+    cfg = override(CFG, [f"cascade.aml_form={form}", f"cascade.aml_m0={m0}"])
+    return model, cfg, targets, extras
+
+
+@pytest.mark.parametrize("form, m0", [("margin", 0.0), ("weight", 1.0), ("hinge", 1.0)])
+def test_a_pool_holding_the_whole_catalogue_is_the_full_loss(form, m0):
+    from csmf.stage_loss import UserLoss
+
+    model, cfg, targets, extras = _pool_setup(form, m0)
+    users = np.array([1, 4, 9, 17, 33])
+    values, grads = [], []
+    for pool in (0, 64):  # 64 >= 30 items: the pool is the catalogue, its draw weights log 1 = 0
+        model.zero_grad()
+        loss = UserLoss(model, 2, cfg, targets, torch.Generator().manual_seed(0), extras, pool)(users)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(model.items.grad.clone())
+    if form == "margin":  # the margin / hinge draw their samples differently; without them the two are equal
+        torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(values[1]) and grads[1].abs().sum() > 0
+
+
+def test_a_pool_scores_what_the_loss_reads_exactly_and_weights_its_draw():
+    from csmf.stage_loss import Pool
+
+    pool = Pool.draw([np.array([7, 3, 3]), np.array([11])], 1000, 50, torch.Generator().manual_seed(1))
+    assert pool.fixed.tolist() == [3, 7, 11] and not set(pool.drawn) & {3, 7, 11}
+    assert 40 <= len(pool.drawn) <= 50  # 50 uniform draws, repeats and needed items removed
+    assert pool.log_weight[:3].tolist() == [0, 0, 0]
+    np.testing.assert_allclose(pool.log_weight[3:], np.log(997 / len(pool.drawn)), rtol=1e-6)
+    at, inside = pool.positions(np.array([11, 3, int(pool.drawn[5]), 500 if 500 not in pool.drawn else 501]))
+    assert inside.tolist() == [True, True, True, False]
+    assert pool.items[at[:3]].tolist() == [11, 3, int(pool.drawn[5])]
+    # the weighted draw estimates the whole catalogue's partition: exp-sum over 1,000 random scores
+    scores = np.random.default_rng(2).standard_normal(1000)
+    estimates = []
+    for seed in range(200):
+        p = Pool.draw([np.array([0, 1])], 1000, 100, torch.Generator().manual_seed(seed))
+        estimates.append(np.sum(np.exp(scores[p.items] + p.log_weight)))
+    assert abs(np.mean(estimates) / np.exp(scores).sum() - 1) < 0.02

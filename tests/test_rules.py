@@ -18,12 +18,12 @@ def test_the_hinge_on_the_in_batch_path_fails_in_seconds_naming_both_keys(capsys
 
     monkeypatch.setattr("csmf.data.datasets.load_dataset", no_loading)
     start = time.perf_counter()
-    argv = ["train", "--dataset", "jd", "--set", "cascade.aml_form=hinge", "--set", "train.full_softmax_max_items=0"]
+    argv = ["train", "--dataset", "jd", "--set", "cascade.aml_form=hinge", "--set", "model.encoder=mlp"]
     assert main(argv) == 2
     assert time.perf_counter() - start < 5
     err = capsys.readouterr().err
-    assert "cascade.aml_form = 'hinge'" in err and "train.full_softmax_max_items = 0" in err
-    assert "train.distill" not in err  # the default teacher is turned off where the size rules it out
+    assert "cascade.aml_form = 'hinge'" in err and "model.encoder = 'mlp' trains on batches of pairs" in err
+    assert "train.distill" not in err  # the default teacher is turned off where no per-user loss reads it
     assert "Traceback" not in err
     # a teacher the user asked for is kept, and its conflict named beside the hinge's
     assert main([*argv, "--set", "train.distill=ease"]) == 2
@@ -37,9 +37,13 @@ def test_each_rule_names_its_keys_and_a_valid_config_passes():
     hinge_mlp = override(load_config("mlp"), ["cascade.aml_form=hinge"])
     (problem,) = training_problems(hinge_mlp)
     assert "cascade.aml_form = 'hinge'" in problem and "model.encoder = 'mlp'" in problem
-    (problem,) = training_problems(override(Config(), ["train.full_softmax_max_items=500"]), n_items=13_465)
+    # past the limit the cascade's per-user loss takes a pool (teacher and hinge keep working); the multi-task
+    # towers' needs the whole catalogue
+    small = override(Config(), ["train.full_softmax_max_items=500"])
+    assert training_problems(small, n_items=13_465) == []
+    (problem,) = training_problems(small, n_items=13_465, cascade=False)
     assert "below the catalogue of 13,465 items" in problem and "train.distill" in problem
-    assert training_problems(override(Config(), ["train.full_softmax_max_items=500"])) == []  # size unknown yet
+    assert training_problems(small, cascade=False) == []  # size unknown yet
     (problem,) = training_problems(override(Config(), ["train.stream=true", "train.distill="]))
     assert "data.cache_dir is not set" in problem and "model.encoder = 'graph' with model.history = true" in problem
     assert "use model.encoder = 'mlp' with model.history = false" in problem
@@ -66,17 +70,23 @@ def test_every_subcommand_takes_a_config_file(capsys):
 
 def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     cfg = override(Config(), ["train.full_softmax_max_items=500"])
-    assert fit_to_size(cfg, 400) == (cfg, [])  # the per-user loss fits: nothing changes
-    adapted, notes = fit_to_size(cfg, 13_465)
-    assert adapted.train.distill == "" and adapted.model.graph_neighbours == SCALE_NEIGHBOURS
+    assert fit_to_size(cfg, 400) == (cfg, [])  # the whole catalogue fits: nothing changes
+    adapted, notes = fit_to_size(cfg, 13_465)  # the cascade: a pooled per-user loss, smoothing by neighbours
+    assert adapted.train.distill == "ease" and adapted.model.graph_neighbours == SCALE_NEIGHBOURS
     assert training_problems(adapted, n_items=13_465) == []
-    assert "train.distill = '' (was 'ease')" in notes[0] and "13,465 items are above" in notes[0]
-    assert f"model.graph_neighbours = {SCALE_NEIGHBOURS}" in notes[1]
+    (note,) = notes
+    assert f"model.graph_neighbours = {SCALE_NEIGHBOURS}" in note and "13,465 items are above" in note
+    # the multi-task towers' per-user loss needs the whole catalogue: their teacher goes
+    towers, notes = fit_to_size(cfg, 13_465, cascade=False)
+    assert towers.train.distill == "" and "train.distill = '' (was 'ease')" in notes[0]
+    assert training_problems(towers, n_items=13_465, cascade=False) == []
     # keys the user set are kept (check_training names the conflict), the others still adapt
-    pinned, notes = fit_to_size(override(cfg, ["train.distill=itemknn", "model.graph_neighbours=8"]), 13_465)
+    pinned, notes = fit_to_size(
+        override(cfg, ["train.distill=itemknn", "model.graph_neighbours=8"]), 13_465, cascade=False
+    )
     assert pinned.train.distill == "itemknn" and pinned.model.graph_neighbours == 8 and notes == []
-    assert training_problems(pinned, n_items=13_465) != []
-    kept, _ = fit_to_size(cfg, 13_465, pinned={"train.distill"})
+    assert training_problems(pinned, n_items=13_465, cascade=False) != []
+    kept, _ = fit_to_size(cfg, 13_465, pinned={"train.distill"}, cascade=False)
     assert kept.train.distill == "ease" and kept.model.graph_neighbours == SCALE_NEIGHBOURS
     # the MLP encoder trains on pairs at any size: its teacher goes, it has no graph
     mlp, notes = fit_to_size(override(load_config("mlp"), ["train.distill=ease"]), 100, pinned=())

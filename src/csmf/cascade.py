@@ -84,8 +84,9 @@ class CascadeTrainer:
         self.log = log if log is not None and self.ranks.main else (lambda _msg: None)
         self.history: list[dict] = []  # one record per completed phase
         self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items and self.stream is None
-        # the full-catalogue loss of a backbone that computes every item each step takes each user's positives at once
-        self.per_user = self.full_softmax and self.model.per_user_loss
+        # a per-user backbone takes each user's positives at once: over the whole catalogue while it fits, else over
+        # a pool of the items the loss reads and a uniform draw (train.pool_items, csmf.stage_loss.Pool)
+        self.per_user = self.model.per_user_loss and self.stream is None
         # a streamed catalogue's ID tables step sparsely; DDP all-reduces dense gradients only, so not with ranks
         self.sparse = self.model.sparse_tables() if self.stream is not None and not self.ranks.active else []
         for table in self.sparse:
@@ -224,7 +225,8 @@ class CascadeTrainer:
             targets = target_matrix(users, items, weights, self.data.n_users, self.data.n_items)
             extras = user_loss_extras(self.tuning, self.objectives, stage, cfg, self._teacher)
             batches = UserBatches.of(targets, t.user_batch_size, generator, self.ranks, rows=len(users))
-            return batches, UserLoss(model, stage, cfg, targets, generator, extras)
+            pool = 0 if self.full_softmax else t.pool_items
+            return batches, UserLoss(model, stage, cfg, targets, generator, extras, pool)
         # each pair's context (its latest row's); an auxiliary pair of another behaviour has its own
         codes = context.lookup(self.tuning.context, users, items) if model.reads_context else {}
         batches = PairBatches(users, items, weights, codes, t.batch_size, generator, self.ranks, dropout)

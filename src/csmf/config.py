@@ -288,6 +288,7 @@ class TrainConfig(Checked):
         "patience": (_positive, "> 0"),
         "full_softmax_max_items": (_at_least(0), ">= 0"),
         "extra_negatives": (_at_least(0), ">= 0"),
+        "pool_items": (_positive, "> 0"),
         "select_metric": (METRIC.fullmatch, "recall@K or ndcg@K"),
         "aux_weight": (lambda v: _nonempty(v) and _at_least(0.0)(v), "one or more weights >= 0"),
         "distill_top": (_positive, "> 0"),
@@ -308,6 +309,10 @@ class TrainConfig(Checked):
     # preset uses 0 (in-batch + 2048 uniform negatives matched the full softmax there: docs/method.md).
     full_softmax_max_items: int = 100_000
     extra_negatives: int = 2048  # in-batch mode: uniformly sampled extra negatives per batch
+    # the per-user loss (graph encoder) past full_softmax_max_items: a step scores its users against every item
+    # of theirs it reads (positives, teacher lists) and this many items drawn uniformly, shared by the batch and
+    # weighted to stand for the rest of the catalogue (csmf.stage_loss.UserLoss)
+    pool_items: int = 8192
     select_metric: str = "recall@50"  # validation metric that picks each stage's best epoch
     # Each stage also trains on the pairs of the behaviours before it (upstream stages, side behaviours
     # such as JD favorites) at this loss weight, as ALS and item-kNN use them; 0 = the stage's pairs only.

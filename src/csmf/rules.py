@@ -24,13 +24,16 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
     m, t, c = cfg.model, cfg.train, cfg.cascade
     backbone = BACKBONES[m.encoder]
     problems = []
-    # the per-user full-catalogue loss: a backbone that computes every item each step, within the size limit
+    # the per-user loss: a backbone that takes every positive of a user at once (the cascade's at any size, over a
+    # pool past the limit; the multi-task towers' within the size limit only)
     limit = f"train.full_softmax_max_items = {t.full_softmax_max_items:,}"
     if not backbone.per_user_loss:
         per_user = f"model.encoder = {m.encoder!r} trains on batches of pairs (only 'graph' has it)"
     elif t.stream:
         per_user = "train.stream = true trains on streamed pairs"
-    elif t.full_softmax_max_items == 0 or (n_items is not None and n_items > t.full_softmax_max_items):
+    elif not cascade and (
+        t.full_softmax_max_items == 0 or (n_items is not None and n_items > t.full_softmax_max_items)
+    ):
         per_user = f"{limit} is below the catalogue" + (f" of {n_items:,} items" if n_items is not None else "")
     else:
         per_user = ""
@@ -59,34 +62,35 @@ SCALE_NEIGHBOURS = 32
 
 
 def fit_to_size(cfg: Config, n_items: int | None = None, streaming: bool = False,
-                pinned: Iterable[str] | None = None) -> tuple[Config, list[str]]:  # fmt: skip
-    """The configuration that trains on a catalogue of `n_items`, and a note per key it changed: where the per-user
-    full-catalogue loss does not fit (`train.full_softmax_max_items`, streamed rows, a pair-loss encoder), a
-    default teacher is turned off (its lists are read by that loss only) and the graph encoder smooths through
-    each item's nearest neighbours instead of the whole graph in every step. A key the user set (`pinned`:
-    default, every value off the defaults) is never changed: check_training then names the conflict. n_items None:
-    the catalogue is not known yet (only a limit of 0 or streamed rows rule the per-user loss out)."""
+                pinned: Iterable[str] | None = None, cascade: bool = True) -> tuple[Config, list[str]]:  # fmt: skip
+    """The configuration that trains on a catalogue of `n_items`, and a note per key it changed:
+    - past `train.full_softmax_max_items` the graph encoder smooths through each item's nearest neighbours
+      (`model.graph_neighbours`) instead of the whole graph in every step, so a pooled step reads its batch's rows;
+    - where no per-user loss trains (a pair-loss encoder, streamed rows, the multi-task towers past the limit), a
+      default teacher is turned off: its lists are read by that loss only.
+    A key the user set (`pinned`: default, every value off the defaults) is never changed: check_training then
+    names the conflict. n_items None: the catalogue is not known yet (only a limit of 0 counts as past it).
+    cascade: False for the multi-task towers, whose per-user loss needs the whole catalogue."""
     from csmf.selection import pins
 
     pinned = set(pins(cfg) if pinned is None else pinned)
     m, t = cfg.model, cfg.train
     backbone = BACKBONES[m.encoder]
-    fits = t.full_softmax_max_items > 0 and (n_items is None or n_items <= t.full_softmax_max_items)
-    if backbone.per_user_loss and not t.stream and fits:
-        return cfg, []
+    past = t.full_softmax_max_items == 0 or (n_items is not None and n_items > t.full_softmax_max_items)
     size = "the catalogue is" if n_items is None else f"{n_items:,} items are"
-    why = (f"{size} above train.full_softmax_max_items = {t.full_softmax_max_items:,}"
-           if backbone.per_user_loss and not t.stream else
-           "rows are streamed" if t.stream else f"model.encoder = {m.encoder!r} trains on pairs")  # fmt: skip
+    limit = f"{size} above train.full_softmax_max_items = {t.full_softmax_max_items:,}"
     notes = []
-    if t.distill and "train.distill" not in pinned:
-        cfg = replace(cfg, train=replace(t, distill=""))
-        notes.append(f"train.distill = '' (was {t.distill!r}): the teacher's lists train the per-user "
-                     f"full-catalogue loss, and {why}")  # fmt: skip
-    if m.encoder == "graph" and m.graph_neighbours == 0 and "model.graph_neighbours" not in pinned:
+    if not backbone.per_user_loss or t.stream or (past and not cascade):
+        why = ("rows are streamed" if t.stream else f"model.encoder = {m.encoder!r} trains on pairs"
+               if not backbone.per_user_loss else limit)  # fmt: skip
+        if t.distill and "train.distill" not in pinned:
+            cfg = replace(cfg, train=replace(t, distill=""))
+            notes.append(f"train.distill = '' (was {t.distill!r}): the teacher's lists train the per-user loss, "
+                         f"and {why}")  # fmt: skip
+    if past and m.encoder == "graph" and m.graph_neighbours == 0 and "model.graph_neighbours" not in pinned:
         cfg = replace(cfg, model=replace(cfg.model, graph_neighbours=SCALE_NEIGHBOURS))
         notes.append(f"model.graph_neighbours = {SCALE_NEIGHBOURS}: each item smoothed over its {SCALE_NEIGHBOURS} "
-                     f"nearest neighbours, so a step reads the batch's rows only ({why})")  # fmt: skip
+                     f"nearest neighbours, so a step reads its batch's rows only ({limit})")  # fmt: skip
     return cfg, notes
 
 

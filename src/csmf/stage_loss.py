@@ -90,31 +90,91 @@ def user_loss_extras(tuning: CascadeData, objectives: tuple[str, ...], stage: in
     return extras
 
 
+class Pool:
+    """The items a pooled step scores (`UserLoss` past train.full_softmax_max_items): `fixed`, every item the batch's
+    loss reads (positives, teacher lists, upstream-only items), exactly, then `drawn`, a uniform draw from the rest
+    of the catalogue whose logits carry log((N - |fixed|) / |drawn|), so the softmax's partition over the pool
+    estimates the one over the whole catalogue without bias."""
+
+    def __init__(self, fixed: np.ndarray, drawn: np.ndarray, n_items: int):
+        self.fixed, self.drawn = fixed, drawn  # disjoint
+        self.items = np.concatenate([fixed, drawn])
+        self.log_weight = np.zeros(len(self.items), dtype=np.float32)
+        if len(drawn):
+            self.log_weight[len(fixed) :] = np.log((n_items - len(fixed)) / len(drawn))
+
+    @classmethod
+    def draw(cls, needed: list[np.ndarray], n_items: int, size: int, generator: torch.Generator) -> Pool:
+        fixed = np.unique(np.concatenate(needed)) if needed else np.zeros(0, dtype=np.int64)
+        if size >= n_items:  # the whole catalogue: the exact loss
+            return cls(fixed, np.setdiff1d(np.arange(n_items), fixed, assume_unique=True), n_items)
+        drawn = torch.randint(0, n_items, (size,), generator=generator).numpy()
+        return cls(fixed, np.setdiff1d(np.unique(drawn), fixed, assume_unique=True), n_items)
+
+    def positions(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(where each item of `cols` sits in the pool, which of them are in it)."""
+        order = np.argsort(self.items, kind="stable")
+        ranked = self.items[order]
+        at = np.minimum(np.searchsorted(ranked, cols), max(len(ranked) - 1, 0))
+        found = ranked[at] == cols if len(ranked) else np.zeros(len(cols), dtype=bool)
+        return order[at] if len(ranked) else at, found
+
+    def columns(self, mat: sp.csr_matrix, device) -> tuple[torch.Tensor, ...]:
+        """`coo_tensors` of `mat` (B, N) over the pool's columns (entries outside the pool dropped)."""
+        coo = mat.tocoo()
+        at, keep = self.positions(coo.col.astype(np.int64))
+        return (torch.from_numpy(coo.row[keep].astype(np.int64)).to(device),
+                torch.from_numpy(at[keep].astype(np.int64)).to(device),
+                torch.from_numpy(coo.data[keep]).to(device))  # fmt: skip
+
+
 class UserLoss:
-    """A batch of users -> the stage's full-catalogue loss over all of their positives. targets: (U, N) weight
-    of every training positive (csmf.data.batches.target_matrix); extras: `user_loss_extras`."""
+    """A batch of users -> the stage's softmax over all of their positives: over the whole catalogue (pool 0), or
+    over a `Pool` of `pool` uniform items besides the ones the loss reads. targets: (U, N) weight of every training
+    positive (csmf.data.batches.target_matrix); extras: `user_loss_extras`."""
 
     def __init__(self, model: Backbone, stage: int, cfg: Config, targets: sp.csr_matrix, generator: torch.Generator,
-                 extras: dict):  # fmt: skip
+                 extras: dict, pool: int = 0):  # fmt: skip
         self.model, self.stage, self.cfg, self.targets = model, stage, cfg, targets
         self.generator, self.extras, self.m0 = generator, extras, margin_scale(cfg, stage)
+        self.pool = pool
+
+    def _scores(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pool | None]:
+        """(u (B, D), v (M, D), scores (B, M), the pool or None): M = the catalogue or the pool."""
+        model, stage = self.model, self.stage
+        if not self.pool:
+            u, v = model.vectors(users, stage)  # (B, D), (N, D)
+            return u, v, u @ v.T, None
+        needed = [self.targets[users].indices]
+        needed += [self.extras[k][users].indices for k in ("teacher", "upstream_only") if k in self.extras]
+        pool = Pool.draw([n.astype(np.int64) for n in needed], model.n_items, self.pool, self.generator)
+        u = model.user_vectors(users, stage)
+        v = model.item_vectors(stage, torch.from_numpy(pool.items).to(u.device))
+        log_weight = torch.from_numpy(pool.log_weight).to(u.device)
+        return u, v, u @ v.T + self.cfg.model.temperature * log_weight, pool  # a logit gains log w
+
+    def _entries(self, mat: sp.csr_matrix, pool: Pool | None, device) -> tuple[torch.Tensor, ...]:
+        return coo_tensors(mat, device) if pool is None else pool.columns(mat, device)
 
     def __call__(self, users: np.ndarray) -> torch.Tensor:
         model, stage, temperature, form = self.model, self.stage, self.cfg.model.temperature, self.cfg.cascade.aml_form
-        u, v = model.vectors(users, stage)  # (B, D), (N, D)
-        scores = u @ v.T  # (B, N)
+        u, v, scores, pool = self._scores(users)
         # the index tensors go where the scores are (a backbone on a GPU); the generators stay on the CPU
         device = scores.device
-        rows, cols, weight = coo_tensors(self.targets[users], device)
+        rows, cols, weight = self._entries(self.targets[users], pool, device)
         margin, hinge = None, None
         if self.m0 > 0:
-            upstream = ((u * model.group_mask(stage - 1)) @ v.T).detach()  # (B, N) frozen earlier objective
+            upstream = ((u * model.group_mask(stage - 1)) @ v.T).detach()  # (B, M) frozen earlier objective
             if form == "hinge":
-                hinge = self._hinge(scores, upstream, users, rows, cols)
+                hinge = self._hinge(scores, upstream, users, rows, cols, pool)
             else:
                 # as losses.aml_margin, against a uniform sample of the catalogue (an exact rank over all
-                # items would sort every user's scores each step: more than the rest of the step together)
-                sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=self.generator)
+                # items would sort every user's scores each step: more than the rest of the step together);
+                # a pool's uniform part is that sample
+                if pool is not None and len(pool.drawn):
+                    sample = torch.arange(len(pool.fixed), len(pool.items))[:2048]
+                else:
+                    sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=self.generator)
                 sample = sample.to(device)
                 margin = self.m0 * share_above(upstream, rows, cols, sample)  # (P,)
                 if form == "weight":
@@ -123,13 +183,13 @@ class UserLoss:
         if hinge is not None:
             loss = loss + hinge
         if "teacher" in self.extras:
-            seen = coo_tensors(self.extras["seen"][users], device)[:2]
-            teacher = coo_tensors(self.extras["teacher"][users], device)
+            seen = self._entries(self.extras["seen"][users], pool, device)[:2]
+            teacher = self._entries(self.extras["teacher"][users], pool, device)
             weight_kd = per_stage(self.cfg.train.distill_weight, stage)
             loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
         return loss
 
-    def _hinge(self, scores, upstream, users, rows, cols) -> torch.Tensor | None:
+    def _hinge(self, scores, upstream, users, rows, cols, pool: Pool | None) -> torch.Tensor | None:
         """Cross-stage hinge over one upstream-only item per positive, drawn uniformly from the user's."""
         sub = self.extras["upstream_only"][users]  # (B, N)
         on_cpu = rows.cpu()
@@ -139,7 +199,9 @@ class UserLoss:
         has = counts > 0
         if not bool(has.any()):
             return None
-        indices = torch.from_numpy(sub.indices.astype(np.int64))
-        negatives = indices[(starts + draw)[has]].to(scores.device)
+        indices = sub.indices.astype(np.int64)
+        if pool is not None:  # every upstream-only item of the batch is in the pool's fixed part
+            indices = pool.positions(indices)[0]
+        negatives = torch.from_numpy(indices)[(starts + draw)[has]].to(scores.device)
         has = has.to(scores.device)
         return cross_stage_hinge(scores, upstream, rows[has], cols[has], negatives, self.m0, self.cfg.model.temperature)

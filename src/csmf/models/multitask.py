@@ -246,7 +246,7 @@ class MultiTask(Retriever):
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
-        self.cfg, notes = fit_to_size(self.cfg, data.n_items)
+        self.cfg, notes = fit_to_size(self.cfg, data.n_items, cascade=False)
         for note in notes:
             self.log(f"{self.kind}: {note}")
         check_training(self.cfg, data.n_items, streaming=False, cascade=False)
