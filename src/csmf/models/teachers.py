@@ -20,6 +20,7 @@ import torch
 
 from csmf.config import Config, config_to_dict
 from csmf.data.schema import CascadeData
+from csmf.evaluation import batch_size_for, rows_mask
 from csmf.models.als import ALS, ALSSettings
 from csmf.models.ease import EASE, EASESettings
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
@@ -129,12 +130,13 @@ def _teacher_lists(data: CascadeData, objective: str, cfg: Config, batch: int) -
     seen = data.excluded(objective)
     users = np.flatnonzero(np.diff(seen.indptr))  # users with any training history
     decay = np.exp(-np.arange(t.distill_top) / t.distill_decay).astype(np.float32)  # (K,)
+    # a block of (users x items) scores within eval.score_budget_mb: 2,048 users x 200k items would be 1.6 GB
+    batch = min(batch, batch_size_for(data.n_items, cfg.eval.score_budget_mb))
     rows, cols, vals = [], [], []
     for start in range(0, len(users), batch):
         chunk = users[start : start + batch]
         scores = teacher.score(chunk, objective).clone()  # (B, N)
-        mask = torch.from_numpy(seen[chunk].toarray() > 0)
-        scores[mask] = float("-inf")
+        scores[rows_mask(seen, chunk, data.n_items)] = float("-inf")
         k = min(t.distill_top, scores.shape[1])
         top = torch.topk(scores, k, dim=1)
         ok = torch.isfinite(top.values).numpy()  # (B, K) a user with fewer unseen items than K
