@@ -92,7 +92,14 @@ class CascadeTrainer:
         for table in self.sparse:
             table.sparse = True
         # several processes: DDP averages every loss's gradients over the ranks before the masks apply
-        self.parallel = distributed.data_parallel(self.model, self.device) if self.ranks.active else None
+        # large ID tables average their gradients by the rows a batch touched, not densely (runtime.row_reduce_rows)
+        limit = cfg.runtime.row_reduce_rows
+        self.row_reduced = {
+            name: p for name, p in self.model.row_tables().items() if self.ranks.active and 0 < limit <= p.shape[0]
+        }
+        self.parallel = (
+            distributed.data_parallel(self.model, self.device, tuple(self.row_reduced)) if self.ranks.active else None
+        )
         if data.context and not self.model.reads_context:
             off = not (cfg.model.features and cfg.model.context)
             why = "model.features or model.context is off" if off else f"model.encoder {cfg.model.encoder!r} does not"
@@ -201,11 +208,17 @@ class CascadeTrainer:
             records, best_epoch = run_epochs(
                 self.model, adam(self.model, lr, [t.weight for t in self.sparse]), epochs,
                 lambda: (step(b) for b in batches.epoch()), validate, self.cfg.train.patience,
-                after_backward=lambda: self.model.mask_grads(stage),  # only the stage's own units learn
+                after_backward=lambda: self._after_backward(stage),
                 describe=lambda e, loss, _s, valid: f"  stage {stage} epoch {e}: loss {loss:.4f} valid {_fmt(valid)}",
                 log=self.log, progress=self.progress, desc=f"stage {stage} epoch", steps=batches.steps,
             )  # fmt: skip
         return {"lr": lr, "pairs": int(batches.rows), "epochs": records, "best_epoch": best_epoch}
+
+    def _after_backward(self, stage: int) -> None:
+        """The row-reduced tables averaged over the ranks, then only the stage's own units keep a gradient."""
+        for table in self.row_reduced.values():
+            distributed.reduce_rows(table)
+        self.model.mask_grads(stage)
 
     def _batches_and_loss(self, stage: int, index: int, share: float):
         """The phase's batch producer (csmf.data.batches) and the loss of one of its batches (csmf.stage_loss)."""

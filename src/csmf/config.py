@@ -499,12 +499,16 @@ class RuntimeConfig(Checked):
     """Where training runs; never what it learns (a run folder resumes on another device)."""
 
     SECTION: ClassVar[str] = "runtime"
-    RULES: ClassVar[dict] = {}
+    RULES: ClassVar[dict] = {"row_reduce_rows": (_at_least(0), ">= 0 (0 = dense all-reduce)")}
 
     # "cpu"; "cuda" (the MLP encoder: towers, losses, validation on the GPU; an error without one); "auto" =
     # cuda when a GPU is present, else cpu. The trained model is handed back on the CPU (export, serving).
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     amp: bool = False  # cuda: bfloat16 autocast for the towers and losses (mixed precision)
+    # several processes: an ID table of at least this many rows averages its gradient over the ranks by the rows
+    # each rank's batch touched (all-gathered), not by a dense all-reduce of the whole table every step
+    # (csmf.distributed.reduce_rows); 200k items x D 128 is 100 MB a step dense. 0 = every table dense
+    row_reduce_rows: int = 50_000
 
 
 @dataclass(frozen=True)

@@ -189,12 +189,41 @@ class StepModule(nn.Module):
         return compute()
 
 
-def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+def data_parallel(model: nn.Module, device: torch.device, row_reduced: tuple[str, ...] = ()) -> nn.Module:
     """DDP around `model`: gradients averaged over the ranks in backward. Owners (buffers) are broadcast
-    only when they change (`broadcast_owners`), not before every step; a stage leaves some units unused."""
+    only when they change (`broadcast_owners`), not before every step; a stage leaves some units unused.
+    row_reduced: names of parameters DDP leaves alone; `reduce_rows` averages them after backward."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index or 0] if device.type == "cuda" else None
-    return DistributedDataParallel(
-        StepModule(model), device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
-    )
+    wrapped = StepModule(model)
+    if row_reduced:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            wrapped, [f"model.{name}" for name in row_reduced]
+        )
+    return DistributedDataParallel(wrapped, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+
+
+def reduce_rows(table: nn.Parameter) -> None:
+    """Average `table`'s gradient over the ranks through the rows each rank touched: the touched row indices and
+    their gradients are all-gathered (in rank order, so every rank sums the same numbers in the same order) and
+    added into a zeroed gradient. With two ranks this equals DDP's dense average bit for bit (a / 2 + b / 2 and
+    (a + b) / 2 round alike); it moves the batch's rows, not the whole table."""
+    world = ranks().world
+    if table.grad is None:  # this rank's batch did not reach the table: it still takes part
+        table.grad = torch.zeros_like(table)
+    grad = table.grad
+    rows = torch.nonzero(grad.abs().sum(dim=1)).squeeze(1)
+    values = grad.index_select(0, rows)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(rows)]))
+    sizes = [int(n) for n in sizes]
+    most = max(sizes)  # all_gather takes equal shapes: pad to the largest, then cut back
+    row_parts = [torch.zeros(most, dtype=torch.long, device=grad.device) for _ in range(world)]
+    value_parts = [grad.new_zeros(most, grad.shape[1]) for _ in range(world)]
+    dist.all_gather(row_parts, torch.cat([rows, rows.new_zeros(most - len(rows))]))
+    dist.all_gather(value_parts, torch.cat([values, values.new_zeros(most - len(rows), grad.shape[1])]))
+    grad.zero_()
+    for part_rows, part_values, n in zip(row_parts, value_parts, sizes, strict=True):
+        grad.index_add_(0, part_rows[:n], part_values[:n])
+    grad.div_(world)

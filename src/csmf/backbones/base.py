@@ -116,6 +116,11 @@ class Backbone(nn.Module, ABC):
         return ownership(self.prunable())
 
     # ----- training hooks --------------------------------------------------------------------------
+    def row_tables(self) -> dict[str, nn.Parameter]:
+        """ID tables (name -> parameter, rows = entities) whose gradient a batch touches in a few rows only: with
+        several processes the large ones are averaged row-sparse (csmf.distributed.reduce_rows)."""
+        return {}
+
     def sparse_tables(self) -> list[nn.Module]:
         """ID tables that may take sparse gradients (a step then moves only the rows a batch touched); each has
         a `weight` and a `sparse` switch. Asked for when training streams a large catalogue."""

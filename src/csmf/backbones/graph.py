@@ -229,6 +229,14 @@ class GraphBackbone(Backbone):
         out = [self.items, *self.item_tables.values(), *self.user_tables.values()]
         return out + [p for p in (self.item_dense, self.user_dense, self.user_rows) if p is not None]
 
+    def row_tables(self) -> dict[str, nn.Parameter]:
+        """The item table and the user rows: a pooled per-user step (or a pair batch) reaches the rows of its
+        batch's items and users only, through the neighbour operators."""
+        tables = {"items": self.items}
+        if self.user_rows is not None:
+            tables["user_rows"] = self.user_rows
+        return tables
+
     def _base_items(self) -> torch.Tensor:
         """E plus the mean of the item's feature rows (one row per categorical or bag, one for the dense map).
         A mean, not a sum: a bucket row is shared by many items and the full softmax pushes it every step, so

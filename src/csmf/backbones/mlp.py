@@ -317,6 +317,11 @@ class MLPBackbone(Backbone):
     def sparse_tables(self) -> list[MaskedEmbedding]:
         return [t.id_emb for t in (self.user, self.item) if t.id_emb.weight.shape[1] > 0]
 
+    def row_tables(self) -> dict[str, nn.Parameter]:
+        """The user and item ID embeddings (a batch reads its own users' and items' rows)."""
+        return {f"{name}.id_emb.weight": t.id_emb.weight for name, t in (("user", self.user), ("item", self.item))
+                if t.id_emb.weight.shape[1] > 0}  # fmt: skip
+
     def prunable(self) -> list[UnitGroup]:
         """(name, magnitude, owner buffer) for every unit group CPP may prune, in a stable order.
 
