@@ -77,9 +77,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from csmf.experiments.suite import QUICK_SETS, run_suite
 
     if args.quick and not args.suite:
-        raise ConfigError("--quick shrinks a suite: use it with --suite paper")
+        raise ConfigError("--quick shrinks a suite: use it with --suite paper or --suite scale")
     if args.suite and (args.models or args.dataset):
         raise ConfigError("--suite runs its own models and datasets: drop --models/--dataset (see bench.suite_*)")
+    if args.suite == "scale":
+        from csmf.experiments.scale import run_scale
+
+        run_scale(_config(args), quick=args.quick, log=print)
+        return 0
     cfg = _config(args, QUICK_SETS if args.quick else ())
     if args.no_tune:  # no search of any kind: the peers' grids and CSMF's candidates alike
         cfg = replace(cfg, bench=replace(cfg.bench, tune=False), select=replace(cfg.select, candidates=()))
@@ -334,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="results folder (default: results)")
     bench.add_argument("--no-tune", action="store_true", help="skip validation search; use default settings")
     bench.add_argument(
-        "--suite", choices=["paper"],
+        "--suite", choices=["paper", "scale"],
         help="paper: every model, the ablations and the tau sweep on bench.suite_datasets (jd, sim) over "
         "bench.suite_seeds (0,1,2); writes results/paper/ and reports/paper.md with plots; resumable",
     )  # fmt: skip

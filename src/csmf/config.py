@@ -492,6 +492,11 @@ class BenchConfig(Checked):
     suite_sim_users: int = 2000
     suite_sim_items: int = 1500
     report_dir: str = "reports"
+    # `csmf bench --suite scale` (csmf.experiments.scale): its logs, its rows (each a `csmf bench` process) and
+    # settings every row takes (--set bench.scale_sets=... to try a configuration at scale)
+    scale_datasets: tuple[str, ...] = ("sim-2m", "aliccp-42m")
+    scale_rows: tuple[str, ...] = ("popularity", "als", "itemknn", "stream", "csmf")
+    scale_sets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,47 @@
+"""`csmf bench --suite scale`: every row a process of its own (wall time, peak memory), resumable, reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from csmf.cli import main
+from csmf.experiments.scale import peak_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_peak_run_measures_its_own_process(tmp_path):
+    import sys
+
+    grow = "import time; x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.1)"
+    status, wall, peak = peak_run([sys.executable, "-c", grow], tmp_path / "big.log")
+    assert status == 0 and wall > 0.1 and peak > 0.28  # GB: the 300 MB it touched
+    status, _, small = peak_run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "small.log")
+    assert status == 3 and small < peak - 0.2
+
+
+def test_the_quick_scale_suite_runs_each_row_apart_resumes_and_reports(tmp_path, capsys):
+    argv = ["bench", "--suite", "scale", "--quick", "--quiet",
+            "--set", f"bench.out_dir={tmp_path / 'results'}", "--set", f"bench.report_dir={tmp_path / 'reports'}",
+            "--set", "bench.scale_datasets=sim-2m", "--set", "bench.scale_rows=popularity,stream,csmf",
+            "--set", "bench.scale_sets=train.max_epochs=1,select.candidates=,bench.sweep_points=0"]  # fmt: skip
+    assert main(argv) == 0
+    folder = tmp_path / "results" / "scale-quick" / "sim-2m"
+    rows = {r: json.loads((folder / f"{r}.json").read_text()) for r in ("popularity", "stream", "csmf")}
+    for name, r in rows.items():
+        assert "failed" not in r, (name, r.get("failed"))
+        assert r["wall_seconds"] > 0 and 0.05 < r["peak_rss_gb"] < 8
+        assert set(r["metrics"]) == {"exposure", "click", "conversion"}
+    assert rows["popularity"]["pairs_per_second"] is None and rows["csmf"]["pairs_per_second"] > 0
+    assert rows["stream"]["config"]["train"]["stream"] is True
+    report = (tmp_path / "reports" / "scale-quick.md").read_text()
+    assert "## sim-2m" in report and "| csmf | " in report and "peak RSS GB" in report
+    # a second call finds every row done and only rewrites the report
+    stamp = (folder / "csmf.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert (folder / "csmf.json").stat().st_mtime_ns == stamp
+    assert "scale: sim-2m" not in again and "wrote" in again
