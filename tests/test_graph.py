@@ -451,6 +451,12 @@ def test_a_neighbour_operator_with_every_neighbour_is_the_exact_smoothing(hops):
     exact = StageGraph(weights, mats, 40).smooth(x, hops)
     full = StageGraph(weights, mats, 40, hops=hops, neighbours=40)
     torch.testing.assert_close(full.smooth(x, hops), exact, rtol=1e-5, atol=1e-6)
+    # exact already at K = the longest row of the exact average (the items within `hops` steps of an item)
+    dense = np.stack([StageGraph(weights, mats, 40).smooth(torch.eye(40)[:, [j]], hops).numpy().ravel()
+                      for j in range(40)], axis=1)  # fmt: skip
+    longest = int((np.abs(dense) > 0).sum(axis=1).max())
+    tight = StageGraph(weights, mats, 40, hops=hops, neighbours=longest)
+    torch.testing.assert_close(tight.smooth(x, hops), exact, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="smooths"):
         full.smooth(x, (hops + 1) % 4)
 

@@ -164,13 +164,13 @@ def gather_rows(vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor,
     from torch.distributed.nn.functional import all_gather
 
     world, rank = ranks().world, ranks().rank
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(ids)]))
+    sizes = [torch.zeros(1, dtype=torch.long, device=vectors.device) for _ in range(world)]  # nccl: on the device
+    dist.all_gather(sizes, torch.tensor([len(ids)], device=vectors.device))
     sizes = [int(n) for n in sizes]
     most = max(sizes)  # all_gather takes equal shapes: pad to the largest share, then cut back
     padded = torch.cat([vectors, vectors.new_zeros(most - len(ids), vectors.shape[1])])
     parts = all_gather(padded)
-    id_parts = [torch.zeros(most, dtype=ids.dtype) for _ in range(world)]
+    id_parts = [torch.zeros(most, dtype=ids.dtype, device=ids.device) for _ in range(world)]
     dist.all_gather(id_parts, torch.cat([ids, ids.new_full((most - len(ids),), -1)]))
     every = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
     every_ids = torch.cat([p[:n] for p, n in zip(id_parts, sizes, strict=True)])
@@ -208,16 +208,21 @@ def reduce_rows(table: nn.Parameter) -> None:
     """Average `table`'s gradient over the ranks through the rows each rank touched: the touched row indices and
     their gradients are all-gathered (in rank order, so every rank sums the same numbers in the same order) and
     added into a zeroed gradient. With two ranks this equals DDP's dense average bit for bit (a / 2 + b / 2 and
-    (a + b) / 2 round alike); it moves the batch's rows, not the whole table."""
+    (a + b) / 2 round alike); it moves the batch's rows, not the whole table. When the ranks touched as many rows
+    as the table has (every rank decides alike from the gathered counts), the dense all-reduce moves less."""
     world = ranks().world
     if table.grad is None:  # this rank's batch did not reach the table: it still takes part
         table.grad = torch.zeros_like(table)
     grad = table.grad
     rows = torch.nonzero(grad.abs().sum(dim=1)).squeeze(1)
-    values = grad.index_select(0, rows)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(rows)]))
+    sizes = [torch.zeros(1, dtype=torch.long, device=grad.device) for _ in range(world)]  # nccl: on the device
+    dist.all_gather(sizes, torch.tensor([len(rows)], device=grad.device))
     sizes = [int(n) for n in sizes]
+    if sum(sizes) >= grad.shape[0]:  # the batches reached most of the table: the dense average moves less
+        dist.all_reduce(grad)
+        grad.div_(world)
+        return
+    values = grad.index_select(0, rows)
     most = max(sizes)  # all_gather takes equal shapes: pad to the largest, then cut back
     row_parts = [torch.zeros(most, dtype=torch.long, device=grad.device) for _ in range(world)]
     value_parts = [grad.new_zeros(most, grad.shape[1]) for _ in range(world)]

@@ -61,8 +61,8 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
 SCALE_NEIGHBOURS = 32
 
 
-def fit_to_size(cfg: Config, n_items: int | None = None, streaming: bool = False,
-                pinned: Iterable[str] | None = None, cascade: bool = True) -> tuple[Config, list[str]]:  # fmt: skip
+def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] | None = None,
+                cascade: bool = True) -> tuple[Config, list[str]]:  # fmt: skip
     """The configuration that trains on a catalogue of `n_items`, and a note per key it changed:
     - past `train.full_softmax_max_items` the graph encoder smooths through each item's nearest neighbours
       (`model.graph_neighbours`) instead of the whole graph in every step, so a pooled step reads its batch's rows;

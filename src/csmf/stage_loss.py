@@ -96,8 +96,11 @@ class Pool:
     of the catalogue whose logits carry log((N - |fixed|) / |drawn|), so the softmax's partition over the pool
     estimates the one over the whole catalogue without bias."""
 
-    def __init__(self, fixed: np.ndarray, drawn: np.ndarray, n_items: int):
+    def __init__(self, fixed: np.ndarray, drawn: np.ndarray, n_items: int, draws: np.ndarray | None = None):
         self.fixed, self.drawn = fixed, drawn  # disjoint
+        # the uniform draws as drawn (repeats and fixed items included, in draw order): a uniform sample of the
+        # whole catalogue, every item of it in the pool (AML's rank sample)
+        self.draws = np.zeros(0, dtype=np.int64) if draws is None else draws
         self.items = np.concatenate([fixed, drawn])
         self.log_weight = np.zeros(len(self.items), dtype=np.float32)
         if len(drawn):
@@ -106,10 +109,11 @@ class Pool:
     @classmethod
     def draw(cls, needed: list[np.ndarray], n_items: int, size: int, generator: torch.Generator) -> Pool:
         fixed = np.unique(np.concatenate(needed)) if needed else np.zeros(0, dtype=np.int64)
-        if size >= n_items:  # the whole catalogue: the exact loss
-            return cls(fixed, np.setdiff1d(np.arange(n_items), fixed, assume_unique=True), n_items)
-        drawn = torch.randint(0, n_items, (size,), generator=generator).numpy()
-        return cls(fixed, np.setdiff1d(np.unique(drawn), fixed, assume_unique=True), n_items)
+        if size >= n_items:  # the whole catalogue: the exact loss (AML samples its columns as the full loss does)
+            rest = np.setdiff1d(np.arange(n_items), fixed, assume_unique=True)
+            return cls(fixed, rest, n_items, np.zeros(0, dtype=np.int64))
+        draws = torch.randint(0, n_items, (size,), generator=generator).numpy()
+        return cls(fixed, np.setdiff1d(np.unique(draws), fixed, assume_unique=True), n_items, draws)
 
     def positions(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(where each item of `cols` sits in the pool, which of them are in it)."""
@@ -170,9 +174,9 @@ class UserLoss:
             else:
                 # as losses.aml_margin, against a uniform sample of the catalogue (an exact rank over all
                 # items would sort every user's scores each step: more than the rest of the step together);
-                # a pool's uniform part is that sample
-                if pool is not None and len(pool.drawn):
-                    sample = torch.arange(len(pool.fixed), len(pool.items))[:2048]
+                # a pool's uniform draws are that sample (each is in the pool, fixed or drawn)
+                if pool is not None and len(pool.draws):
+                    sample = torch.from_numpy(pool.positions(pool.draws[:2048].astype(np.int64))[0])
                 else:
                     sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=self.generator)
                 sample = sample.to(device)

@@ -18,7 +18,7 @@ from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
 from csmf.runfolder import refuse_other_data
-from csmf.selection import select
+from csmf.selection import pins, select
 
 
 def default_weightings(stages: tuple[str, ...]) -> list[dict[str, float]]:
@@ -78,9 +78,11 @@ def train_and_report(
     log(data.summary())
     start = time.perf_counter()
 
+    keys = set(pins(cfg) if pinned is None else pinned)  # what the catalogue's size must not change either
+
     def fit(candidate: Config, tag: str) -> CSMF:
         checkpoints = out / "checkpoints" / tag if tag else out / "checkpoints"
-        return CSMF(candidate, run_dir=str(checkpoints), progress=progress, log=log).fit(data)
+        return CSMF(candidate, run_dir=str(checkpoints), progress=progress, log=log, pinned=keys).fit(data)
 
     if cfg.select.candidates:
         model, cfg, selection = select(cfg, data, fit, pinned, log)

@@ -230,8 +230,10 @@ class GraphBackbone(Backbone):
         return out + [p for p in (self.item_dense, self.user_dense, self.user_rows) if p is not None]
 
     def row_tables(self) -> dict[str, nn.Parameter]:
-        """The item table and the user rows: a pooled per-user step (or a pair batch) reaches the rows of its
-        batch's items and users only, through the neighbour operators."""
+        """The item table and the user rows on the per-batch path (neighbour operators): a step reaches the rows
+        near its batch only. Whole-graph propagation reaches every row, so nothing is row-reduced then."""
+        if not self.per_batch():
+            return {}
         tables = {"items": self.items}
         if self.user_rows is not None:
             tables["user_rows"] = self.user_rows

@@ -12,8 +12,9 @@ and a batch's items alone cost B x K x D (UltraGCN keeps about 10 item neighbour
 - each row is rescaled to the row sum of the exact average, (1 + r_1 + ... + r_h) / (h + 1) with r_j = S^j 1
   (sparse products with a vector, exact), so a truncated row keeps the weight the exact smoothing gives it.
 
-With K at least the number of an item's co-occurring items the operator is exact (a test checks it against
-StageGraph.smooth). What a smaller K costs on each log is measured in docs/method.md.
+With K at least the number of items within `hops` co-occurrence steps of an item (the row length of the exact
+average) the operator is exact (tests check it against StageGraph.smooth); a smaller K cuts each power and the
+sum to their largest entries. What that costs on each log is measured in docs/method.md.
 """
 
 from __future__ import annotations

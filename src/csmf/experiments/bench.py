@@ -316,17 +316,18 @@ def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress:
     None when the user's pins leave one candidate). `fit_stored=False`: a stored pick is not fit (no CSMF row
     will take it), and the third item is None."""
     fitted: dict[int, Fitted] = {}
+    pinned = pins(cfg) if pinned is None else pinned
 
     def fit(candidate: Config, tag: str) -> CSMF:
         b = candidate.bench
         run_dir = str(Path(b.checkpoint_dir) / "select" / (tag or "pick")) if b.checkpoint_dir else None
         start = time.perf_counter()
-        model = CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None)
+        model = CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None,
+                     pinned=set(pinned))  # fmt: skip
         model.fit(data)
         fitted[id(model)] = (model, time.perf_counter() - start)
         return model
 
-    pinned = pins(cfg) if pinned is None else pinned
     found = candidates(cfg, pinned)
     if len(found) == 1:  # the pins leave one: nothing to search, nothing to fit here
         return found[0].cfg, None, None

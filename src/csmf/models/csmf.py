@@ -57,8 +57,11 @@ class CSMF(Retriever):
 
     def __init__(self, cfg: Config, objectives: tuple[str, ...] | None = None, name: str = "csmf",
                  run_dir: str | None = None, progress: bool = False, log=None,
-                 pretrain_cache: str | None = None):  # fmt: skip
+                 pretrain_cache: str | None = None, pinned: set[str] | None = None):  # fmt: skip
+        """pinned: the keys the user set (csmf.selection.pins; default every value off the defaults), which the
+        catalogue's size never changes (csmf.rules.fit_to_size). `cfg` after a fit is the configuration trained."""
         self.cfg, self.objectives, self.name = cfg, objectives, name
+        self.asked, self.pinned = cfg, pinned
         self.run_dir, self.progress, self.log = run_dir, progress, log
         self.pretrain_cache = pretrain_cache  # shared stage-1 pretraining (see csmf.cascade)
         self.trained: TrainedCascade | None = None
@@ -81,7 +84,7 @@ class CSMF(Retriever):
         missing = [o for o in objectives if o not in data.stages]
         if missing:
             raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
-        self.cfg, notes = fit_to_size(self.cfg, data.n_items, data.stream is not None and self.cfg.train.stream)
+        self.cfg, notes = fit_to_size(self.asked, data.n_items, self.pinned)
         for note in notes:  # what the catalogue's size changed, and why (the saved config holds the result)
             (self.log or print)(f"{self.name}: {note}")
         trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log,

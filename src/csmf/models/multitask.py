@@ -238,6 +238,7 @@ class MultiTask(Retriever):
         if kind not in KINDS:
             raise ValueError(f"unknown multi-task model {kind!r}; choose from {KINDS}")
         self.name, self.kind, self.cfg, self.progress = kind, kind, cfg, progress
+        self.asked = cfg  # `cfg` after a fit is the configuration trained (csmf.rules.fit_to_size)
         self.log = log or (lambda _msg: None)
         self.model: MultiTaskTwoTower | None = None
         self.objectives: tuple[str, ...] = ()
@@ -246,7 +247,7 @@ class MultiTask(Retriever):
 
     # ----- training ------------------------------------------------------------------------------
     def fit(self, data: CascadeData) -> MultiTask:
-        self.cfg, notes = fit_to_size(self.cfg, data.n_items, cascade=False)
+        self.cfg, notes = fit_to_size(self.asked, data.n_items, cascade=False)
         for note in notes:
             self.log(f"{self.kind}: {note}")
         check_training(self.cfg, data.n_items, streaming=False, cascade=False)
