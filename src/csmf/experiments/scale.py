@@ -54,7 +54,10 @@ class ScaleData:
             command += ["--set", s]
         log(f"scale: generating {self.name} ({self.users:,} users, {self.items:,} items)")
         subprocess.run(command, check=True)
-        done.write_text(json.dumps({"command": command[3:]}))
+        # the Parquet cache once here, so no row's time or memory includes building it
+        convert = [sys.executable, "-m", "csmf.cli", "data", *self.bench_args(folder), "--convert", "--quiet"]
+        subprocess.run(convert, check=True, stdout=subprocess.DEVNULL)
+        done.write_text(json.dumps({"command": command[3:], "convert": convert[3:]}))
 
     def bench_args(self, folder: Path) -> list[str]:
         """The dataset arguments of `csmf bench` for this log, read through the Parquet cache."""
@@ -137,7 +140,8 @@ def run_row(data: ScaleData, folder: Path, row: str, cfg_sets: list[str], log: C
     found = list(out.glob("*/*.json"))
     if status != 0 or len(found) != 1:  # kept and reported (a row that does not fit is a finding), not retried
         last = [line for line in (folder / f"{row}.log").read_text().splitlines() if line.strip()][-1:]
-        result = {**measured, "failed": f"exit {status}: {last[0] if last else 'no output'}"[:300]}
+        failed = f"exit {status}: {last[0] if last else 'no output'}"[:300].replace("|", "/")  # a table cell
+        result = {**measured, "failed": failed}
         log(f"scale: {data.name} {row} failed ({result['failed']})")
     else:
         result = json.loads(found[0].read_text()) | measured
@@ -200,8 +204,10 @@ def scale_report(results: dict[str, list[dict]], datasets: dict[str, ScaleData],
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for r in rows:
             if "failed" in r:
-                cells = [r["row"], *[f"failed ({r['failed']})" if j == 0 else "" for j in range(len(stages))],
+                cells = [r["row"], *([f"failed ({r['failed']})"] + [""] * (len(stages) - 1) if stages else []),
                          "", "", "", f"{r['wall_seconds']:.0f}", f"{r['peak_rss_gb']:.2f}", ""]  # fmt: skip
+                if not stages:
+                    cells[-1] = f"failed ({r['failed']})"
             else:
                 rate = f"{r['pairs_per_second']:,.0f}" if r.get("pairs_per_second") else "-"
                 cells = [r["row"], *[f"{r['metrics'][s]['recall@50']:.4f}" for s in stages],
