@@ -180,5 +180,10 @@ def test_multitask_distillation_changes_the_heads_and_needs_the_full_softmax(dat
     plain = MultiTask("shared-bottom", cfg).fit(data).score(np.arange(20), "click")
     taught = MultiTask("shared-bottom", override(cfg, ["train.distill=ease", "ease.l2=50"])).fit(data)
     assert not torch.equal(plain, taught.score(np.arange(20), "click"))
-    with pytest.raises(ValueError, match="train.distill = 'ease' needs the per-user full-catalogue loss"):
-        MultiTask("mmoe", override(cfg, ["train.distill=ease", "train.full_softmax_max_items=0"])).fit(data)
+    # past the full-softmax limit the towers have no per-user loss: a default teacher is dropped, and said
+    said = []
+    dropped = MultiTask("mmoe", override(cfg, ["train.full_softmax_max_items=0"]), log=said.append).fit(data)
+    assert dropped.cfg.train.distill == "" and "train.distill = '' (was 'ease')" in said[0]
+    # a teacher set off its default is kept, and the conflict refused with its keys
+    with pytest.raises(ValueError, match="train.distill = 'itemknn' needs the per-user full-catalogue loss"):
+        MultiTask("mmoe", override(cfg, ["train.distill=itemknn", "train.full_softmax_max_items=0"])).fit(data)
