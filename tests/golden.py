@@ -45,7 +45,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "graph-csmf": ("csmf", GRAPH),
     "graph-aml-weight": ("csmf", [*GRAPH, "cascade.aml_form=weight"]),
     "graph-aml-hinge": ("csmf", [*GRAPH, "cascade.aml_form=hinge"]),
-    "graph-in-batch": ("csmf", [*GRAPH, "train.distill=", "train.full_softmax_max_items=0"]),
+    # past the full-softmax limit: neighbour operators (fit_to_size), the pooled per-user loss with its teacher
+    "graph-pooled": ("csmf", [*GRAPH, "train.full_softmax_max_items=0", "train.pool_items=64"]),
     "graph-naive-ft": ("naive-ft", GRAPH),
     "graph-packnet": ("packnet", GRAPH),
     "graph-single": ("single-click", GRAPH),

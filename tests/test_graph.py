@@ -350,15 +350,16 @@ def test_mlp_preset_loads_and_unknown_names_fail():
         load_config("no-such-preset")
 
 
-def test_distillation_refuses_the_in_batch_loss(data):
+def test_distillation_refuses_the_in_batch_loss_and_takes_the_pooled_one(data):
     from csmf.config import ConfigError
 
-    cfg = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=0"])
+    pairs = override(CFG, ["model.encoder=mlp", "train.distill=ease", "train.full_softmax_max_items=0"])
     with pytest.raises(ConfigError, match="train.distill = 'ease' needs the per-user full-catalogue loss"):
-        CascadeTrainer(data, cfg)
-    small = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=10"])  # known once the data is
-    with pytest.raises(ConfigError, match=f"below the catalogue of {data.n_items:,} items"):
-        CascadeTrainer(data, small)
+        CascadeTrainer(data, pairs, teacher=teacher_for(pairs))
+    # the graph encoder past its limit keeps a per-user loss (over a pool): the teacher trains it
+    pooled = override(CFG, ["train.distill=ease", "train.full_softmax_max_items=10"])
+    trainer = CascadeTrainer(data, pooled, teacher=teacher_for(pooled))
+    assert trainer.per_user and not trainer.full_softmax
 
 
 def test_share_above_counts_the_candidates_ranked_above_the_positive():
