@@ -239,7 +239,11 @@ class CascadeTrainer:
             extras = user_loss_extras(self.tuning, self.objectives, stage, cfg, self._teacher)
             batches = UserBatches.of(targets, t.user_batch_size, generator, self.ranks, rows=len(users))
             pool = 0 if self.full_softmax else t.pool_items
-            return batches, UserLoss(model, stage, cfg, targets, generator, extras, pool)
+            # several processes: the loss draws from a generator of its own, because the hinge draws as many numbers
+            # as the rank's positives, and from the batches' generator that put the ranks' user orders out of step
+            # after the first epoch (one process keeps the one generator: its numbers are unchanged)
+            draws = torch.Generator().manual_seed(cfg.seed * 1000 + index + 500) if self.ranks.active else generator
+            return batches, UserLoss(model, stage, cfg, targets, draws, extras, pool)
         # each pair's context (its latest row's); an auxiliary pair of another behaviour has its own
         codes = context.lookup(self.tuning.context, users, items) if model.reads_context else {}
         batches = PairBatches(users, items, weights, codes, t.batch_size, generator, self.ranks, dropout)
