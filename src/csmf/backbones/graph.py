@@ -99,13 +99,14 @@ class StageGraph:
         self.item_scale = 1.0 / np.sqrt(np.maximum(np.asarray(adjacency.sum(axis=0)).ravel(), 1e-12))  # (N,)
         self.item_scale[np.asarray(adjacency.sum(axis=0)).ravel() == 0] = 0.0  # items nobody touched
         normalised = self.normalise(adjacency)
-        self.forward_op = _torch_csr(normalised)  # (U, N): Â
-        self.backward_op = _torch_csr(normalised.T.tocsr())  # (N, U): Â^T
         self.operator_hops, self.operator, self.neighbour_rows = hops, None, None
-        if neighbours > 0:
+        if neighbours > 0:  # the whole graph's operators are never read then: not built (two copies at scale)
             m = smoothing_operator(normalised, hops, neighbours)
             self.operator = (_torch_csr(m), _torch_csr(m.T.tocsr()))  # M and M^T (its backward)
             self.neighbour_rows = m  # scipy CSR: a batch's rows of M (per-batch vectors)
+        else:
+            self.forward_op = _torch_csr(normalised)  # (U, N): Â
+            self.backward_op = _torch_csr(normalised.T.tocsr())  # (N, U): Â^T
 
     def __deepcopy__(self, memo: dict) -> StageGraph:
         # a graph is never changed once built, and torch cannot deep-copy a CSR tensor: copies of a model (the
