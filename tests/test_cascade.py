@@ -402,6 +402,28 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
         CascadeTrainer(data, CFG, objectives=("exposure", "click"), run_dir=run_dir).run()
 
 
+def test_a_run_folder_from_before_a_config_field_existed_resumes_and_a_changed_field_is_refused(tmp_path):
+    """A field added to the config since a phase was saved is not in its checkpoint: its default keeps the old
+    behaviour, so the phase resumes (an upgrade must not strand a killed run); a recorded field that differs
+    does not."""
+    from csmf.checkpoints import save_checkpoint
+    from csmf.runfolder import RunFolder
+
+    def saved_with(cfg_dict: dict) -> RunFolder:
+        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        meta = {"phase": 0, "history": [], "objectives": ["a", "b"], "config": cfg_dict, "data": "f"}
+        save_checkpoint(folder / "phase-00-pretrain.pt", {"w": torch.zeros(2)}, meta)
+        return RunFolder(folder, ["pretrain"], ("a", "b"), CFG, "f")
+
+    older = config_to_dict(CFG)
+    del older["model"]["graph_neighbours"]  # a checkpoint saved before this field existed
+    assert saved_with(older).last()[0] == 0
+    changed = config_to_dict(CFG)
+    changed["model"]["dim"] += 1
+    with pytest.raises(ValueError, match="another config"):
+        saved_with(changed).last()
+
+
 # ----- determinism -----------------------------------------------------------------------------------
 
 

@@ -595,6 +595,22 @@ def training_part(config: dict) -> dict:
     return out
 
 
+def same_training(stored: dict, current: dict) -> bool:
+    """Whether a saved config (config_to_dict) trains what `current` trains: every training field it recorded
+    equals the current one. A field added to the config since it was saved is not in it and does not count: a
+    new field's default keeps the behaviour that held before it existed (so an upgrade resumes old runs)."""
+    stored, current = training_part(stored), training_part(current)
+    for section, values in stored.items():
+        if not isinstance(values, dict):
+            if current.get(section) != values:
+                return False
+            continue
+        now = current.get(section, {})
+        if any(now.get(k, v) != v for k, v in values.items()):
+            return False
+    return True
+
+
 def absolute_data_paths(cfg: Config) -> Config:
     """The config with its data paths made absolute (`jd` and `sim` stay names), for a run folder."""
     d = cfg.data

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from csmf.config import Config, config_to_dict, training_part
+from csmf.config import Config, config_to_dict, same_training
 from csmf.data.schema import CascadeData
 
 
@@ -39,9 +39,7 @@ class RunFolder:
         state, meta = load_checkpoint(done[-1])
         if meta.get("data") != self.data:
             raise _other_data(self.path, meta.get("data"), self.data)
-        if meta["objectives"] != list(self.objectives) or training_part(meta["config"]) != training_part(
-            config_to_dict(self.cfg)
-        ):
+        if meta["objectives"] != list(self.objectives) or not same_training(meta["config"], config_to_dict(self.cfg)):
             raise CheckpointError(f"{self.path} holds checkpoints of a run with another config or cascade; {_FIX}")
         return meta["phase"], state, meta["history"], done[-1].name
 

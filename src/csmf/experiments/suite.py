@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from csmf.config import Config, ConfigError, config_to_dict, override, training_part
+from csmf.config import Config, ConfigError, config_to_dict, override, same_training
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
 from csmf.experiments.bench import Fitted, build_tuned_as, choose_config, run_model, versions
@@ -122,21 +122,6 @@ def tau_of(run: Run, cfg: Config) -> float:
 # ----- one (run, seed) -----------------------------------------------------------------------------
 
 
-def _same_config(stored: dict, current: dict) -> bool:
-    """Every field the stored result recorded equals the current one (a field added to the config since
-    then is not in the file and does not invalidate it)."""
-    stored, current = training_part(stored), training_part(current)
-    for section, values in stored.items():
-        if not isinstance(values, dict):
-            if current.get(section) != values:
-                return False
-            continue
-        now = current.get(section, {})
-        if any(now.get(k, v) != v for k, v in values.items()):
-            return False
-    return True
-
-
 def seed_result(
     run: Run,
     cfg: Config,
@@ -157,7 +142,7 @@ def seed_result(
     run_cfg = run.config(cfg, seed)
     if path.exists():
         done = json.loads(path.read_text())
-        if not _same_config(done["suite_config"], config_to_dict(run_cfg)):
+        if not same_training(done["suite_config"], config_to_dict(run_cfg)):
             raise ConfigError(
                 f"{path} was written with another config than this suite's; delete it or use another --out"
             )
@@ -174,7 +159,7 @@ def seed_result(
     if first is not None and run.model in TUNED:
         builder = build_tuned_as(run.model, first["config"]["model_settings"], first["seed"])
     fitted = None
-    if prefit is not None and run.model == "csmf" and _same_config(config_to_dict(prefit[1]), config_to_dict(run_cfg)):
+    if prefit is not None and run.model == "csmf" and same_training(config_to_dict(prefit[1]), config_to_dict(run_cfg)):
         fitted = prefit[0]  # the same config and seed the search fit: the same model, not fit twice
     result = run_model(replace(run_cfg, bench=bench), data, run.model, progress, builder, fitted)
     result.update(model=run.name, wall_seconds=round(time.perf_counter() - t0, 3), suite_config=config_to_dict(run_cfg))
