@@ -9,7 +9,7 @@ import pytest
 
 from csmf.cli import main
 from csmf.config import Config, ConfigError, load_config, override
-from csmf.rules import SCALE_NEIGHBOURS, check_training, fit_to_size, training_problems
+from csmf.rules import SCALE_HISTORY, SCALE_NEIGHBOURS, check_training, fit_to_size, training_problems
 
 
 def test_the_hinge_on_the_in_batch_path_fails_in_seconds_naming_both_keys(capsys, monkeypatch):
@@ -74,8 +74,10 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     adapted, notes = fit_to_size(cfg, 13_465)  # the cascade: a pooled per-user loss, smoothing by neighbours
     assert adapted.train.distill == "ease" and adapted.model.graph_neighbours == SCALE_NEIGHBOURS
     assert training_problems(adapted, n_items=13_465) == []
-    (note,) = notes
+    assert adapted.model.history_max == SCALE_HISTORY
+    note, history_note = notes
     assert f"model.graph_neighbours = {SCALE_NEIGHBOURS}" in note and "13,465 items are above" in note
+    assert f"model.history_max = {SCALE_HISTORY}" in history_note
     # the multi-task towers' per-user loss needs the whole catalogue: their teacher goes
     towers, notes = fit_to_size(cfg, 13_465, cascade=False)
     assert towers.train.distill == "" and "train.distill = '' (was 'ease')" in notes[0]
@@ -85,6 +87,7 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
         override(cfg, ["train.distill=itemknn", "model.graph_neighbours=8"]), 13_465, cascade=False
     )
     assert pinned.train.distill == "itemknn" and pinned.model.graph_neighbours == 8 and notes == []
+    assert pinned.model.history_max == 0  # the multi-task towers read no truncated bags
     assert training_problems(pinned, n_items=13_465, cascade=False) != []
     kept, _ = fit_to_size(cfg, 13_465, pinned={"train.distill"}, cascade=False)
     assert kept.train.distill == "ease" and kept.model.graph_neighbours == SCALE_NEIGHBOURS

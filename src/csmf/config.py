@@ -230,6 +230,7 @@ class ModelConfig(Checked):
         "temperature": (_positive, "> 0"),
         "graph_hops": (_in(0, 4), "0, 1, 2 or 3"),
         "graph_neighbours": (_at_least(0), ">= 0 (0 = propagate over the whole graph)"),
+        "history_max": (_at_least(0), ">= 0 (0 = the whole history)"),
         "graph_up_weight": (_at_least(0.0), ">= 0"),
         "graph_down_weight": (_at_least(0.0), ">= 0"),
         "graph_side_weight": (_at_least(0.0), ">= 0"),
@@ -250,6 +251,9 @@ class ModelConfig(Checked):
     # user table); on JD it overfits or adds nothing: history + features are better there
     user_id: bool = False
     history: bool = True  # user tower reads the user's train behaviours (leave-target-out in training)
+    # the user towers read each behaviour's latest history_max items (by the log's timestamps; without them a
+    # seeded choice): a batch's bags cost B x history_max at most, whatever the heaviest user (0 = all of them)
+    history_max: int = 0
     feature_dim: int = 16  # width of each categorical feature embedding
     # feature schema (inferred, overridable): an integer / text column is categorical (embedded), hashed into
     # hash_buckets buckets when it has more than max_categories values; a non-integer column is dense

@@ -59,6 +59,9 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
 
 # the graph encoder's neighbours per item when a pair loss replaces the full-catalogue one (docs/method.md)
 SCALE_NEIGHBOURS = 32
+# ... and the latest items per behaviour a user's bag reads there: a heavy user's whole history would set a step's
+# cost; the simulated logs of the scale suite hold 20-42 rows per user, so it binds for the tail only
+SCALE_HISTORY = 200
 
 
 def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] | None = None,
@@ -66,6 +69,7 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
     """The configuration that trains on a catalogue of `n_items`, and a note per key it changed:
     - past `train.full_softmax_max_items` the graph encoder smooths through each item's nearest neighbours
       (`model.graph_neighbours`) instead of the whole graph in every step, so a pooled step reads its batch's rows;
+    - there the user towers read each behaviour's latest `model.history_max` items;
     - where no per-user loss trains (a pair-loss encoder, streamed rows, the multi-task towers past the limit), a
       default teacher is turned off: its lists are read by that loss only.
     A key the user set (`pinned`: default, every value off the defaults) is never changed: check_training then
@@ -91,6 +95,11 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         cfg = replace(cfg, model=replace(cfg.model, graph_neighbours=SCALE_NEIGHBOURS))
         notes.append(f"model.graph_neighbours = {SCALE_NEIGHBOURS}: each item smoothed over its {SCALE_NEIGHBOURS} "
                      f"nearest neighbours, so a step reads its batch's rows only ({limit})")  # fmt: skip
+    bags = m.encoder == "graph" or m.history  # the user tower reads history bags
+    if past and cascade and bags and m.history_max == 0 and "model.history_max" not in pinned:
+        cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
+        notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
+                     f"items, so no heavy user sets a step's cost ({limit})")  # fmt: skip
     return cfg, notes
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from csmf.backbones.base import Backbone, TowerExport, UnitGroup
 from csmf.backbones.features import Features, features_of
 from csmf.backbones.neighbours import smoothing_operator
+from csmf.data.histories import RecentHistory
 
 
 def graph_weights(objective: str, stages: tuple[str, ...], behaviours: tuple[str, ...], up: float, down: float,
@@ -125,13 +126,18 @@ class StageGraph:
         user_scale = np.where(user_degree > 0, 1.0 / np.sqrt(np.maximum(user_degree, 1e-12)), 0.0)
         return sp.csr_matrix(sp.diags(user_scale) @ adjacency @ sp.diags(self.item_scale))
 
-    def user_rows(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix]) -> torch.Tensor:
-        """(B, N) sparse Â rows of `users` built from `matrices` (training or evaluation history)."""
-        return _torch_sparse(self.user_rows_sp(users, matrices))
+    def user_rows(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix],
+                  recent: RecentHistory | None = None) -> torch.Tensor:  # fmt: skip
+        """(B, N) sparse Â rows of `users` built from `matrices` (training or evaluation history), each behaviour
+        cut to its latest items by `recent` (model.history_max)."""
+        return _torch_sparse(self.user_rows_sp(users, matrices, recent))
 
-    def user_rows_sp(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix]) -> sp.csr_matrix:
+    def user_rows_sp(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix],
+                     recent: RecentHistory | None = None) -> sp.csr_matrix:  # fmt: skip
         """`user_rows` as a scipy matrix."""
-        return self.normalise(self.adjacency(matrices, users))
+        if recent is None or recent.limit <= 0:
+            return self.normalise(self.adjacency(matrices, users))
+        return self.normalise(self.adjacency({b: recent.rows(matrices[b], users) for b in self.weights}))
 
     def smooth(self, x: torch.Tensor, hops: int) -> torch.Tensor:
         """Mean of x, S x, ..., S^hops x with S = Â^T Â.  x: (N, D) -> (N, D)."""
@@ -167,14 +173,17 @@ class GraphBackbone(Backbone):
         init_scale: float = 0.1,
         user_id: bool = False,
         neighbours: int = 0,
+        recent: RecentHistory | None = None,
     ):
-        """user_id: a D-wide row per user added to its bag (LightGCN's user table; on JD it adds nothing)."""
+        """user_id: a D-wide row per user added to its bag (LightGCN's user table; on JD it adds nothing);
+        recent: the latest items a bag reads per behaviour (model.history_max; item smoothing reads every edge)."""
         super().__init__()
         if not 0 <= hops <= 3:
             raise ValueError(f"model.graph_hops must be 0..3, got {hops}")
         g = torch.Generator().manual_seed(seed)
         self.n_users, self.n_items, self.hops, self.neighbours = n_users, n_items, hops, neighbours
         self.stage_weights = stage_weights
+        self.recent = recent or RecentHistory()
         self.behaviours = tuple(dict.fromkeys(b for w in stage_weights for b in w))
         self.items = nn.Parameter(torch.randn(n_items, dim, generator=g) * init_scale)  # E: (N, D)
         self.register_buffer("owner", torch.ones(dim, dtype=torch.long))  # column d's stage (0 = free)
@@ -213,7 +222,7 @@ class GraphBackbone(Backbone):
         return cls(
             data.n_users, data.n_items, m.dim, stage_weights, m.graph_hops, features_of(data.user_features, m),
             features_of(data.item_features, m), seed, init_scale=m.init_scale, user_id=m.user_id,
-            neighbours=m.graph_neighbours,
+            neighbours=m.graph_neighbours, recent=RecentHistory(m.history_max, data.recency, seed),
         )  # fmt: skip
 
     # ----- graph --------------------------------------------------------------------------------
@@ -367,7 +376,7 @@ class GraphBackbone(Backbone):
             if not bool((self.owner == k).any()):
                 continue
             graph = self.graphs[k - 1]
-            rows = graph.user_rows_sp(users, source)  # (B, N): Â_k[users]
+            rows = graph.user_rows_sp(users, source, self.recent)  # (B, N): Â_k[users]
             if k in self._frozen:
                 total = total + torch.sparse.mm(_torch_sparse(rows), self._frozen[k])
             else:
@@ -389,7 +398,7 @@ class GraphBackbone(Backbone):
         for k, layer in enumerate(layers, start=1):
             if layer is None:
                 continue
-            rows = self.graphs[k - 1].user_rows(users, source)  # (B, N)
+            rows = self.graphs[k - 1].user_rows(users, source, self.recent)  # (B, N)
             u = u + torch.sparse.mm(rows, layer)  # (B, N) @ (N, D)
             v = v + layer
         side = self._user_side(torch.from_numpy(users))

@@ -20,6 +20,7 @@ from torch import nn
 
 from csmf.backbones.base import Backbone, TowerExport, UnitGroup
 from csmf.backbones.features import Features, context_rows, context_tables, features_of, pool_bags
+from csmf.data.histories import RecentHistory
 from csmf.masks import active, trainable_rows, usable
 
 
@@ -217,9 +218,11 @@ class MLPBackbone(Backbone):
         bag_power: float = 1.0,
         context: dict[str, int] | None = None,
         context_hashed: dict[str, int] | None = None,
+        recent: RecentHistory | None = None,
     ):
         """context: per-row context column -> rows of its table (codes + unknown), read by the user tower;
-        context_hashed: column -> buckets, for a column whose codes are hashed (more than max_categories)."""
+        context_hashed: column -> buckets, for a column whose codes are hashed (more than max_categories);
+        recent: the latest items a bag reads per behaviour (model.history_max)."""
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.behaviours = behaviours
@@ -231,6 +234,7 @@ class MLPBackbone(Backbone):
         self.item = Tower(n_items, id_dim, item_hidden, dim, item_features, feature_dim, g, dropout=dropout)
         self.n_items = n_items
         self.bag_power = bag_power
+        self.recent = recent or RecentHistory()
         self.bag_matrices: dict[str, sp.csr_matrix] = {}
 
     @classmethod
@@ -249,7 +253,7 @@ class MLPBackbone(Backbone):
             history_dim=m.history_dim, behaviours=data.behaviours if m.history else (),
             user_features=features_of(data.user_features, m), item_features=features_of(data.item_features, m),
             feature_dim=m.feature_dim, seed=seed, dropout=m.dropout, bag_power=m.bag_power, context=rows,
-            context_hashed=hashed,
+            context_hashed=hashed, recent=RecentHistory(m.history_max, data.recency, seed),
         )  # fmt: skip
 
     # ----- history bags ------------------------------------------------------------------------
@@ -265,6 +269,9 @@ class MLPBackbone(Backbone):
         `history` overrides the training matrices set by `set_history` (evaluation uses other data).
         """
         source = history if history is not None else self.bag_matrices
+        if self.recent.limit > 0:  # each behaviour's latest items only (model.history_max)
+            rows = [self.recent.rows(source[b], users) for b in self.behaviours]
+            return pool_bags(self.user.history.weight, rows, np.arange(len(users)), leave_out, self.bag_power)
         matrices = [source[b] for b in self.behaviours]
         return pool_bags(self.user.history.weight, matrices, users, leave_out, self.bag_power)
 

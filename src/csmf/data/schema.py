@@ -167,6 +167,9 @@ class CascadeData:
     candidates: np.ndarray | None = None
     # per-row context (csmf.data.context): name -> users x items int64 codes of each logged pair, every split
     context: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    # (U, N) the time rank of each training pair (1 = oldest; csmf.data.histories), when the log has timestamps:
+    # what `model.history_max` keeps the latest items of
+    recency: sp.csr_matrix | None = None
 
     def matrix(self, name: str) -> sp.csr_matrix:
         """A training matrix by name: a stage or a side behaviour."""
@@ -226,6 +229,7 @@ class CascadeData:
             report=self.report,
             stream=self.stream,
             context=self.context,
+            recency=self.recency,
         )
 
     def fingerprint(self) -> str:
@@ -233,7 +237,9 @@ class CascadeData:
         a model trained on one is a model of the other (run folders compare it before resuming)."""
         h = hashlib.sha256(json.dumps([self.stages, self.n_users, self.n_items]).encode())  # content, not name
         parts = (("train", self.train), ("valid", self.valid), ("test", self.test), ("side", self.side))
-        for part, mats in (*parts, ("context", self.context)):  # no context: the hash it had before context
+        times = {"pairs": self.recency} if self.recency is not None else {}
+        # no context or times: the hash it had before they existed
+        for part, mats in (*parts, ("context", self.context), ("recency", times)):
             for name in sorted(mats):
                 m = mats[name].tocsr()
                 m.sort_indices()

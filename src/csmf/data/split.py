@@ -8,12 +8,15 @@ checks it; tests run it on every split.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import scipy.sparse as sp
 
 import csmf.data.context as context
 from csmf.config import ConfigError
 from csmf.data.errors import DataError
+from csmf.data.histories import recency_ranks
 from csmf.data.schema import (
     CascadeData,
     CascadeLog,
@@ -233,7 +236,11 @@ def split_log(
         item_features=log.item_features,
         report=log.report,
         context=context.matrices(log.context, log.users, log.items, log.n_users, log.n_items),
-    )
+        # a held-out row leaves the training side whole, so a training pair's time is training data
+        recency=None if log.timestamps is None else recency_ranks(
+            users[rest], items[rest], log.timestamps[order][rest], log.n_users, log.n_items
+        ),
+    )  # fmt: skip
     finish_report(data, log.report)
     return data
 
@@ -262,11 +269,5 @@ def cold_item_view(data: CascadeData, max_train_pairs: int) -> tuple[CascadeData
     cold = degree <= max_train_pairs
     keep = sp.diags(cold.astype(np.float32))
     test = {s: binary(m @ keep) for s, m in data.test.items()}
-    view = CascadeData(
-        name=f"{data.name}:cold-items", stages=data.stages, n_users=data.n_users, n_items=data.n_items,
-        train=data.train, valid=data.valid, test=test, exclude=data.exclude, side=data.side,
-        downstream=data.downstream, valid_holdout=data.valid_holdout, user_ids=data.user_ids, item_ids=data.item_ids,
-        user_features=data.user_features, item_features=data.item_features, report=data.report, candidates=cold,
-        context=data.context,
-    )  # fmt: skip
+    view = replace(data, name=f"{data.name}:cold-items", test=test, candidates=cold)
     return view, int(cold.sum())

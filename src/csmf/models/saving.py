@@ -38,25 +38,29 @@ class SavedInputs:
     item_ids: np.ndarray | None
     tuning_history: dict[str, sp.csr_matrix]
     context_sizes: dict[str, int]  # per-row context column -> codes + 1 (csmf.data.context)
+    recency: sp.csr_matrix | None = None  # the training pairs' time ranks: which items model.history_max keeps
 
     @classmethod
     def of(cls, data: CascadeData, tuning_history: dict[str, sp.csr_matrix],
            context_sizes: dict[str, int] | None = None) -> SavedInputs:  # fmt: skip
         return cls(data.name, data.stages, tuple(data.side), data.n_users, data.n_items, data.user_features,
                    data.item_features, data.user_ids, data.item_ids, tuning_history,
-                   data.context_sizes() if context_sizes is None else context_sizes)  # fmt: skip
+                   data.context_sizes() if context_sizes is None else context_sizes, data.recency)  # fmt: skip
 
     def meta(self) -> dict:
         return {"data": {"name": self.name, "stages": list(self.stages), "side": list(self.side),
                          "n_users": self.n_users, "n_items": self.n_items, "tuning": sorted(self.tuning_history),
                          "user_features": sorted(self.user_features), "item_features": sorted(self.item_features),
-                         "ids": self.user_ids is not None, "context": self.context_sizes}}  # fmt: skip
+                         "ids": self.user_ids is not None, "context": self.context_sizes,
+                         "recency": self.recency is not None}}  # fmt: skip
 
     def write(self, folder: Path, history: dict[str, sp.csr_matrix]) -> None:
         for kind, mats in (("history", history), ("tuning", self.tuning_history)):
             (folder / kind).mkdir(parents=True, exist_ok=True)
             for name, m in mats.items():
                 sp.save_npz(folder / kind / f"{name}.npz", sp.csr_matrix(m))
+        if self.recency is not None:
+            sp.save_npz(folder / "recency.npz", sp.csr_matrix(self.recency))
         arrays = {f"user/{k}": v for k, v in self.user_features.items()}
         arrays |= {f"item/{k}": v for k, v in self.item_features.items()}
         if self.user_ids is not None:  # ids as text: the same whatever their type in the log
@@ -72,6 +76,7 @@ class SavedInputs:
         try:
             history = {n: sp.load_npz(folder / "history" / f"{n}.npz").tocsr() for n in meta["history"]}
             tuning = {n: sp.load_npz(folder / "tuning" / f"{n}.npz").tocsr() for n in d["tuning"]}
+            recency = sp.load_npz(folder / "recency.npz").tocsr() if d.get("recency") else None
             with np.load(folder / "inputs.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, KeyError) as err:
@@ -83,7 +88,7 @@ class SavedInputs:
                     {k: arrays[f"user/{k}"] for k in d["user_features"]},
                     {k: arrays[f"item/{k}"] for k in d["item_features"]},
                     arrays.get("ids/user"), arrays.get("ids/item"), tuning,
-                    {str(k): int(v) for k, v in d.get("context", {}).items()})  # fmt: skip
+                    {str(k): int(v) for k, v in d.get("context", {}).items()}, recency)  # fmt: skip
         return saved, history
 
     def skeleton(self, history: dict[str, sp.csr_matrix]) -> CascadeData:
@@ -93,6 +98,7 @@ class SavedInputs:
             train={s: history[s] for s in self.stages if s in history}, valid={}, test={}, exclude={},
             side={s: history[s] for s in self.side if s in history}, user_ids=self.user_ids,
             item_ids=self.item_ids, user_features=self.user_features, item_features=self.item_features,
+            recency=self.recency,
         )  # fmt: skip
 
 
