@@ -183,6 +183,23 @@ def test_evaluate_batch_size_does_not_change_results():
     assert [len(users) for stage, users in big.calls if stage == "s"] == [2]
 
 
+def test_a_validation_sample_ranks_that_many_users_the_same_ones_for_a_seed():
+    from csmf.evaluation import evaluate_stage
+
+    data = tiny_cascade()  # stage s: users 0 (recall@1 1/2) and 1 (recall@1 1) have test positives
+    whole = evaluate_stage(FixedScores(), data, "s", ks=(1,), sample=0)
+    assert whole["users"] == 2 and evaluate_stage(FixedScores(), data, "s", ks=(1,), sample=5) == whole
+    drawn = {}
+    for seed in range(12):
+        model = FixedScores()
+        one = evaluate_stage(model, data, "s", ks=(1,), sample=1, seed=seed)
+        (user,) = [u for _, users in model.calls for u in users]
+        assert one["users"] == 1 and one["recall@1"] == {0: 0.5, 1: 1.0}[user]  # that user's own metric
+        assert evaluate_stage(FixedScores(), data, "s", ks=(1,), sample=1, seed=seed) == one
+        drawn[seed] = user
+    assert set(drawn.values()) == {0, 1}  # the seed decides which
+
+
 def test_score_fused_with_all_zero_weights_is_an_error():
     with pytest.raises(ValueError, match="all objective weights are zero"):
         FixedScores().score_fused(np.array([0]), {"s": 0.0, "t": 0.0})

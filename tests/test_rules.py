@@ -9,7 +9,14 @@ import pytest
 
 from csmf.cli import main
 from csmf.config import Config, ConfigError, load_config, override
-from csmf.rules import SCALE_HISTORY, SCALE_NEIGHBOURS, check_training, fit_to_size, training_problems
+from csmf.rules import (
+    SCALE_HISTORY,
+    SCALE_NEIGHBOURS,
+    SCALE_VALID_USERS,
+    check_training,
+    fit_to_size,
+    training_problems,
+)
 
 
 def test_the_hinge_on_the_in_batch_path_fails_in_seconds_naming_both_keys(capsys, monkeypatch):
@@ -78,6 +85,10 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     note, history_note = notes
     assert f"model.graph_neighbours = {SCALE_NEIGHBOURS}" in note and "13,465 items are above" in note
     assert f"model.history_max = {SCALE_HISTORY}" in history_note
+    assert adapted.eval.valid_users == 0  # 13,465 items: validation ranks every user
+    big, notes = fit_to_size(cfg, 150_000)
+    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[-1]
+    assert fit_to_size(override(cfg, ["eval.valid_users=500"]), 150_000)[0].eval.valid_users == 500
     # the multi-task towers' per-user loss needs the whole catalogue: their teacher goes
     towers, notes = fit_to_size(cfg, 13_465, cascade=False)
     assert towers.train.distill == "" and "train.distill = '' (was 'ease')" in notes[0]

@@ -184,8 +184,9 @@ class CascadeTrainer:
             return {}
         scorer = self.retriever(self.tuning_history, top=stage)
         result = evaluate_stage(
-            scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb, shard=self.ranks
-        )
+            scorer, self.tuning, objective, self.cfg.eval.ks, self.cfg.eval.score_budget_mb, shard=self.ranks,
+            sample=self.cfg.eval.valid_users, seed=self.cfg.seed,
+        )  # fmt: skip
         return {k: round(v, 5) for k, v in metric_values(result).items()}
 
     def _epochs(self, stage: int, index: int, epochs: int, share: float) -> dict:

@@ -156,11 +156,15 @@ class EvalConfig(Checked):
         "ks": (lambda v: _nonempty(v) and _positive(v), "one or more cut-offs > 0"),
         "score_budget_mb": (_positive, "> 0"),
         "tune_metric": (METRIC.fullmatch, "recall@K or ndcg@K"),
+        "valid_users": (_at_least(0), ">= 0 (0 = every validation user)"),
     }
 
     ks: tuple[int, ...] = (10, 20, 50)
     score_budget_mb: int = 256  # max size of one (users x items) score block; sets the user batch size
     tune_metric: str = "recall@50"  # validation metric that selects hyper-parameters
+    # validation (each epoch's score, configuration and hyper-parameter searches) ranks a seeded sample of this
+    # many users (0 = all of them); the reported test metrics always rank every test user
+    valid_users: int = 0
 
 
 @dataclass(frozen=True)

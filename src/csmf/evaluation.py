@@ -57,12 +57,15 @@ def evaluate_stage(
     budget_mb: int = 256,
     progress: bool = False,
     shard: Ranks | None = None,
+    sample: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Metrics of one stage, averaged over its users with test positives; with per-row context
     (data.context) over requests instead, a request being a (user, context) with test positives
     (csmf.data.context). A model that reads no context ranks every request of a user alike.
     `shard` (training processes, csmf.distributed): each ranks every world-th user and the sums are
-    all-reduced, so every process returns one process's metrics."""
+    all-reduced, so every process returns one process's metrics. `sample` > 0: a seeded draw of that many of those
+    users (every request of each), as validation takes past the full-softmax limit (eval.valid_users)."""
     truth_mat = data.test[stage]
     units = users = users_with_positives(truth_mat)
     codes: dict[str, np.ndarray] = {}
@@ -71,6 +74,10 @@ def evaluate_stage(
         truth_mat, units, users, codes = asked.truth, np.arange(len(asked.users)), asked.users, asked.codes
     if len(units) == 0:
         return {}
+    if 0 < sample < len(np.unique(users)):
+        chosen = np.random.default_rng(seed).choice(np.unique(users), sample, replace=False)
+        keep = np.isin(users, chosen)
+        units, users = units[keep], users[keep]
     in_context = bool(codes) and hasattr(model, "score_in_context")
     excluded = data.excluded(stage)
     n_pos = np.diff(truth_mat.indptr)[units]

@@ -95,7 +95,8 @@ def validation_score(model: Retriever, data: CascadeData, cfg: Config) -> dict[s
     out = {}
     for stage in data.stages:
         if stage in data.valid and data.valid[stage].nnz > 0:
-            result = evaluate_stage(scorer, tuning, stage, cfg.eval.ks, cfg.eval.score_budget_mb)
+            result = evaluate_stage(scorer, tuning, stage, cfg.eval.ks, cfg.eval.score_budget_mb,
+                                    sample=cfg.eval.valid_users, seed=cfg.seed)  # fmt: skip
             out[stage] = round(float(result[cfg.eval.tune_metric]), 6)
     return out
 

@@ -65,7 +65,8 @@ def _tuned(
 
         def objective(point: dict, stage: str = stage) -> float:
             model = make({stage: settings(point)}).fit(tuning_data)
-            result = evaluate_stage(model, tuning_data, stage, cfg.eval.ks, cfg.eval.score_budget_mb)
+            result = evaluate_stage(model, tuning_data, stage, cfg.eval.ks, cfg.eval.score_budget_mb,
+                                    sample=cfg.eval.valid_users, seed=cfg.seed)  # fmt: skip
             return result[cfg.eval.tune_metric]
 
         search = coordinate_search(grid, objective, start, progress=progress, desc=f"tune {stage}")

@@ -376,7 +376,8 @@ class MultiTask(Retriever):
         out = {}
         for o in self.objectives:
             if o in tuning.test and tuning.test[o].nnz:
-                r = evaluate_stage(self, tuning, o, self.cfg.eval.ks, self.cfg.eval.score_budget_mb)
+                r = evaluate_stage(self, tuning, o, self.cfg.eval.ks, self.cfg.eval.score_budget_mb,
+                                   sample=self.cfg.eval.valid_users, seed=self.cfg.seed)  # fmt: skip
                 out[o] = {k: round(v, 5) for k, v in metric_values(r).items()}
         return out
 
