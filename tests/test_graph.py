@@ -275,6 +275,23 @@ def test_ease_and_teacher_lists_on_the_simulator(data):
     assert np.count_nonzero(row) == 10 and int(np.argmax(row)) == int(np.argmax(scores))
 
 
+def test_a_sparse_teachers_lists_hold_its_top_scored_unseen_items_by_rank():
+    from types import SimpleNamespace
+
+    from csmf.models.teachers import _sparse_teacher_lists
+
+    scores = sp.csr_matrix(np.array([[0.0, 0.9, 0.5, 0.5, 0.2], [0.3, 0.0, 0.0, 0.0, 0.0], [0.0] * 5], np.float32))
+    teacher = SimpleNamespace(score_sparse=lambda users, _objective: scores[users])
+    seen = sp.csr_matrix(np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], np.float32))
+    decay = np.exp(-np.arange(2) / 1.0).astype(np.float32)  # top 2, weights 1 and e^-1
+    data = SimpleNamespace(n_users=3, n_items=5)
+    lists = _sparse_teacher_lists(teacher, data, "click", np.array([0, 1, 2]), seen, decay, batch=2)
+    first = 1 / (1 + np.exp(-1))
+    # user 0: item 1 is seen; items 2 and 3 tie at 0.5 (the lower column first); item 4 is past the top 2
+    assert np.allclose(lists.toarray(), [[0, 0, first, 1 - first, 0], [1, 0, 0, 0, 0], [0] * 5])
+    assert lists.dtype == np.float32  # user 1: one scored item, the whole weight; user 2: nothing scored
+
+
 def test_teacher_lists_are_read_back_from_disk_and_refit_when_damaged(data, monkeypatch, tmp_path):
     import csmf.models.teachers as teachers
 

@@ -58,8 +58,11 @@ class ItemKNN(Retriever):
         return self
 
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
-        scores = (self.history[stage][users] @ self.similarity[stage]).toarray()  # (B, N)
-        return torch.from_numpy(scores.astype(np.float32, copy=False))
+        return torch.from_numpy(self.score_sparse(users, stage).toarray())  # (B, N)
+
+    def score_sparse(self, users: np.ndarray, stage: str) -> sp.csr_matrix:
+        """`score` as the sparse (B, N) float32 matrix it is: an item no history item neighbours scores 0."""
+        return sp.csr_matrix(self.history[stage][users] @ self.similarity[stage], dtype=np.float32)
 
     def num_params(self) -> int:
         """The stored neighbour weights: what the model learned (at most K per item per objective)."""
