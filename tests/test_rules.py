@@ -81,13 +81,15 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     adapted, notes = fit_to_size(cfg, 13_465)  # the cascade: a pooled per-user loss, smoothing by neighbours
     assert adapted.train.distill == "ease" and adapted.model.graph_neighbours == SCALE_NEIGHBOURS
     assert training_problems(adapted, n_items=13_465) == []
-    assert adapted.model.history_max == SCALE_HISTORY
-    note, history_note = notes
+    (note,) = notes
     assert f"model.graph_neighbours = {SCALE_NEIGHBOURS}" in note and "13,465 items are above" in note
-    assert f"model.history_max = {SCALE_HISTORY}" in history_note
-    assert adapted.eval.valid_users == 0  # 13,465 items: validation ranks every user
+    # 13,465 items: whole histories, every validation user; past 100,000 items neither
+    assert adapted.model.history_max == 0 and adapted.eval.valid_users == 0
     big, notes = fit_to_size(cfg, 150_000)
-    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[-1]
+    assert big.model.history_max == SCALE_HISTORY and f"model.history_max = {SCALE_HISTORY}" in notes[1]
+    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[2]
+    mlp_small, _ = fit_to_size(load_config("mlp"), 13_465, pinned=())  # its loss limit is 0: still whole histories
+    assert mlp_small.model.history_max == 0
     assert fit_to_size(override(cfg, ["eval.valid_users=500"]), 150_000)[0].eval.valid_users == 500
     # the multi-task towers' per-user loss needs the whole catalogue: their teacher goes
     towers, notes = fit_to_size(cfg, 13_465, cascade=False)

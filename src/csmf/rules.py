@@ -59,13 +59,12 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
 
 # the graph encoder's neighbours per item when a pair loss replaces the full-catalogue one (docs/method.md)
 SCALE_NEIGHBOURS = 32
-# ... and the latest items per behaviour a user's bag reads there: a heavy user's whole history would set a step's
-# cost; the simulated logs of the scale suite hold 20-42 rows per user, so it binds for the tail only
-SCALE_HISTORY = 200
-# past this catalogue (whatever the loss) validation ranks a sample of users: each is ranked against the whole
-# catalogue every epoch, and 90k users x 194k items on the 2.2M-row simulator is minutes an epoch; 10,000 users
-# measure R@50 to about +-0.005
-SCALE_VALID_ITEMS, SCALE_VALID_USERS = 100_000, 10_000
+# Past this catalogue (whatever the loss: the MLP preset is always past its limit of 0, and must not change on a
+# small log) a user's bag reads each behaviour's latest SCALE_HISTORY items (a heavy user's whole history would set
+# a step's cost; the scale suite's logs hold 20-42 rows a user, so it binds for the tail only), and validation ranks
+# a sample of SCALE_VALID_USERS users (each is ranked against the whole catalogue every epoch: 90k users x 194k
+# items on the 2.2M-row simulator is minutes an epoch; 10,000 users measure R@50 to about +-0.005)
+SCALE_ITEMS, SCALE_HISTORY, SCALE_VALID_USERS = 100_000, 200, 10_000
 
 
 def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] | None = None,
@@ -73,8 +72,8 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
     """The configuration that trains on a catalogue of `n_items`, and a note per key it changed:
     - past `train.full_softmax_max_items` the graph encoder smooths through each item's nearest neighbours
       (`model.graph_neighbours`) instead of the whole graph in every step, so a pooled step reads its batch's rows;
-    - there the user towers read each behaviour's latest `model.history_max` items;
-    - past 100,000 items validation ranks a sample of `eval.valid_users` users;
+    - past 100,000 items (SCALE_ITEMS) the user towers read each behaviour's latest `model.history_max` items and
+      validation ranks a sample of `eval.valid_users` users;
     - where no per-user loss trains (a pair-loss encoder, streamed rows, the multi-task towers past the limit), a
       default teacher is turned off: its lists are read by that loss only.
     A key the user set (`pinned`: default, every value off the defaults) is never changed: check_training then
@@ -100,17 +99,17 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         cfg = replace(cfg, model=replace(cfg.model, graph_neighbours=SCALE_NEIGHBOURS))
         notes.append(f"model.graph_neighbours = {SCALE_NEIGHBOURS}: each item smoothed over its {SCALE_NEIGHBOURS} "
                      f"nearest neighbours, so a step reads its batch's rows only ({limit})")  # fmt: skip
+    big = n_items is not None and n_items > SCALE_ITEMS
+    large = f"{n_items:,} items are above {SCALE_ITEMS:,}" if big else ""
     bags = m.encoder == "graph" or m.history  # the user tower reads history bags
-    if past and cascade and bags and m.history_max == 0 and "model.history_max" not in pinned:
+    if big and cascade and bags and m.history_max == 0 and "model.history_max" not in pinned:
         cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
         notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
-                     f"items, so no heavy user sets a step's cost ({limit})")  # fmt: skip
-    big = n_items is not None and n_items > SCALE_VALID_ITEMS
+                     f"items, so no heavy user sets a step's cost ({large})")  # fmt: skip
     if big and cfg.eval.valid_users == 0 and "eval.valid_users" not in pinned:
         cfg = replace(cfg, eval=replace(cfg.eval, valid_users=SCALE_VALID_USERS))
         notes.append(f"eval.valid_users = {SCALE_VALID_USERS:,}: validation ranks a seeded sample of users against "
-                     f"the whole catalogue of {n_items:,} items (above {SCALE_VALID_ITEMS:,}); the test ranks every "
-                     "user")  # fmt: skip
+                     f"the whole catalogue, the test every user ({large})")  # fmt: skip
     return cfg, notes
 
 

@@ -349,7 +349,9 @@ class GraphBackbone(Backbone):
         columns = torch.nonzero(self.owner == stage).squeeze(1)
         base = self._base_rows(touched.astype(np.int64)).index_select(1, columns)  # (T, d_k)
         compact = sp.csr_matrix((rows.data, local.ravel(), rows.indptr), shape=(rows.shape[0], len(touched)))
-        part = torch.sparse.mm(_torch_sparse(compact), base)  # (B, T) @ (T, d_k)
+        # CSR both ways (the transpose for the backward): torch's COO product re-sorts its operand in every backward,
+        # 3x the time of this one on the 2.2M-row simulator's pool (0.45 s against 0.15 s a product)
+        part = _SparseMatmul.apply(base, _torch_csr(compact), _torch_csr(compact.T.tocsr()))  # (B, T) @ (T, d_k)
         return out.index_copy(1, columns, part)
 
     def batch_item_vectors(self, stage: int, items: np.ndarray) -> torch.Tensor:
