@@ -506,3 +506,29 @@ def test_reading_a_run_folder_or_scoring_changes_no_model(sim_data, tmp_path):
     with evaluating(fresh.model):
         assert not fresh.model.training
     assert fresh.model.training
+
+
+def test_a_long_epoch_logs_its_progress_where_no_bar_shows(monkeypatch):
+    import csmf.training_loop as loop
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    model = torch.nn.Module()
+    model.weight = weight
+
+    def losses():
+        return ((weight * k).sum() for k in (1.0, 2.0, 3.0))
+
+    def run(progress: bool) -> list[str]:
+        lines: list[str] = []
+        loop.run_epochs(model, torch.optim.SGD([weight], lr=0.0), 1, losses, lambda: (None, {}), patience=1,
+                        log=lines.append, progress=progress, desc="stage 1 epoch", steps=3)  # fmt: skip
+        return lines
+
+    monkeypatch.setattr(loop, "PROGRESS_LOG_S", 0.0)  # a line after every batch
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: False, raising=False)  # a log file
+    lines = run(progress=True)
+    assert [line.split(" batches")[0] for line in lines] == [f"  stage 1 epoch 1: {k}/3" for k in (1, 2, 3)]
+    assert "mean loss 3.0000" in lines[1]  # (2 + 4) / 2
+    assert run(progress=False) == []  # --quiet: nothing
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: tqdm's bar instead
+    assert run(progress=True) == []
