@@ -404,3 +404,25 @@ def test_bench_reuses_the_selections_fit_of_the_pick_for_the_csmf_row(sim_log_pa
     assert main([*pinned, *[a for s in small for a in ("--set", s)]]) == 0
     fresh = read_result(again, "sim", "csmf")
     assert fresh["fit_reused"] is None and fresh["metrics"] == searched["metrics"]
+
+
+def test_past_the_scale_limit_every_models_validation_ranks_a_sample(sim_log_path, tmp_path, monkeypatch, capsys):
+    from csmf import rules
+    from csmf.config import Config
+    from csmf.experiments.bench import _sampled_validation
+
+    monkeypatch.setattr(rules, "SCALE_ITEMS", 50)  # the 100-item log counts as a large catalogue
+    monkeypatch.setattr(rules, "SCALE_VALID_USERS", 30)
+    lines: list[str] = []
+    assert _sampled_validation(Config(), 50, None, lines.append).eval.valid_users == 0 and lines == []
+    assert _sampled_validation(Config(), 51, None, lines.append).eval.valid_users == 30
+    assert _sampled_validation(Config(), 51, {"eval.valid_users": 0}, lines.append).eval.valid_users == 0  # pinned
+    calls = []
+    import csmf.experiments.bench as bench
+
+    real = bench.evaluate_stage
+    monkeypatch.setattr(bench, "evaluate_stage", lambda *a, **k: calls.append(k.get("sample")) or real(*a, **k))
+    argv = ["bench", "--dataset", str(sim_log_path), "--models", "als", "--out", str(tmp_path), "--quiet"]
+    assert main([*argv, "--set", "als.factors=8", "--set", "als.iterations=2", "--set", "bench.cost_items=0"]) == 0
+    assert "eval.valid_users = 30: validation (the tuning of every model)" in capsys.readouterr().out
+    assert calls and set(calls) == {30}  # ALS's tuning grid ranked the sample

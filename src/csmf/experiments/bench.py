@@ -10,10 +10,11 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
+from csmf import rules
 from csmf.config import Config, ConfigError, config_to_dict
 from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.experiments.bench.load_dataset)
 from csmf.data.schema import CascadeData
@@ -336,6 +337,18 @@ def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress:
     return chosen, record, (fitted[id(model)] if model is not None else None)
 
 
+def _sampled_validation(cfg: Config, n_items: int, pinned: dict | None, log: Callable[[str], None]) -> Config:
+    """Past rules.SCALE_ITEMS every model's validation (the peers' tuning grids as well as the neural rows'
+    epochs) ranks a seeded sample of users, as `csmf train` does: each grid point of ALS ranked ~90k validation
+    users against 194k items on the 2.2M-row simulator."""
+    if n_items <= rules.SCALE_ITEMS or cfg.eval.valid_users or "eval.valid_users" in (pinned or {}):
+        return cfg
+    log(f"eval.valid_users = {rules.SCALE_VALID_USERS:,}: validation (the tuning of every model) ranks a seeded "
+        f"sample of users against the whole catalogue, the test every user ({n_items:,} items are above "
+        f"{rules.SCALE_ITEMS:,})")  # fmt: skip
+    return replace(cfg, eval=replace(cfg.eval, valid_users=rules.SCALE_VALID_USERS))
+
+
 def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
               pinned: dict | None = None) -> str:  # fmt: skip
     """Fit and evaluate each of bench.models; the neural rows share one configuration chosen on validation
@@ -345,6 +358,7 @@ def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = p
     data = load_dataset(cfg, progress)
     log(data.summary())
     log(data.report.render())
+    cfg = _sampled_validation(cfg, data.n_items, pinned, log)
     selection = picked = None
     if cfg.select.candidates and any(is_neural(n) for n in cfg.bench.models):
         # a stored pick is fit here only for a CSMF row to take (a search fits every candidate anyway)
