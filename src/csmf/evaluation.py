@@ -74,8 +74,9 @@ def evaluate_stage(
         truth_mat, units, users, codes = asked.truth, np.arange(len(asked.users)), asked.users, asked.codes
     if len(units) == 0:
         return {}
-    if 0 < sample < len(np.unique(users)):
-        chosen = np.random.default_rng(seed).choice(np.unique(users), sample, replace=False)
+    distinct = np.unique(users)
+    if 0 < sample < len(distinct):
+        chosen = np.random.default_rng(seed).choice(distinct, sample, replace=False)
         keep = np.isin(users, chosen)
         units, users = units[keep], users[keep]
     in_context = bool(codes) and hasattr(model, "score_in_context")

@@ -106,11 +106,18 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
         notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
                      f"items, so no heavy user sets a step's cost ({large})")  # fmt: skip
-    if big and cfg.eval.valid_users == 0 and "eval.valid_users" not in pinned:
-        cfg = replace(cfg, eval=replace(cfg.eval, valid_users=SCALE_VALID_USERS))
-        notes.append(f"eval.valid_users = {SCALE_VALID_USERS:,}: validation ranks a seeded sample of users against "
-                     f"the whole catalogue, the test every user ({large})")  # fmt: skip
-    return cfg, notes
+    cfg, note = sample_validation(cfg, n_items, pinned)
+    return cfg, notes + note
+
+
+def sample_validation(cfg: Config, n_items: int | None, pinned: Iterable[str]) -> tuple[Config, list[str]]:
+    """Past SCALE_ITEMS validation ranks a seeded sample of `eval.valid_users` users (unless the key is pinned),
+    and the note that says so: `fit_to_size` for training, `csmf bench` for every model's tuning."""
+    if n_items is None or n_items <= SCALE_ITEMS or cfg.eval.valid_users or "eval.valid_users" in pinned:
+        return cfg, []
+    note = (f"eval.valid_users = {SCALE_VALID_USERS:,}: validation ranks a seeded sample of users against the whole "
+            f"catalogue, the test every user ({n_items:,} items are above {SCALE_ITEMS:,})")  # fmt: skip
+    return replace(cfg, eval=replace(cfg.eval, valid_users=SCALE_VALID_USERS)), [note]
 
 
 # EASE holds a few dense N x N float32 matrices while it solves (Gram, factor, weights: ~12 N^2 bytes, 7.5 GB at

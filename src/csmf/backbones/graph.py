@@ -135,7 +135,7 @@ class StageGraph:
     def user_rows_sp(self, users: np.ndarray, matrices: dict[str, sp.csr_matrix],
                      recent: RecentHistory | None = None) -> sp.csr_matrix:  # fmt: skip
         """`user_rows` as a scipy matrix."""
-        if recent is None or recent.limit <= 0:
+        if recent is None:
             return self.normalise(self.adjacency(matrices, users))
         return self.normalise(self.adjacency({b: recent.rows(matrices[b], users) for b in self.weights}))
 
