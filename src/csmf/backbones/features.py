@@ -113,14 +113,20 @@ class Features:
         if name in self.bags:
             codes = self.bags[name][ids]  # (B, L)
             present = (codes > 0).unsqueeze(-1).to(weight.dtype)
-            return (weight[codes] * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
-        return weight[self.categorical[name][ids]]
+            return (_rows(weight, codes) * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
+        return _rows(weight, self.categorical[name][ids])
 
     def lookup_all(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """(n, d): `lookup` for every entity."""
         if name in self.bags:
             return self.lookup(name, torch.arange(len(self.bags[name]), device=weight.device), weight)
-        return weight[self.categorical[name]]
+        return _rows(weight, self.categorical[name])
+
+
+def _rows(weight: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """weight[codes] whose gradient is an index_add: indexing's own backward is an index_put that sorts its indices
+    under deterministic algorithms (0.3 s a step on the 55k items of a pooled step on the 2.2M-row simulator)."""
+    return weight.index_select(0, codes.reshape(-1)).view(*codes.shape, weight.shape[1])
 
 
 def stable_hash(values: np.ndarray) -> np.ndarray:
