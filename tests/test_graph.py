@@ -584,21 +584,36 @@ def test_a_pool_holding_the_whole_catalogue_is_the_full_loss(form, m0):
     assert torch.isfinite(values[1]) and grads[1].abs().sum() > 0
 
 
-def test_a_pool_scores_what_the_loss_reads_exactly_and_weights_its_draw():
+def test_a_pool_scores_each_users_own_items_exactly_and_weights_the_shared_draw():
     from csmf.stage_loss import Pool
 
-    pool = Pool.draw([np.array([7, 3, 3]), np.array([11])], 1000, 50, torch.Generator().manual_seed(1))
-    assert pool.fixed.tolist() == [3, 7, 11] and not set(pool.drawn) & {3, 7, 11}
-    assert 40 <= len(pool.drawn) <= 50  # 50 uniform draws, repeats and needed items removed
-    assert pool.log_weight[:3].tolist() == [0, 0, 0]
-    np.testing.assert_allclose(pool.log_weight[3:], np.log(997 / len(pool.drawn)), rtol=1e-6)
-    at, inside = pool.positions(np.array([11, 3, int(pool.drawn[5]), 500 if 500 not in pool.drawn else 501]))
-    assert inside.tolist() == [True, True, True, False]
-    assert pool.items[at[:3]].tolist() == [11, 3, int(pool.drawn[5])]
-    # the weighted draw estimates the whole catalogue's partition: exp-sum over 1,000 random scores
+    own = sp.csr_matrix(([1.0] * 5, ([0, 0, 0, 1, 1], [7, 3, 11, 3, 500])), shape=(3, 1000))  # row 2 owns nothing
+    pool = Pool.draw(own, 1000, 50, torch.Generator().manual_seed(1))
+    assert pool.width == 3 and 40 <= len(pool.shared) <= 50  # 50 uniform draws, repeats removed
+    bias = pool.bias.numpy()
+    assert bias[0, :3].tolist() == [0, 0, 0] and bias[1, :2].tolist() == [0, 0] and np.isneginf(bias[1, 2])
+    assert np.isneginf(bias[2, :3]).all()  # padding
+    for row, owned in enumerate([{3, 7, 11}, {3, 500}, set()]):
+        outside = [j for j, item in enumerate(pool.shared) if item not in owned]
+        np.testing.assert_allclose(bias[row, 3 + np.array(outside)], np.log((1000 - len(owned)) / len(outside)),
+                                   rtol=1e-6)  # fmt: skip
+        clashes = [j for j, item in enumerate(pool.shared) if item in owned]
+        assert np.isneginf(bias[row, 3 + np.array(clashes, dtype=int)]).all()
+    drawn = int(pool.shared[5])
+    cols, inside = pool.locate(np.array([0, 1, 1, 2, 2]), np.array([11, 3, drawn, drawn, 999 if 999 not in pool.shared
+                                                                                          else 998]))  # fmt: skip
+    assert inside.tolist() == [True, True, True, True, False]
+    assert cols[:4].tolist() == [2, 0, 3 + 5, 3 + 5]  # own columns follow item order; shared ones after width
+    # scores: a row's own columns hold u . v of its own items, the shared ones u . v of the draw
+    u, v = torch.randn(3, 4), torch.randn(len(pool.items), 4)
+    block = pool.scores(u, v)
+    at = {int(item): i for i, item in enumerate(pool.items)}
+    assert torch.allclose(block[0, 2], u[0] @ v[at[11]]) and torch.allclose(block[2, 3 + 5], u[2] @ v[at[drawn]])
+    # each row's weighted draw estimates the whole catalogue's partition over the items it does not own
     scores = np.random.default_rng(2).standard_normal(1000)
     estimates = []
     for seed in range(200):
-        p = Pool.draw([np.array([0, 1])], 1000, 100, torch.Generator().manual_seed(seed))
-        estimates.append(np.sum(np.exp(scores[p.items] + p.log_weight)))
-    assert abs(np.mean(estimates) / np.exp(scores).sum() - 1) < 0.02
+        p = Pool.draw(own, 1000, 100, torch.Generator().manual_seed(seed))
+        estimates.append(np.sum(np.exp(scores[p.shared] + p.bias.numpy()[0, p.width :])))
+    exact = np.exp(scores).sum() - np.exp(scores[[3, 7, 11]]).sum()
+    assert abs(np.mean(estimates) / exact - 1) < 0.02

@@ -7,6 +7,7 @@ and what to change, never a traceback at the first batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -65,6 +66,10 @@ SCALE_NEIGHBOURS = 32
 # a sample of SCALE_VALID_USERS users (each is ranked against the whole catalogue every epoch: 90k users x 194k
 # items on the 2.2M-row simulator is minutes an epoch; 10,000 users measure R@50 to about +-0.005)
 SCALE_ITEMS, SCALE_HISTORY, SCALE_VALID_USERS = 100_000, 200, 10_000
+# ... and a teacher's list stops at rank SCALE_LIST_DECAYS x train.distill_decay, where its exp(-rank / decay) weights
+# leave e^-5 = 0.7% of their mass: each listed item is a column of every step (with its neighbours, the larger part
+# of a pooled step on the 2.2M-row simulator), and 100k users x 100 items is 120 MB a stage held in memory
+SCALE_LIST_DECAYS = 5
 
 
 def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] | None = None,
@@ -72,8 +77,9 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
     """The configuration that trains on a catalogue of `n_items`, and a note per key it changed:
     - past `train.full_softmax_max_items` the graph encoder smooths through each item's nearest neighbours
       (`model.graph_neighbours`) instead of the whole graph in every step, so a pooled step reads its batch's rows;
-    - past 100,000 items (SCALE_ITEMS) the user towers read each behaviour's latest `model.history_max` items and
-      validation ranks a sample of `eval.valid_users` users;
+    - past 100,000 items (SCALE_ITEMS) the user towers read each behaviour's latest `model.history_max` items, a
+      teacher's list keeps the ranks that hold its weight (`train.distill_top`) and validation ranks a sample of
+      `eval.valid_users` users;
     - where no per-user loss trains (a pair-loss encoder, streamed rows, the multi-task towers past the limit), a
       default teacher is turned off: its lists are read by that loss only.
     A key the user set (`pinned`: default, every value off the defaults) is never changed: check_training then
@@ -106,6 +112,13 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
         notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
                      f"items, so no heavy user sets a step's cost ({large})")  # fmt: skip
+    t = cfg.train
+    short = math.ceil(SCALE_LIST_DECAYS * t.distill_decay)
+    if big and cascade and t.distill and t.distill_top > short and "train.distill_top" not in pinned:
+        cfg = replace(cfg, train=replace(t, distill_top=short))
+        notes.append(f"train.distill_top = {short}: the teacher's list past rank {SCALE_LIST_DECAYS} x "
+                     f"train.distill_decay holds {math.exp(-SCALE_LIST_DECAYS):.1%} of its weight, and each listed "
+                     f"item is scored with its neighbours in every step ({large})")  # fmt: skip
     cfg, note = sample_validation(cfg, n_items, pinned)
     return cfg, notes + note
 
