@@ -532,3 +532,27 @@ def test_a_long_epoch_logs_its_progress_where_no_bar_shows(monkeypatch):
     assert run(progress=False) == []  # --quiet: nothing
     monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: tqdm's bar instead
     assert run(progress=True) == []
+
+
+def test_adam_takes_fused_steps_on_the_largest_tables_and_the_same_steps_as_plain_adam():
+    from torch import nn
+
+    from csmf.training_loop import FUSED_ROWS, SplitAdam, adam
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Module()
+    model.big = nn.Parameter(torch.randn(FUSED_ROWS + 1, 2, generator=g))
+    model.small = nn.Parameter(torch.randn(5, 2, generator=g))
+    reference = copy.deepcopy(model)
+    split, plain = adam(model, 1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2)
+    assert isinstance(split, SplitAdam) and [o.defaults["fused"] for o in split.parts] == [True, None]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for m, opt in ((model, split), (reference, plain)):
+            opt.zero_grad()
+            for p, grad in zip(m.parameters(), grads, strict=True):
+                p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(model.small, reference.small)  # the small table's steps are plain Adam's, bit for bit
+    torch.testing.assert_close(model.big, reference.big, rtol=0, atol=1e-6)  # fused: the same to rounding
+    assert isinstance(adam(nn.Linear(3, 3), 1e-2), torch.optim.Adam)  # nothing large: one plain Adam

@@ -18,10 +18,11 @@ from csmf.progress import bar
 
 
 class SplitAdam(torch.optim.Optimizer):
-    """SparseAdam on the sparse-gradient tables and Adam on the rest, stepped together as one optimizer."""
+    """Several optimizers over disjoint parameters (SparseAdam on sparse-gradient tables, fused Adam on the largest
+    tables, Adam on the rest), stepped together as one."""
 
-    def __init__(self, sparse: torch.optim.Optimizer, dense: torch.optim.Optimizer):
-        self.parts = (sparse, dense)
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
         super().__init__([p for o in self.parts for g in o.param_groups for p in g["params"]], {})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -33,13 +34,23 @@ class SplitAdam(torch.optim.Optimizer):
             o.step()
 
 
+# tables of more rows than this (the catalogues past rules.SCALE_ITEMS) step with fused Adam, one pass over the
+# tensor instead of one per Adam operation: 15 ms against 122 ms a step over the 2.2M-row simulator's 194k x 128 item
+# table. Its rounding differs in the last bits, so smaller models keep the numbers they always had
+FUSED_ROWS = 100_000
+
+
 def adam(model: nn.Module, lr: float, sparse: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
     """Adam over the model; `sparse` parameters (tables with sparse gradients) get SparseAdam instead (lazy
-    Adam: only the rows a batch touches move), because a dense step over a million-row table costs ~1 s."""
-    if not sparse:
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    return SplitAdam(torch.optim.SparseAdam(list(sparse), lr=lr), torch.optim.Adam(dense, lr=lr))
+    Adam: only the rows a batch touches move), because a dense step over a million-row table costs ~1 s; tables
+    past FUSED_ROWS rows take fused Adam."""
+    rest = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    large = [p for p in rest if p.dim() > 0 and p.shape[0] > FUSED_ROWS]
+    rest = [p for p in rest if all(p is not q for q in large)]
+    parts = [torch.optim.SparseAdam(list(sparse), lr=lr)] if sparse else []
+    parts += [torch.optim.Adam(large, lr=lr, fused=True)] if large else []
+    parts += [torch.optim.Adam(rest, lr=lr)] if rest or not parts else []
+    return parts[0] if len(parts) == 1 else SplitAdam(*parts)
 
 
 # where no progress bar shows (stderr is a log file, not a terminal), a long epoch logs a line this often: an epoch of
