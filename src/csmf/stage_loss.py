@@ -118,8 +118,7 @@ class Pool:
         self.own_local, self.shared_local = inverse[: own.nnz], inverse[own.nnz :]
         # column bias, in logit units: 0 on an own item, -inf on padding and on a shared item the row owns,
         # log weight on the rest of the shared draw
-        spot = np.minimum(np.searchsorted(self.shared, self.own_items), max(len(self.shared) - 1, 0))
-        clash = self.shared[spot] == self.own_items if len(self.shared) else np.zeros(own.nnz, dtype=bool)
+        spot, clash = _find(self.shared, self.own_items)
         clash_rows, clash_cols = self.own_rows[clash], spot[clash]  # a row's own item in the shared draw
         outside = len(self.shared) - np.bincount(clash_rows, minlength=self.rows)  # (B,)
         log_weight = np.log(np.maximum(n_items - counts, 1) / np.maximum(outside, 1)).astype(np.float32)
@@ -135,18 +134,13 @@ class Pool:
             return cls(own, np.zeros(0, dtype=np.int64), n_items, exact=True)
         return cls(own, torch.randint(0, n_items, (size,), generator=generator).numpy(), n_items)
 
-    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        found = self._keys[at] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
-        return at, found
-
     def locate(self, rows: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the column of each (row, item) in the score block, whether it is there): the row's own column, else the
         item's column in the shared draw."""
-        at, own = self._find(rows * self.n_items + items)
-        cols = np.where(own, self.own_slots[at] if len(at) else 0, 0)
-        spot = np.minimum(np.searchsorted(self.shared, items), max(len(self.shared) - 1, 0))
-        drawn = ~own & (self.shared[spot] == items if len(self.shared) else False)
+        at, own = _find(self._keys, rows * self.n_items + items)
+        cols = np.where(own, self.own_slots[at] if len(self._keys) else 0, 0)
+        spot, drawn = _find(self.shared, items)
+        drawn &= ~own
         cols = np.where(drawn, self.width + spot, cols)
         return cols.astype(np.int64), own | drawn
 
@@ -175,6 +169,14 @@ class Pool:
         flat = flat.index_add(0, own_rows * self.width + torch.from_numpy(self.own_slots).to(u.device), own)
         shared = u @ v.index_select(0, torch.from_numpy(self.shared_local).to(u.device)).T  # (B, S)
         return torch.cat([flat.view(self.rows, self.width), shared], dim=1)
+
+
+def _find(ordered: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where each of `values` sits in the sorted array `ordered`, clamped to it; whether it is there)."""
+    if not len(ordered):
+        return np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(ordered, values), len(ordered) - 1)
+    return at, ordered[at] == values
 
 
 class UserLoss:
