@@ -181,10 +181,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_training(fit_to_size(cfg, pinned=_pinned(args, cfg))[0])
 
     ranks = distributed.init_from_env(distributed.resolve_device(cfg.runtime.device))
+    finished = False
     try:
-        return _train(args, cfg, ranks)
+        code = _train(args, cfg, ranks)
+        finished = True
+        return code
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

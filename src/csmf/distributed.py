@@ -96,8 +96,12 @@ def launch(nproc: int, train_args: list[str]) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
-def shutdown() -> None:
+def shutdown(finished: bool) -> None:
+    """Leave the process group. Ranks that finished first meet, so none tears its connections down while a peer
+    is still in a collective; a failed rank leaves at once (its peers' collectives then fail on their own)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
