@@ -123,6 +123,35 @@ def test_columns_of_other_stages_do_not_move_a_stage_score():
     assert not torch.equal(before, (u2 @ v2.T).detach())
 
 
+def test_a_positives_own_share_is_what_its_item_adds_to_its_users_bag():
+    """Leave-target-out: Â_k[u, i] |V_k[i]|^2 over the stages is u . v_i less the same score with item i's entry of
+    each stage's bag row zeroed (the bag's normalisation kept), over two stages with their own graphs and columns."""
+    a = sp.random(12, 15, density=0.3, random_state=0, format="csr")
+    a.data[:] = 1
+    b = sp.random(12, 15, density=0.15, random_state=1, format="csr")
+    b.data[:] = 1
+    model = GraphBackbone(12, 15, 6, [{"x": 1.0, "y": 0.2}, {"y": 1.0, "x": 0.2}], 1, no_features(), no_features(),
+                          0, leave_target_out=True)  # fmt: skip
+    model.set_history({"x": a, "y": b})
+    model.owner.copy_(torch.tensor([1, 1, 1, 2, 2, 2]))
+    users = np.arange(12)
+    rows, items = (a + b).nonzero()
+    with torch.no_grad():
+        u, v = model.vectors(users, 2)
+        layers = model.stage_items(2)
+        share = (model.bag_self_weights(users, 2, rows, items) * v[items] ** 2).sum(1)
+        for p, (r, i) in enumerate(zip(rows, items, strict=True)):
+            without = torch.zeros(6)
+            for k, graph in enumerate(model.graphs):
+                bag = graph.user_rows_sp(users[[r]], model.history, model.recent).toarray()
+                bag[0, i] = 0.0
+                without += torch.from_numpy(bag[0]).float() @ layers[k]
+            assert torch.isclose(share[p], u[r] @ v[i] - without @ v[i], atol=1e-5)
+    assert len(rows) > 20 and float(share.min()) > 0
+    off = GraphBackbone(12, 15, 6, [{"x": 1.0}], 1, no_features(), no_features(), 0)
+    assert off.bag_self_weights(users, 1, rows, items) is None  # the default: LightGCN's form
+
+
 # ----- a 3-stage cascade over the graph encoder -------------------------------------------------------
 
 

@@ -193,6 +193,18 @@ def test_coordinate_search_finds_the_max_of_a_separable_function():
     assert result.as_dict("m")["best"] == {"x": 2, "y": 3}
 
 
+def test_a_capped_coordinate_search_stops_after_its_fits_in_the_search_order():
+    f = lambda p: -((p["x"] - 2) ** 2) - (p["y"] - 3) ** 2  # noqa: E731
+    grid = {"x": [0, 1, 2, 3, 4], "y": [0, 1, 2, 3, 4, 5]}
+    full = coordinate_search(grid, f, start={"x": 0, "y": 0})
+    capped = coordinate_search(grid, f, start={"x": 0, "y": 0}, max_fits=7)
+    assert capped.trials == full.trials[:7] and capped.capped and not full.capped
+    # (0,0), x = 1..4 (best x = 2), then y = 1, 2 at x = 2: the best of those seven points
+    assert capped.best == {"x": 2, "y": 2} and capped.best_value == -1.0
+    assert capped.as_dict("m")["capped"] is True and "capped" not in full.as_dict("m")
+    assert coordinate_search(grid, f, start={"x": 0, "y": 0}, max_fits=100).trials == full.trials
+
+
 def test_coordinate_search_ties_keep_the_incumbent():
     result = coordinate_search({"x": [0, 1, 2, 3]}, lambda p: 1.0, start={"x": 2})
     assert result.best == {"x": 2}

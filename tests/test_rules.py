@@ -12,7 +12,9 @@ from csmf.config import Config, ConfigError, load_config, override
 from csmf.rules import (
     SCALE_HISTORY,
     SCALE_NEIGHBOURS,
+    SCALE_TUNE_FITS,
     SCALE_VALID_USERS,
+    cap_tuning,
     check_training,
     fit_to_size,
     training_problems,
@@ -94,6 +96,10 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     mlp_small, _ = fit_to_size(load_config("mlp"), 13_465, pinned=())  # its loss limit is 0: still whole histories
     assert mlp_small.model.history_max == 0
     assert fit_to_size(override(cfg, ["eval.valid_users=500"]), 150_000)[0].eval.valid_users == 500
+    capped, notes = cap_tuning(cfg, 150_000, pinned=())  # the bench's baselines: a bounded search past 100k items
+    assert capped.bench.tune_max_fits == SCALE_TUNE_FITS and "bench.tune_max_fits = 4" in notes[0]
+    assert cap_tuning(cfg, 13_465, pinned=()) == (cfg, [])
+    assert cap_tuning(cfg, 150_000, pinned={"bench.tune_max_fits"}) == (cfg, [])
     # the multi-task towers' per-user loss needs the whole catalogue: their teacher goes
     towers, notes = fit_to_size(cfg, 13_465, cascade=False)
     assert towers.train.distill == "" and "train.distill = '' (was 'ease')" in notes[0]

@@ -283,6 +283,9 @@ class ModelConfig(Checked):
     graph_down_weight: float = 1.0  # ... of later stages' pairs (a purchase implies the view)
     graph_side_weight: float = 0.5  # ... of side behaviours (JD favorites)
     init_scale: float = 0.1  # graph encoder: std of the initial item table
+    # graph encoder: a positive's score in the training loss leaves out its own share of the user's bag (the bag holds
+    # the training targets; on a sparse catalogue the model then learns to score an item for the users who hold it)
+    graph_leave_target_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -461,6 +464,7 @@ class BenchConfig(Checked):
         "suite_cost_items": (_at_least(0), ">= 0 (0 = no cost measurement)"),
         "suite_sim_users": (_at_least(0), ">= 0"),
         "suite_sim_items": (_at_least(0), ">= 0"),
+        "tune_max_fits": (_at_least(0), ">= 0 (0 = no cap)"),
     }
 
     models: tuple[str, ...] = ("popularity", "als", "itemknn")
@@ -478,6 +482,9 @@ class BenchConfig(Checked):
     # (a cold-item split: where features must carry the item), written as "cold_items" in its result
     cold_items: int = 0
     tune: bool = True  # False = no search: the settings' defaults (a grid's first value if the default is off-grid)
+    # the fits one objective's search may take (ALS, item-kNN, EASE), in the search's fixed order, so a capped search is
+    # as deterministic as a full one (0 = no cap; past 100,000 items csmf bench caps it, csmf.rules.cap_tuning)
+    tune_max_fits: int = 0
     # Neural models: share stage-1 pretraining between runs through this folder ("" = off; see csmf.cascade)
     pretrain_cache: str = ""
     checkpoint_dir: str = ""  # neural models: phase checkpoints here, so a killed run resumes ("" = none)

@@ -161,7 +161,8 @@ def user_softmax_loss(
     if margin is None:
         per_pair = log_partition - z_pos
     else:
-        shifted = torch.log1p(torch.exp(z_pos - log_partition) * torch.expm1(-margin))  # log(Z') - log(Z)
+        # log(Z') - log(Z); a positive holding nearly all of Z with a large margin would take log(0): kept finite
+        shifted = torch.log1p((torch.exp(z_pos - log_partition) * torch.expm1(-margin)).clamp(min=-1 + 1e-6))
         per_pair = log_partition + shifted - (z_pos - margin)
     return (per_pair * weight).sum() / weight.sum()
 

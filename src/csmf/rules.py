@@ -133,6 +133,24 @@ def sample_validation(cfg: Config, n_items: int | None, pinned: Iterable[str]) -
     return replace(cfg, eval=replace(cfg.eval, valid_users=SCALE_VALID_USERS)), [note]
 
 
+# past SCALE_ITEMS a baseline's search stops after this many fits per objective: one ALS fit and its validation took
+# about a minute on the 2.2M-row simulator, and the full coordinate search (>= 10 fits an objective) ran past an hour
+SCALE_TUNE_FITS = 4
+
+
+def cap_tuning(cfg: Config, n_items: int | None, pinned: Iterable[str]) -> tuple[Config, list[str]]:
+    """Past SCALE_ITEMS the baselines' searches stop after SCALE_TUNE_FITS fits per objective (unless
+    bench.tune_max_fits is pinned or set), and the note that says so."""
+    b = cfg.bench
+    if n_items is None or n_items <= SCALE_ITEMS or b.tune_max_fits or "bench.tune_max_fits" in pinned:
+        return cfg, []
+    note = (
+        f"bench.tune_max_fits = {SCALE_TUNE_FITS}: each baseline's search (ALS, item-kNN, EASE) stops after "
+        f"{SCALE_TUNE_FITS} fits an objective, in its fixed order ({n_items:,} items are above {SCALE_ITEMS:,})"
+    )
+    return replace(cfg, bench=replace(b, tune_max_fits=SCALE_TUNE_FITS)), [note]
+
+
 # EASE holds a few dense N x N float32 matrices while it solves (Gram, factor, weights: ~12 N^2 bytes, 7.5 GB at
 # 25k items); past this catalogue the teacher is item-kNN, sparse and seconds (docs/method.md, teachers)
 EASE_TEACHER_MAX_ITEMS = 25_000

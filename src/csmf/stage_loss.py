@@ -215,7 +215,7 @@ class UserLoss:
         # the index tensors go where the scores are (a backbone on a GPU); the generators stay on the CPU
         device = scores.device
         rows, cols, weight = self._entries(self.targets[users], pool, device)
-        margin, hinge = None, None
+        margin, hinge = self._own_share(users, v, pool), None
         if self.m0 > 0:
             upstream_user = u * model.group_mask(stage - 1)  # the frozen earlier objective
             upstream = (upstream_user @ v.T if pool is None else pool.scores(upstream_user, v)).detach()  # (B, M)
@@ -230,9 +230,11 @@ class UserLoss:
                 else:
                     sample = torch.randint(0, scores.shape[1], (min(2048, scores.shape[1]),), generator=self.generator)
                 sample = sample.to(device)
-                margin = self.m0 * share_above(upstream, rows, cols, sample)  # (P,)
+                aml = self.m0 * share_above(upstream, rows, cols, sample)  # (P,)
                 if form == "weight":
-                    weight, margin = weight * (1.0 + margin), None
+                    weight = weight * (1.0 + aml)
+                else:
+                    margin = aml if margin is None else margin + aml
         loss = user_softmax_loss(scores, rows, cols, weight, temperature, margin=margin)
         if hinge is not None:
             loss = loss + hinge
@@ -242,6 +244,19 @@ class UserLoss:
             weight_kd = per_stage(self.cfg.train.distill_weight, stage)
             loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
         return loss
+
+    def _own_share(self, users: np.ndarray, v: torch.Tensor, pool: Pool | None) -> torch.Tensor | None:
+        """(P,) each positive's own share of its score, in logit units, or None: a bag that holds the target scores
+        it partly against itself (Backbone.bag_self_weights), so the loss lowers its logit by that share (a margin:
+        exact in the positive's own softmax) and the model learns what the rest of the bag says about the item."""
+        coo = self.targets[users].tocoo()
+        rows, items = coo.row.astype(np.int64), coo.col.astype(np.int64)
+        coefficients = self.model.bag_self_weights(users, self.stage, rows, items)  # (P, D)
+        if coefficients is None:
+            return None
+        at = items if pool is None else np.searchsorted(pool.items, items)  # the positives' rows of v
+        own = v.index_select(0, torch.from_numpy(at).to(v.device))  # (P, D)
+        return (coefficients.to(v.device) * own * own).sum(1) / self.cfg.model.temperature
 
     def _hinge(self, scores, upstream, users, rows, cols, pool: Pool | None) -> torch.Tensor | None:
         """Cross-stage hinge over one upstream-only item per positive, drawn uniformly from the user's."""

@@ -116,6 +116,15 @@ class Backbone(nn.Module, ABC):
         return ownership(self.prunable())
 
     # ----- training hooks --------------------------------------------------------------------------
+    def bag_self_weights(
+        self, users: np.ndarray, stage: int, rows: np.ndarray, items: np.ndarray
+    ) -> torch.Tensor | None:
+        """(P, D) or None: for the pairs (users[rows[p]], items[p]) whose item is in its user's own bag, the weight
+        that item's vector carries in the user vector on each output column, so the loss can take the item's share
+        of its own score out (leave-target-out, `model.graph_leave_target_out`). None: the user vector does not
+        read the training targets (the MLP leaves them out itself)."""
+        return None
+
     def row_tables(self) -> dict[str, nn.Parameter]:
         """ID tables (name -> parameter, rows = entities) whose gradient a batch touches in a few rows only: with
         several processes the large ones are averaged row-sparse (csmf.distributed.reduce_rows)."""

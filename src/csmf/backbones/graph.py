@@ -174,14 +174,17 @@ class GraphBackbone(Backbone):
         user_id: bool = False,
         neighbours: int = 0,
         recent: RecentHistory | None = None,
+        leave_target_out: bool = False,
     ):
         """user_id: a D-wide row per user added to its bag (LightGCN's user table; on JD it adds nothing);
-        recent: the latest items a bag reads per behaviour (model.history_max; item smoothing reads every edge)."""
+        recent: the latest items a bag reads per behaviour (model.history_max; item smoothing reads every edge);
+        leave_target_out: the loss takes a positive's own share of its user's bag out of its score."""
         super().__init__()
         if not 0 <= hops <= 3:
             raise ValueError(f"model.graph_hops must be 0..3, got {hops}")
         g = torch.Generator().manual_seed(seed)
         self.n_users, self.n_items, self.hops, self.neighbours = n_users, n_items, hops, neighbours
+        self.leave_target_out = leave_target_out
         self.stage_weights = stage_weights
         self.recent = recent or RecentHistory()
         self.behaviours = tuple(dict.fromkeys(b for w in stage_weights for b in w))
@@ -223,6 +226,7 @@ class GraphBackbone(Backbone):
             data.n_users, data.n_items, m.dim, stage_weights, m.graph_hops, features_of(data.user_features, m),
             features_of(data.item_features, m), seed, init_scale=m.init_scale, user_id=m.user_id,
             neighbours=m.graph_neighbours, recent=RecentHistory(m.history_max, data.recency, seed),
+            leave_target_out=m.graph_leave_target_out,
         )  # fmt: skip
 
     # ----- graph --------------------------------------------------------------------------------
@@ -437,6 +441,24 @@ class GraphBackbone(Backbone):
     @property
     def output_owner(self) -> torch.Tensor:
         return self.owner
+
+    def bag_self_weights(
+        self, users: np.ndarray, stage: int, rows: np.ndarray, items: np.ndarray
+    ) -> torch.Tensor | None:
+        """(P, D): Â_k[user, item] on stage k's columns, k <= `stage`. Stage k's part of a user vector is Â_k[u] V_k
+        and V_k[i] is item i's vector on k's columns, so item i adds sum_k Â_k[u, i] |V_k[i]|^2 to its own score."""
+        if not self.leave_target_out:
+            return None
+        users = np.asarray(users, dtype=np.int64)
+        out = torch.zeros(len(items), self.items.shape[1])
+        for k in range(1, stage + 1):
+            columns = self.owner == k
+            if not bool(columns.any()):
+                continue
+            bag = self.graphs[k - 1].user_rows_sp(users, self.history, self.recent)  # (B, N): Â_k[users]
+            weight = torch.from_numpy(np.asarray(bag[rows, items], dtype=np.float32).ravel())  # (P,)
+            out = out + weight[:, None] * columns.float()[None, :]
+        return out
 
     def mask_grads(self, stage: int) -> None:
         """Only the columns `stage` owns learn; earlier stages' columns stay bit-identical."""

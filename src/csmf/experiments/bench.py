@@ -70,7 +70,8 @@ def _tuned(
                                     sample=cfg.eval.valid_users, seed=cfg.seed)  # fmt: skip
             return result[cfg.eval.tune_metric]
 
-        search = coordinate_search(grid, objective, start, progress=progress, desc=f"tune {stage}")
+        search = coordinate_search(grid, objective, start, progress=progress, desc=f"tune {stage}",
+                                   max_fits=cfg.bench.tune_max_fits)  # fmt: skip
         chosen[stage] = settings(search.best)
         record[stage] = search.as_dict(cfg.eval.tune_metric)
     return make(chosen), record
@@ -345,6 +346,9 @@ def _sampled_validation(cfg: Config, n_items: int, pinned: dict | None, log: Cal
         log(f"eval.valid_users = {cfg.eval.valid_users:,}: validation (the tuning of every model) ranks a seeded "
             f"sample of users against the whole catalogue, the test every user ({n_items:,} items are above "
             f"{rules.SCALE_ITEMS:,})")  # fmt: skip
+    cfg, notes = rules.cap_tuning(cfg, n_items, pinned or {})
+    for note in notes:
+        log(note)
     return cfg
 
 

@@ -19,9 +19,11 @@ class SearchResult:
     best: dict[str, Any]
     best_value: float
     trials: list[dict[str, Any]] = field(default_factory=list)  # {"params": {...}, "value": x}
+    capped: bool = False  # stopped at max_fits before the search converged
 
     def as_dict(self, metric: str) -> dict:
-        return {"metric": metric, "best": self.best, "best_value": self.best_value, "trials": self.trials}
+        out = {"metric": metric, "best": self.best, "best_value": self.best_value, "trials": self.trials}
+        return out | ({"capped": True} if self.capped else {})
 
 
 def coordinate_search(
@@ -31,10 +33,12 @@ def coordinate_search(
     max_rounds: int = 3,
     progress: bool = False,
     desc: str = "tune",
+    max_fits: int = 0,
 ) -> SearchResult:
     """Maximise `objective` over `grid`, one coordinate at a time, starting from `start`.
 
-    Each distinct point is evaluated once. Ties keep the incumbent, so the result is deterministic.
+    Each distinct point is evaluated once. Ties keep the incumbent, so the result is deterministic. max_fits > 0:
+    stop after that many evaluations (the points in the search's order), keeping the best so far.
     """
     current = dict(start)
     cache: dict[tuple, float] = {}
@@ -56,6 +60,9 @@ def coordinate_search(
         for name, values in grid.items():
             for candidate in values:
                 point = {**current, name: candidate}
+                if max_fits and len(cache) >= max_fits and tuple(sorted(point.items())) not in cache:
+                    fits.close()
+                    return SearchResult(best=current, best_value=best_value, trials=trials, capped=True)
                 v = value(point)
                 if v > best_value:
                     current, best_value, changed = point, v, True
