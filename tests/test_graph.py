@@ -160,6 +160,8 @@ def test_a_positives_own_share_is_what_its_item_adds_to_its_users_bag():
 def staged(data, request):
     user_id, neighbours = request.param
     cfg = override(CFG, [f"model.user_id={str(user_id).lower()}", f"model.graph_neighbours={neighbours}"])
+    if neighbours:  # the scale path's settings: its masks must hold as well
+        cfg = override(cfg, ["train.weight_decay=0.5", "model.graph_leave_target_out=true"])
     tr = CascadeTrainer(data, cfg, teacher=teacher_for(cfg))
     assert tr.per_user and isinstance(tr.model, GraphBackbone) and tr.model.per_user_loss
     assert (tr.model.user_rows is not None) == user_id
@@ -179,6 +181,16 @@ def staged(data, request):
     s["after"] = {k: v.clone() for k, v in tr.model.state_dict().items()}
     s["scores_1_after"] = TrainedCascade(tr.model, STAGES, history, 3).score(np.arange(data.n_users), "exposure")
     return s
+
+
+def test_weight_decay_shrinks_only_what_the_stage_trains(staged):
+    tr = staged["trainer"]
+    owner = tr.model.owner
+    factors = {id(p): f for p, f in tr._decay(2, 0.1)}
+    items = factors[id(tr.model.items)]  # (N, D)
+    assert torch.equal(items[:, owner == 2], torch.full_like(items[:, owner == 2], 0.9))
+    assert torch.equal(items[:, owner != 2], torch.ones_like(items[:, owner != 2]))
+    assert tr._decay(2, 0.0) == []
 
 
 def test_min_share_gives_each_later_stage_its_floor(staged):

@@ -14,6 +14,7 @@ from csmf.rules import (
     SCALE_NEIGHBOURS,
     SCALE_TUNE_FITS,
     SCALE_VALID_USERS,
+    SCALE_WEIGHT_DECAY,
     cap_tuning,
     check_training,
     fit_to_size,
@@ -89,9 +90,12 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     assert adapted.model.history_max == 0 and adapted.eval.valid_users == 0
     big, notes = fit_to_size(cfg, 150_000)
     assert big.model.history_max == SCALE_HISTORY and f"model.history_max = {SCALE_HISTORY}" in notes[1]
+    # the graph encoder trains with weight decay there (an item holds a few pairs); not below
+    assert big.train.weight_decay == SCALE_WEIGHT_DECAY and "train.weight_decay = 1.0" in notes[2]
+    assert adapted.train.weight_decay == 0 and fit_to_size(load_config("mlp"), 150_000)[0].train.weight_decay == 0
     # a teacher's list stops where its weights leave e^-5 of their mass (rank 5 x decay 5 = 25)
-    assert big.train.distill_top == 25 and "train.distill_top = 25" in notes[2] and "0.7%" in notes[2]
-    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[3]
+    assert big.train.distill_top == 25 and "train.distill_top = 25" in notes[3] and "0.7%" in notes[3]
+    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[4]
     assert fit_to_size(cfg, 150_000, pinned={"train.distill_top"})[0].train.distill_top == 100
     mlp_small, _ = fit_to_size(load_config("mlp"), 13_465, pinned=())  # its loss limit is 0: still whole histories
     assert mlp_small.model.history_max == 0

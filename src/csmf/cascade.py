@@ -205,21 +205,46 @@ class CascadeTrainer:
             valid = self.validate(stage)
             return (valid[self.cfg.train.select_metric] if valid else None), valid
 
+        shrink = self._decay(stage, lr * self.cfg.train.weight_decay)
         with self.model.training_stage(stage):
             records, best_epoch = run_epochs(
                 self.model, adam(self.model, lr, [t.weight for t in self.sparse]), epochs,
                 lambda: (step(b) for b in batches.epoch()), validate, self.cfg.train.patience,
-                after_backward=lambda: self._after_backward(stage),
+                after_backward=lambda: self._after_backward(stage, shrink),
                 describe=lambda e, loss, _s, valid: f"  stage {stage} epoch {e}: loss {loss:.4f} valid {_fmt(valid)}",
                 log=self.log, progress=self.progress, desc=f"stage {stage} epoch", steps=batches.steps,
             )  # fmt: skip
         return {"lr": lr, "pairs": int(batches.rows), "epochs": records, "best_epoch": best_epoch}
 
-    def _after_backward(self, stage: int) -> None:
-        """The row-reduced tables averaged over the ranks, then only the stage's own units keep a gradient."""
+    def _after_backward(self, stage: int, shrink: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        """The row-reduced tables averaged over the ranks, then only the stage's own units keep a gradient; with
+        weight decay, what the stage trains shrinks (before Adam's step, as AdamW does)."""
         for table in self.row_reduced.values():
             distributed.reduce_rows(table)
         self.model.mask_grads(stage)
+        with torch.no_grad():
+            for p, factor in shrink:
+                p.mul_(factor)
+
+    def _decay(self, stage: int, rate: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, per-entry factor) pairs: 1 - `rate` where `stage` may change the entry, exactly 1 elsewhere.
+        Where it may is what Backbone.mask_grads keeps of a gradient of ones, so every backbone's masks (columns,
+        hidden units, read inputs) are honoured without a second description of them. Sparse tables do not decay."""
+        if rate <= 0:
+            return []
+        sparse = {id(t.weight) for t in self.sparse}
+        params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in sparse]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        self.model.mask_grads(stage)
+        out = []
+        for p, grad in zip(params, saved, strict=True):
+            keep = p.grad if p.grad is not None else torch.zeros_like(p)
+            if bool(keep.any()):
+                out.append((p, 1.0 - rate * (keep != 0).to(p.dtype)))
+            p.grad = grad
+        return out
 
     def _batches_and_loss(self, stage: int, index: int, share: float):
         """The phase's batch producer (csmf.data.batches) and the loss of one of its batches (csmf.stage_loss)."""

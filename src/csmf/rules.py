@@ -70,6 +70,10 @@ SCALE_ITEMS, SCALE_HISTORY, SCALE_VALID_USERS = 100_000, 200, 10_000
 # leave e^-5 = 0.7% of their mass: each listed item is a column of every step (with its neighbours, the larger part
 # of a pooled step on the 2.2M-row simulator), and 100k users x 100 items is 120 MB a stage held in memory
 SCALE_LIST_DECAYS = 5
+# ... and the graph encoder trains with decoupled weight decay (train.weight_decay): on the 2.2M-row simulator (7
+# training pairs an item) stage-1 validation R@50 fell from the first steps without it (0.014 after 150 steps, in-
+# sample fit rising) and rose with it (0.018, 0.029, 0.030 after 50, 100, 150 steps; docs/method.md)
+SCALE_WEIGHT_DECAY = 1.0
 
 
 def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] | None = None,
@@ -112,6 +116,11 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
         notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
                      f"items, so no heavy user sets a step's cost ({large})")  # fmt: skip
+    if big and cascade and m.encoder == "graph" and cfg.train.weight_decay == 0 and "train.weight_decay" not in pinned:
+        cfg = replace(cfg, train=replace(cfg.train, weight_decay=SCALE_WEIGHT_DECAY))
+        notes.append(f"train.weight_decay = {SCALE_WEIGHT_DECAY}: each step shrinks the trained columns by lr x "
+                     f"{SCALE_WEIGHT_DECAY}, since an item seen a few times is otherwise fit to its own users and "
+                     f"validation falls from the first steps ({large})")  # fmt: skip
     t = cfg.train
     short = math.ceil(SCALE_LIST_DECAYS * t.distill_decay)
     if big and cascade and t.distill and t.distill_top > short and "train.distill_top" not in pinned:
