@@ -15,6 +15,7 @@ from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.popularity import Popularity
+from csmf.rules import SCALE_VALID_USERS
 from csmf.selection import candidates, pins, select, validation_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,6 +141,20 @@ def test_the_pick_key_holds_what_the_candidates_fits_read(data):
     base = key()
     assert key("multitask.lr=0.01", "multitask.patience=3") == base
     assert key("train.lr=0.02") != base and key("ease.l2=50") != base and key("cascade.tau=0.2") != base
+
+
+def test_past_100k_items_candidates_are_compared_on_the_validation_sample(data, tmp_path, monkeypatch):
+    import csmf.selection as selection
+
+    seen = []
+    monkeypatch.setattr(selection, "validation_score", lambda _m, _d, c: seen.append(c.eval.valid_users) or {"a": 0.1})
+    cfg = override(Config(), [f"select.store_dir={tmp_path}", "select.candidates=graph,mlp"])
+    select(cfg, data, _fit(data, []), log=lambda _m: None)
+    assert seen == [0, 0]  # this catalogue: every validation user, as before
+    monkeypatch.setattr(data.__class__, "n_items", property(lambda _self: 150_000), raising=False)
+    seen.clear()
+    select(override(cfg, ["select.reuse=false"]), data, _fit(data, []), log=lambda _m: None)
+    assert seen == [SCALE_VALID_USERS, SCALE_VALID_USERS]
 
 
 def test_the_budget_stops_starting_candidates(data, tmp_path):
