@@ -15,7 +15,7 @@ from csmf.data.logtable import load_log
 from csmf.data.split import split_log
 from csmf.models.itemknn import ItemKNN, ItemKNNSettings
 from csmf.models.popularity import Popularity
-from csmf.rules import SCALE_VALID_USERS
+from csmf.rules import SCALE_VALID_USERS, fit_to_size
 from csmf.selection import candidates, pins, select, validation_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,18 +143,25 @@ def test_the_pick_key_holds_what_the_candidates_fits_read(data):
     assert key("train.lr=0.02") != base and key("ease.l2=50") != base and key("cascade.tau=0.2") != base
 
 
-def test_past_100k_items_candidates_are_compared_on_the_validation_sample(data, tmp_path, monkeypatch):
+def test_each_candidate_is_scored_with_the_configuration_its_fit_adapted(data, tmp_path, monkeypatch):
+    """Past 100,000 items a CSMF fit validates a sample of users (fit_to_size); selection scores it the same way."""
     import csmf.selection as selection
 
     seen = []
     monkeypatch.setattr(selection, "validation_score", lambda _m, _d, c: seen.append(c.eval.valid_users) or {"a": 0.1})
     cfg = override(Config(), [f"select.store_dir={tmp_path}", "select.candidates=graph,mlp"])
-    select(cfg, data, _fit(data, []), log=lambda _m: None)
-    assert seen == [0, 0]  # this catalogue: every validation user, as before
-    monkeypatch.setattr(data.__class__, "n_items", property(lambda _self: 150_000), raising=False)
+    fit = _fit(data, [])
+
+    def adapted(c, tag):
+        model = fit(c, tag)
+        model.cfg = fit_to_size(c, 150_000)[0] if c.model.encoder == "graph" else c
+        return model
+
+    select(cfg, data, adapted, log=lambda _m: None)
+    assert seen == [SCALE_VALID_USERS, 0]
     seen.clear()
-    select(override(cfg, ["select.reuse=false"]), data, _fit(data, []), log=lambda _m: None)
-    assert seen == [SCALE_VALID_USERS, SCALE_VALID_USERS]
+    select(override(cfg, ["select.reuse=false"]), data, fit, log=lambda _m: None)  # no configuration: the caller's
+    assert seen == [0, 0]
 
 
 def test_the_budget_stops_starting_candidates(data, tmp_path):
