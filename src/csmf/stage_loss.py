@@ -214,8 +214,9 @@ class UserLoss:
         u, v, scores, pool = self._scores(users)
         # the index tensors go where the scores are (a backbone on a GPU); the generators stay on the CPU
         device = scores.device
-        rows, cols, weight = self._entries(self.targets[users], pool, device)
-        margin, hinge = self._own_share(users, v, pool), None
+        positives = self.targets[users]  # (B, N)
+        rows, cols, weight = self._entries(positives, pool, device)
+        margin, hinge = self._own_share(users, positives, v, pool), None
         if self.m0 > 0:
             upstream_user = u * model.group_mask(stage - 1)  # the frozen earlier objective
             upstream = (upstream_user @ v.T if pool is None else pool.scores(upstream_user, v)).detach()  # (B, M)
@@ -245,11 +246,12 @@ class UserLoss:
             loss = loss + weight_kd * distillation_loss(scores, seen, teacher, temperature)
         return loss
 
-    def _own_share(self, users: np.ndarray, v: torch.Tensor, pool: Pool | None) -> torch.Tensor | None:
+    def _own_share(self, users: np.ndarray, positives: sp.csr_matrix, v: torch.Tensor,
+                   pool: Pool | None) -> torch.Tensor | None:  # fmt: skip
         """(P,) each positive's own share of its score, in logit units, or None: a bag that holds the target scores
         it partly against itself (Backbone.bag_self_weights), so the loss lowers its logit by that share (a margin:
         exact in the positive's own softmax) and the model learns what the rest of the bag says about the item."""
-        coo = self.targets[users].tocoo()
+        coo = positives.tocoo()  # the order of `_entries`' positives
         rows, items = coo.row.astype(np.int64), coo.col.astype(np.int64)
         coefficients = self.model.bag_self_weights(users, self.stage, rows, items)  # (P, D)
         if coefficients is None:

@@ -45,14 +45,17 @@ def coordinate_search(
     trials: list[dict[str, Any]] = []
     fits = bar(None, progress, desc=desc, unit="fit", leave=False)
 
+    def key(point: dict[str, Any]) -> tuple:
+        return tuple(sorted(point.items()))
+
     def value(point: dict[str, Any]) -> float:
-        key = tuple(sorted(point.items()))
-        if key not in cache:
-            cache[key] = float(objective(dict(point)))
-            trials.append({"params": dict(point), "value": cache[key]})
+        k = key(point)
+        if k not in cache:
+            cache[k] = float(objective(dict(point)))
+            trials.append({"params": dict(point), "value": cache[k]})
             fits.update(1)
             fits.set_postfix(best=f"{max(cache.values()):.4f}")
-        return cache[key]
+        return cache[k]
 
     best_value = value(current)
     for _ in range(max_rounds):
@@ -60,7 +63,7 @@ def coordinate_search(
         for name, values in grid.items():
             for candidate in values:
                 point = {**current, name: candidate}
-                if max_fits and len(cache) >= max_fits and tuple(sorted(point.items())) not in cache:
+                if max_fits and len(cache) >= max_fits and key(point) not in cache:
                     fits.close()
                     return SearchResult(best=current, best_value=best_value, trials=trials, capped=True)
                 v = value(point)
