@@ -37,11 +37,26 @@ def rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Tens
     return mask
 
 
-def topk_hits(scores: torch.Tensor, exclude: torch.Tensor, truth: torch.Tensor, k: int) -> np.ndarray:
-    """Mask excluded items, take the top k, and say which ranked items are positives."""
-    scores = scores.masked_fill(exclude, float("-inf"))
-    top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices  # (B, k)
-    return truth.gather(1, top).numpy()
+def exclude_rows_(scores: torch.Tensor, mat: sp.csr_matrix, users: np.ndarray) -> torch.Tensor:
+    """`scores` (B, N) with each user's pairs in `mat` set to -inf, in place: it writes the excluded entries
+    only, where a dense (B, N) mask and masked_fill read and write the whole block (at 194k items those took
+    about as long as the matrix product that made the scores)."""
+    sub = mat[users]
+    rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
+    scores[torch.from_numpy(rows), torch.from_numpy(sub.indices.astype(np.int64))] = float("-inf")
+    return scores
+
+
+def hits_of(top: np.ndarray, mat: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """(B, k) bool: whether ranked item top[b, j] is among row rows[b]'s pairs in `mat` (a sorted-key lookup of
+    the B x k ranked items, not a dense (B, N) mask)."""
+    sub = mat[rows]
+    n = np.int64(mat.shape[1])
+    keys = np.sort(np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr)) * n + sub.indices)
+    if len(keys) == 0:
+        return np.zeros(top.shape, dtype=bool)
+    asked = np.arange(len(rows), dtype=np.int64)[:, None] * n + top
+    return keys[np.minimum(np.searchsorted(keys, asked), len(keys) - 1)] == asked
 
 
 def metric_values(result: dict) -> dict[str, float]:
@@ -96,10 +111,13 @@ def evaluate_stage(
                 scores = model.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float().cpu()
             else:
                 scores = model.score(ub, stage).float().cpu()  # (B, N); from a GPU while training there
-        exclude = rows_mask(excluded, ub, data.n_items)
+        if scores._is_view() or not scores.is_contiguous():  # a broadcast row (popularity): masked on a copy
+            scores = scores.clone()
+        exclude_rows_(scores, excluded, ub)
         if data.candidates is not None:  # rank only these items (a cold-item split)
-            exclude |= ~torch.from_numpy(data.candidates).unsqueeze(0)
-        hits = topk_hits(scores, exclude, rows_mask(truth_mat, rows, data.n_items), max(ks))
+            scores.masked_fill_(~torch.from_numpy(data.candidates).unsqueeze(0), float("-inf"))
+        top = torch.topk(scores, k=min(max(ks), scores.shape[1]), dim=1).indices.numpy()  # (B, k)
+        hits = hits_of(top, truth_mat, rows)
         if hits.shape[1] < max(ks):  # fewer items than K: pad with misses
             hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
         for name, values in recall_ndcg(hits, n_pos[at], ks).items():

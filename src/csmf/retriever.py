@@ -35,7 +35,8 @@ class Retriever(ABC):
 
     @abstractmethod
     def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
-        """(len(users), n_items) float32 scores of objective `stage` over the whole catalogue."""
+        """(len(users), n_items) float32 scores of objective `stage` over the whole catalogue; a new tensor or a
+        view (evaluation writes into one that is neither a view nor shared: never return a tensor the model keeps)."""
 
     def score_fused(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
         """Linear fusion of objective scores: sum_k weights[k] * score_k."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData, union
-from csmf.evaluation import batch_size_for, rows_mask, topk_hits, users_with_positives
+from csmf.evaluation import batch_size_for, exclude_rows_, hits_of, users_with_positives
 from csmf.metrics import recall_ndcg
 from csmf.retriever import Retriever
 
@@ -68,10 +68,10 @@ def _objective_recalls(model: Retriever, data: CascadeData, objective: str, serv
         ub = users[start : start + batch]
         with torch.no_grad():
             scores = {s: model.score(ub, s).float() for s in needed}  # (B, N) each
-        mask, hit = rows_mask(excluded, ub, data.n_items), rows_mask(truth, ub, data.n_items)
         for a, b in pairs:
             for j, w in enumerate(grid):
-                hits = topk_hits((1.0 - w) * scores[a] + w * scores[b], mask, hit, k)
+                fused = exclude_rows_((1.0 - w) * scores[a] + w * scores[b], excluded, ub)  # a new block each
+                hits = hits_of(torch.topk(fused, k=k, dim=1).indices.numpy(), truth, ub)
                 found = recall_ndcg(hits, n_pos[start : start + batch], (k,))[f"recall@{k}"]
                 sums[(a, b)][j] += float(found.sum())
     return {pair: [round(float(v) / len(users), 5) for v in sums[pair]] for pair in pairs}, len(users)
