@@ -658,3 +658,59 @@ def test_a_pool_scores_each_users_own_items_exactly_and_weights_the_shared_draw(
         estimates.append(np.sum(np.exp(scores[p.shared] + p.bias.numpy()[0, p.width :])))
     exact = np.exp(scores).sum() - np.exp(scores[[3, 7, 11]]).sum()
     assert abs(np.mean(estimates) / exact - 1) < 0.02
+
+
+# ----- the teacher check and AR by users -------------------------------------------------------------
+
+
+def test_list_recalls_hand_case():
+    from types import SimpleNamespace
+
+    from csmf.evaluation import list_recalls
+
+    def rows(*items):
+        return sp.csr_matrix(
+            (np.ones(sum(map(len, items))), np.concatenate([np.array(i, int) for i in items]),
+             np.cumsum([0, *map(len, items)])), shape=(3, 5),
+        )  # fmt: skip
+
+    train = rows([0], [], [0, 1])  # popularity: item 0 (2 pairs), item 1 (1), then 2, 3, 4 by id
+    data = SimpleNamespace(test={"o": rows([1, 4], [0], [])}, matrix=lambda _o: train, excluded=lambda _o: train)
+    lists = rows([4], [2, 3], [])
+    # user 0: the list [4] finds 1 of {1, 4}; as many popular unseen items: [1] (0 is seen) finds 1 of 2
+    # user 1: [2, 3] finds nothing of {0}; [0, 1] finds it; user 2 has no validation pair
+    assert list_recalls(lists, data, "o") == (0.25, 0.75, 2)
+    assert list_recalls(lists, data, "o", sample=1, seed=0)[2] == 1
+
+
+def _missing_lists(data, objective):
+    """A teacher that lists each user 5 items none of which is among its validation pairs (data is the tuning view,
+    whose test side is validation): it finds nothing there."""
+    valid, n = data.test[objective].tolil(), data.n_users
+    rng = np.random.default_rng(0)
+    cols = [rng.choice(np.setdiff1d(np.arange(data.n_items), valid.rows[u]), 5, replace=False) for u in range(n)]
+    return sp.csr_matrix((np.full(5 * n, 0.2, np.float32), (np.repeat(np.arange(n), 5), np.concatenate(cols))),
+                         shape=(n, data.n_items))  # fmt: skip
+
+
+def test_a_teacher_under_half_of_popularity_is_dropped_and_said(data):
+    cfg = override(CFG, ["train.max_epochs=1", "cascade.prune=none", "train.distill=ease"])
+    said = []
+    dropped = CascadeTrainer(data, cfg, objectives=("click",), teacher=_missing_lists, log=said.append)
+    scores = dropped.run().score(np.arange(30), "click")
+    assert any("dropped (train.distill_check = 0.5)" in line for line in said)
+    none = override(cfg, ["train.distill="])
+    assert torch.equal(scores, CascadeTrainer(data, none, objectives=("click",)).run().score(np.arange(30), "click"))
+    kept = override(cfg, ["train.distill_check=0"])  # the check off: the same lists train the student
+    taught = CascadeTrainer(data, kept, objectives=("click",), teacher=_missing_lists)
+    assert not torch.equal(scores, taught.run().score(np.arange(30), "click"))
+
+
+def test_ar_by_users_retrains_whole_users(data):
+    cfg = override(CFG, ["cascade.recover_by=users", "cascade.recover_frac=0.3"])
+    trainer = CascadeTrainer(data, override(cfg, ["train.distill="]), objectives=STAGES)
+    full = trainer._batches_and_loss(1, 0, 1.0)[1].targets
+    part = trainer._batches_and_loss(1, 2, 0.3)[1].targets  # recover-1
+    kept = np.flatnonzero(np.diff(part.indptr))
+    assert 0.2 < len(kept) / len(np.flatnonzero(np.diff(full.indptr))) < 0.4
+    assert (part[kept] != full[kept]).nnz == 0  # each drawn user keeps every one of its pairs

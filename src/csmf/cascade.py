@@ -37,7 +37,7 @@ from csmf.data.batches import (
 )
 from csmf.data.schema import CascadeData
 from csmf.determinism import deterministic_torch, seeded
-from csmf.evaluation import evaluate_stage, metric_values
+from csmf.evaluation import evaluate_stage, list_recalls, metric_values
 from csmf.phases import Phase, claim, plan, prune
 from csmf.rules import check_training, teacher_kind
 from csmf.runfolder import PretrainCache, RunFolder
@@ -258,7 +258,11 @@ class CascadeTrainer:
             return batches, PairLoss(model, stage, cfg, log_q_from_counts(batches.counts), generator, False)
         users, items, weights = stage_pairs(self.tuning, objective, per_stage(t.aux_weight, stage))
         if share < 1.0:
-            take = np.random.default_rng([cfg.seed, index]).random(len(users)) < share
+            draw = np.random.default_rng([cfg.seed, index])
+            if cfg.cascade.recover_by == "users":  # each user in or out with all of its pairs
+                take = (draw.random(self.data.n_users) < share)[users]
+            else:
+                take = draw.random(len(users)) < share
             users, items, weights = users[take], items[take], None if weights is None else weights[take]
         if self.per_user:  # a batch is a set of users with all their positives
             targets = target_matrix(users, items, weights, self.data.n_users, self.data.n_items)
@@ -275,14 +279,25 @@ class CascadeTrainer:
         batches = PairBatches(users, items, weights, codes, t.batch_size, generator, self.ranks, dropout)
         return batches, PairLoss(model, stage, cfg, log_q(items, self.data.n_items), generator, self.full_softmax)
 
-    def _teacher(self, objective: str) -> sp.csr_matrix:
-        """The distillation teacher's lists for `objective`, fit on the tuning data (never validation or test)."""
+    def _teacher(self, objective: str) -> sp.csr_matrix | None:
+        """The distillation teacher's lists for `objective`, fit on the tuning data (never validation or test);
+        None (no distillation this stage) when they find less than train.distill_check times what as many most
+        popular unseen items find of the validation pairs."""
         t0 = time.perf_counter()
         lists = self.teacher(self.tuning, objective)
         kind, asked = teacher_kind(self.cfg, self.tuning.n_items), self.cfg.train.distill
         why = f" (an {asked} teacher would not fit {self.tuning.n_items:,} items)" if kind != asked else ""
         self.log(f"  teacher {kind} for {objective}{why}: {time.perf_counter() - t0:.1f}s")
-        return lists
+        share = self.cfg.train.distill_check
+        if share <= 0 or objective not in self.tuning.test:
+            return lists
+        taught, popular, users = list_recalls(lists, self.tuning, objective, self.cfg.eval.valid_users, self.cfg.seed)
+        if taught >= share * popular:
+            return lists
+        self.log(f"  teacher {kind} for {objective} dropped (train.distill_check = {share}): its lists hold "
+                 f"{taught:.4f} of {users:,} users' validation pairs, as many most popular unseen items "
+                 f"{popular:.4f}")  # fmt: skip
+        return None
 
 
 def _fmt(valid: dict) -> str:

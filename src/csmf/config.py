@@ -305,6 +305,7 @@ class TrainConfig(Checked):
         "distill_top": (_positive, "> 0"),
         "weight_decay": (_at_least(0.0), ">= 0"),
         "distill_decay": (_positive, "> 0"),
+        "distill_check": (_in(0.0, 1.0, closed_high=True), "in [0, 1]"),
         "distill_weight": (lambda v: _nonempty(v) and _at_least(0.0)(v), "one or more weights >= 0"),
         "stream_buffer_rows": (_positive, "> 0"),
     }
@@ -339,6 +340,11 @@ class TrainConfig(Checked):
     distill_top: int = 100
     distill_decay: float = 5.0  # a sharp list: a flat one (20) lifted R@50 but cost N@50 on JD
     distill_weight: tuple[float, ...] = (1.0,)  # per trained stage (last value repeats)
+    # a stage drops its teacher when its lists find less than this share of the validation pairs that as many most
+    # popular unseen items find (on the validation sample; 0 = never): on the 2.2M-row simulator the item-kNN
+    # teacher is near random (test R@50 0.0002 against popularity's 0.049) and pulled the student toward noise. Not
+    # 1: on small logs a teacher a little under popularity at its 100 items still lifts the student (the golden fits)
+    distill_check: float = 0.5
     # keep each teacher's lists on disk by the fingerprint of the training data and the teacher's settings
     # ($XDG_CACHE_HOME/csmf/teachers, else ~/.cache/csmf/teachers) and read them back on the same data
     teacher_cache: bool = True
@@ -371,6 +377,11 @@ class CascadeConfig(Checked):
     fixed_fraction: float = -1.0  # "fixed": share of a stage's units freed per layer; < 0 = CPP's overall share
     recover_frac: float = 0.3  # AR: share of the stage's train pairs D' re-trained after pruning (0 = no AR)
     recover_epochs: int = 1
+    # what AR's share draws: "pairs" (each pair with probability recover_frac) or "users" (each user with all of
+    # its pairs). A per-user step costs about the same whatever share of a user's pairs it holds (the user's
+    # history bag and the pooled items), so a pair draw keeps every user and AR costs a whole epoch; past 100,000
+    # items the graph encoder takes "users" (csmf.rules)
+    recover_by: Literal["pairs", "users"] = "pairs"
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
     # "margin": m0 * upstream-miss share taken off the positive's logit (the notes' default); "weight": the
     # same quantity as an extra loss weight 1 + m (the margin saturates: docs/method.md, AML finding)

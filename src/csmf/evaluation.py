@@ -59,6 +59,32 @@ def hits_of(top: np.ndarray, mat: sp.csr_matrix, rows: np.ndarray) -> np.ndarray
     return keys[np.minimum(np.searchsorted(keys, asked), len(keys) - 1)] == asked
 
 
+def list_recalls(lists: sp.csr_matrix, data: CascadeData, objective: str, sample: int = 0,
+                 seed: int = 0) -> tuple[float, float, int]:  # fmt: skip
+    """(teacher, popularity, users): the mean share of each user's validation pairs (data.test of a tuning view)
+    that the teacher's list holds, and that the same number of most popular unseen items hold (popularity by the
+    objective's training pairs), over the users with validation pairs (a seeded `sample` of them when > 0)."""
+    truth, seen = data.test[objective], data.excluded(objective)
+    users = np.flatnonzero(np.diff(truth.indptr))
+    if 0 < sample < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(users, sample, replace=False))
+    if len(users) == 0:
+        return 0.0, 0.0, 0
+    counts = np.asarray(data.matrix(objective).sum(axis=0)).ravel()
+    popular = np.lexsort((np.arange(len(counts)), -counts))  # most pairs first, then the lower item id
+    taught = popular_found = 0.0
+    for u in users:
+        wanted = truth.indices[truth.indptr[u] : truth.indptr[u + 1]]
+        listed = lists.indices[lists.indptr[u] : lists.indptr[u + 1]]
+        k = max(len(listed), 1)
+        had = seen.indices[seen.indptr[u] : seen.indptr[u + 1]]
+        head = popular[: k + len(had)]
+        head = head[~np.isin(head, had)][:k]
+        taught += np.isin(wanted, listed).sum() / len(wanted)
+        popular_found += np.isin(wanted, head).sum() / len(wanted)
+    return float(taught / len(users)), float(popular_found / len(users)), len(users)
+
+
 def metric_values(result: dict) -> dict[str, float]:
     """The ranking metrics of an evaluation result (recall@K, ndcg@K), without its counts."""
     return {k: v for k, v in result.items() if "@" in k}

@@ -75,7 +75,7 @@ class PairLoss:
 
 
 def user_loss_extras(tuning: CascadeData, objectives: tuple[str, ...], stage: int, cfg: Config,
-                     teacher: Callable[[str], sp.csr_matrix]) -> dict:  # fmt: skip
+                     teacher: Callable[[str], sp.csr_matrix | None]) -> dict:  # fmt: skip
     """What the per-user loss of `stage` reads besides its positives, computed once a phase: the items each user
     reached only upstream (the hinge AML's negatives), the items each user has seen and the teacher's lists
     (distillation; `teacher(objective)` gives them)."""
@@ -85,8 +85,10 @@ def user_loss_extras(tuning: CascadeData, objectives: tuple[str, ...], stage: in
         previous = tuning.matrix(objectives[stage - 2])
         extras["upstream_only"] = difference(previous, tuning.matrix(objective))
     if t.distill and per_stage(t.distill_weight, stage) > 0:  # the trainer refuses distillation without a teacher
-        extras["seen"] = tuning.excluded(objective)
-        extras["teacher"] = teacher(objective)
+        lists = teacher(objective)  # None: the trainer dropped it (train.distill_check)
+        if lists is not None:
+            extras["seen"] = tuning.excluded(objective)
+            extras["teacher"] = lists
     return extras
 
 
