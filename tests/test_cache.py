@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from csmf.config import Config, ConfigError, SimConfig, override
 from csmf.data.aliccp import aliccp_raw_source, load_aliccp
 from csmf.data.cache import Cache, build_cache, ensure_cache
 from csmf.data.datasets import load_dataset
+from csmf.data.errors import DataError
 from csmf.data.schema import leak_violations
 from csmf.data.simulate import simulate, simulate_layout
 from csmf.data.sources import log_source, pair_split
@@ -110,6 +112,49 @@ def test_an_unfinished_cache_is_never_read(raw_folder, tmp_path):
     messages = []
     ensure_cache(aliccp_raw_source(raw_folder), folder, log=messages.append)
     assert "unfinished" in messages[0] and (folder / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "stray", "old-manifest-delete"])
+def test_a_damaged_bucket_is_named_and_converted_again_never_a_short_load(raw_folder, tmp_path, damage):
+    folder = tmp_path / "c"
+    manifest = build_cache(aliccp_raw_source(raw_folder), folder)
+    assert sum(manifest["bucket_rows"].values()) == manifest["rows"]
+    bucket = folder / "rows" / "bucket=03" / "part-0.parquet"
+    if damage == "truncate":
+        bucket.write_bytes(bucket.read_bytes()[: bucket.stat().st_size // 2])
+        problem = "not a readable Parquet file"
+    elif damage == "stray":  # a file the conversion did not write would add its rows to the log
+        bucket = bucket.with_name("part-1.parquet")
+        pq.write_table(pq.read_table(folder / "rows" / "bucket=03" / "part-0.parquet"), bucket)
+        problem = "not written by the conversion"
+    else:
+        bucket.unlink()
+        problem = "missing"
+        if damage == "old-manifest-delete":  # a cache built before the manifest listed its buckets
+            del manifest["bucket_rows"]
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+            bucket, problem = folder / "rows", f"rows, the manifest records {manifest['rows']:,}"
+    with pytest.raises(DataError, match=re.escape(f"{bucket}: ") + ".*" + re.escape(problem) + ".*delete that "
+                       "folder and run again"):  # fmt: skip
+        Cache(folder)
+    messages = []
+    cache = ensure_cache(aliccp_raw_source(raw_folder), folder, log=messages.append)
+    assert len(messages) == 1 and messages[0].startswith(f"cache {folder}: {bucket} ")  # the file, then rebuilt
+    assert problem in messages[0] and messages[0].endswith("converting again")
+    assert sum(len(m.data) for m in cache.matrices()["train"].values()) > 0
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in cache.bucket_files()) == cache.manifest["rows"]
+
+
+def test_a_bucket_damaged_inside_is_named_when_read(raw_folder, tmp_path):
+    folder = tmp_path / "c"
+    build_cache(aliccp_raw_source(raw_folder), folder)
+    bucket = folder / "rows" / "bucket=03" / "part-0.parquet"
+    data = bytearray(bucket.read_bytes())
+    data[8:400] = bytes(392)  # the first column pages zeroed; the footer (and its row count) intact
+    bucket.write_bytes(bytes(data))
+    cache = Cache(folder)
+    with pytest.raises(DataError, match=re.escape(f"{bucket}: cannot be read")):
+        cache.matrices()
 
 
 def test_the_pair_split_keeps_every_row_of_a_pair_together_whatever_the_blocks():

@@ -146,7 +146,6 @@ def write_parquet(tmp_path: Path, columns: dict, name: str = "log.parquet") -> P
         ("user_id,item_id,click\n1,5,1\n1,6,1\n2,6,x\n", ("click",), 4, "stage column 'click' has value 'x'"),
         ("user_id,item_id,click\n1,5,1\n1,6,\n", ("click",), 3, "stage column 'click' is empty"),
         ("user_id,item_id,click\n1,5,1\n,6,1\n", (), 3, "column 'user_id' is empty"),
-        ("user_id,item_id,click\n1,5,1\n1,1.5,1\n", (), 3, "column 'item_id' has non-integer id"),
         ("user_id,item_id,click\n1,5,1\n2,6,1\n-3,6,1\n", (), 4, "column 'user_id' has negative id -3"),
         ("user_id,item_id,click\n1,5,x\n", (), 2, "stage column 'click' has value 'x'"),
     ],
@@ -161,9 +160,6 @@ def test_csv_error_value_is_reported(tmp_path):
     path = write_csv(tmp_path, "user_id,item_id,click\n1,5,1\n1,6,2\n")
     with pytest.raises(DataError, match=r"has value \S*2\)?; stage columns hold 0 or 1"):
         load_log(path, stages=("click",))
-    path = write_csv(tmp_path, "user_id,item_id,click\n1,5,1\n1,1.5,1\n")
-    with pytest.raises(DataError, match=r"non-integer id \S*1\.5\)?; ids must be integers or strings"):
-        load_log(path)
 
 
 @pytest.mark.parametrize(
@@ -478,9 +474,13 @@ def test_csv_shape_errors_name_the_line(tmp_path, text, line, message):
 
 
 @pytest.mark.parametrize("huge", ["99999999999999999999999", "1e300", "inf"])
-def test_an_id_too_large_to_read_exactly_names_the_line(tmp_path, huge):
-    path = write_csv(tmp_path, f"user_id,item_id,view\n1,2,1\n{huge},3,1\n")
-    with pytest.raises(DataError, match=re.escape(f"{path}:3: column 'user_id' has id") + ".*too large"):
+def test_an_id_too_large_for_a_number_is_kept_exactly_as_text_in_csv_and_named_in_parquet(tmp_path, huge):
+    # a CSV's text is kept as written (no float rounding can merge two ids); a Parquet float column is a number
+    log = load_log(write_csv(tmp_path, f"user_id,item_id,view\n1,2,1\n{huge},3,1\n"))
+    assert log.user_ids.tolist() == ["1", huge]
+    assert "'user_id' read as text" in next(n for n in log.report.notes if n.startswith("ids:"))
+    path = write_parquet(tmp_path, {"user_id": [1.0, float(huge)], "item_id": [2, 3], "view": [1, 1]})
+    with pytest.raises(DataError, match=re.escape(f"{path} row 2: column 'user_id' has id") + ".*too large"):
         load_log(path)
 
 
@@ -502,3 +502,80 @@ def test_a_stray_huge_jd_id_is_remapped_not_a_catalogue_of_millions(tmp_path):
     assert any("item ids go up to 5,000,000 but only 5 are used" in n for n in report.notes)
     files, user_ids, _ = jd_raw(write_jd(tmp_path / "jd2", {"trn_buy": "1 1\n2 3\n2147483648 4\n"}))
     assert files["trn_buy"].shape == (3, 4) and user_ids.tolist() == [1, 2, 2147483648]  # >= 2^31: remapped
+
+
+# ----- repeated header names, id text, damaged stage values, compressed files misnamed -------------
+
+
+@pytest.mark.parametrize(
+    ("header", "name", "positions"),
+    [
+        ("user_id,item_id,click,click,purchase", "click", "columns 3 and 4"),
+        ("user_id,user_id,click,purchase,view", "user_id", "columns 1 and 2"),  # not "missing item_id"
+    ],
+)
+def test_a_repeated_column_name_is_named_with_its_positions(tmp_path, header, name, positions):
+    path = write_csv(tmp_path, header + "\n1,2,1,1,0\n2,3,1,0,1\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: column name {name!r} appears 2 times in the header "
+                                                  f"({positions}); rename them")):  # fmt: skip
+        load_log(path)
+    table = pa.Table.from_arrays([pa.array([1, 2])] * 5, names=header.split(","))
+    pq.write_table(table, tmp_path / "log.parquet")
+    with pytest.raises(DataError, match=re.escape(f"appears 2 times in the schema ({positions})")):
+        load_log(tmp_path / "log.parquet")
+
+
+def test_an_id_with_leading_zeros_keeps_its_identity_whatever_the_other_rows_hold(tmp_path):
+    rows = "user_id,item_id,click\n1,007,1\n1,0007,1\n2,7,1\n"
+    numeric = load_log(write_csv(tmp_path, rows, "numeric.csv"))
+    mixed = load_log(write_csv(tmp_path, rows + "3,abc,1\n", "mixed.csv"))  # one unrelated non-numeric id
+    assert numeric.item_ids.tolist() == ["007", "0007", "7"]  # three ids, not one
+    assert mixed.item_ids.tolist() == ["007", "0007", "7", "abc"]
+    assert numeric.user_ids.tolist() == [1, 2] and numeric.user_ids.dtype == np.int64  # plain integers: numbers
+    ids = next(n for n in numeric.report.notes if n.startswith("ids:"))
+    assert "'user_id' read as integers" in ids and "'item_id' read as text: data row 1 holds '007'" in ids
+    for text in ("1,1.5,1", "1,-0,1", "1, 5,1"):  # not one plain integer: the column is text as written
+        log = load_log(write_csv(tmp_path, f"user_id,item_id,click\n1,5,1\n{text}\n"))
+        assert log.item_ids.tolist() == ["5", text.split(",")[1]]
+
+
+def test_a_cache_keeps_ids_with_leading_zeros_apart(tmp_path):
+    from csmf.data.cache import ensure_cache
+    from csmf.data.sources import log_source
+
+    path = write_csv(tmp_path, "user_id,item_id,click\n1,007,1\n1,7,1\n2,0007,1\n2,7,1\n")
+    source = log_source(path, ("click",), "user_id", "item_id", 0.2, 0.1, 0, "log")
+    cache = ensure_cache(source, tmp_path / "cache", log=lambda _m: None)
+    assert sorted(cache.ids("item").tolist()) == ["0007", "007", "7"]
+    assert any("kept as written" in n for n in cache.manifest["notes"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_stage_column_of_halves_is_refused_not_a_shorter_cascade(tmp_path, fmt):
+    columns = {"user_id": [1, 1, 2, 2], "item_id": [1, 2, 1, 3], "click": [1, 1, 1, 1], "buy": [0.5, 1.5, 0.5, 1.5]}
+    if fmt == "parquet":
+        path, where = write_parquet(tmp_path, columns), "row 1"
+    else:
+        rows = zip(*columns.values(), strict=True)
+        path = write_csv(tmp_path, "user_id,item_id,click,buy\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+        where = ":2"
+    with pytest.raises(DataError, match=re.escape(f"{path}{' ' if fmt == 'parquet' else ''}{where}: stage column "
+                                                  "'buy' has value 0.5")) as err:  # fmt: skip
+        load_log(path)
+    assert "--stages" in str(err.value)
+    assert load_log(path, stages=("click",)).stages == ("click",)  # named: the halves are a feature
+    rate = write_parquet(tmp_path, {**columns, "buy": [0.25, 0.5, 0.75, 0.1]}, "rate.parquet")  # a rate: a feature
+    assert load_log(rate).stages == ("click",)
+
+
+def test_gzip_bytes_named_csv_are_one_clear_error_without_a_printed_traceback(tmp_path, capfd):
+    rows = "user_id,item_id,click\n" + "".join(f"{u},{u % 13},1\n" for u in range(3000))
+    path = tmp_path / "log.csv"
+    path.write_bytes(gzip.compress(rows.encode()))
+    with pytest.raises(DataError, match=re.escape(f"{path}: the file is gzip-compressed but named .csv; rename "
+                                                  "it to log.csv.gz")):  # fmt: skip
+        load_log(path)
+    path.write_bytes(b"user_id,item_id,click\n1,2,1\n" + bytes(range(128, 256)) * 30)  # binary, not compressed
+    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text")):
+        load_log(path)
+    assert "Exception ignored" not in capfd.readouterr().err

@@ -213,6 +213,7 @@ def build_cache(
     bag_side = {c: "item" if c in (source.item_features or ()) else "user" for c in lists}
     bags = {c: _BagCounter(vocab[c].size) for c in lists}
     writers: dict[int, pq.ParquetWriter] = {}
+    bucket_rows: dict[str, int] = {}  # file under rows/ -> rows written: Cache checks the files against it
     try:
         for path in bar(staged, progress, desc="encode", unit="part"):
             block = pq.read_table(path)
@@ -244,10 +245,12 @@ def build_cache(
             bucket = u % buckets
             for b in np.unique(bucket):
                 part = table.filter(pa.array(bucket == b))
+                name = f"bucket={b:02d}/part-0.parquet"
                 if b not in writers:
                     (folder / "rows" / f"bucket={b:02d}").mkdir(parents=True, exist_ok=True)
-                    writers[b] = pq.ParquetWriter(folder / "rows" / f"bucket={b:02d}" / "part-0.parquet", part.schema)
+                    writers[b] = pq.ParquetWriter(folder / "rows" / name, part.schema)
                 writers[b].write_table(part)
+                bucket_rows[name] = bucket_rows.get(name, 0) + part.num_rows
             path.unlink()
             del block, table
             pa.default_memory_pool().release_unused()
@@ -278,6 +281,7 @@ def build_cache(
         "n_items": n_items,
         "buckets": buckets,
         "rows": rows,
+        "bucket_rows": dict(sorted(bucket_rows.items())),
         "rows_per_split": per_split,
         "stage_rows": positives,
         "features": {c: {"side": sides[c], "size": vocab[c].size, "hashed": vocab[c].hashed} for c in features}
@@ -295,6 +299,16 @@ def build_cache(
     return manifest
 
 
+class DamagedCache(DataError):
+    """A cache file missing, cut or not the one the manifest records: named with the fix."""
+
+    def __init__(self, path: Path, problem: str, folder: Path):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}; the cache in {folder} is damaged: delete that folder and run again to "
+                         "convert the log afresh (csmf converts a damaged cache again by itself when it still finds "
+                         "the source files)")  # fmt: skip
+
+
 class Cache:
     """A finished cache folder: its manifest, its rows streamed by bucket, and in-memory views of it."""
 
@@ -309,9 +323,53 @@ class Cache:
         self.stages = tuple(self.manifest["stages"])
         self.n_users, self.n_items = self.manifest["n_users"], self.manifest["n_items"]
         self.context = tuple(self.manifest.get("context", ()))  # per-row context columns (csmf.data.context)
+        self._check_files()
+
+    def _damaged(self, path: Path, problem: str) -> DamagedCache:
+        return DamagedCache(path, problem, self.folder)
+
+    def _rows_in(self, path: Path) -> int:
+        """Rows of a Parquet file from its footer alone (kilobytes): a missing or cut file is named here."""
+        if not path.is_file():
+            raise self._damaged(path, "missing")
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as err:  # a cut file has lost its footer
+            raise self._damaged(path, f"not a readable Parquet file ({err})") from None
+
+    def _check_files(self) -> None:
+        """Every file the manifest promises, with the rows it records: a deleted or truncated bucket is an error
+        naming the file, never a silently short load."""
+        for side, n in (("user", self.n_users), ("item", self.n_items)):
+            if (rows := self._rows_in(self.folder / f"{side}s.parquet")) != n:
+                raise self._damaged(self.folder / f"{side}s.parquet", f"{rows:,} rows, the manifest records {n:,}")
+        if not (self.folder / "train_item_counts.npz").is_file():
+            raise self._damaged(self.folder / "train_item_counts.npz", "missing")
+        listed = self.manifest.get("bucket_rows")
+        found = {path.relative_to(self.folder / "rows").as_posix(): path for path in self.bucket_files()}
+        if listed is None:  # a cache from before the manifest listed its buckets: only the total can be checked
+            total = sum(self._rows_in(path) for path in found.values())
+            if total != self.manifest["rows"]:
+                raise self._damaged(self.folder / "rows", f"{total:,} rows, the manifest records "
+                                    f"{self.manifest['rows']:,}")  # fmt: skip
+            return
+        for name, rows in listed.items():
+            path = self.folder / "rows" / name
+            if (held := self._rows_in(path)) != rows:
+                raise self._damaged(path, f"{held:,} rows, the manifest records {rows:,}")
+        extra = sorted(set(found) - set(listed))
+        if extra:
+            raise self._damaged(found[extra[0]], "not written by the conversion (its rows would be read as the log's)")
 
     def bucket_files(self) -> list[Path]:
         return sorted((self.folder / "rows").glob("bucket=*/*.parquet"))
+
+    def _batches(self, path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """A bucket file's batches; a file damaged inside (its footer intact) is named, not a pyarrow traceback."""
+        try:
+            yield from pq.ParquetFile(path).iter_batches(columns=columns)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise self._damaged(path, f"cannot be read ({err})") from None
 
     def train_item_counts(self, stage: str) -> np.ndarray:
         with np.load(self.folder / "train_item_counts.npz") as counts:
@@ -339,7 +397,7 @@ class Cache:
         """Every user with a validation or test row."""
         found = []
         for path in self.bucket_files():
-            for batch in pq.ParquetFile(path).iter_batches(columns=["user", "split"]):
+            for batch in self._batches(path, ["user", "split"]):
                 found.append(np.unique(batch.column("user").to_numpy()[batch.column("split").to_numpy() != 0]))
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int32)
 
@@ -353,7 +411,7 @@ class Cache:
         rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (users, items, codes (n, C)) of every row
         for path in self.bucket_files():
             columns = ["user", "item", "split", *self.stages, *self.context]
-            for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+            for batch in self._batches(path, columns):
                 u, i = batch.column("user").to_numpy(), batch.column("item").to_numpy()
                 split = batch.column("split").to_numpy()
                 inside = np.isin(u, users) if users is not None else np.ones(len(u), dtype=bool)
@@ -419,7 +477,7 @@ class Cache:
             held_parts, held = [[c[full:] for c in cols]], len(perm) - full
 
         for k in order:
-            for batch in pq.ParquetFile(files[k]).iter_batches(columns=[*names, "split", stage]):
+            for batch in self._batches(files[k], [*names, "split", stage]):
                 keep = (batch.column("split").to_numpy() == 0) & (batch.column(stage).to_numpy() == 1)
                 held_parts.append([batch.column(c).to_numpy()[keep].astype(np.int64) for c in names])
                 held += int(keep.sum())
@@ -451,15 +509,19 @@ class Cache:
 def ensure_cache(source: Source, folder: Path, progress: bool = False, log: Callable[[str], None] = print,
                  **options) -> Cache:  # fmt: skip
     """The cache of `source` at `folder`: reused when its manifest matches the source files and options now,
-    rebuilt otherwise (a changed source file invalidates it; a partial one is never read)."""
+    rebuilt otherwise (a changed source file invalidates it; a partial or damaged one is never read)."""
     manifest = folder / "manifest.json"
     identity = fingerprint(source)
     if manifest.exists():
         cached = json.loads(manifest.read_text())
         now = identity | {"build": {k: options.get(k, v) for k, v in BUILD_DEFAULTS.items()}}
         if all(cached.get(k) == v for k, v in now.items()):
-            return Cache(folder)
-        log(f"cache {folder}: the source or its options changed since it was built; converting again")
+            try:
+                return Cache(folder)
+            except DamagedCache as err:  # a cache is derived data: a damaged one is converted again, and said
+                log(f"cache {folder}: {err.path} {err.problem}; converting again")
+        else:
+            log(f"cache {folder}: the source or its options changed since it was built; converting again")
     elif folder.exists() and any(folder.iterdir()):
         log(f"cache {folder}: unfinished conversion found; converting again")
     build_cache(source, folder, progress=progress, identity=identity, **options)

@@ -8,6 +8,7 @@ line (CSV) or row (Parquet), the column and what is wrong.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,25 +20,63 @@ import pyarrow.parquet as pq
 import csmf.data.context as context
 from csmf.data.errors import DataError
 from csmf.data.schema import CascadeLog, LoadReport
+from csmf.fusion import clip
 
 
-def read_table(path: Path) -> pa.Table:
+def read_table(path: Path, text_columns: tuple[str, ...] = ()) -> pa.Table:
+    """A CSV, TSV or Parquet file as a table; `text_columns` of a CSV are read as text, not typed by inference
+    (the id columns: _ids_from_text decides their type from every value)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".bz2", ".zst") else path.suffix
     try:
         if suffix.startswith(".parquet") or suffix == ".pq":
+            unique_columns(pq.read_schema(path).names, path, "schema")  # the reader fails on a repeated name
             return pq.read_table(path)
         if suffix.startswith(".csv") or suffix.startswith(".tsv"):
-            return _read_csv(path, "\t" if suffix.startswith(".tsv") else ",")
+            if suffix in (".csv", ".tsv"):
+                refuse_compressed(path)
+            table = _read_csv(path, "\t" if suffix.startswith(".tsv") else ",", text_columns)
+            unique_columns(table.column_names, path)
+            return table
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: cannot parse: {err}") from None
     raise DataError(f"{path}: unknown log format {suffix!r}; use .csv, .tsv or .parquet (optionally .gz)")
 
 
-def _read_csv(path: Path, delimiter: str) -> pa.Table:
+# the first bytes of the compressed formats the CSV reader opens by their suffix
+COMPRESSED = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bzip2", ".bz2"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst")}
+
+
+def refuse_compressed(path: Path) -> None:
+    """A compressed file named plain .csv: the reader would see binary rows (and pyarrow prints a decode
+    traceback on the way), so say what the file is and the name it needs."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for magic, (kind, suffix) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: the file is {kind}-compressed but named {path.suffix}; rename it to "
+                            f"{path.name}{suffix} (the suffix tells csmf to decompress it)")  # fmt: skip
+
+
+def unique_columns(names: list[str], path: Path, part: str = "header") -> None:
+    """Every column name once: a repeated one is ambiguous (which `click` is the stage?)."""
+    positions: dict[str, list[int]] = {}
+    for n, name in enumerate(names, start=1):
+        positions.setdefault(name, []).append(n)
+    repeated = {name: at for name, at in positions.items() if len(at) > 1}
+    if repeated:
+        name, at = next(iter(repeated.items()))
+        raise DataError(
+            f"{path}: column name {name!r} appears {len(at)} times in the {part} (columns "
+            f"{', '.join(map(str, at[:-1]))} and {at[-1]}); rename them so every column name is unique"
+            + (f" (also repeated: {list(repeated)[1:]})" if len(repeated) > 1 else "")
+        )
+
+
+def _read_csv(path: Path, delimiter: str, text_columns: tuple[str, ...] = ()) -> pa.Table:
     # Empty cells are nulls in every column, so an empty id is reported rather than read as "".
-    convert = pacsv.ConvertOptions(strings_can_be_null=True)
+    convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=dict.fromkeys(text_columns, pa.string()))
     try:
         return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=convert)
     except pa.ArrowInvalid:
@@ -57,10 +96,18 @@ def _first_bad_row(path: Path, delimiter: str) -> str | None:
         return "error"
 
     parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=record)
+    undecodable: list[BaseException] = []
+    # pyarrow decodes a bad row as UTF-8 before calling `record` and prints a failed decode as "Exception
+    # ignored"; catch it here so the user gets one message, not a traceback before it
+    hook, sys.unraisablehook = sys.unraisablehook, lambda info: undecodable.append(info.exc_value)
     try:
         pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False), parse_options=parse)
     except pa.ArrowInvalid:
         pass
+    finally:
+        sys.unraisablehook = hook
+    if not found and any(isinstance(e, UnicodeDecodeError) for e in undecodable):
+        return f"{path}: not UTF-8 text (a malformed row holds bytes that are not UTF-8); save the log as UTF-8 CSV"
     if not found:
         return None
     row = found[0]
@@ -131,12 +178,42 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _encode_ids(table: pa.Table, col: str, where: Locator) -> tuple[np.ndarray, np.ndarray]:
-    """Column of ids -> (int32 index per row, original id per index)."""
+# an integer written one way only: no sign but a minus, no leading zero, no spaces ("-0" would merge with "0")
+PLAIN_INTEGER = r"^(0|-?[1-9][0-9]*)$"
+
+
+def _ids_from_text(arr: pa.ChunkedArray, col: str) -> tuple[pa.ChunkedArray, str]:
+    """An id column read as text (CSV) -> integers when every value is a plain integer, else the text itself.
+    One rule for the whole column, so no row changes another row's identity: "007", "0007" and "7" are
+    three ids whether or not the column holds a non-numeric id elsewhere."""
+    plain = np.asarray(pc.fill_null(pc.match_substring_regex(arr, PLAIN_INTEGER), True))  # nulls: checked later
+    if not plain.all():
+        row = _first(~plain)
+        value = clip(repr(arr[row].as_py()), 40)
+        return arr, (
+            f"{col!r} read as text: data row {row + 1:,} holds {value}, not a plain integer, so every {col} is "
+            "kept as written ('007' and '7' are two ids)"
+        )
+    try:
+        return pc.cast(arr, pa.int64()), f"{col!r} read as integers (every value a plain integer)"
+    except pa.ArrowInvalid:  # past the 64-bit range: the text keeps every id exact
+        return arr, f"{col!r} read as text: some ids are past the 64-bit integer range"
+
+
+def _encode_ids(
+    table: pa.Table, col: str, where: Locator, from_text: bool = False
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Column of ids -> (int32 index per row, original id per index, what was done for the load report).
+    `from_text`: the column was read as text (a CSV's), so its type is decided here from every value."""
     arr = table.column(col)
     if arr.null_count:
         row = _first(np.asarray(pc.is_null(arr)))
         raise DataError(f"{where(row)}: column {col!r} is empty; every row needs a {col}")
+    if from_text and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr, note = _ids_from_text(arr, col)
+    else:
+        kind = "text" if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) else "integers"
+        note = f"{col!r} read as {kind} (a {arr.type} column)"
     if pa.types.is_floating(arr.type):
         values = arr.to_numpy()
         huge = ~(np.abs(values) <= MAX_EXACT_ID)  # also catches inf and nan
@@ -164,7 +241,7 @@ def _encode_ids(table: pa.Table, col: str, where: Locator) -> tuple[np.ndarray, 
     elif not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         raise DataError(f"{where.path}: column {col!r} has type {arr.type}; ids must be integers or strings")
     encoded = pc.dictionary_encode(arr).combine_chunks()
-    return encoded.indices.to_numpy().astype(np.int32), encoded.dictionary.to_numpy(zero_copy_only=False)
+    return encoded.indices.to_numpy().astype(np.int32), encoded.dictionary.to_numpy(zero_copy_only=False), note
 
 
 def _stage_values(table: pa.Table, col: str) -> np.ndarray | None:
@@ -197,6 +274,17 @@ def _stage_share(arr: pa.ChunkedArray) -> float:
     return float(np.asarray(pc.fill_null(pc.is_in(text, pa.array(STAGE_TEXT)), False)).mean()) if len(arr) else 0.0
 
 
+def _fractional_binary(arr: pa.ChunkedArray) -> bool:
+    """A float column whose values all lie in [0, 2) with some not whole above 1 (0.5 / 1.5): a stage column that a
+    conversion damaged rather than a feature, whatever its share of clean cells (so it cannot end the stages
+    unseen: --stages names them when it really is a feature). A share or rate in [0, 1] (a click rate) is a
+    feature: it ends the stages as before."""
+    if not pa.types.is_floating(arr.type) or arr.null_count or not len(arr):
+        return False
+    values = arr.to_numpy()
+    return bool(((values >= 0) & (values < 2)).all() and ((values > 1) & (values != np.floor(values))).any())
+
+
 def check_stage(table: pa.Table, col: str, where: Locator) -> np.ndarray:
     values = _stage_values(table, col)
     if values is not None:
@@ -227,15 +315,17 @@ def _infer_stages(
             break
         values = _stage_values(table, col)
         if values is None:
-            if not labels or _stage_share(table.column(col)) > DAMAGED_STAGE_SHARE:
+            share, fractional = _stage_share(table.column(col)), _fractional_binary(table.column(col))
+            if not labels or share > DAMAGED_STAGE_SHARE or fractional:
+                why = "all its values lie in [0, 2) and some above 1 are not whole" if fractional else (
+                    f"{share:.0%} of its cells are 0 or 1")  # fmt: skip
                 try:
                     check_stage(table, col, where)  # raises naming the row with the first non-0/1 value
                 except DataError as err:
                     raise DataError(
                         f"{err}. Column {col!r} is taken for a stage column (it follows {item_col!r}"
                         + (f" and the stage column(s) {list(labels)}" if labels else "")
-                        + f" and {_stage_share(table.column(col)):.0%} of its cells are 0 or 1): fix the value, or "
-                        "name the stage columns with --stages if it is a feature"
+                        + f" and {why}): fix the value, or name the stage columns with --stages if it is a feature"
                     ) from None
             ended_by = f"ended by {col!r}, which is not 0/1"
             break
@@ -267,10 +357,12 @@ def load_log(
     item feature; any other column is reported as unused. `context_features` are per-row context columns
     (csmf.data.context): each pair keeps its latest row's value.
     """
-    path = Path(path)
+    path, where = Path(path), Locator(Path(path))
+    # a CSV's ids are read as text and typed by one rule over the whole column (_ids_from_text), so an
+    # unrelated row never changes which ids are the same
     return log_from_table(
-        read_table(path), Locator(path), stages, user_col, item_col, timestamp_col, user_features, item_features,
-        context_features,
+        read_table(path, (user_col, item_col)), where, stages, user_col, item_col, timestamp_col, user_features,
+        item_features, context_features, ids_from_text=where.csv,
     )  # fmt: skip
 
 
@@ -284,8 +376,10 @@ def log_from_table(
     user_features: tuple[str, ...] | None = None,
     item_features: tuple[str, ...] | None = None,
     context_features: tuple[str, ...] = (),
+    ids_from_text: bool = False,
 ) -> CascadeLog:
-    """load_log on a table already read; `where` turns a row index into the file and line it came from."""
+    """load_log on a table already read; `where` turns a row index into the file and line it came from.
+    `ids_from_text`: the id columns were read as text (a CSV's), typed here by csmf.data.logtable._ids_from_text."""
     path = where.path
     columns = table.column_names
     for col in (user_col, item_col):
@@ -312,8 +406,9 @@ def log_from_table(
         if not labels[s].any():
             raise DataError(f"{path}: stage column {s!r} has no positive (1) rows; every stage needs positives")
 
-    users, user_ids = _encode_ids(table, user_col, where)
-    items, item_ids = _encode_ids(table, item_col, where)
+    users, user_ids, user_note = _encode_ids(table, user_col, where, ids_from_text)
+    items, item_ids, item_note = _encode_ids(table, item_col, where, ids_from_text)
+    report.notes.append(f"ids: {user_note}; {item_note}")
     n_users, n_items = len(user_ids), len(item_ids)
     label_matrix = np.stack([labels[s] for s in stages], axis=1)
 

@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from csmf.data.errors import DataError
-from csmf.data.logtable import Locator, check_stage
+from csmf.data.logtable import Locator, check_stage, refuse_compressed, unique_columns
 from csmf.hashing import mix64
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -71,16 +71,24 @@ def pair_split(users: pa.Array, items: pa.Array, test_frac: float, valid_frac: f
     return code
 
 
-def file_blocks(path: Path, block_bytes: int = 64 << 20) -> Iterator[tuple[Locator, pa.Table]]:
-    """A CSV (with a header) or Parquet file in blocks: (a locator of the block's rows in the file, block)."""
+def file_blocks(
+    path: Path, block_bytes: int = 64 << 20, text_columns: tuple[str, ...] = ()
+) -> Iterator[tuple[Locator, pa.Table]]:
+    """A CSV (with a header) or Parquet file in blocks: (a locator of the block's rows in the file, block).
+    `text_columns` of a CSV are read as text (ids: "007" stays "007", whatever the first block holds)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".parquet":
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1 << 20)
+        parquet = pq.ParquetFile(path)
+        unique_columns(parquet.schema_arrow.names, path, "schema")
+        batches = parquet.iter_batches(batch_size=1 << 20)
     else:
+        if path.suffix in (".csv", ".tsv"):
+            refuse_compressed(path)
         read = pacsv.ReadOptions(block_size=block_bytes)
-        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=dict.fromkeys(text_columns, pa.string()))
         batches = pacsv.open_csv(path, read_options=read, convert_options=convert)
+        unique_columns(batches.schema.names, path)
     first = 0
     try:
         for batch in batches:
@@ -113,7 +121,7 @@ def log_source(
         raise DataError(f"{path}: name the stage columns (--stages) to convert a log into a cache")
 
     def blocks() -> Iterator[pa.Table]:
-        for where, table in file_blocks(path, block_bytes):
+        for where, table in file_blocks(path, block_bytes, (user_col, item_col)):
             require(table, path, (user_col, item_col, *stages))
             no_empty(table, where, (user_col, item_col))
             out = {
@@ -127,8 +135,12 @@ def log_source(
 
     options = {"layout": "log", "stages": list(stages), "user_col": user_col, "item_col": item_col,
                "test_frac": test_frac, "valid_frac": valid_frac, "seed": seed}  # fmt: skip
+    if path.suffix != ".parquet":  # a CSV cache built before ids were read as text may have merged "007" with "7"
+        options["ids"] = "text"
+    # the cache keeps every id as its text, which is _ids_from_text's rule: a plain integer reads the same as text
+    ids = f"{path.name}: ids {user_col!r} and {item_col!r} kept as written ('007' and '7' are two ids)"
     return Source(name=name, files=[path], options=options, stages=stages, blocks=blocks,
-                  notes=[pair_split_note(path.name, test_frac, valid_frac)])  # fmt: skip
+                  notes=[pair_split_note(path.name, test_frac, valid_frac), ids])  # fmt: skip
 
 
 def pair_split_note(what: str, test_frac: float, valid_frac: float) -> str:
