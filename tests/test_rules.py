@@ -94,11 +94,11 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     # the graph encoder trains with weight decay there (an item holds a few pairs); not below
     assert big.train.weight_decay == SCALE_WEIGHT_DECAY and "train.weight_decay = 1.0" in notes[2]
     assert adapted.train.weight_decay == 0 and fit_to_size(load_config("mlp"), 150_000)[0].train.weight_decay == 0
-    # ... and a bounded schedule: patience 1, at most 3 epochs a stage, AR on a share of the users
-    assert (big.train.patience, big.train.max_epochs, big.cascade.recover_by) == (SCALE_PATIENCE, (3,), "users")
+    # ... and a bounded schedule: patience 1, at most 3 epochs a stage, no AR phase
+    assert (big.train.patience, big.train.max_epochs, big.cascade.recover_frac) == (SCALE_PATIENCE, (3,), 0.0)
     assert [n.split(":")[0] for n in notes[3:6]] == ["train.patience = 1", "train.max_epochs = 3",
-                                                     "cascade.recover_by = 'users'"]  # fmt: skip
-    assert (adapted.train.patience, adapted.train.max_epochs, adapted.cascade.recover_by) == (2, (24,), "pairs")
+                                                     "cascade.recover_frac = 0"]  # fmt: skip
+    assert (adapted.train.patience, adapted.train.max_epochs, adapted.cascade.recover_frac) == (2, (24,), 0.3)
     assert fit_to_size(cfg, 150_000, pinned={"train.max_epochs"})[0].train.max_epochs == (24,)
     # a teacher's list stops where its weights leave e^-5 of their mass (rank 5 x decay 5 = 25)
     assert big.train.distill_top == 25 and "train.distill_top = 25" in notes[6] and "0.7%" in notes[6]

@@ -66,6 +66,26 @@ def test_a_catalogue_past_the_full_softmax_limit_trains_on_a_pool_and_says_what_
     assert "resuming after phase train-3" in capsys.readouterr().out
 
 
+def test_a_split_with_no_test_pair_is_refused_before_training(tmp_path, capsys):
+    log = tmp_path / "one-pair-each.csv"  # every user logs one pair: the random split keeps it for training
+    log.write_text("user_id,item_id,click,buy\n" + "".join(f"u{u},i{u % 40},1,{u % 2}\n" for u in range(300)))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(log), "--out", str(out), "--quiet", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "the split leaves no test pair in any stage" in err and "0 of 300 users have 2 or more" in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_last_stage_with_no_test_pair_still_shows_a_user_and_says_why_it_has_no_metrics(tmp_path, capsys):
+    rows = [f"u{u},i{(u * 7 + k) % 40},1,0\n" for u in range(80) for k in range(6)]  # clicks: held out per user
+    rows += [f"u{u},i{u % 40},1,1\n" for u in range(80, 140)]  # every buy is its user's only pair
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,click,buy\n" + "".join(rows))
+    assert main(["train", "--dataset", str(log), "--out", str(tmp_path / "run"), "--quiet", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "note: no test metrics for 'buy'" in printed and printed.count("top-10 for user") == 2
+
+
 def test_train_rejects_unknown_weight_stage(sim_parquet, tmp_path, capsys):
     argv = ["train", "--dataset", str(sim_parquet[0]), "--out", str(tmp_path), "--weights", "buy:1", "--quiet", *TINY]
     assert main(argv) == 2
@@ -208,3 +228,106 @@ def test_export_reads_the_saved_model_and_names_the_commands_for_an_older_run_fo
     assert (first.item_vectors == again.item_vectors).all() and (first.user_vectors == again.user_vectors).all()
     assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no saved model (model/model.pt)" in capsys.readouterr().err
+
+
+# ----- damage and concurrency: a changed byte is refused with the file named; one training per run folder ----------
+
+
+def _flip_a_weight_byte(path: pathlib.Path) -> None:
+    """Change one byte in the middle of the largest tensor of a torch checkpoint: torch still reads the file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # torch's format: a zip whose tensors are stored uncompressed under data/
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        at = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))
+    torch.load(path, weights_only=True)  # still a readable checkpoint: only the digest tells
+
+
+def test_a_changed_byte_in_a_checkpoint_or_a_saved_model_is_refused_naming_the_file_and_the_fix(
+    sim_parquet, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(sim_parquet[0]), "--out", str(out), "--quiet", *TINY]
+    assert main(argv) == 0
+    metrics = (out / "metrics.json").read_text()
+    last = sorted((out / "checkpoints").glob("phase-*.pt"))[-1]
+    _flip_a_weight_byte(last)
+    capsys.readouterr()
+    assert main(argv) == 2  # resume refuses it: nothing trained, nothing overwritten
+    err = capsys.readouterr().err
+    assert f"{last}: damaged" in err and "delete this file to train its phase again" in err and "--overwrite" in err
+    assert "other data" not in err and (out / "metrics.json").read_text() == metrics
+
+    # export reads the saved model, which is intact; a changed byte in it (or in a file it lists) is refused
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "ok")]) == 0
+    model = out / "model" / "model.pt"
+    kept = model.read_bytes()
+    _flip_a_weight_byte(model)
+    capsys.readouterr()
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: damaged" in err and "run csmf train with the same --out" in err and "other data" not in err
+    assert not (tmp_path / "a").exists()
+    model.write_bytes(kept)
+    inputs = out / "model" / "inputs.npz"
+    data = bytearray(inputs.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    inputs.write_bytes(bytes(data))
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "b")]) == 2
+    assert f"{inputs}: a saved model file is missing or damaged: its sha256 does not match" in capsys.readouterr().err
+
+    # a run without a saved model: export names the damaged checkpoint, not "finish training"
+    import shutil
+
+    shutil.rmtree(out / "model")
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"{last}: damaged" in err and "no saved model" not in err
+
+    # the fix the message gives works: the phase before it is intact, and training resumes from there
+    last.unlink()
+    assert main(argv) == 0
+    assert "resuming after phase" in capsys.readouterr().out
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "d")]) == 0
+
+
+def test_a_checkpoint_from_before_the_digest_loads_with_a_note(tmp_path, capsys):
+    from csmf.checkpoints import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "phase-00-pretrain.pt"
+    save_checkpoint(path, {"w": torch.arange(4.0)}, {"phase": 0})
+    raw = torch.load(path, weights_only=True)
+    torch.save({"state": raw["state"], "meta": raw["meta"]}, path)  # what csmf wrote before the digest
+    state, meta = load_checkpoint(path)
+    assert torch.equal(state["w"], torch.arange(4.0)) and meta == {"phase": 0}
+    assert f"{path} carries no content digest" in capsys.readouterr().err
+
+
+def test_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(sim_parquet, tmp_path, capsys):
+    import os
+    import socket
+
+    from csmf.runfolder import RunFolderBusy, RunLock
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(sim_parquet[0]), "--out", str(out), "--quiet", *TINY]
+    with RunLock(out):  # another training holds it (flock: a second open file conflicts, in any process)
+        for extra in ([], ["--nproc", "2"]):  # one process, or a launcher: refused before anything starts
+            assert main([*argv, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by another csmf train (pid {os.getpid()} on {socket.gethostname()}" in err
+            assert "started" in err and "another --out folder" in err
+        assert not (out / "checkpoints").exists()
+        with pytest.raises(RunFolderBusy):
+            RunLock(out).check()
+    RunLock(out).check()  # released with its holder
+    assert main(argv) == 0
+    RunLock(out).check()  # and the training released it when it finished

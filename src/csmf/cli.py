@@ -175,6 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give 1 or more training processes")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
+        from csmf.runfolder import RunLock
+
+        RunLock(args.out).check()  # refused here, before N processes start (their rank 0 then takes the lock)
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
     # a combination that cannot train fails now, before any data loads (defaults the size rules out are adapted)
@@ -204,6 +207,26 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _train(args: argparse.Namespace, cfg, ranks) -> int:
+    """Train holding the run folder's lock (rank 0 takes it; every rank stops when it is refused)."""
+    from csmf import distributed
+    from csmf.runfolder import RunLock
+
+    lock, refused = RunLock(args.out), None
+    if ranks.main:
+        try:
+            lock.acquire()
+        except CheckpointError as err:
+            refused = err
+    refused = distributed.broadcast_object(refused)
+    if refused is not None:
+        raise refused
+    try:
+        return _train_locked(args, cfg, ranks)
+    finally:
+        lock.release()
+
+
+def _train_locked(args: argparse.Namespace, cfg, ranks) -> int:
     from csmf.data.datasets import load_dataset
     from csmf.train_command import train_and_report
 
@@ -258,17 +281,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     export_run(args.run, args.out, weights, overrides=tuple(args.set), config_file=args.config)
     artifact = load_artifact(args.out)  # what was written reads back (checksums, shapes)
     if args.onnx:
+        from csmf.serving.artifact import ONNX_DIR, record_onnx
+
         try:
             from csmf.serving.onnx import export_onnx
 
-            export_onnx(artifact, Path(args.out) / "onnx")
+            written = export_onnx(artifact, Path(args.out) / ONNX_DIR)
         except ImportError as err:  # onnx / onnxscript missing: say what to install
             raise ConfigError(f"--onnx: {err}") from None
+        record_onnx(args.out, written)  # the manifest vouches for the ONNX files too (name -> sha256)
     return 0
 
 
 SERVE_FLAGS = ("index", "milvus_uri", "hnsw_m", "ef_search", "hnsw_file", "threads", "workers", "fallback",
-               "max_ids", "max_results", "max_body_bytes", "host", "port")  # fmt: skip
+               "max_ids", "max_results", "max_body_bytes", "allow_writes", "write_token_file", "host",
+               "port")  # fmt: skip
 
 
 def _serve_config(args: argparse.Namespace) -> Config:
@@ -291,7 +318,14 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     s = _serve_config(args).serve
     options = {name: getattr(s, name) for name in ("workers", "threads", "hnsw_m", "ef_search", "hnsw_file") if
                getattr(s, name) != ""}  # fmt: skip
-    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, s.index, args.out,
+    if args.heavy_clients:
+        from csmf.serving.loadtest import run_isolation
+
+        out = args.out or "results/serving/isolation.json"
+        run_isolation(args.artifact, args.heavy_clients, args.seconds, s.index, out, serve_options=options)
+        return 0
+    result = run_loadtest(args.artifact, args.clients, args.requests, args.k, s.index,
+                          args.out or "results/serving/loadtest.json",
                           generator=args.generator, seconds=args.seconds, serve_options=options)  # fmt: skip
     return 0 if result["errors"] == 0 else 1
 
@@ -412,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"most items per request, user ids x k (default {ServeConfig.max_results:,})")  # fmt: skip
     serve.add_argument("--max-body-bytes", type=int,
                        help=f"largest request body, else 413 (default {ServeConfig.max_body_bytes:,})")  # fmt: skip
+    serve.add_argument("--allow-writes", action="store_true", default=None,
+                       help="answer POST /items and DELETE /items/{id} (off by default), to requests carrying the "
+                            "bearer token of CSMF_WRITE_TOKEN or --write-token-file")  # fmt: skip
+    serve.add_argument("--write-token-file", help="file whose first line is the write token (else CSMF_WRITE_TOKEN)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     _common(serve)
@@ -428,13 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: wrk when installed (a C load generator), else Python clients with a warning",
     )
     load.add_argument("--k", type=int, default=50, help="items per request (default 50)")
+    load.add_argument("--heavy-clients", type=int, default=0,
+                      help="isolation instead: a cheap GET's p50/p99 idle, then while this many clients loop "
+                           "the largest allowed POST /recommend (--seconds each); 0: the throughput test")  # fmt: skip
     load.add_argument("--index", choices=["exact", "hnsw"], help="the server's index (default: serve.index)")
     load.add_argument("--workers", type=int, help="the server's worker processes (default: serve.workers)")
     load.add_argument("--threads", type=int, help="the server's threads per batched search (default: serve.threads)")
     load.add_argument("--hnsw-m", type=int, help="the server's HNSW M (default: serve.hnsw_m)")
     load.add_argument("--ef-search", type=int, help="the server's HNSW efSearch (default: serve.ef_search)")
     load.add_argument("--hnsw-file", help="the server's HNSW graph file (default: serve.hnsw_file)")
-    load.add_argument("--out", default="results/serving/loadtest.json", help="result JSON")
+    load.add_argument("--out", help="result JSON (default results/serving/loadtest.json; with --heavy-clients "
+                      "results/serving/isolation.json)")  # fmt: skip
     _common(load)
 
     query = sub.add_parser("querybench", help="fused vs single-objective vs per-objective-index query time; HNSW")

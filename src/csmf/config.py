@@ -379,8 +379,8 @@ class CascadeConfig(Checked):
     recover_epochs: int = 1
     # what AR's share draws: "pairs" (each pair with probability recover_frac) or "users" (each user with all of
     # its pairs). A per-user step costs about the same whatever share of a user's pairs it holds (the user's
-    # history bag and the pooled items), so a pair draw keeps every user and AR costs a whole epoch; past 100,000
-    # items the graph encoder takes "users" (csmf.rules)
+    # history bag and the pooled items), so a pair draw keeps every user and AR costs a whole epoch (in-memory
+    # training; streamed rows are drawn one by one)
     recover_by: Literal["pairs", "users"] = "pairs"
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
     # "margin": m0 * upstream-miss share taken off the positive's logit (the notes' default); "weight": the
@@ -575,6 +575,10 @@ class ServeConfig(Checked):
     max_ids: int = 1000  # most user ids in one POST /recommend
     max_results: int = 20_000  # most items one request may ask for (user ids x k)
     max_body_bytes: int = 1 << 20  # largest request body; a larger one answers 413 before it is parsed
+    # POST /items and DELETE /items/{id}: off (403) unless on, and then only with the bearer token, read from the
+    # CSMF_WRITE_TOKEN environment variable or serve.write_token_file (docs/security.md)
+    allow_writes: bool = False
+    write_token_file: str = ""  # a file whose first line is the write token ("" = CSMF_WRITE_TOKEN)
     host: str = "127.0.0.1"
     port: int = 8000
 

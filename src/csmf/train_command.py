@@ -14,6 +14,7 @@ import torch
 
 from csmf import distributed
 from csmf.config import Config, config_to_dict, save_config
+from csmf.data.errors import DataError
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate
 from csmf.models.csmf import CSMF
@@ -29,11 +30,31 @@ def default_weightings(stages: tuple[str, ...]) -> list[dict[str, float]]:
 
 
 def pick_user(data: CascadeData) -> int:
-    """A user with test positives of the last objective and the longest train history: a readable demo."""
-    last = data.test[data.stages[-1]]
-    candidates = np.flatnonzero(np.diff(last.indptr) > 0)
+    """A user with test positives of the last objective (else of any objective) and the longest train history:
+    a readable demo. check_test_split has made sure some stage has a test pair."""
+    held = np.diff(data.test[data.stages[-1]].indptr) > 0
+    if not held.any():  # the last stage held nothing out: a user with any test pair still shows hits
+        held = sum(np.diff(data.test[s].indptr) for s in data.stages) > 0
+    candidates = np.flatnonzero(held)
     history = sum(np.diff(data.matrix(b).indptr) for b in data.behaviours)
     return int(candidates[np.argmax(history[candidates])])
+
+
+def check_test_split(data: CascadeData, cfg: Config) -> None:
+    """Refuse before training a split that holds out no test pair in any stage: training would end with
+    nothing to evaluate and no user to show."""
+    if any(data.test[s].nnz for s in data.stages):
+        return
+    d = cfg.data
+    if d.cache_dir:  # the cache splits each (user, item) pair by a seeded hash (csmf.data.sources.pair_split)
+        why = f"data.test_frac = {d.test_frac} of the pairs drew none: raise data.test_frac or use a larger log"
+    else:  # split_log holds out a share of each user's pairs, and keeps a user's only pair in training
+        pairs = np.diff(sum(data.train[s] for s in data.stages).tocsr().indptr)  # distinct items per user
+        several = int((pairs >= 2).sum())
+        why = (f"data.split = {d.split!r} holds out pairs only of users with 2 or more, and {several:,} of "
+               f"{data.n_users:,} users have 2 or more: use a log with more rows per user")  # fmt: skip
+    raise DataError(f"{data.name}: the split leaves no test pair in any stage, so training would end with nothing to "
+                    f"evaluate ({why})")  # fmt: skip
 
 
 def top_k_table(model: CSMF, data: CascadeData, user: int, weights: dict[str, float], k: int = 10) -> str:
@@ -67,6 +88,7 @@ def train_and_report(
     """Train (choosing among select.candidates on validation; `pinned`: the keys the user fixed, default every
     value off the defaults: csmf.selection.pins), save the model, evaluate on test, write metrics.json."""
     out = Path(out)
+    check_test_split(data, cfg)  # before any phase trains or an earlier run's file is replaced
     ranks = distributed.ranks()  # several training processes: all train and evaluate, rank 0 writes and reports
     if not ranks.main:
         progress, log = False, lambda _msg: None
@@ -105,6 +127,9 @@ def train_and_report(
     log("\ntest metrics (full catalogue):")
     for stage, m in metrics.items():
         log(f"  {stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if "@" in k) + f"  ({m['users']} users)")
+    unheld = [s for s in data.stages if s not in metrics]
+    if unheld:  # evaluation skips a stage with no test pair: say so rather than print nothing for it
+        log(f"  note: no test metrics for {', '.join(map(repr, unheld))}: the split holds out no test pair there")
     user = pick_user(data) if user is None else user
     uid = data.user_ids[user] if data.user_ids is not None else user
     for weights in weightings or default_weightings(data.stages):

@@ -4,11 +4,14 @@ A saved model is a folder: `model.pt`, a weights-only checkpoint (tensors, plus 
 model's kind, its settings and the shape of its data), `inputs.npz` (features, ids and other dense arrays,
 read with allow_pickle=False) and `sparse/<group>/<name>.npz` (training histories and other sparse matrices,
 scipy's format). `csmf.models.load_model(folder)` rebuilds whichever model wrote it; each model's own `load`
-checks the kind. Nothing in it can run code when read.
+checks the kind. Nothing in it can run code when read. model.pt carries its own content digest
+(csmf.checkpoints) and the sha256 of every other file of the folder, all checked before anything is read, so a
+damaged model is refused rather than scored or exported. A folder saved before the digests loads with a note.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from csmf.checkpoints import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from csmf.data.schema import CascadeData
 
 SAVE_FORMAT = 2
@@ -123,8 +126,48 @@ def write_model(
         _write_sparse(folder / "history", history)
     if sparse:
         _write_sparse(folder / "sparse", sparse)
+    meta["files"] = {name: file_sha256(folder / name) for name in _files_of(meta)}  # model.pt's digest covers them
     save_checkpoint(folder / "model.pt", state, meta)
     return folder
+
+
+def _files_of(meta: dict) -> list[str]:
+    """The files besides model.pt that a model folder with this metadata holds, as paths inside it."""
+    names = [f"history/{n}.npz" for n in meta["history"]] + [f"sparse/{n}.npz" for n in meta.get("sparse", [])]
+    if "data" in meta:
+        d = meta["data"]
+        names += ["inputs.npz", *(f"tuning/{n}.npz" for n in d["tuning"])]
+        names += ["recency.npz"] if d.get("recency") else []
+    return names
+
+
+def _resave_fix(folder: Path) -> str:
+    return (f"save the model again (for a `csmf train` run folder: run csmf train with the same --out; it resumes "
+            f"from the run's checkpoints, trains nothing already done, and writes {folder} anew)")  # fmt: skip
+
+
+def _check_files(folder: Path, meta: dict) -> None:
+    """Every file model.pt lists against the sha256 it records; a folder saved before the digests gets a note."""
+    files = meta.get("files")
+    if files is None:
+        print(f"csmf: note: {folder} was saved by an older csmf without file digests: loaded without a damage "
+              "check", file=sys.stderr)  # fmt: skip
+        return
+    try:
+        expected = sorted(_files_of(meta))
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder / 'model.pt'}: metadata lacks {err}; {_resave_fix(folder)}") from None
+    if not isinstance(files, dict) or sorted(files) != expected:
+        raise CheckpointError(f"{folder / 'model.pt'}: its file list does not match the model's own; "
+                              f"{_resave_fix(folder)}")  # fmt: skip
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: a saved model file is missing or damaged: no regular file there; "
+                                  f"{_resave_fix(folder)}")  # fmt: skip
+        if file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: a saved model file is missing or damaged: its sha256 does not match "
+                                  f"the one model.pt records; {_resave_fix(folder)}")  # fmt: skip
 
 
 def read_model(folder: str | Path, kind: str | None = None):
@@ -133,11 +176,12 @@ def read_model(folder: str | Path, kind: str | None = None):
     folder = Path(folder)
     if not (folder / "model.pt").exists():
         raise CheckpointError(f"{folder}: no model.pt; give a folder a model's save() wrote")
-    state, meta = load_checkpoint(folder / "model.pt")
+    state, meta = load_checkpoint(folder / "model.pt", fix=_resave_fix(folder))
     if meta.get("format") != SAVE_FORMAT:
         raise CheckpointError(f"{folder}: saved model format {meta.get('format')!r}, this csmf reads {SAVE_FORMAT}")
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{folder}: holds a {meta.get('kind')!r} model, not {kind!r}")
+    _check_files(folder, meta)
     if "data" in meta:
         inputs, history = SavedInputs.read(folder, meta)
     else:

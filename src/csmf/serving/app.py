@@ -5,30 +5,39 @@ POST /recommend  {"user_ids": [...], "k": 10, "weights": {"click": 0.3}, "exclud
 POST /recommend  {"history": {"view": ["6741"], "purchase": []}, "k": 10, ...}: one user by behaviour history
 POST /search     {"vector": [...], "k": 10}: top-k for a caller's own query vector
 POST /items      {"items": [{"item_id": "x", "vector": [...]}]}: add or replace items; DELETE /items/{id}
+                 (off unless the server has a write token; then `Authorization: Bearer <token>`, see WriteGuard)
 GET  /health, GET /info, GET /users (example user ids); GET / is the scenario page; OpenAPI docs at /docs.
 
 Bad input answers 422 with the field named in `loc`; an unknown user 404 (or the popularity fallback); a body
 over ServeLimits.max_body_bytes 413. Input is read strictly, so an ambiguous request is refused rather than
 guessed at: JSON types are not coerced (`"k": true` is not 1), unknown or repeated keys and query parameters
-are refused, query integers are ASCII digits only (not `1_0`, not full-width digits). Error bodies never
-echo an input whole: `input` is cut to a short text.
+are refused, query integers are ASCII digits only (not `1_0`, not full-width digits), and text must be valid
+Unicode (a JSON lone surrogate such as "\\ud800" has no UTF-8 form, so no answer could carry it). A list
+longer than this server takes is refused from its length, and a list of ids or numbers stops at its first
+wrong item, before any item-by-item validation (bounded time for any body). Error bodies never echo an input
+whole: `input` is cut to a short text, and unknown_items / unknown_features list a few ids, each cut short.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import itertools
 import json
 import re
+from collections.abc import Callable, Coroutine
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
+import anyio
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
-from starlette.concurrency import run_in_threadpool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic_core import PydanticCustomError
 
 from csmf.fusion import clip
 from csmf.serving.batching import Batcher
@@ -40,17 +49,88 @@ from csmf.serving.serve import (
     RequestError,
     UnknownItem,
     UnknownUser,
+    check_history_length,
 )
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
 ECHO_CHARS = 200  # the most of an input an error body repeats
+ECHO_ITEMS = 20  # the most entries of a list or object an error body repeats
+ECHO_IDS, ECHO_ID_CHARS = 20, 64  # the most ids an answer's unknown_items / unknown_features list, each cut to this
 MAX_ERRORS = 10  # the most validation errors one 422 lists (100,000 ids of the wrong type would be 100,000)
+
+
+def _unencodable(text: str) -> str | None:
+    """Where `text` cannot be written as UTF-8 (a lone surrogate, which JSON's \\uXXXX escapes can spell and
+    Python decodes, but which neither orjson nor any answer can carry), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"{ord(text[err.start]):04X} at character {err.start}"
+    return None
+
+
+def _text(text: str) -> str:
+    """A text field that every answer can carry back: an item id stored with a lone surrogate made every answer
+    holding it a 500, and no DELETE could name it (issue 27)."""
+    if (where := _unencodable(text)) is not None:
+        raise PydanticCustomError("string_unicode", "holds a lone surrogate (U+{where}), which no UTF-8 text can: "
+                                  "send valid Unicode", {"where": where})  # fmt: skip
+    return text
+
+
+def _ids(value: object) -> object:
+    """A list of ids checked in one pass before pydantic reads it item by item, so a long list of wrong items is
+    one error, not one each (400,000 of them: 1 s), and an id that no answer can carry is refused."""
+    if not isinstance(value, list):
+        return value  # pydantic says what it should be
+    wrong = next((n for n, item in enumerate(value) if type(item) is not str), None)
+    if wrong is not None:
+        raise PydanticCustomError("string_type", "item {n} should be a text (an id), got {kind}",
+                                  {"n": wrong, "kind": type(value[wrong]).__name__})  # fmt: skip
+    if _unencodable("".join(value)) is not None:  # one encode for the list; the item only when one is wrong
+        n, where = next((n, w) for n, item in enumerate(value) if (w := _unencodable(item)) is not None)
+        raise PydanticCustomError("string_unicode", "item {n} holds a lone surrogate (U+{where}), which no UTF-8 "
+                                  "text can: send valid Unicode", {"n": n, "where": where})  # fmt: skip
+    return value
+
+
+def _numbers(value: object) -> object:
+    """A vector checked in one pass: its first entry that is not a number is the one error."""
+    if isinstance(value, list):
+        wrong = next((n for n, x in enumerate(value) if type(x) not in (float, int)), None)
+        if wrong is not None:
+            raise PydanticCustomError("float_type", "entry {n} should be a number, got {kind}",
+                                      {"n": wrong, "kind": type(value[wrong]).__name__})  # fmt: skip
+    return value
+
+
+def _features(value: object) -> object:
+    """Raw features checked in one pass: names and text values must be valid Unicode, values texts or numbers."""
+    if not isinstance(value, dict):
+        return value
+    for name, raw in value.items():
+        if (where := _unencodable(name)) is not None:
+            raise PydanticCustomError("string_unicode", "feature name {name} holds a lone surrogate (U+{where}): "
+                                      "send valid Unicode", {"name": clip(ascii(name)), "where": where})  # fmt: skip
+        if type(raw) not in (str, int, float):
+            raise PydanticCustomError("feature_type", "feature {name} should be a text or a number, got {kind}",
+                                      {"name": clip(ascii(name)), "kind": type(raw).__name__})  # fmt: skip
+        if isinstance(raw, str) and (where := _unencodable(raw)) is not None:
+            raise PydanticCustomError("string_unicode", "feature {name} holds a lone surrogate (U+{where}): send "
+                                      "valid Unicode", {"name": clip(ascii(name)), "where": where})  # fmt: skip
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Ids = Annotated[list[str], BeforeValidator(_ids)]
+Vector = Annotated[list[float], BeforeValidator(_numbers)]
+Features = Annotated[dict[str, str | int | float], BeforeValidator(_features)]
 
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    user_ids: list[str] = Field(min_length=1)  # at most ServeLimits.max_ids, checked with the work bound
+    user_ids: Ids = Field(min_length=1)  # at most ServeLimits.max_ids: bounded_body checks it first
     k: int = Field(10, ge=1, le=MAX_K)
     weights: dict[str, float] | None = None  # None = the artifact's default weights
     exclude_seen: bool = True
@@ -61,9 +141,9 @@ class HistoryRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    history: dict[str, list[str]]  # behaviour -> item ids, e.g. {"view": ["6741", "2697"], "purchase": []}
-    user_id: str | None = None  # a known user whose ID embedding and features the tower reads (optional)
-    features: dict[str, str | int | float] | None = None  # a new user's raw features (GET /info: user_features)
+    history: dict[str, Ids]  # behaviour -> item ids, e.g. {"view": ["6741", "2697"], "purchase": []}
+    user_id: Text | None = None  # a known user whose ID embedding and features the tower reads (optional)
+    features: Features | None = None  # a new user's raw features (GET /info: user_features)
     k: int = Field(10, ge=1, le=MAX_K)
     weights: dict[str, float] | None = None  # None = the artifact's default weights
     exclude_seen: bool = True  # leaves out the history's items (and a known user's seen ones)
@@ -82,9 +162,9 @@ RecommendBody = Annotated[
 class NewItem(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    item_id: str
-    vector: list[float] | None = None  # the item's vector in the artifact's space, or
-    features: dict[str, str | int | float] | None = None  # its raw features, through the item tower
+    item_id: Text
+    vector: Vector | None = None  # the item's vector in the artifact's space, or
+    features: Features | None = None  # its raw features, through the item tower (at least one)
 
 
 class ItemsRequest(BaseModel):
@@ -96,7 +176,7 @@ class ItemsRequest(BaseModel):
 class VectorQuery(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    vector: list[float]  # a query vector of the artifact's dimension, weights already folded in if any
+    vector: Vector  # a query vector of the artifact's dimension, weights already folded in if any
     k: int = Field(10, ge=1, le=MAX_K)
 
 
@@ -134,6 +214,42 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class WriteGuard:
+    """ASGI middleware in front of every path under /items (POST /items, DELETE /items/{id}: they change what every
+    later answer holds). Without a write token (csmf serve without --allow-writes) they answer 403; with one, a
+    request needs `Authorization: Bearer <token>`: 401 when the header is missing or not that form, 403 when the
+    token is wrong. Checked before the body is read, and in constant time (hmac.compare_digest of the sha256
+    digests, so neither the bytes nor the length of the token leak through timing)."""
+
+    def __init__(self, app, token: str | None):
+        self.app = app
+        self.digest = None if token is None else hashlib.sha256(token.encode()).digest()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"] == "/items" or scope["path"].startswith("/items/")):
+            refusal = self.refusal([value for name, value in scope["headers"] if name == b"authorization"])
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def refusal(self, given: list[bytes]) -> JSONResponse | None:
+        """The answer refusing a request with these Authorization headers, or None to let it through."""
+        if self.digest is None:
+            return _error(403, None, "item changes are off in this server: start csmf serve with --allow-writes "
+                          "and a write token (CSMF_WRITE_TOKEN or --write-token-file; docs/security.md)",
+                          "path")  # fmt: skip
+        scheme, _, token = given[0].strip().partition(b" ") if len(given) == 1 else (b"", b"", b"")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token or b" " in token:
+            answer = _error(401, "authorization", "send the write token as one header `Authorization: Bearer "
+                            "<token>`", "header")  # fmt: skip
+            answer.headers["www-authenticate"] = 'Bearer realm="csmf items"'
+            return answer
+        if not hmac.compare_digest(hashlib.sha256(token).digest(), self.digest):
+            return _error(403, "authorization", "wrong write token", "header")
+        return None
+
+
 class _DuplicateKey(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
@@ -162,6 +278,44 @@ async def unique_json_keys(request: Request) -> None:
         pass  # not JSON: FastAPI has already answered that
 
 
+def bounded_body(recommender: Recommender) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    """A dependency refusing a JSON body whose lists or objects are longer than this server takes, from their
+    lengths alone. FastAPI runs it before it validates the body, and the limits are this server's (the request
+    models are shared), so a 400,000-id body is one 422 at once instead of 400,000 validation errors built on
+    the event loop first (3.5 s, issue 27). It reads the body FastAPI has already parsed."""
+    limits, dim, stages = recommender.limits, recommender.artifact.dim, recommender.stages
+    behaviours = recommender.tower.behaviours if recommender.tower is not None else None  # None: no histories
+
+    def longer(value: object, most: int) -> bool:
+        return isinstance(value, list | dict) and len(value) > most
+
+    async def check(request: Request) -> None:
+        try:
+            body = await request.json()
+        except ValueError:
+            return  # not JSON: FastAPI answers that
+        if not isinstance(body, dict):
+            return
+        if isinstance(ids := body.get("user_ids"), list):
+            recommender.check_request(len(ids), 1)  # the ids alone, at the smallest k
+        if longer(items := body.get("items"), limits.max_ids):
+            recommender.check_items(len(items))
+        vectors = [("vector", body.get("vector"))]
+        if isinstance(items, list):
+            vectors += [(f"items.{n}.vector", i.get("vector")) for n, i in enumerate(items) if isinstance(i, dict)]
+        for field, vector in vectors:
+            if longer(vector, dim):
+                raise RequestError(field, f"must be a list of {dim} numbers, got {len(vector):,}")
+        if longer(weights := body.get("weights"), len(stages)):
+            raise RequestError("weights", f"{len(weights):,} weights for the {len(stages)} objectives {list(stages)}")
+        if isinstance(history := body.get("history"), dict) and behaviours is not None:
+            if len(history) > len(behaviours):
+                raise RequestError("history", f"{len(history):,} behaviours; this model reads {list(behaviours)}")
+            check_history_length(sum(len(items) for items in history.values() if isinstance(items, list)))
+
+    return check
+
+
 def strict_query(allowed: tuple[str, ...], integers: tuple[str, ...] = ()):
     """A dependency refusing query parameters that are unknown, repeated, or integers not in ASCII digits."""
 
@@ -179,36 +333,66 @@ def strict_query(allowed: tuple[str, ...], integers: tuple[str, ...] = ()):
     return check
 
 
+def _printable(text: str, limit: int = ECHO_CHARS) -> str:
+    """Text an error body can carry: cut short, a lone surrogate written as its escape (UTF-8 has none)."""
+    return clip(text, limit).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error(status: int, field: str | None, message: str, where: str = "query") -> JSONResponse:
-    loc = [where, field] if field else [where]
-    return JSONResponse(status_code=status, content={"detail": [{"loc": loc, "msg": message}]})
+    loc = [where, _printable(field)] if field else [where]
+    return JSONResponse(status_code=status, content={"detail": [{"loc": loc, "msg": _printable(message, 1000)}]})
 
 
 def _where(request: Request) -> str:
     return "query" if request.method == "GET" else "body"
 
 
+def _first_entries(value: object, depth: int = 0) -> object:
+    """`value` with each list and object cut to its first ECHO_ITEMS entries, three levels deep: what an error
+    body may show of it, found without reading a 400,000-item list."""
+    if isinstance(value, list | tuple):
+        return [_first_entries(v, depth + 1) for v in value[:ECHO_ITEMS]] if depth < 3 else ["..."]
+    if isinstance(value, dict):
+        entries = itertools.islice(value.items(), ECHO_ITEMS)
+        return {str(k): _first_entries(v, depth + 1) for k, v in entries} if depth < 3 else {"...": "..."}
+    return value
+
+
 def _short_input(value: object) -> str:
     """An input as at most ECHO_CHARS of JSON-ish text (never a non-finite float, which JSON cannot hold)."""
     try:
-        text = json.dumps(jsonable_encoder(value))
+        text = json.dumps(jsonable_encoder(_first_entries(value)))
     except (TypeError, ValueError):  # ValueError: an int too long to print, among others
         text = f"<{type(value).__name__}>"
     return clip(text, ECHO_CHARS)
 
 
+def _echoed(ids: list[str]) -> list[str]:
+    """What an answer repeats of the ids it could not use: the first ECHO_IDS, each cut to ECHO_ID_CHARS."""
+    return [clip(i, ECHO_ID_CHARS) for i in ids[:ECHO_IDS]]
+
+
 def _as_json(r: Recommendation) -> dict:
     out = {"user_id": r.user_id, "fallback": r.fallback, "weights": r.weights, "items": r.items}
-    if r.unknown_items:
-        out["unknown_items"] = r.unknown_items
-    if r.unknown_features:
-        out["unknown_features"] = r.unknown_features
+    for name, ids in (("unknown_items", r.unknown_items), ("unknown_features", r.unknown_features)):
+        if ids:
+            out[name] = _echoed(ids)
+            if len(ids) > ECHO_IDS:  # the whole count, when the list is cut
+                out[f"{name}_count"] = len(ids)
     return {**out, "note": r.note} if r.note else out
 
 
 def _one_answer(r: Recommendation, index_kind: str) -> bytes:
     """The body of a one-user answer (GET /recommend, POST /recommend with a history)."""
     return orjson.dumps({**_as_json(r), "seconds": r.seconds, "index": index_kind}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _batch_answer(recommender: Recommender, request: BatchRequest) -> bytes:
+    """The body of a POST /recommend batch answer (run off the event loop: up to ServeLimits.max_results items)."""
+    result = recommender.recommend(request.user_ids, request.k, request.weights, request.exclude_seen)
+    seconds = result[0].seconds if result else 0.0
+    answer = {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
+    return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 RECOMMEND_QUERY = ("user_id", "k", "weights", "exclude_seen")
@@ -266,15 +450,17 @@ class FastJSON(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def create_app(recommender: Recommender) -> FastRecommend:
-    """The service: FastAPI behind the fast GET /recommend path (FastRecommend); `.app` is the FastAPI app."""
+def create_app(recommender: Recommender, write_token: str | None = None) -> FastRecommend:
+    """The service: FastAPI behind the fast GET /recommend path (FastRecommend); `.app` is the FastAPI app.
+    `write_token`: the bearer token POST /items and DELETE /items/{id} require; None = they answer 403."""
     batcher = Batcher(recommender)
-    return FastRecommend(_fastapi_app(recommender, batcher), recommender, batcher)
+    return FastRecommend(_fastapi_app(recommender, batcher, write_token), recommender, batcher)
 
 
-def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
+def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | None) -> FastAPI:
     app = FastAPI(title="csmf", description="Multi-objective retrieval with per-request objective weights")
     app.add_middleware(BodyLimit, max_bytes=recommender.limits.max_body_bytes)
+    app.add_middleware(WriteGuard, token=write_token)  # added last, so it runs first: before the body is read
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -300,19 +486,20 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        """FastAPI's 422, with `input` cut short (its default repeats a 10 MB body) and no non-finite floats."""
+        """FastAPI's 422, with `input` cut short (its default repeats a 10 MB body), no non-finite floats, and
+        every text printable (a key in `loc` may be a long or lone-surrogate input)."""
         errors = err.errors()
         detail = []
         for e in errors[:MAX_ERRORS]:
-            loc = [str(part) for part in e.get("loc", ())]
+            loc = [_printable(str(part), ECHO_ID_CHARS) for part in e.get("loc", ())]
             if loc[:1] == ["body"] and loc[1:2] in (["ids"], ["history"]):  # the POST /recommend form's tag
                 loc = loc[:1] + loc[2:]
-            item = {"loc": loc, "msg": clip(str(e.get("msg", "")), ECHO_CHARS)}
+            item = {"loc": loc, "msg": _printable(str(e.get("msg", "")))}
             item["type"] = str(e.get("type", ""))
             if "input" in e:
                 item["input"] = _short_input(e["input"])
             if isinstance(e.get("ctx"), dict) and isinstance(e["ctx"].get("error"), str):
-                item["ctx"] = {"error": clip(e["ctx"]["error"], ECHO_CHARS)}
+                item["ctx"] = {"error": _printable(e["ctx"]["error"])}
             detail.append(item)
         if len(errors) > MAX_ERRORS:
             detail.append({"loc": detail[-1]["loc"][:1], "msg": f"and {len(errors) - MAX_ERRORS:,} more errors"})
@@ -337,9 +524,13 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
     def info() -> dict:
         """The artifact, the index, the limits, and how requests were batched so far (this process)."""
         searched = {"searches": batcher.batches, "queries": batcher.searched}
-        return {**recommender.info(), "batching": searched}
+        return {**recommender.info(), "batching": searched, "item_writes": write_token is not None}
 
     recommend_query = strict_query(RECOMMEND_QUERY, integers=("k",))
+    # batches of user ids queue for one worker thread: two batches at once would double the threads taking the
+    # interpreter (and the search lock) from the event loop, where the one-user requests are answered
+    batch_lane = anyio.CapacityLimiter(1)
+    bounded = Depends(bounded_body(recommender))  # before any other check of a body: it is the cheapest
 
     # One user's answer is a sub-millisecond search: it runs on the event loop (async, no worker-thread hop),
     # searched with the other requests ready at the same time (Batcher), and is written with orjson straight to
@@ -356,7 +547,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         result = await batcher.recommend(recommender.queries([user_id], parsed)[0], k, parsed, exclude_seen)
         return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
 
-    @app.post("/recommend", dependencies=[Depends(unique_json_keys)])
+    @app.post("/recommend", dependencies=[bounded, Depends(unique_json_keys)])
     async def recommend_post(request: RecommendBody):
         """Several known users by id, or one user by behaviour history ({"history": {...}}: a new user, or a known
         user's latest behaviour), answered from the user tower exported with the model."""
@@ -366,13 +557,12 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
             query = recommender.history_query(request.history, request.user_id, weights, request.features)
             result = await batcher.recommend(query, request.k, weights, request.exclude_seen)
             return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
-        result = await run_in_threadpool(
-            recommender.recommend, request.user_ids, request.k, request.weights, request.exclude_seen
-        )
-        seconds = result[0].seconds if result else 0.0
-        return {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
+        # searched, described and written to bytes on a worker thread (built on the event loop, the largest batch's
+        # 20,000 items held every other request for about 0.3 s, issue 27), one batch at a time (batch_lane)
+        body = await anyio.to_thread.run_sync(_batch_answer, recommender, request, limiter=batch_lane)
+        return Response(body, media_type="application/json")
 
-    @app.post("/items", dependencies=[Depends(unique_json_keys)])
+    @app.post("/items", dependencies=[bounded, Depends(unique_json_keys)])
     async def put_items(request: ItemsRequest):
         """Add items, or replace those already served, by vector; answers from then on include them."""
         for n, item in enumerate(request.items):
@@ -380,6 +570,8 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
                 raise RequestError(f"items.{n}", "give the item's vector or its features, one of the two")
         given = [(item.item_id, item.vector if item.vector is not None else item.features) for item in request.items]
         changed = recommender.put_items(given)
+        if "unknown_features" in changed:
+            changed["unknown_features"] = {i: _echoed(names) for i, names in changed["unknown_features"].items()}
         return {**changed, "items": recommender.n_items}
 
     @app.delete("/items/{item_id}")
@@ -388,7 +580,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher) -> FastAPI:
         recommender.remove_items([item_id])
         return {"removed": item_id, "items": recommender.n_items}
 
-    @app.post("/search", dependencies=[Depends(unique_json_keys)])
+    @app.post("/search", dependencies=[bounded, Depends(unique_json_keys)])
     def search(query: VectorQuery):
         """Top-k items for a caller's own query vector (for example a user vector computed elsewhere)."""
         items, note = recommender.search_vector(query.vector, query.k)

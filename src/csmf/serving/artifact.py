@@ -15,6 +15,8 @@ Artifact folder:
                        features -> a user vector at serving time; described by the manifest's `user_tower`
   itower_*.npy         the item tower, when items have features: raw features -> a new item's vector
                        (manifest `item_tower`)
+  onnx/                with `csmf export --onnx`: the towers as ONNX graphs and towers.json, each listed with
+                       its sha256 in the manifest's `onnx` (checked by `onnx_file` before anything reads it)
 
 The manifest carries `manifest_sha256`, a digest of its own canonical JSON (every key but that one, sorted,
 compact), so the file digests, stages, dimension groups and default weights are all covered. A checksum is
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
@@ -45,6 +48,7 @@ FORMAT_VERSION = 2  # 2: the manifest checksums itself (manifest_sha256) and its
 ARRAYS = ("item_vectors", "user_vectors", "output_owner", "seen_indptr", "seen_indices", "popularity")
 JSONS = ("user_ids", "item_ids")
 TOWERS = {"user_tower": "tower_", "item_tower": "itower_"}  # manifest entry -> its arrays' file prefix
+ONNX_DIR = "onnx"  # `csmf export --onnx` writes here, inside the artifact
 MAX_ABS = 1e6  # bound on every vector entry, served or sent: scores stay finite in float32 (D * 1e6 * 1e6 * S)
 
 
@@ -223,8 +227,8 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
         raise ArtifactError(f"{manifest_path}: files lists {clip(repr(files))}, expected {sorted(expected)}")
     for name, digest in files.items():
         file = path / name
-        if not file.is_file():
-            raise ArtifactError(f"{file}: missing from the artifact")
+        if not file.is_file():  # checked before reading: a FIFO would block the read forever
+            raise ArtifactError(f"{file}: {_not_a_file(file)}")
         if _sha256(file) != digest:
             raise ArtifactError(f"{file}: checksum does not match the manifest (the file changed or is damaged)")
     arrays = {n: _read_array(path / f"{n}.npy", mmap) for n in ARRAYS}
@@ -236,6 +240,60 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
              if key in manifest else None for key, prefix in TOWERS.items()}  # fmt: skip
     return Artifact(**arrays, **ids, stages=stages, default_weights=weights, manifest=manifest,
                     tower=found["user_tower"], item_tower=found["item_tower"])  # fmt: skip
+
+
+def _not_a_file(file: Path) -> str:
+    """What stands at `file` instead of a regular file, and the fix."""
+    try:
+        mode = file.lstat().st_mode
+    except OSError:
+        return "missing from the artifact; export the model again"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link to nothing (or to no regular file); put the file itself there, or export again"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{kind}, not a regular file as `csmf export` writes; remove it and export the model again"
+
+
+def record_onnx(path: str | Path, names: list[str]) -> dict:
+    """List the files `csmf export --onnx` wrote to <artifact>/onnx in the artifact's manifest (`onnx`: name ->
+    sha256) and sign the manifest again; returns the new manifest."""
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["onnx"] = {name: _sha256(path / ONNX_DIR / name) for name in sorted(names)}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    partial = path / "manifest.json.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(path / "manifest.json")  # the old manifest or the new one, never half of one
+    return manifest
+
+
+def onnx_file(path: str | Path, name: str) -> bytes:
+    """The bytes of <artifact>/onnx/<name>, checked against the sha256 the manifest lists (ArtifactError naming
+    the file otherwise). Reading the bytes once, then checking them, means what is checked is what is used."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        signed = isinstance(manifest, dict) and manifest.get("manifest_sha256") == manifest_digest(manifest)
+    except (OSError, ValueError) as err:  # unreadable, not JSON, or NaN somewhere (not canonical JSON)
+        raise ArtifactError(f"{manifest_path}: not a readable manifest ({err}); export the model again") from None
+    if not signed:
+        raise ArtifactError(f"{manifest_path}: manifest_sha256 does not match the manifest's content (it was "
+                            "edited or damaged); export the model again")  # fmt: skip
+    listed = manifest.get("onnx")
+    file = path / ONNX_DIR / name
+    if not isinstance(listed, dict) or name not in listed:
+        raise ArtifactError(f"{file}: not listed in {manifest_path} (`onnx`), so nothing vouches for it; export "
+                            "the model again with `csmf export --onnx`")  # fmt: skip
+    if not file.is_file():
+        raise ArtifactError(f"{file}: {_not_a_file(file)}")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != listed[name]:
+        raise ArtifactError(f"{file}: checksum does not match the manifest (the file changed or is damaged); "
+                            "export the model again with `csmf export --onnx`")  # fmt: skip
+    return data
 
 
 def _read_array(file: Path, mmap: bool = False) -> np.ndarray:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from csmf.checkpoints import load_checkpoint
 from csmf.config import ConfigError
 from csmf.models.csmf import CSMF
+from csmf.runfolder import last_checkpoints
 from csmf.serving.artifact import ArtifactError, write_artifact
 
 
@@ -31,6 +33,8 @@ def export_run(
                           "csmf export (give them to csmf train)")  # fmt: skip
     if not (saved / "model.pt").exists():
         if (run_dir / "checkpoints").is_dir() and (run_dir / "config.toml").exists():
+            for last in last_checkpoints(run_dir / "checkpoints"):  # a damaged one says so, not "finish training"
+                load_checkpoint(last)
             raise ArtifactError(
                 f"{run_dir}: this run folder has checkpoints but no saved model (it was written by an older csmf, or "
                 f"training has not finished). Finish or re-save it, then export: csmf train --config "

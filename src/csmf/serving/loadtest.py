@@ -9,6 +9,11 @@ The generator is `wrk` (a C load generator; Debian package `wrk`) when it is ins
 costs far less CPU per request than the server, so on a small machine it measures the server. Without wrk
 the clients are Python (httpx, asyncio) in this process; they spend more CPU per request than the server
 on the same cores, so that figure measures them too: a warning says so.
+
+`csmf loadtest --heavy-clients N` measures isolation instead (`run_isolation`): one client times a cheap GET
+/recommend (k 10) alone, then while N client processes loop the largest request the limits allow (POST /recommend
+with --max-ids ids x the k that --max-results leaves), and reports both p50/p99 and their ratio; and it times the
+refusal of an oversized id list (400,000 integers, under the body limit).
 """
 
 from __future__ import annotations
@@ -112,6 +117,17 @@ def _cpu_seconds(pid: int) -> float | None:
     return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def _start_server(artifact: str | Path, index: str, serve_options: dict | None) -> tuple[str, subprocess.Popen]:
+    """`csmf serve` on a free local port: (its URL, the process)."""
+    port = _free_port()
+    command = [sys.executable, "-m", "csmf.cli", "serve", "--artifact", str(artifact), "--port", str(port),
+               "--index", index]  # fmt: skip
+    for name, value in (serve_options or {}).items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    return f"http://127.0.0.1:{port}", process
+
+
 def _drive_wrk(url: str, users: list[str], weightings: list[str], clients: int, seconds: float, k: int,
                seed: int) -> tuple[dict, int, float, int]:  # fmt: skip
     """(latency percentiles in ms, errors, seconds, answers) of wrk driving the server for `seconds` (wrk runs
@@ -169,13 +185,7 @@ def run_loadtest(
     stages = art.stages
     weightings = [f"{stages[0]}:1", f"{stages[-1]}:1", ",".join(f"{s}:{(n + 1) / len(stages):.2f}" for n, s in
                   enumerate(stages))]  # fmt: skip
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "csmf.cli", "serve", "--artifact", str(artifact), "--port", str(port),
-               "--index", index]  # fmt: skip
-    for name, value in (serve_options or {}).items():
-        command += [f"--{name.replace('_', '-')}", str(value)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    url, process = _start_server(artifact, index, serve_options)
     try:
         _wait_healthy(url, process)
         cpu0 = _cpu_seconds(process.pid)
@@ -213,6 +223,128 @@ def run_loadtest(
     log(f"{answered:,} requests from {clients} {generator} connections in {wall:.1f}s: "
         f"{result['throughput_rps']:.0f} req/s, p50 {latency['p50']:.1f} ms, p95 {latency['p95']:.1f} ms, "
         f"p99 {latency['p99']:.1f} ms, {errors} errors{cpu}")  # fmt: skip
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+        log(f"wrote {out}")
+    return result
+
+
+# ----- isolation: a cheap request's latency while other clients loop the most expensive one --------------------------
+OVERSIZED_IDS = 400_000  # integers in the oversized body: 0-9 each, about 800 KB, under the 1 MiB body limit
+
+
+def _loop_largest(url: str, body: bytes, stop, answered) -> None:
+    """One heavy client (a process of its own, so its HTTP work does not slow the timing client): POSTs `body`
+    until `stop` is set, counting the answers that were 200."""
+    with httpx.Client(timeout=120.0) as http:
+        while not stop.is_set():
+            response = http.post(f"{url}/recommend", content=body, headers={"content-type": "application/json"})
+            with answered.get_lock():
+                answered.value += response.status_code == 200
+
+
+def _time_cheap(url: str, users: list[str], seconds: float, pause: float) -> list[float]:
+    """Latencies (ms) of one client sending GET /recommend (k 10, a new user each time) for `seconds`, `pause`
+    seconds apart: a trickle that measures the server's answer time without loading it."""
+    latencies = []
+    with httpx.Client(timeout=120.0) as http:
+        end, n = time.perf_counter() + seconds, 0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            response = http.get(f"{url}/recommend", params={"user_id": users[n % len(users)], "k": 10})
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if response.status_code != 200:
+                raise RuntimeError(f"GET /recommend answered {response.status_code}: {response.text[:200]}")
+            n += 1
+            time.sleep(pause)
+    return latencies
+
+
+def _percentiles(ms: list[float]) -> dict:
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "requests": len(ms)}
+
+
+def run_isolation(
+    artifact: str | Path,
+    heavy_clients: int = 2,
+    seconds: float = 10.0,
+    index: str = "exact",
+    out: str | Path | None = None,
+    log=print,
+    serve_options: dict | None = None,
+    pause: float = 0.005,
+) -> dict:
+    """A cheap GET /recommend's p50/p99 idle, then while `heavy_clients` processes loop the largest POST /recommend
+    the server's limits allow (each phase `seconds`), and the time to refuse 400,000 integer ids (5 tries)."""
+    import multiprocessing
+
+    from csmf.serving.artifact import load_artifact
+
+    art = load_artifact(artifact)
+    users = list(art.user_ids[:1000])
+    url, process = _start_server(artifact, index, serve_options)
+    try:
+        _wait_healthy(url, process)
+        limits = httpx.get(f"{url}/info", timeout=30.0).json()["limits"]
+        n_ids = min(limits["max_ids"], len(art.user_ids))
+        k = min(limits["max_results"] // n_ids, limits["max_k"])
+        largest = json.dumps({"user_ids": list(art.user_ids[:n_ids]), "k": k}).encode()
+        first = httpx.post(f"{url}/recommend", content=largest, headers={"content-type": "application/json"},
+                           timeout=120.0)  # fmt: skip
+        if first.status_code != 200:
+            raise RuntimeError(f"the largest request ({n_ids} ids x k {k}) answered {first.status_code}: "
+                               f"{first.text[:200]}")  # fmt: skip
+        _time_cheap(url, users, 1.0, pause)  # warm-up, not reported
+        idle = _time_cheap(url, users, seconds, pause)
+        spawn = multiprocessing.get_context("spawn")  # the parent holds threads (BLAS): no fork
+        stop, answered = spawn.Event(), spawn.Value("i", 0)
+        heavy = [spawn.Process(target=_loop_largest, args=(url, largest, stop, answered)) for _ in range(heavy_clients)]
+        for p in heavy:
+            p.start()
+        try:
+            time.sleep(2.0)  # the heavy clients under way
+            before, t0 = answered.value, time.perf_counter()
+            loaded = _time_cheap(url, users, seconds, pause)
+            heavy_rate = (answered.value - before) / (time.perf_counter() - t0)
+        finally:
+            stop.set()
+            for p in heavy:
+                p.join(timeout=120)
+        oversized = ("[" + ",".join(str(n % 10) for n in range(OVERSIZED_IDS)) + "]").encode()
+        body = b'{"user_ids":' + oversized + b',"k":10}'
+        refusals, statuses = [], []
+        cpu0 = _cpu_seconds(process.pid)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            response = httpx.post(f"{url}/recommend", content=body, headers={"content-type": "application/json"},
+                                  timeout=120.0)  # fmt: skip
+            refusals.append((time.perf_counter() - t0) * 1000)
+            statuses.append(response.status_code)
+        cpu1 = _cpu_seconds(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    result = {
+        "artifact": str(artifact),
+        "index": index,
+        "serve_options": serve_options or {},
+        "cores": os.cpu_count(),
+        "largest_request": {"ids": n_ids, "k": k, "clients": heavy_clients, "answered_per_s": heavy_rate},
+        "cheap_request": f"GET /recommend, k 10, one client, {pause * 1000:.0f} ms apart",
+        "idle_ms": _percentiles(idle),
+        "loaded_ms": _percentiles(loaded),
+        "oversized_ids": {"ids": OVERSIZED_IDS, "bytes": len(body), "statuses": statuses,
+                          "round_trip_ms_median": float(np.median(refusals)),
+                          "server_cpu_ms_each": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) * 200},
+    }  # fmt: skip
+    result["p50_ratio"] = result["loaded_ms"]["p50"] / result["idle_ms"]["p50"]
+    result["p99_ratio"] = result["loaded_ms"]["p99"] / result["idle_ms"]["p99"]
+    i, lo, o = result["idle_ms"], result["loaded_ms"], result["oversized_ids"]
+    log(f"cheap GET idle p50 {i['p50']:.1f} ms, p99 {i['p99']:.1f} ms; with {heavy_clients} clients looping "
+        f"{n_ids} ids x k {k} ({heavy_rate:.1f} answered/s): p50 {lo['p50']:.1f} ms, p99 {lo['p99']:.1f} ms "
+        f"(p99 x{result['p99_ratio']:.1f}); {OVERSIZED_IDS:,} integer ids ({len(body):,} bytes) refused "
+        f"{sorted(set(statuses))} in {o['round_trip_ms_median']:.1f} ms")  # fmt: skip
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))

@@ -85,16 +85,20 @@ class UserTower:
         return [c["name"] for c in self.entry["features"]["columns"] if c["kind"] != "bag"]
 
     def vector(
-        self, history: dict[str, np.ndarray], user_row: int | None = None, features: dict | None = None
-    ) -> tuple[np.ndarray, list[str]]:
-        """((D,) float32, feature names not understood). history: behaviour -> distinct item rows (< n_items);
+        self, history: dict[str, np.ndarray], user_row: int | None = None, features: dict | None = None,
+        vectors: np.ndarray | None = None, origin: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+        """((D,) float32, feature names not understood). history: behaviour -> distinct served item rows;
         user_row: a known user's row (its ID embedding and training features); features: a new user's raw
-        feature values (read only without user_row)."""
+        feature values (read only without user_row). vectors: the served item matrix (rows, D) and origin: the
+        artifact row of each served row, -1 for an item added while serving (default: the artifact's items)."""
         if self.kind == "graph":
-            return self._graph(history, user_row, features or {})
-        return self._mlp(history, user_row, features or {})
+            return self._graph(history, user_row, features or {}, vectors, origin)
+        return self._mlp(history, user_row, features or {}, origin)
 
-    def _graph(self, history: dict[str, np.ndarray], user_row: int | None, features: dict):
+    def _graph(self, history: dict[str, np.ndarray], user_row: int | None, features: dict,
+               vectors: np.ndarray | None, origin: np.ndarray | None):  # fmt: skip
+        vectors = self.item_vectors if vectors is None else vectors
         u = np.zeros(self.item_vectors.shape[1], dtype=np.float32)
         scale = self.arrays["item_scale"]
         for k, weights in enumerate(self.entry["stage_weights"]):
@@ -109,8 +113,13 @@ class UserTower:
             if degree <= 0:
                 continue
             rows = np.fromiter(a.keys(), dtype=np.int64, count=len(a))
-            coef = np.fromiter(a.values(), dtype=np.float64, count=len(a)) * scale[k, rows] / np.sqrt(degree)
-            u[columns] += coef.astype(np.float32) @ self.item_vectors[rows][:, columns]
+            edge = np.fromiter(a.values(), dtype=np.float64, count=len(a))
+            trained = rows if origin is None else origin[rows]
+            # an item added while serving has no edge in the training graph: it is weighed as an item whose only
+            # edge is this history's (its degree is the weight here), and contributes its served vector
+            s = np.where(trained >= 0, scale[k, np.maximum(trained, 0)], 1.0 / np.sqrt(np.maximum(edge, 1e-12)))
+            coef = edge * s / np.sqrt(degree)
+            u[columns] += coef.astype(np.float32) @ vectors[rows][:, columns]
         if user_row is not None:
             if "user_side" in self.arrays:
                 u += self.arrays["user_side"][user_row]
@@ -118,7 +127,7 @@ class UserTower:
         part, unknown = self.features.graph_part(features, len(u))
         return u + part, unknown
 
-    def _mlp(self, history: dict[str, np.ndarray], user_row: int | None, features: dict):
+    def _mlp(self, history: dict[str, np.ndarray], user_row: int | None, features: dict, origin: np.ndarray | None):
         a = self.arrays
         x = (a["fixed"][user_row] if user_row is not None else a["new_user"]).copy()
         unknown = self.features.fill(x, features) if user_row is None else []
@@ -126,7 +135,10 @@ class UserTower:
         for b, slot in zip(self.behaviours, self.entry["slots"], strict=True):
             rows = np.asarray(history.get(b, ()), dtype=np.int64)
             if len(rows):
-                x[slot : slot + table.shape[1]] = table[rows].sum(axis=0) / len(rows) ** self.entry["bag_power"]
+                trained = rows if origin is None else origin[rows]
+                # an item added while serving has no row in the history table: it counts in the bag's size only
+                bag = table[trained[trained >= 0]].sum(axis=0)
+                x[slot : slot + table.shape[1]] = bag / len(rows) ** self.entry["bag_power"]
         return _mlp(a, x, self.entry["layers"]), unknown
 
 

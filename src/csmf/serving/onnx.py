@@ -17,7 +17,8 @@ towers.json      behaviours, item and user ids in row order are in the artifact 
                  output_owner (which dimensions each objective scores with), the input and output names
 
 A history lists each (item, behaviour) pair once, as a training history does. Needs `pip install
-'csmf[onnx]'` (onnx, onnxscript) to export and onnxruntime to run.
+'csmf[onnx]'` (onnx, onnxscript) to export and onnxruntime to run. The manifest lists each of these files with
+its sha256 (`onnx`); `onnx_session` checks a file against it before onnxruntime reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from csmf.serving.artifact import Artifact
+from csmf.serving.artifact import Artifact, onnx_file
 
 
 def _placement(width: int, slot: int, n_in: int) -> torch.Tensor:
@@ -181,8 +182,16 @@ def user_tower_module(artifact: Artifact) -> nn.Module:
     return (GraphUserTower if kind == "graph" else MlpUserTower)(artifact).eval()
 
 
-def export_onnx(artifact: Artifact, out: str | Path, log=print) -> Path:
-    """Write user_tower.onnx, item_tower.onnx and towers.json to `out` (a folder)."""
+def onnx_session(artifact_dir: str | Path, name: str):
+    """An onnxruntime session over <artifact>/onnx/<name>, from bytes checked against the manifest's sha256."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(onnx_file(artifact_dir, name))
+
+
+def export_onnx(artifact: Artifact, out: str | Path, log=print) -> list[str]:
+    """Write user_tower.onnx, item_tower.onnx (item_features_tower.onnx when items have features) and towers.json
+    to `out` (a folder); returns the names written (csmf export lists them in the manifest)."""
     try:
         import onnx  # noqa: F401  (torch.onnx needs it)
     except ImportError as err:
@@ -217,5 +226,7 @@ def export_onnx(artifact: Artifact, out: str | Path, log=print) -> Path:
                 "columns": artifact.manifest["item_tower"]["features"]["columns"]},
             "output_owner": np.asarray(artifact.output_owner).tolist(), "stages": list(artifact.stages)}  # fmt: skip
     (out / "towers.json").write_text(json.dumps(meta, indent=2))
-    log(f"wrote {out}: user_tower.onnx, item_tower.onnx, towers.json")
-    return out
+    names = ["user_tower.onnx", "item_tower.onnx", "towers.json"]
+    names += ["item_features_tower.onnx"] if artifact.item_tower is not None else []
+    log(f"wrote {out}: {', '.join(names)}")
+    return names

@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # csmf.serving.index loads faiss; the CLI reads ServeLimits' 
 MAX_K = 1000  # largest k of one request
 MAX_HISTORY = 100_000  # most items in one request's history (POST /recommend with "history")
 CANDIDATE_BLOCK = 1 << 20  # most (users x candidates) one index search returns at once: bounds its memory
+# most (queries x catalogue rows) one block of a batch scores under the lock (20 queries, about 5 ms, on JD's
+# 13,465 items): the event loop's one-user searches then wait for one block, not for a 1,000-id batch (issue 27)
+SEARCH_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,12 @@ def checked_vector(values, dim: int, field: str) -> np.ndarray:
     return q.astype(np.float32)
 
 
+def check_history_length(n: int) -> None:
+    """The bound on one history's items (RequestError on `history`)."""
+    if n > MAX_HISTORY:
+        raise RequestError("history", f"more than {MAX_HISTORY:,} items: send the user's most recent ones")
+
+
 def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
         raise RequestError("k", f"must be a whole number between 1 and {MAX_K}, got {clip(repr(k))}")
@@ -130,8 +139,9 @@ class Query:
     raw: np.ndarray | None  # (D,) float32 user vector; None = an unknown user answered from popularity
     vector: np.ndarray | None  # raw * the request's fold (csmf.fusion): what the index is searched with
     seen: np.ndarray  # sorted distinct item rows the user has (left out when exclude_seen)
-    unknown_items: list[str] | None = None  # history item ids this artifact does not hold (reported)
+    unknown_items: list[str] | None = None  # history item ids this catalogue does not serve (reported)
     unknown_features: list[str] | None = None  # feature names or values the user tower could not read
+    note: str | None = None  # why the user is answered as they are (a history with nothing to rank by)
 
 
 class Recommender:
@@ -158,10 +168,13 @@ class Recommender:
         self.item_vectors = artifact.item_vectors  # (rows, D); grown (copied once) when items are added
         self.live = np.ones(len(self.item_ids), dtype=bool)
         self.popularity = artifact.popularity  # (rows,): an added item starts at 0
+        # (rows,) the artifact row of each row's item (its history row and degree in the user tower), -1 for an
+        # item the artifact does not hold; a replaced item keeps its own
+        self.origin = np.arange(len(self.item_ids), dtype=np.int64)
         self.lock = threading.RLock()  # item changes against searches (POST batches run on worker threads)
         self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
         self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
-        self.popular = np.argsort(-artifact.popularity, kind="stable")
+        self.popular = np.argsort(-artifact.popularity, kind="stable")  # the live rows, most popular first
         self.tower = None  # the user tower (csmf.serving.online_towers): a history -> a vector; None in older artifacts
         self.item_tower = None  # the item tower: raw features -> a new item's vector; None when items have none
         if artifact.tower is not None:
@@ -219,10 +232,11 @@ class Recommender:
         """Top-k items for a caller's query vector, and a note when fewer than k come back."""
         check_k(k)
         q = checked_vector(vector, self.artifact.dim, "vector")
-        scores, rows = self.index.search(q[None, :], k)  # (1, k), (1, k)
-        hits = zip(scores[0], rows[0], strict=True)
-        items = [{"item_id": self.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
-        n = self.n_items
+        with self.lock:  # rows and ids read together: an item added meanwhile has a row before it has an id
+            scores, rows = self.index.search(q[None, :], k)  # (1, k), (1, k)
+            hits = zip(scores[0], rows[0], strict=True)
+            items = [{"item_id": self.item_ids[r], "score": float(s)} for s, r in hits if r >= 0]
+            n = self.n_items
         return items, self._note(len(items), k, n, f"the catalogue holds {n} items")
 
     def sample_users(self, limit: int) -> list[str]:
@@ -266,10 +280,12 @@ class Recommender:
     ) -> Query:  # fmt: skip
         """The query of a user sent as a behaviour history (item ids per behaviour): the user tower computes the
         vector (csmf.serving.online_towers). `user_id`, when given, is a known user whose ID embedding and features the
-        tower reads (the MLP encoder) and whose seen items are left out too. Item ids this catalogue or the tower
-        does not know are skipped and reported in `unknown_items`. `features`: a new user's raw feature values
-        (name -> value), read as in training; a name or value the tower does not know is reported in
-        `unknown_features` and adds nothing."""
+        tower reads (the MLP encoder) and whose seen items are left out too. Every item served counts, those added
+        or replaced while serving too; ids this catalogue does not serve are skipped and reported in
+        `unknown_items`. `features`: a new user's raw feature values (name -> value), read as in training; a name
+        or value the tower does not know is reported in `unknown_features` and adds nothing. A request that gives
+        the tower nothing to read (no served item, no user_id, no feature it knows) is answered from popularity
+        with a note when the server falls back to popularity, else refused (RequestError on `history`)."""
         if self.tower is None:
             raise RequestError("history", "this artifact has no user tower (it was exported by an older csmf): "
                                "export the model again with `csmf export` to serve users by their history")  # fmt: skip
@@ -277,8 +293,7 @@ class Recommender:
         if wrong:
             raise RequestError("history", f"behaviour {clip(repr(wrong[0]))} is not one this model reads "
                                f"{list(self.tower.behaviours)}")  # fmt: skip
-        if sum(len(items) for items in history.values()) > MAX_HISTORY:
-            raise RequestError("history", f"more than {MAX_HISTORY:,} items: send the user's most recent ones")
+        check_history_length(sum(len(items) for items in history.values()))
         row = None
         if user_id is not None:
             if user_id not in self.user_rows:
@@ -290,12 +305,26 @@ class Recommender:
         rows, unknown = {}, {}
         for b, items in history.items():
             found = [self.item_rows.get(i, -1) for i in items]
-            unknown.update((i, None) for i, r in zip(items, found, strict=True) if not 0 <= r < self.tower.n_items)
-            rows[b] = np.unique(np.array([r for r in found if 0 <= r < self.tower.n_items], dtype=np.int64))
-        raw, unread = self.tower.vector(rows, row, features)
+            unknown.update((i, None) for i, r in zip(items, found, strict=True) if r < 0)
+            rows[b] = np.unique(np.array([r for r in found if r >= 0], dtype=np.int64))
+        # read after the rows: the tables only grow, so every row found above is in them
+        vectors, origin = self.item_vectors, self.origin
+        raw, unread = self.tower.vector(rows, row, features, vectors, origin)
+        unknown_items = list(unknown) or None
+        read_features = any(name not in unread for name in features or {})
+        if row is None and not read_features and not any(len(r) for r in rows.values()):
+            # the vector would be the same for every such request (zero in the graph tower: every score 0.0)
+            if not self.popularity_fallback:
+                raise RequestError("history", "names no item served here, and there is no user_id or feature the "
+                                   "model reads: nothing to rank by. Send at least one served item id (ids not "
+                                   "served are listed in unknown_items), or serve with --fallback popularity to "
+                                   "answer such a user with the most popular items")  # fmt: skip
+            note = ("the history names no item served here (and no user_id or known feature): the most popular "
+                    "items (--fallback popularity)")  # fmt: skip
+            return Query("", None, None, None, np.zeros(0, dtype=np.int64), unknown_items, unread or None, note)
         seen = np.unique(np.concatenate([*rows.values(), self._seen(row) if row is not None else []]).astype(np.int64))
         fold = self.artifact.fold(weights)
-        return Query(user_id if user_id is not None else "", row, raw, raw * fold, seen, list(unknown) or None,
+        return Query(user_id if user_id is not None else "", row, raw, raw * fold, seen, unknown_items,
                      unread or None)  # fmt: skip
 
     def width(self, query: Query, k: int, exclude_seen: bool) -> int:
@@ -318,24 +347,30 @@ class Recommender:
         t0 = time.perf_counter()
         queries = self.queries(user_ids, weights)
         searched = [q for q in queries if q.vector is not None]
-        found = self._top(searched, [k] * len(searched), exclude_seen)
+        found = self._top(searched, [k] * len(searched), exclude_seen, step_aside=True)
         seconds = time.perf_counter() - t0  # the search itself, shared by the batch
         tops = iter(found)
         return [self.answer(q, next(tops) if q.vector is not None else None, k, weights, exclude_seen, seconds)
                 for q in queries]  # fmt: skip
 
-    def _top(self, queries: list[Query], ks: list[int], exclude_seen: bool) -> list[np.ndarray]:
+    def _top(
+        self, queries: list[Query], ks: list[int], exclude_seen: bool, step_aside: bool = False
+    ) -> list[np.ndarray]:
         """Each query's candidate rows, best first (at least its k, or all there are), searched in blocks of at
-        most CANDIDATE_BLOCK candidates."""
+        most CANDIDATE_BLOCK candidates. `step_aside` (a batch on a worker thread): blocks of at most SEARCH_BLOCK
+        scores, the lock given up between them."""
         width = [self.width(q, k, exclude_seen) for q, k in zip(queries, ks, strict=True)]
+        most = max(1, SEARCH_BLOCK // max(len(self.item_ids), 1)) if step_aside else len(queries)  # queries a block
         out, start = [], 0
         while start < len(queries):
-            stop, wide = start + 1, width[start]
-            while stop < len(queries) and (stop - start + 1) * max(wide, width[stop]) <= CANDIDATE_BLOCK:
+            stop, wide, end = start + 1, width[start], min(len(queries), start + most)
+            while stop < end and (stop - start + 1) * max(wide, width[stop]) <= CANDIDATE_BLOCK:
                 wide, stop = max(wide, width[stop]), stop + 1
             with self.lock:
                 out.extend(self.search(queries[start:stop], wide, exclude_seen))
             start = stop
+            if step_aside and start < len(queries):
+                time.sleep(0)  # a lock is not fair: step aside so a thread waiting on it (the event loop) gets it
         return out
 
     # ----- items added, replaced and removed while serving ------------------------------------------------------
@@ -345,11 +380,7 @@ class Recommender:
         items given by features, "unknown_features": {id: names the tower could not read}."""
         if not self.mutable:
             raise NotMutable("items are fixed in a server with several worker processes (each holds its own index)")
-        if not items:
-            raise RequestError("items", "give at least one item")
-        if len(items) > self.limits.max_ids:
-            raise RequestError("items", f"{len(items):,} items, more than this server's limit of "
-                               f"{self.limits.max_ids:,} per request (csmf serve --max-ids)")  # fmt: skip
+        self.check_items(len(items))
         ids = [item_id for item_id, _ in items]
         repeated = next((i for i in ids if ids.count(i) > 1), None) if len(set(ids)) < len(ids) else None
         if repeated is not None:
@@ -360,6 +391,10 @@ class Recommender:
                 if self.item_tower is None:
                     raise RequestError(f"items.{n}.features", "this model's items have no features (or the "
                                        "artifact is older): send the item's vector")  # fmt: skip
+                if not given:  # the tower would give every such item the same featureless vector
+                    raise RequestError(f"items.{n}.features", f"is empty: give at least one of the item features "
+                                       f"{self.item_tower.feature_names} (GET /info: item_features), or the item's "
+                                       "vector")  # fmt: skip
                 vector, unknown = self.item_tower.vector(given)
                 if unknown:
                     unread[item_id] = unknown
@@ -370,21 +405,34 @@ class Recommender:
         with self.lock:
             replaced = [i for i in ids if i in self.item_rows]
             kept = {i: float(self.popularity[self.item_rows[i]]) for i in replaced}  # a replaced item keeps it
+            origin = np.array([self.origin[self.item_rows[i]] if i in self.item_rows else -1 for i in ids])
             if replaced:
                 self._remove([self.item_rows[i] for i in replaced])
             rows = self.index.add(vectors)
             if rows.tolist() != list(range(len(self.item_ids), len(self.item_ids) + len(rows))):
                 raise RuntimeError(f"the {self.index.kind} index numbered new items {rows[:3]}..., not from "
                                    f"{len(self.item_ids)}: the item table and the index are out of step")  # fmt: skip
+            # each table grows before anything that hands out its new rows (item_rows, popular): a request
+            # reading them without the lock finds every row it is given
             self.item_vectors = np.concatenate([self.item_vectors, vectors])
             added = np.array([kept.get(i, 0.0) for i in ids], dtype=np.float32)
             self.popularity = np.concatenate([self.popularity, added])
-            self.popular = np.argsort(-self.popularity, kind="stable")
+            self.origin = np.concatenate([self.origin, origin.astype(np.int64)])
             self.live = np.concatenate([self.live, np.ones(len(rows), dtype=bool)])
             self.item_ids.extend(ids)
             self.item_rows.update(zip(ids, rows.tolist(), strict=True))
+            order = np.argsort(-self.popularity, kind="stable")
+            self.popular = order[self.live[order]]
         out = {"added": [i for i in ids if i not in set(replaced)], "replaced": replaced}
         return {**out, "unknown_features": unread} if unread else out
+
+    def check_items(self, n: int) -> None:
+        """The bound on one put_items call's items (RequestError on `items`)."""
+        if not n:
+            raise RequestError("items", "give at least one item")
+        if n > self.limits.max_ids:
+            raise RequestError("items", f"{n:,} items, more than this server's limit of {self.limits.max_ids:,} "
+                               "per request (csmf serve --max-ids)")  # fmt: skip
 
     def remove_items(self, ids: list[str]) -> None:
         """Take items out of every answer (UnknownItem for an id not served)."""
@@ -399,6 +447,7 @@ class Recommender:
     def _remove(self, rows: list[int]) -> None:
         self.index.remove(np.asarray(rows, dtype=np.int64))
         self.live[rows] = False
+        self.popular = self.popular[self.live[self.popular]]  # the fallback then reads its first k, whatever churned
         for row in rows:
             del self.item_rows[self.item_ids[row]]
 
@@ -409,10 +458,10 @@ class Recommender:
         """The answer to one query from its candidate rows (None: the popularity fallback)."""
         n = self.n_items
         if candidates is None:
-            removed = len(self.live) - n  # every removed row could sit among the first k + removed
             items = [{"item_id": self.item_ids[i], "popularity": float(self.popularity[i])}
-                     for i in self.popular[: k + removed] if self.live[i]][:k]  # fmt: skip
-            note = self._note(len(items), k, n, f"the catalogue holds {n} items")
+                     for i in self.popular[:k] if self.live[i]]  # fmt: skip
+            short = self._note(len(items), k, n, f"the catalogue holds {n} items")
+            note = "; ".join(text for text in (query.note, short) if text) or None
             return Recommendation(query.user_id, items, weights, True, seconds, note, query.unknown_items,
                                   query.unknown_features)  # fmt: skip
         candidates = candidates[candidates >= 0]
