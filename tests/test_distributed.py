@@ -91,6 +91,19 @@ def test_two_processes_hold_the_same_weights_after_every_phase(runs):
     assert json.loads((runs / "two" / "metrics.json").read_text())["processes"] == 2
 
 
+def test_only_the_main_process_writes_the_training_curves(runs):
+    """Both ranks train every epoch; one event file holds each curve once (csmf.tracking writes on rank 0 only)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (runs / "two" / "tensorboard").glob("events.out.tfevents.*")
+    curves = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    curves.Reload()
+    phases = json.loads((runs / "two" / "checkpoints" / "phases.json").read_text())
+    for phase in (p for p in phases if "epochs" in p):
+        assert [e.step for e in curves.Scalars(f"loss/{phase['phase']}")] == [e["epoch"] for e in phase["epochs"]]
+
+
 def test_earlier_stages_stay_bit_identical_across_processes(runs):
     def owned(state: dict) -> dict:  # without zero-width tables (the MLP preset has no user-ID columns)
         empty = {k.removesuffix(".owner") for k, v in state.items() if k.endswith(".owner") and v.numel() == 0}

@@ -19,7 +19,7 @@ import csmf
 SRC = Path(csmf.__file__).parent
 SERVING = {"serving"}
 EXPERIMENTS = {"experiments"}
-INTERFACE = {"cli", "train_command", "torchrun_entry"}
+INTERFACE = {"cli", "cli_output", "train_command", "torchrun_entry"}
 BELOW_MODELS = {"retriever", "evaluation", "metrics"}
 ROOT = "csmf"  # the package's own __init__: core (its public API is imported by name on first use)
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -292,6 +296,9 @@ def test_loadtest_drives_a_real_server_and_reports_latency(exported, tmp_path):
     out = tmp_path / "load.json"
     result = run_loadtest(exported[1], clients=4, requests=60, k=10, out=out, log=lambda _: None, generator="python")
     assert result["errors"] == 0 and result["requests"] == 60 and result["generator"] == "python"
+    # the server's own count (GET /metrics before and after): the Python clients read every answer they caused
+    assert result["server_counted"]["requests"] == 60 and result["server_counted"]["difference_pct"] == 0
+    assert result["server_counted"]["queries_per_search"] >= 1
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     assert json.loads(out.read_text())["throughput_rps"] > 0
     assert result["server_cpu_ms_per_request"] is None or result["server_cpu_ms_per_request"] > 0
@@ -305,6 +312,7 @@ def test_loadtest_with_wrk_when_installed_and_a_warning_without(exported, tmp_pa
     if shutil.which("wrk"):
         result = run_loadtest(exported[1], clients=4, k=10, log=lambda _: None, generator="wrk", seconds=2)
         assert result["generator"] == "wrk" and result["errors"] == 0 and result["requests"] > 10
+        assert result["server_counted"]["requests"] >= result["requests"]  # and those in flight when wrk stopped
         assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     monkeypatch.setattr(shutil, "which", lambda _name: None)  # as on a machine without wrk
     said: list[str] = []
@@ -1434,3 +1442,178 @@ def test_the_page_writes_ids_as_text_never_as_markup():
     assert "${item.item_id}" not in page and "${esc(item.item_id)}" in page
     assert "<th>${s}</th>" not in page and "<th>${esc(s)}</th>" in page
     assert '"<": "&lt;"' in page and '"&": "&amp;"' in page
+
+
+# ---- GET /metrics (Prometheus text, every worker's counts) and draining on SIGTERM ----
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def _requests_by_label(samples: dict) -> dict[tuple[str, str, str], float]:
+    """(method, route, status) -> csmf_requests_total."""
+    return {(d["method"], d["route"], d["status"]): v for (name, labels), v in samples.items()
+            if name == "csmf_requests_total" and (d := dict(labels))}  # fmt: skip
+
+
+def test_metrics_count_each_request_by_route_template_and_status_and_the_items_served(exported):
+    artifact = load_artifact(exported[1])
+    recommender = Recommender(artifact, build_index(artifact.item_vectors))
+    users = list(artifact.user_ids[:4])
+    vector = [0.1] * artifact.dim
+    with serving(recommender) as url:
+        answers = [httpx.get(f"{url}/recommend", params={"user_id": u, "k": 5}) for u in users]  # the fast path
+        refused = [httpx.get(f"{url}/recommend", params={"user_id": users[0], "k": 0}),
+                   httpx.get(f"{url}/recommend", params={"user_id": "nobody-secret-user"})]  # fmt: skip
+        answers.append(httpx.post(f"{url}/recommend", json={"user_ids": users[:3], "k": 4}))
+        answers.append(httpx.post(f"{url}/recommend", json={"history": {"click": [artifact.item_ids[1]]}, "k": 3}))
+        answers.append(httpx.post(f"{url}/search", json={"vector": vector, "k": 2}))
+        changes = [httpx.post(f"{url}/items", json={"items": [{"item_id": "fresh-secret-item", "vector": v}]},
+                              headers=AUTH) for v in (vector, [-x for x in vector])]  # fmt: skip
+        changes.append(httpx.delete(f"{url}/items/fresh-secret-item", headers=AUTH))
+        refused.append(httpx.delete(f"{url}/items/fresh-secret-item"))  # no token: 401
+        refused.append(httpx.get(f"{url}/no-such-page/secret-path"))
+        assert [r.status_code for r in answers + changes] == [200] * 10
+        assert [r.status_code for r in refused] == [422, 404, 401, 404]
+        scrape = httpx.get(f"{url}/metrics")
+        second = _samples(httpx.get(f"{url}/metrics").text)
+    assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain")
+    text = scrape.text
+    assert "secret" not in text  # no id, path or anything else a client sent becomes a label
+    got = _samples(text)
+    assert _requests_by_label(got) == {
+        ("GET", "/recommend", "200"): 4, ("GET", "/recommend", "422"): 1, ("GET", "/recommend", "404"): 1,
+        ("POST", "/recommend", "200"): 2, ("POST", "/search", "200"): 1, ("POST", "/items", "200"): 2,
+        ("DELETE", "/items/{item_id}", "200"): 1, ("DELETE", "/items/{item_id}", "401"): 1,
+        ("GET", "unmatched", "404"): 1,
+    }  # fmt: skip
+    assert _requests_by_label(second)[("GET", "/metrics", "200")] == 1  # a scrape counts from the next one on
+    timed = (("method", "GET"), ("route", "/recommend"))
+    assert got[("csmf_request_duration_seconds_count", timed)] == 6
+    assert got[("csmf_request_duration_seconds_bucket", (("le", "+Inf"), *timed))] == 6
+    bodies = [r.json() for r in answers]
+    served = sum(len(b["results"][n]["items"]) for b in bodies if "results" in b for n in range(3))
+    served += sum(len(b["items"]) for b in bodies if "items" in b)
+    assert served > 0 and got[("csmf_items_served_total", ())] == served
+    # one query a search for each one-user request sent alone; the batch of three ids is one search of three
+    assert got[("csmf_search_batch_queries_count", (("source", "batcher"),))] == 5
+    assert got[("csmf_search_batch_queries_sum", (("source", "batcher"),))] == 5
+    assert got[("csmf_search_batch_queries_sum", (("source", "request"),))] == 3
+    for change in ("added", "replaced", "removed"):
+        assert got[("csmf_item_changes_total", (("change", change),))] == 1
+    assert got[("csmf_index_items", ())] == changes[-1].json()["items"] == len(artifact.item_ids)
+    identity = (("manifest_sha256", artifact.manifest["manifest_sha256"]), ("model", "csmf-graph"),
+                ("stages", "exposure,click,conversion"))  # fmt: skip
+    assert got[("csmf_artifact_info", identity)] == 1
+
+
+def _serve_process(artifact: Path, tmp: Path, *flags: str) -> tuple[str, subprocess.Popen]:
+    """`csmf serve` in a process of its own on a free port, answering /health; its temporary files go under
+    tmp/tmp (TMPDIR) and its output to tmp/serve.log."""
+    from csmf.serving.loadtest import _wait_healthy
+
+    port = _free_port()
+    (tmp / "tmp").mkdir()
+    command = [sys.executable, "-m", "csmf.cli", "serve", "--artifact", str(artifact), "--port", str(port), *flags]
+    with open(tmp / "serve.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TMPDIR": str(tmp / "tmp")})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, timeout=180)
+    except RuntimeError:
+        process.kill()
+        raise AssertionError((tmp / "serve.log").read_text()) from None
+    return url, process
+
+
+def _per_worker_requests(metrics_dir: Path, scratch: Path) -> dict[str, float]:
+    """GET /recommend requests each worker counted, from its own file (prometheus-client's reader over one
+    worker's file at a time): which workers answered, seen from outside."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    counts = {}
+    for file in metrics_dir.glob("counter_*.db"):
+        one = scratch / file.stem
+        one.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, one / file.name)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(one))
+        requests = _requests_by_label(_samples(generate_latest(registry).decode()))
+        counts[file.stem] = requests.get(("GET", "/recommend", "200"), 0.0)
+    return counts
+
+
+def test_with_two_workers_a_scrape_on_either_counts_both_workers_requests(exported, tmp_path):
+    url, process = _serve_process(exported[1], tmp_path, "--workers", "2")
+    artifact = load_artifact(exported[1])
+    users = artifact.user_ids
+    try:
+        metrics_dir = next((tmp_path / "tmp").glob("csmf-serve-*/metrics"))  # the parent's fresh folder
+        sent, per_worker = 0, {}
+        while sent < 400:  # each on a new connection, taken by whichever worker accepts it, until both have some
+            assert httpx.get(f"{url}/recommend", params={"user_id": users[sent % 50], "k": 3}).status_code == 200
+            sent += 1
+            if sent % 10 == 0:
+                per_worker = _per_worker_requests(metrics_dir, tmp_path / "scratch")
+                if len([n for n in per_worker.values() if n > 0]) == 2:
+                    break
+        assert len(per_worker) == 2 and min(per_worker.values()) > 0 and sum(per_worker.values()) == sent
+        for _ in range(6):  # new connections, so either worker may answer: each sums both workers' files
+            got = _samples(httpx.get(f"{url}/metrics").text)
+            assert _requests_by_label(got)[("GET", "/recommend", "200")] == sent
+            assert got[("csmf_index_items", ())] == len(artifact.item_ids)
+            assert [v for (name, _), v in got.items() if name == "csmf_artifact_info"] == [1]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert process.returncode == 0
+    assert not list((tmp_path / "tmp").iterdir())  # the metrics folder went with the parent
+
+
+def _request_in_flight(port: int, body: bytes) -> socket.socket:
+    """A connection whose POST /recommend has reached the app and waits for its body: the headers sent with
+    `Expect: 100-continue`, and the server's 100 Continue read (uvicorn sends it when the app reads the body)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    conn.sendall(b"POST /recommend HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                 b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))  # fmt: skip
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += conn.recv(1024)
+    assert got.startswith(b"HTTP/1.1 100"), got
+    return conn
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_answers_the_request_in_flight_and_stops_within_the_drain_time(exported, tmp_path, workers):
+    drain = 6.0
+    url, process = _serve_process(exported[1], tmp_path, "--workers", str(workers),
+                                  "--set", f"serve.drain_seconds={drain}")  # fmt: skip
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"user_ids": list(load_artifact(exported[1]).user_ids[:3]), "k": 5}).encode()
+    try:
+        in_flight = _request_in_flight(port, body)
+        stalled = _request_in_flight(port, body)  # never sends its body: held for drain_seconds, then cut off
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # by now every worker is draining (the parent looks at signals every 0.5 s)
+        assert process.poll() is None, "the server stopped with a request in flight"
+        in_flight.sendall(body)
+        answer = b""
+        while chunk := in_flight.recv(65536):  # draining, the server closes the connection after this answer
+            answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert [len(r["items"]) for r in json.loads(payload)["results"]] == [5, 5, 5]
+        process.wait(timeout=drain + 30)  # without a drain limit the stalled request held it forever
+        stalled.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not list((tmp_path / "tmp").iterdir())

@@ -42,6 +42,7 @@ from csmf.phases import Phase, claim, plan, prune
 from csmf.rules import check_training, teacher_kind
 from csmf.runfolder import PretrainCache, RunFolder
 from csmf.stage_loss import PairLoss, UserLoss, user_loss_extras
+from csmf.tracking import Tracker
 from csmf.trained import TrainedCascade
 from csmf.training_loop import adam, run_epochs
 
@@ -53,11 +54,13 @@ class CascadeTrainer:
     """Trains a backbone through the cascade's phases on `data` (objectives: default every stage).
 
     teacher: the distillation teacher (train.distill), called on the tuning data; the model layer hands it in,
-    so the trainer never reaches for a model itself."""
+    so the trainer never reaches for a model itself. tracker: records each epoch, and the owners after each prune
+    (csmf.tracking); the caller opens and closes it."""
 
     def __init__(self, data: CascadeData, cfg: Config, objectives: tuple[str, ...] | None = None,
                  run_dir: str | Path | None = None, progress: bool = False, log: Callable[[str], None] | None = None,
-                 pretrain_cache: str | Path | None = None, teacher: Teacher | None = None):  # fmt: skip
+                 pretrain_cache: str | Path | None = None, teacher: Teacher | None = None,
+                 tracker: Tracker | None = None):  # fmt: skip
         self.data, self.cfg, self.teacher = data, cfg, teacher
         self.objectives = objectives or data.stages
         self.stream = data.stream if cfg.train.stream else None
@@ -82,6 +85,7 @@ class CascadeTrainer:
         self.ranks = distributed.ranks()  # several training processes (csmf.distributed) or one
         self.progress = progress and self.ranks.main
         self.log = log if log is not None and self.ranks.main else (lambda _msg: None)
+        self.tracker = tracker if self.ranks.main else None  # the curves (csmf.tracking): one writer, rank 0
         self.history: list[dict] = []  # one record per completed phase
         self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items and self.stream is None
         # a per-user backbone takes each user's positives at once: over the whole catalogue while it fits, else over
@@ -155,6 +159,8 @@ class CascadeTrainer:
             record.update(processes=self.ranks.world, checksum=distributed.check_agreement(self.model, phase.name))
         self.history.append(record)
         self.log(_describe(record))
+        if phase.kind == "prune" and self.tracker is not None:
+            self.tracker.pruned(phase.name, phase.stage, record["valid"], self.model.ownership())
         self._save(index)
         if index == 0 and self.pretrain is not None and self.ranks.main:
             self.pretrain.store(self.model.state_dict(), self.history[0])
@@ -213,6 +219,7 @@ class CascadeTrainer:
                 after_backward=lambda: self._after_backward(stage, shrink),
                 describe=lambda e, loss, _s, valid: f"  stage {stage} epoch {e}: loss {loss:.4f} valid {_fmt(valid)}",
                 log=self.log, progress=self.progress, desc=f"stage {stage} epoch", steps=batches.steps,
+                tracker=self.tracker, phase=self.phases[index].name, pairs=int(batches.rows),
             )  # fmt: skip
         return {"lr": lr, "pairs": int(batches.rows), "epochs": records, "best_epoch": best_epoch}
 

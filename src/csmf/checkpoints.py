@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
-import sys
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -41,7 +43,7 @@ def content_digest(state: dict[str, torch.Tensor], meta: str) -> str:
         tensor = state[name].detach().cpu()
         tensor = (tensor if tensor.layout == torch.strided else tensor.to_dense()).contiguous()
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # the array's buffer, not a copy
     return digest.hexdigest()
 
 
@@ -81,8 +83,8 @@ def load_checkpoint(path: Path, fix: str = RETRAIN_FIX) -> tuple[dict[str, torch
     if "sha256" not in raw:
         if path not in _noted:
             _noted.add(path)
-            print(f"csmf: note: {path} carries no content digest (saved by an older csmf): loaded without a damage "
-                  "check", file=sys.stderr)  # fmt: skip
+            logger.warning(f"csmf: note: {path} carries no content digest (saved by an older csmf): loaded without "
+                           "a damage check")  # fmt: skip
     elif not isinstance(raw["sha256"], str) or raw["sha256"] != content_digest(raw["state"], raw["meta"]):
         raise CheckpointError(f"{path}: damaged: its content does not match the sha256 digest saved with it (a "
                               f"changed byte: a disk or copy error, or an edit); {fix}")  # fmt: skip

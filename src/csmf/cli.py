@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import shutil
 import sys
@@ -10,12 +11,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from csmf import __version__
 from csmf.checkpoints import CheckpointError
+from csmf.cli_output import FORMATS, LEVELS, cli_logging, uvicorn_log_config
 from csmf.config import Config, ConfigError, ServeConfig, absolute_data_paths, load_config, override
 from csmf.data.errors import DataError
 from csmf.fusion import clip
 from csmf.rules import check_training, fit_to_size
 from csmf.serving.artifact import ArtifactError
+
+logger = logging.getLogger(__name__)  # the command's own lines; csmf.cli_output shows them
+
+
+def _log_level_flag(parser: argparse.ArgumentParser, default: str | None) -> None:
+    # before the command (csmf --log-level warning train) or after it; given after, it wins
+    parser.add_argument("--log-level", choices=tuple(LEVELS), default=argparse.SUPPRESS if default is None else default,
+                        help="the least severe log lines shown: debug, info (default: all the command's lines), "
+                             "warning (notes and errors only), error")  # fmt: skip
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +43,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="model seed (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _log_level_flag(parser, None)
 
 
 def _device_flag(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "scale":
         from csmf.experiments.scale import run_scale
 
-        run_scale(_config(args), quick=args.quick, log=print)
+        run_scale(_config(args), quick=args.quick)
         return 0
     cfg = _config(args, QUICK_SETS if args.quick else ())
     if args.no_tune:  # no search of any kind: the peers' grids and CSMF's candidates alike
@@ -114,14 +127,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         counts = simulate_layout(sim, args.layout, Path(args.out), progress=not args.quiet)
         seconds = time.perf_counter() - start
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"wrote {args.out} in the {args.layout} layout ({', '.join(p.name for p in counts['files'])}): "
-              f"{counts['rows']:,} rows in {seconds:.1f}s ({counts['rows'] / max(seconds, 1e-9):,.0f} rows/s); "
-              f"peak memory {peak_mb:,.0f} MB")  # fmt: skip
+        logger.info(f"wrote {args.out} in the {args.layout} layout ({', '.join(p.name for p in counts['files'])}): "
+                    f"{counts['rows']:,} rows in {seconds:.1f}s ({counts['rows'] / max(seconds, 1e-9):,.0f} rows/s); "
+                    f"peak memory {peak_mb:,.0f} MB")  # fmt: skip
         return 0
     counts = simulate(sim, args.out, progress=not args.quiet)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
+    logger.info(
         f"wrote {args.out}: {counts['rows']:,} rows (exposure {counts['exposure']:,}, click {counts['click']:,}, "
         f"conversion {counts['conversion']:,}) in {seconds:.1f}s; peak memory {peak_mb:,.0f} MB"
     )
@@ -140,20 +153,20 @@ def cmd_data(args: argparse.Namespace) -> int:
         m = convert(cfg, progress=not args.quiet).manifest
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         splits = ", ".join(f"{k} {v:,}" for k, v in m["rows_per_split"].items())
-        print(f"cache {cfg.data.cache_dir}: {m['rows']:,} rows ({splits}), {m['n_users']:,} users x "
-              f"{m['n_items']:,} items; converted in {m['seconds']:.1f}s ({m['rows_per_second']:,} rows/s); "
-              f"this call {time.perf_counter() - start:.1f}s, peak memory {peak_mb:,.0f} MB")  # fmt: skip
+        logger.info(f"cache {cfg.data.cache_dir}: {m['rows']:,} rows ({splits}), {m['n_users']:,} users x "
+                    f"{m['n_items']:,} items; converted in {m['seconds']:.1f}s ({m['rows_per_second']:,} rows/s); "
+                    f"this call {time.perf_counter() - start:.1f}s, peak memory {peak_mb:,.0f} MB")  # fmt: skip
         for name, f in m["features"].items():
-            print(f"  feature {name}: {f['side']}, {f['size']:,} codes" + (" (hashed)" if f["hashed"] else "")
-                  + (" (bag)" if f.get("bag") else ""))  # fmt: skip
+            logger.info(f"  feature {name}: {f['side']}, {f['size']:,} codes" + (" (hashed)" if f["hashed"] else "")
+                        + (" (bag)" if f.get("bag") else ""))  # fmt: skip
         for note in m["notes"]:
-            print(f"  note: {note}")
+            logger.info(f"  note: {note}")
         return 0
     data = load_dataset(cfg, progress=not args.quiet)
-    print(data.summary())
-    print(data.report.render())
+    logger.info(data.summary())
+    logger.info(data.report.render())
     problems = leak_violations(data)
-    print("leak check: " + ("clean" if not problems else "; ".join(problems)))
+    logger.info("leak check: " + ("clean" if not problems else "; ".join(problems)))
     return 1 if problems else 0
 
 
@@ -241,7 +254,7 @@ def _train_locked(args: argparse.Namespace, cfg, ranks) -> int:
     checkpoints = Path(args.out) / "checkpoints"
     if args.overwrite and checkpoints.exists() and ranks.main:
         shutil.rmtree(checkpoints)
-        print(f"--overwrite: removed the checkpoints in {checkpoints}", file=sys.stderr)
+        logger.warning(f"--overwrite: removed the checkpoints in {checkpoints}")  # on stderr, beside the notes
     weightings = [_parse_weights(w, data.stages) for w in args.weights] or None
     user = None
     if args.user is not None:
@@ -308,7 +321,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from csmf.serving.workers import run
 
-    run(args.artifact, _serve_config(args).serve)
+    run(args.artifact, _serve_config(args).serve, log_config=uvicorn_log_config(args.log_level, args.log_format))
     return 0
 
 
@@ -363,6 +376,9 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csmf", description=__doc__)
+    # the installed package's version (importlib.metadata: pyproject.toml's at build time)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _log_level_flag(parser, "info")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="tune, fit and evaluate models; write results/<dataset>/<model>.json")
@@ -452,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--write-token-file", help="file whose first line is the write token (else CSMF_WRITE_TOKEN)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--log-format", choices=FORMATS, default="text",
+                       help="text (default): lines as the other commands write them; json: one object a line "
+                            "(time, level, logger, message), uvicorn's lines too")  # fmt: skip
     _common(serve)
 
     load = sub.add_parser("loadtest", help="start csmf serve on 127.0.0.1 and drive it with concurrent clients")
@@ -503,12 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv[1:]  # after the command: what --nproc hands to the processes it launches
-    try:
-        return COMMANDS[args.command](args)
-    except (DataError, ConfigError, ArtifactError, CheckpointError) as err:
-        print(f"csmf: error: {err}", file=sys.stderr)
-        return 2
+    at = argv.index(args.command)  # after the options before it (--log-level)
+    # what --nproc hands to the processes it launches: the command's arguments, then the options given before it
+    args.argv = [*argv[at + 1 :], *argv[:at]]
+    with cli_logging(args.log_level, getattr(args, "log_format", "text")):
+        try:
+            return COMMANDS[args.command](args)
+        except (DataError, ConfigError, ArtifactError, CheckpointError) as err:
+            logger.error(f"csmf: error: {err}")
+            return 2
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ class Checked:
 
     SECTION: ClassVar[str] = ""
     RULES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+    if typing.TYPE_CHECKING:  # every section is a dataclass; declared for the type checker only, so the runtime
+        # type hints (what `--set` accepts) stay the section's fields
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -559,6 +562,7 @@ class ServeConfig(Checked):
         "max_ids": (_positive, "> 0"),
         "max_results": (_positive, "> 0"),
         "max_body_bytes": (_positive, "> 0"),
+        "drain_seconds": (_positive, "> 0"),
         "port": (_in(1, 65536), "a port, 1..65535"),
     }
 
@@ -579,8 +583,23 @@ class ServeConfig(Checked):
     # CSMF_WRITE_TOKEN environment variable or serve.write_token_file (docs/security.md)
     allow_writes: bool = False
     write_token_file: str = ""  # a file whose first line is the write token ("" = CSMF_WRITE_TOKEN)
+    # on SIGTERM: stop accepting, let requests in flight finish for up to this long, then cancel what is left
+    drain_seconds: float = 20.0
     host: str = "127.0.0.1"
     port: int = 8000
+
+
+@dataclass(frozen=True)
+class TrackConfig(Checked):
+    """Experiment tracking of training runs (csmf.tracking); never what a model learns."""
+
+    SECTION: ClassVar[str] = "track"
+
+    tensorboard: bool = True  # TensorBoard event files in the run folder (<out>/tensorboard) when tensorboard is there
+    # an MLflow tracking URI (http://host:5000, file:/path/mlruns): each run logs its config, metrics and saved model
+    # there ("" = no MLflow run; set = mlflow must be installed)
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "csmf"  # the MLflow experiment the runs go to (created when missing)
 
 
 @dataclass(frozen=True)
@@ -600,6 +619,7 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self) -> None:
         for key, metric in (
@@ -611,8 +631,8 @@ class Config:
                 raise ConfigError(f"{key}: {metric!r} needs K = {k} in eval.ks, which are {list(self.eval.ks)}")
 
 
-# sections that say where results go and how to serve, never what a model learns
-HARNESS = ("bench", "serve", "runtime")
+# sections that say where results go, how to serve and what to record, never what a model learns
+HARNESS = ("bench", "serve", "runtime", "track")
 # data.dataset values that name a dataset rather than a file
 NAMED_DATASETS = ("jd", "sim", "kuairand", "aliccp", "aliexpress", "tenrec")
 # where the data lives: its content is compared by fingerprint instead
@@ -708,7 +728,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for name, raw in values.items():
         hint = hints[name]
         key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(raw, dict):
                 raise ConfigError(f"{key}: expected a table, got {raw!r}")
             kwargs[name] = _build(hint, raw, key)
@@ -792,7 +812,7 @@ def override(cfg: Config, assignments: list[str]) -> Config:
 
 def leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """Every field of a config as dotted key -> value (tuples as lists): what `with_values` takes back."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in config_to_dict(cfg).items() if not isinstance(cfg, dict) else cfg.items():
         if isinstance(value, dict):
             out |= leaves(value, f"{prefix}{key}.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 
@@ -79,5 +80,5 @@ def reference() -> str:
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
-    print(reference(), end="")
+if __name__ == "__main__":  # the document itself on stdout (> docs/config.md), not a log line
+    sys.stdout.write(reference())

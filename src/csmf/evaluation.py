@@ -7,6 +7,8 @@ stays under `score_budget_mb`. Metrics are averaged over those users.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -17,6 +19,13 @@ from csmf.distributed import Ranks, all_sum
 from csmf.metrics import recall_ndcg
 from csmf.progress import bar
 from csmf.retriever import Retriever
+
+
+@runtime_checkable
+class ScoresInContext(Protocol):
+    """A model that ranks requests made in a context (csmf.data.context); others rank every request of a user alike."""
+
+    def score_in_context(self, users: np.ndarray, codes: dict[str, np.ndarray], stage: str) -> torch.Tensor: ...
 
 
 def users_with_positives(mat: sp.csr_matrix) -> np.ndarray:
@@ -120,7 +129,7 @@ def evaluate_stage(
         chosen = np.random.default_rng(seed).choice(distinct, sample, replace=False)
         keep = np.isin(users, chosen)
         units, users = units[keep], users[keep]
-    in_context = bool(codes) and hasattr(model, "score_in_context")
+    in_context = model if codes and isinstance(model, ScoresInContext) else None
     excluded = data.excluded(stage)
     n_pos = np.diff(truth_mat.indptr)[units]
     batch = batch_size_for(data.n_items, budget_mb)
@@ -133,8 +142,8 @@ def evaluate_stage(
         at = mine[start : start + batch]
         rows, ub = units[at], users[at]
         with torch.no_grad():
-            if in_context:
-                scores = model.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float().cpu()
+            if in_context is not None:
+                scores = in_context.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float().cpu()
             else:
                 scores = model.score(ub, stage).float().cpu()  # (B, N); from a GPU while training there
         if scores._is_view() or not scores.is_contiguous():  # a broadcast row (popularity): masked on a copy

@@ -17,16 +17,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData
 
+if TYPE_CHECKING:
+    from csmf.tracking import Tracker
+
 
 class Retriever(ABC):
     name: str = "retriever"
     has_vectors: bool = False  # True: user_vectors / item_vectors are the index a fused query searches
+    # where `fit` records its curves (csmf.tracking): the neural models report each epoch, the others have none;
+    # `csmf bench` sets it on each row before the fit
+    tracker: Tracker | None = None
 
     @abstractmethod
     def fit(self, data: CascadeData) -> Retriever:

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -117,7 +118,7 @@ class RunLock:
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / self.NAME
-        self._file = None
+        self._file: TextIO | None = None  # open while the lock is held
 
     def acquire(self) -> None:
         """Take the lock, or raise RunFolderBusy naming its holder (never waits)."""

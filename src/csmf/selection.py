@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -40,8 +41,10 @@ from csmf.evaluation import evaluate_stage
 from csmf.retriever import Retriever
 from csmf.usercache import user_cache
 
-# sections a candidate may not change: where the data comes from, how it is judged, what runs the search
-_FIXED = ("seed", "data.", "sim.", "eval.", "select.", "bench.", "serve.", "runtime.")
+logger = logging.getLogger(__name__)
+
+# sections a candidate may not change: where the data comes from, how it is judged, what runs and records the search
+_FIXED = ("seed", "data.", "sim.", "eval.", "select.", "bench.", "serve.", "runtime.", "track.")
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def select(
     data: CascadeData,
     fit: Callable[[Config, str], Retriever],
     pinned: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     fit_stored: bool = True,
 ) -> tuple[Retriever | None, Config, dict]:
     """Fit the candidates with `fit(config, tag)`, keep the best on validation: (model, its config, record). The

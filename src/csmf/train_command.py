@@ -5,6 +5,7 @@ user's top-k under different objective weightings (one query vector each, one it
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,13 @@ from csmf import distributed
 from csmf.config import Config, config_to_dict, save_config
 from csmf.data.errors import DataError
 from csmf.data.schema import CascadeData
-from csmf.evaluation import evaluate
+from csmf.evaluation import evaluate, metric_values
 from csmf.models.csmf import CSMF
 from csmf.runfolder import refuse_other_data
 from csmf.selection import pins, select
+from csmf.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 
 def default_weightings(stages: tuple[str, ...]) -> list[dict[str, float]]:
@@ -82,12 +86,20 @@ def train_and_report(
     weightings: list[dict[str, float]] | None = None,
     user: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     pinned: dict | None = None,
 ) -> dict:
     """Train (choosing among select.candidates on validation; `pinned`: the keys the user fixed, default every
-    value off the defaults: csmf.selection.pins), save the model, evaluate on test, write metrics.json."""
-    out = Path(out)
+    value off the defaults: csmf.selection.pins), save the model, evaluate on test, write metrics.json. The curves
+    go to <out>/tensorboard and, with track.mlflow_uri, to an MLflow run with the saved model (csmf.tracking)."""
+    main = distributed.ranks().main  # the other ranks record nothing
+    with Tracker.open(Path(out) / "tensorboard", cfg, str(out)) if main else Tracker.off() as tracker:
+        return _train_and_report(cfg, data, Path(out), weightings, user, progress, log, pinned, tracker)
+
+
+def _train_and_report(cfg: Config, data: CascadeData, out: Path, weightings: list[dict[str, float]] | None,
+                      user: int | None, progress: bool, log: Callable[[str], None], pinned: dict | None,
+                      tracker: Tracker) -> dict:  # fmt: skip
     check_test_split(data, cfg)  # before any phase trains or an earlier run's file is replaced
     ranks = distributed.ranks()  # several training processes: all train and evaluate, rank 0 writes and reports
     if not ranks.main:
@@ -104,7 +116,9 @@ def train_and_report(
 
     def fit(candidate: Config, tag: str) -> CSMF:
         checkpoints = out / "checkpoints" / tag if tag else out / "checkpoints"
-        return CSMF(candidate, run_dir=str(checkpoints), progress=progress, log=log, pinned=keys).fit(data)
+        part = tracker.child(tag) if tag else tracker  # each candidate's curves apart
+        return CSMF(candidate, run_dir=str(checkpoints), progress=progress, log=log, pinned=keys,
+                    tracker=part).fit(data)  # fmt: skip
 
     if cfg.select.candidates:
         model, cfg, selection = select(cfg, data, fit, pinned, log)
@@ -118,6 +132,8 @@ def train_and_report(
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress, shard=ranks)
     if not ranks.main:
         return {"metrics": metrics}
+    tracker.test({stage: metric_values(m) for stage, m in metrics.items()})
+    tracker.artifact(out / "model")
     vector_dim = int(model.item_vectors().shape[1])
     if selection and len(selection["trials"]) > 1:
         log(f"\n{selection['pick']!r} chosen on validation ({selection['metric']}): "

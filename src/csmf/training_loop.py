@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from csmf.progress import bar
+from csmf.tracking import Tracker
 
 
 class SplitAdam(torch.optim.Optimizer):
@@ -72,12 +73,17 @@ def run_epochs(
     progress: bool = False,
     desc: str = "epoch",
     steps: int | None = None,
+    tracker: Tracker | None = None,
+    phase: str = "",
+    pairs: int = 0,
 ) -> tuple[list[dict], int]:
     """Train for up to `epochs` epochs; returns (one record per epoch, the epoch whose weights the model holds).
 
     epoch_losses(): a fresh iterator of batch losses for one epoch (it draws the epoch's order itself);
     validate(): (score, metrics) on validation after an epoch, score None when there is nothing to select on;
     select: keep the best-scoring epoch and stop after `patience` epochs without a gain; False = keep the last.
+    tracker: gets each epoch's record as `phase` (csmf.tracking), with `pairs` (the training pairs of an epoch)
+    over the epoch's training seconds as its pairs/s.
     """
     best, best_state, best_epoch, records = -1.0, None, 0, []
     in_log = progress and not sys.stderr.isatty()  # tqdm draws nothing there
@@ -98,10 +104,14 @@ def run_epochs(
                 of = f"/{steps:,}" if steps else ""
                 log(f"  {desc} {epoch}: {batches:,}{of} batches, {batches / (said - began):.2f} batches/s, "
                     f"mean loss {total / batches:.4f}")  # fmt: skip
+        trained_s = time.monotonic() - began
         model.eval()
         score, valid = validate()
         mean_loss = total / max(batches, 1)
         records.append({"epoch": epoch, "loss": round(mean_loss, 5), "valid": valid})
+        if tracker is not None:
+            rate = pairs / trained_s if pairs and trained_s > 0 else None
+            tracker.epoch(phase or desc, epoch, mean_loss, valid, rate)
         if describe is not None:
             log(describe(epoch, mean_loss, score, valid))
         if not select or score is None:  # no validation pairs: keep the last epoch

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,8 @@ from csmf.data.filesplit import apply_leak_rule
 from csmf.data.schema import CascadeData, LoadReport, pairs_to_csr
 from csmf.data.sources import SPLIT_CODES, Source, text_hash
 from csmf.progress import bar
+
+logger = logging.getLogger(__name__)
 
 FORMAT = 1
 BUILD_DEFAULTS = {"buckets": 16, "hash_threshold": 10_000, "hash_buckets": 4096}  # they change the encoding
@@ -506,7 +509,7 @@ class Cache:
         )  # fmt: skip
 
 
-def ensure_cache(source: Source, folder: Path, progress: bool = False, log: Callable[[str], None] = print,
+def ensure_cache(source: Source, folder: Path, progress: bool = False, log: Callable[[str], None] = logger.info,
                  **options) -> Cache:  # fmt: skip
     """The cache of `source` at `folder`: reused when its manifest matches the source files and options now,
     rebuilt otherwise (a changed source file invalidates it; a partial or damaged one is never read)."""

@@ -7,6 +7,7 @@ Results: `<out_dir>/<dataset>/<model>.json` (stable layout, read by scripts and 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from csmf import rules
+from csmf import distributed, rules
 from csmf.config import Config, ConfigError, config_to_dict
 from csmf.data.datasets import dataset_name, load_dataset  # noqa: F401 (re-exported: csmf.experiments.bench.load_dataset)
 from csmf.data.schema import CascadeData
@@ -31,6 +32,9 @@ from csmf.models.multitask import KINDS, MultiTask
 from csmf.models.popularity import Popularity
 from csmf.retriever import Retriever
 from csmf.selection import candidates, pins, select
+from csmf.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 # ----- model builders: tune on the validation view, then fit on train ------------------------------
 
@@ -180,11 +184,22 @@ def run_model(
     progress: bool = True,
     builder: Callable | None = None,
     fitted: Fitted | None = None,
+    track_dir: str | Path | None = None,
 ) -> dict:
-    """Fit (or take `fitted`: a model already fit with `cfg`, and its fit seconds), evaluate and measure one row."""
+    """Fit (or take `fitted`: a model already fit with `cfg`, and its fit seconds), evaluate and measure one row.
+    Its curves and test metrics go to `track_dir` (default <out_dir>/<dataset>/tensorboard/<model>; csmf.tracking)."""
+    folder = Path(track_dir) if track_dir else Path(cfg.bench.out_dir) / data.name / "tensorboard" / model_name
+    opened = Tracker.open(folder, cfg, f"{data.name} {model_name}") if distributed.ranks().main else Tracker.off()
+    with opened as tracker:
+        return _run_model(cfg, data, model_name, progress, builder, fitted, tracker)
+
+
+def _run_model(cfg: Config, data: CascadeData, model_name: str, progress: bool, builder: Callable | None,
+               fitted: Fitted | None, tracker: Tracker) -> dict:  # fmt: skip
     t0 = time.perf_counter()
     if fitted is None:
         model, tuning = (builder or model_builder(model_name))(cfg, data, progress)
+        model.tracker = tracker  # the neural models report their epochs
         t1 = time.perf_counter()
         model.fit(data)
         t2 = time.perf_counter()
@@ -195,6 +210,7 @@ def run_model(
     t3 = time.perf_counter()
     metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, model.served(data), progress)
     eval_seconds = time.perf_counter() - t3
+    tracker.test({s: metric_values(m) for s, m in metrics.items()})
     b = cfg.bench
     cost = (
         query_cost(model, data, model.served(data), cfg.model.dim, b.cost_users, b.cost_items, seed=cfg.seed)
@@ -312,23 +328,29 @@ def is_neural(name: str) -> bool:
 
 
 def choose_config(cfg: Config, data: CascadeData, pinned: dict | None, progress: bool, log: Callable[[str], None],
-                  fit_stored: bool = True) -> tuple[Config, dict | None, Fitted | None]:  # fmt: skip
+                  fit_stored: bool = True, track_dir: str | Path | None = None,
+                  ) -> tuple[Config, dict | None, Fitted | None]:  # fmt: skip
     """The configuration of the neural rows, chosen on validation among select.candidates by fitting CSMF with
     each (csmf.selection), as ALS and item-kNN are tuned: (the pick's config, the selection record, and the
     fitted pick with its fit seconds, which the CSMF row reuses instead of fitting the same model again; None,
     None when the user's pins leave one candidate). `fit_stored=False`: a stored pick is not fit (no CSMF row
-    will take it), and the third item is None."""
+    will take it), and the third item is None. Each fit's curves go to `track_dir`/<candidate> (default
+    <out_dir>/<dataset>/tensorboard/select; csmf.tracking)."""
     fitted: dict[int, Fitted] = {}
     pinned = pins(cfg) if pinned is None else pinned
+    track_root = Path(track_dir) if track_dir else Path(cfg.bench.out_dir) / data.name / "tensorboard" / "select"
 
     def fit(candidate: Config, tag: str) -> CSMF:
         b = candidate.bench
         run_dir = str(Path(b.checkpoint_dir) / "select" / (tag or "pick")) if b.checkpoint_dir else None
-        start = time.perf_counter()
-        model = CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None,
-                     pinned=set(pinned))  # fmt: skip
-        model.fit(data)
-        fitted[id(model)] = (model, time.perf_counter() - start)
+        name, main = tag or "pick", distributed.ranks().main
+        opened = Tracker.open(track_root / name, candidate, f"{data.name} select {name}") if main else Tracker.off()
+        with opened as tracker:
+            start = time.perf_counter()
+            model = CSMF(candidate, progress=progress, run_dir=run_dir, pretrain_cache=b.pretrain_cache or None,
+                         pinned=set(pinned), tracker=tracker)  # fmt: skip
+            model.fit(data)
+            fitted[id(model)] = (model, time.perf_counter() - start)
         return model
 
     found = candidates(cfg, pinned)
@@ -352,7 +374,7 @@ def _sampled_validation(cfg: Config, n_items: int, pinned: dict | None, log: Cal
     return cfg
 
 
-def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = print,
+def run_bench(cfg: Config, progress: bool = True, log: Callable[[str], None] = logger.info,
               pinned: dict | None = None) -> str:  # fmt: skip
     """Fit and evaluate each of bench.models; the neural rows share one configuration chosen on validation
     (select.candidates; `pinned`: the keys the user fixed, csmf.selection.pins)."""

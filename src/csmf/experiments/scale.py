@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -23,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from csmf.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def trained_pairs(result: dict) -> int:
     return int(sum(p.get("pairs", 0) * len(p.get("epochs") or [None]) for p in phases if isinstance(p, dict)))
 
 
-def run_scale(cfg: Config, quick: bool = False, log: Callable[[str], None] = print) -> Path:
+def run_scale(cfg: Config, quick: bool = False, log: Callable[[str], None] = logger.info) -> Path:
     """Generate the logs, run every row of bench.scale_rows on every dataset of bench.scale_datasets, report."""
     datasets = QUICK if quick else DATASETS
     unknown = sorted(set(cfg.bench.scale_datasets) - set(datasets)) + sorted(set(cfg.bench.scale_rows) - set(ROWS))

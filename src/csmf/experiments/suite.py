@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import statistics
 import time
@@ -29,6 +30,8 @@ from csmf.experiments.bench import Fitted, build_tuned_as, choose_config, run_mo
 from csmf.experiments.sweep import mean_sweeps
 from csmf.models.multitask import KINDS as MULTITASK_KINDS
 from csmf.selection import candidates, pins
+
+logger = logging.getLogger(__name__)
 
 MAIN_BASELINES = ("popularity", "als", "itemknn", "ease")
 MAIN_NEURAL = ("naive-ft", "packnet", "shared-bottom", "mmoe", "ple", "mvke", "csmf")
@@ -161,7 +164,8 @@ def seed_result(
     fitted = None
     if prefit is not None and run.model == "csmf" and same_training(config_to_dict(prefit[1]), config_to_dict(run_cfg)):
         fitted = prefit[0]  # the same config and seed the search fit: the same model, not fit twice
-    result = run_model(replace(run_cfg, bench=bench), data, run.model, progress, builder, fitted)
+    curves = folder / "tensorboard" / f"{run.name}-seed-{seed}"  # csmf.tracking: one TensorBoard run per row and seed
+    result = run_model(replace(run_cfg, bench=bench), data, run.model, progress, builder, fitted, curves)
     result.update(model=run.name, wall_seconds=round(time.perf_counter() - t0, 3), suite_config=config_to_dict(run_cfg))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.partial")
@@ -229,7 +233,7 @@ def _selected(cfg: Config, data: CascadeData, folder: Path, progress: bool,
             return found[pick], None
     first = replace(cfg, seed=cfg.bench.suite_seeds[0])
     began = time.perf_counter()
-    searched, record, fitted = choose_config(first, data, None, progress, log)
+    searched, record, fitted = choose_config(first, data, None, progress, log, True, folder / "tensorboard" / "select")
     chosen = replace(searched, seed=cfg.seed)
     if record is None:  # one candidate: nothing was searched
         return chosen, None
@@ -242,7 +246,9 @@ def _selected(cfg: Config, data: CascadeData, folder: Path, progress: bool,
     return chosen, (fitted, searched)
 
 
-def run_suite(cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def run_suite(
+    cfg: Config, suite: str = "paper", progress: bool = True, log: Callable[[str], None] = logger.info
+) -> Path:
     """Run (or resume) every row of the suite on every dataset and seed; write the report. Returns its path."""
     from csmf.experiments.report import write_report
 

@@ -10,6 +10,7 @@ OpenMP threads (ACTIVE) each parallel region waits for threads that cannot run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 from csmf.config import Config, save_config
+
+logger = logging.getLogger(__name__)
 
 POLICIES = ("ACTIVE", "PASSIVE")
 
@@ -65,7 +68,7 @@ def _hogs(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
 
-def run_trainspeed(out: str | Path, cfg: Config, seconds: float = 20.0, log=print) -> dict:
+def run_trainspeed(out: str | Path, cfg: Config, seconds: float = 20.0, log=logger.info) -> dict:
     """Measure every (policy, load) pair in its own process, training `cfg` (csmf trainspeed: the mlp preset
     unless --config/--set say otherwise); write and return the results."""
     results = []
@@ -102,4 +105,4 @@ def _measure(policy: str, config: str, seconds: float, log) -> dict:
 
 
 if __name__ == "__main__":  # one measurement, in the wait policy the parent set
-    print(steps_per_second(float(sys.argv[1]), sys.argv[2]))
+    sys.stdout.write(f"{steps_per_second(float(sys.argv[1]), sys.argv[2])}\n")  # data the parent reads, not a log

@@ -9,7 +9,9 @@ weights, and the final model scores every objective, so earlier objectives are f
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from csmf import distributed
 from csmf.backbones import build_backbone
 from csmf.cascade import CascadeTrainer
 from csmf.config import Config, config_from_dict, config_to_dict
@@ -27,8 +30,10 @@ from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.models.teachers import teacher_for
 from csmf.retriever import Retriever
 from csmf.rules import fit_to_size
+from csmf.tracking import Tracker
 from csmf.trained import TrainedCascade
 
+logger = logging.getLogger(__name__)
 ABLATIONS = {
     "csmf": lambda c: c,
     "csmf-no-cpp": lambda c: replace(c, prune="fixed"),
@@ -57,13 +62,16 @@ class CSMF(Retriever):
 
     def __init__(self, cfg: Config, objectives: tuple[str, ...] | None = None, name: str = "csmf",
                  run_dir: str | None = None, progress: bool = False, log=None,
-                 pretrain_cache: str | None = None, pinned: set[str] | None = None):  # fmt: skip
+                 pretrain_cache: str | None = None, pinned: set[str] | None = None,
+                 tracker: Tracker | None = None):  # fmt: skip
         """pinned: the keys the user set (csmf.selection.pins; default every value off the defaults), which the
-        catalogue's size never changes (csmf.rules.fit_to_size). `cfg` after a fit is the configuration trained."""
+        catalogue's size never changes (csmf.rules.fit_to_size). `cfg` after a fit is the configuration trained.
+        tracker: where the fit's curves go (csmf.tracking); None = `run_dir`/tensorboard, or nowhere without one."""
         self.cfg, self.objectives, self.name = cfg, objectives, name
         self.asked, self.pinned = cfg, pinned
         self.run_dir, self.progress, self.log = run_dir, progress, log
         self.pretrain_cache = pretrain_cache  # shared stage-1 pretraining (see csmf.cascade)
+        self.tracker = tracker
         self.trained: TrainedCascade | None = None
         self.phases: list[dict] = []
 
@@ -86,10 +94,15 @@ class CSMF(Retriever):
             raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
         self.cfg, notes = fit_to_size(self.asked, data.n_items, self.pinned)
         for note in notes:  # what the catalogue's size changed, and why (the saved config holds the result)
-            (self.log or print)(f"{self.name}: {note}")
-        trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log,
-                                 pretrain_cache=self.pretrain_cache, teacher=teacher_for(self.cfg))  # fmt: skip
-        self.trained = trainer.run()
+            (self.log or logger.info)(f"{self.name}: {note}")
+        own = None  # no tracker handed in: the run folder's own, opened and closed around this fit
+        if self.tracker is None and self.run_dir is not None and distributed.ranks().main:
+            own = Tracker.open(Path(self.run_dir) / "tensorboard", self.cfg, self.name)
+        with own or contextlib.nullcontext():
+            trainer = CascadeTrainer(data, self.cfg, objectives, self.run_dir, self.progress, self.log,
+                                     pretrain_cache=self.pretrain_cache, teacher=teacher_for(self.cfg),
+                                     tracker=own or self.tracker)  # fmt: skip
+            self.trained = trainer.run()
         self.phases = trainer.history
         self.inputs = SavedInputs.of(data, trainer.tuning_history, data.context_sizes())
         return self

@@ -50,6 +50,7 @@ from csmf.models.saving import SavedInputs, read_model, write_model
 from csmf.models.teachers import teacher_lists
 from csmf.retriever import Retriever
 from csmf.rules import check_training, fit_to_size
+from csmf.tracking import Tracker
 from csmf.training_loop import run_epochs
 
 KINDS = ("shared-bottom", "mmoe", "ple", "mvke")
@@ -234,12 +235,13 @@ class MultiTask(Retriever):
 
     has_vectors = True
 
-    def __init__(self, kind: str, cfg: Config, progress: bool = False, log=None):
+    def __init__(self, kind: str, cfg: Config, progress: bool = False, log=None, tracker: Tracker | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown multi-task model {kind!r}; choose from {KINDS}")
         self.name, self.kind, self.cfg, self.progress = kind, kind, cfg, progress
         self.asked = cfg  # `cfg` after a fit is the configuration trained (csmf.rules.fit_to_size)
         self.log = log or (lambda _msg: None)
+        self.tracker = tracker  # each epoch's loss and validation, as phase "joint" (csmf.tracking)
         self.model: MultiTaskTwoTower | None = None
         self.objectives: tuple[str, ...] = ()
         self.phases: list[dict] = []
@@ -276,6 +278,7 @@ class MultiTask(Retriever):
             # at most 1/min_steps of the users a batch: an epoch takes at least multitask.min_steps steps
             size = min(t.user_batch_size, max(1, -(-len(active) // cfg.multitask.min_steps)))
             batches = UserBatches(active, size, generator, Ranks())
+            epoch_pairs = sum(m.nnz for m in targets)  # an epoch goes through every target pair once
             for group in optimizer.param_groups:
                 group["lr"] = scaled_lr(cfg.multitask.lr, size, cfg.multitask.lr_batch)
 
@@ -285,6 +288,7 @@ class MultiTask(Retriever):
             pairs = [pairs_of(tuning.train[o]) for o in self.objectives]
             log_q = [item_log_q(items, data.n_items) for _, items in pairs]
             batches = JointPairBatches(pairs, t.batch_size, generator)  # an epoch = one pass of the largest
+            epoch_pairs = batches.rows
 
             def epoch_batches():
                 return (self._loss(joint, log_q, data.n_items, generator) for joint in batches.epoch())
@@ -300,6 +304,7 @@ class MultiTask(Retriever):
             model, optimizer, cfg.multitask.max_epochs, epoch_batches, validate, cfg.multitask.patience,
             describe=describe,
             log=self.log, progress=self.progress, desc=f"{self.kind} epoch", steps=batches.steps,
+            tracker=self.tracker, phase="joint", pairs=epoch_pairs,
         )  # fmt: skip
         model.eval()
         self.phases = [{"phase": "joint", "epochs": epochs_log, "best_epoch": best_epoch,

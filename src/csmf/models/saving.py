@@ -11,7 +11,7 @@ damaged model is refused rather than scored or exported. A folder saved before t
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 from csmf.checkpoints import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from csmf.data.schema import CascadeData
 
+logger = logging.getLogger(__name__)
 SAVE_FORMAT = 2
 
 
@@ -150,8 +151,8 @@ def _check_files(folder: Path, meta: dict) -> None:
     """Every file model.pt lists against the sha256 it records; a folder saved before the digests gets a note."""
     files = meta.get("files")
     if files is None:
-        print(f"csmf: note: {folder} was saved by an older csmf without file digests: loaded without a damage "
-              "check", file=sys.stderr)  # fmt: skip
+        logger.warning(f"csmf: note: {folder} was saved by an older csmf without file digests: loaded without a "
+                       "damage check")  # fmt: skip
         return
     try:
         expected = sorted(_files_of(meta))

@@ -7,6 +7,7 @@ POST /search     {"vector": [...], "k": 10}: top-k for a caller's own query vect
 POST /items      {"items": [{"item_id": "x", "vector": [...]}]}: add or replace items; DELETE /items/{id}
                  (off unless the server has a write token; then `Authorization: Bearer <token>`, see WriteGuard)
 GET  /health, GET /info, GET /users (example user ids); GET / is the scenario page; OpenAPI docs at /docs.
+GET  /metrics: Prometheus text (csmf.serving.metrics); every request is counted and timed by its route template.
 
 Bad input answers 422 with the field named in `loc`; an unknown user 404 (or the popularity fallback); a body
 over ServeLimits.max_body_bytes 413. Input is read strictly, so an ambiguous request is refused rather than
@@ -35,12 +36,14 @@ import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 from pydantic_core import PydanticCustomError
 
 from csmf.fusion import clip
 from csmf.serving.batching import Batcher
+from csmf.serving.metrics import Metered, ServiceMetrics
 from csmf.serving.serve import (
     MAX_K,
     NotMutable,
@@ -387,9 +390,12 @@ def _one_answer(r: Recommendation, index_kind: str) -> bytes:
     return orjson.dumps({**_as_json(r), "seconds": r.seconds, "index": index_kind}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _batch_answer(recommender: Recommender, request: BatchRequest) -> bytes:
+def _batch_answer(recommender: Recommender, request: BatchRequest, metrics: ServiceMetrics) -> bytes:
     """The body of a POST /recommend batch answer (run off the event loop: up to ServeLimits.max_results items)."""
     result = recommender.recommend(request.user_ids, request.k, request.weights, request.exclude_seen)
+    if searched := sum(not r.fallback for r in result):  # the known users' queries, searched as one batch
+        metrics.searched(searched, "request")
+    metrics.served(sum(len(r.items) for r in result))
     seconds = result[0].seconds if result else 0.0
     answer = {"results": [_as_json(r) for r in result], "seconds": seconds, "index": recommender.index.kind}
     return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -406,8 +412,9 @@ class FastRecommend:
     repeated parameter, `exclude_seen=True`, a non-ASCII query), goes on to the app, which answers it and words
     its errors: the two paths cannot disagree on what is valid."""
 
-    def __init__(self, app, recommender: Recommender, batcher: Batcher):
+    def __init__(self, app, recommender: Recommender, batcher: Batcher, metrics: ServiceMetrics | None = None):
         self.app, self.recommender, self.batcher = app, recommender, batcher  # app: the FastAPI app
+        self.metrics = metrics  # counts the items served (the requests are counted in front, by Metered)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/recommend":
@@ -416,6 +423,8 @@ class FastRecommend:
                 r = self.recommender
                 result = await self.batcher.recommend(r.queries([request[0]], request[2])[0], *request[1:])
                 body = _one_answer(result, r.index.kind)
+                if self.metrics is not None:
+                    self.metrics.served(len(result.items))
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})  # fmt: skip
                 await send({"type": "http.response.body", "body": body})
@@ -450,14 +459,20 @@ class FastJSON(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def create_app(recommender: Recommender, write_token: str | None = None) -> FastRecommend:
-    """The service: FastAPI behind the fast GET /recommend path (FastRecommend); `.app` is the FastAPI app.
-    `write_token`: the bearer token POST /items and DELETE /items/{id} require; None = they answer 403."""
-    batcher = Batcher(recommender)
-    return FastRecommend(_fastapi_app(recommender, batcher, write_token), recommender, batcher)
+def create_app(recommender: Recommender, write_token: str | None = None, multiprocess: bool = False) -> Metered:
+    """The service: FastAPI behind the fast GET /recommend path (FastRecommend), behind the request metrics
+    (Metered); `.app.app` is the FastAPI app. `write_token`: the bearer token POST /items and DELETE /items/{id}
+    require; None = they answer 403. `multiprocess`: one of several workers (`csmf serve --workers`), whose
+    GET /metrics reads every worker's values from PROMETHEUS_MULTIPROC_DIR."""
+    metrics = ServiceMetrics(recommender.artifact.manifest, recommender.n_items, multiprocess)
+    batcher = Batcher(recommender, on_search=metrics.searched)
+    app = _fastapi_app(recommender, batcher, write_token, metrics)
+    return Metered(FastRecommend(app, recommender, batcher, metrics), metrics, app.routes, recommender)
 
 
-def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | None) -> FastAPI:
+def _fastapi_app(
+    recommender: Recommender, batcher: Batcher, write_token: str | None, metrics: ServiceMetrics
+) -> FastAPI:
     app = FastAPI(title="csmf", description="Multi-objective retrieval with per-request objective weights")
     app.add_middleware(BodyLimit, max_bytes=recommender.limits.max_body_bytes)
     app.add_middleware(WriteGuard, token=write_token)  # added last, so it runs first: before the body is read
@@ -526,6 +541,12 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | 
         searched = {"searches": batcher.batches, "queries": batcher.searched}
         return {**recommender.info(), "batching": searched, "item_writes": write_token is not None}
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics_text() -> Response:
+        """Prometheus text: requests by route template and status, latency, queries per search, items served
+        and changed, index size, the artifact's manifest digest (every worker's, with --workers)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     recommend_query = strict_query(RECOMMEND_QUERY, integers=("k",))
     # batches of user ids queue for one worker thread: two batches at once would double the threads taking the
     # interpreter (and the search lock) from the event loop, where the one-user requests are answered
@@ -545,6 +566,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | 
         recommender.check_request(1, k)
         parsed = recommender.weights_of(weights)
         result = await batcher.recommend(recommender.queries([user_id], parsed)[0], k, parsed, exclude_seen)
+        metrics.served(len(result.items))
         return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
 
     @app.post("/recommend", dependencies=[bounded, Depends(unique_json_keys)])
@@ -556,10 +578,11 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | 
             weights = recommender.weights_of(request.weights)
             query = recommender.history_query(request.history, request.user_id, weights, request.features)
             result = await batcher.recommend(query, request.k, weights, request.exclude_seen)
+            metrics.served(len(result.items))
             return Response(_one_answer(result, recommender.index.kind), media_type="application/json")
         # searched, described and written to bytes on a worker thread (built on the event loop, the largest batch's
         # 20,000 items held every other request for about 0.3 s, issue 27), one batch at a time (batch_lane)
-        body = await anyio.to_thread.run_sync(_batch_answer, recommender, request, limiter=batch_lane)
+        body = await anyio.to_thread.run_sync(_batch_answer, recommender, request, metrics, limiter=batch_lane)
         return Response(body, media_type="application/json")
 
     @app.post("/items", dependencies=[bounded, Depends(unique_json_keys)])
@@ -570,6 +593,7 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | 
                 raise RequestError(f"items.{n}", "give the item's vector or its features, one of the two")
         given = [(item.item_id, item.vector if item.vector is not None else item.features) for item in request.items]
         changed = recommender.put_items(given)
+        metrics.changed(recommender.n_items, added=len(changed["added"]), replaced=len(changed["replaced"]))
         if "unknown_features" in changed:
             changed["unknown_features"] = {i: _echoed(names) for i, names in changed["unknown_features"].items()}
         return {**changed, "items": recommender.n_items}
@@ -578,12 +602,14 @@ def _fastapi_app(recommender: Recommender, batcher: Batcher, write_token: str | 
     async def delete_item(item_id: str):
         """Take one item out of every answer from now on."""
         recommender.remove_items([item_id])
+        metrics.changed(recommender.n_items, removed=1)
         return {"removed": item_id, "items": recommender.n_items}
 
     @app.post("/search", dependencies=[bounded, Depends(unique_json_keys)])
     def search(query: VectorQuery):
         """Top-k items for a caller's own query vector (for example a user vector computed elsewhere)."""
         items, note = recommender.search_vector(query.vector, query.k)
+        metrics.served(len(items))
         return {"items": items, "index": recommender.index.kind, **({"note": note} if note else {})}
 
     return app

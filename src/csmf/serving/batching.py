@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,8 +22,9 @@ from csmf.serving.serve import Query, Recommendation, Recommender
 class Batcher:
     """Collects (query, k, exclude_seen) from coroutines on one event loop and searches them in one go."""
 
-    def __init__(self, recommender: Recommender):
-        self.recommender = recommender
+    def __init__(self, recommender: Recommender, on_search: Callable[[int], None] | None = None):
+        """`on_search`: called with the number of queries of each search (the service's metrics)."""
+        self.recommender, self.on_search = recommender, on_search
         self.pending: list[tuple[Query, int, bool, asyncio.Future]] = []
         self.batches = self.searched = 0  # how much batching happened (GET /info shows it)
 
@@ -48,6 +50,8 @@ class Batcher:
                         future.set_exception(err)
                 continue
             self.batches, self.searched = self.batches + 1, self.searched + len(group)
+            if self.on_search is not None:
+                self.on_search(len(group))
             for (*_, future), rows in zip(group, found, strict=True):
                 if not future.done():  # a client that went away cancelled its future
                     future.set_result(rows)

@@ -6,6 +6,7 @@ this module writes that in the artifact's format. A run folder is exported from 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from csmf.checkpoints import load_checkpoint
@@ -14,12 +15,14 @@ from csmf.models.csmf import CSMF
 from csmf.runfolder import last_checkpoints
 from csmf.serving.artifact import ArtifactError, write_artifact
 
+logger = logging.getLogger(__name__)
+
 
 def export_run(
     run_dir: str | Path,
     out: str | Path,
     default_weights: dict[str, float] | None = None,
-    log=print,
+    log=logger.info,
     overrides: tuple[str, ...] = (),
     config_file: str | None = None,
 ) -> Path:
@@ -47,7 +50,7 @@ def export_run(
 
 def export_model(
     model: CSMF, out: str | Path, default_weights: dict[str, float] | None = None, source: dict | None = None,
-    log=print,
+    log=logger.info,
 ) -> Path:  # fmt: skip
     """Write the serving artifact of a fitted (or loaded) CSMF model: its item vectors, every user's vector
     from the training history it holds, the seen items, popularity, ids and towers."""

@@ -2,7 +2,8 @@
 
 Each client sends GET /recommend for a random known user with one of a few objective weightings until
 the shared request budget is spent. Reported: throughput, p50/p95/p99 latency (client side, whole HTTP
-round trip), the error count (non-200 answers and failed connections) and the server's CPU time per request.
+round trip), the error count (non-200 answers and failed connections) and the server's CPU time per request,
+and beside the generator's count the server's own: GET /metrics scraped before and after the run.
 
 The generator is `wrk` (a C load generator; Debian package `wrk`) when it is installed: one wrk thread with
 `clients` connections and a Lua script drawing users and weightings, stopping after `requests` answers. It
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -128,6 +132,34 @@ def _start_server(artifact: str | Path, index: str, serve_options: dict | None) 
     return f"http://127.0.0.1:{port}", process
 
 
+def _scrape(url: str) -> dict[str, float]:
+    """From the server's GET /metrics (every worker's): GET /recommend requests answered (any status), index
+    searches of one-user requests and the queries in them, so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics", timeout=30.0)
+    response.raise_for_status()
+    found = {"requests": 0.0, "searches": 0.0, "queries": 0.0}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "csmf_requests_total" and (labels["route"], labels["method"]) == ("/recommend", "GET"):
+                found["requests"] += sample.value
+            elif sample.name.startswith("csmf_search_batch_queries_") and labels.get("source") == "batcher":
+                key = {"csmf_search_batch_queries_count": "searches", "csmf_search_batch_queries_sum": "queries"}
+                if sample.name in key:
+                    found[key[sample.name]] += sample.value
+    return found
+
+
+def _counted(before: dict[str, float], after: dict[str, float], answered: int) -> dict:
+    """The server's count of a run beside the generator's: wrk counts the answers it read within its duration,
+    the server also those of the requests still in flight when wrk stopped (at most one a connection)."""
+    requests, searches = after["requests"] - before["requests"], after["searches"] - before["searches"]
+    return {"requests": int(requests), "difference_pct": 100.0 * (requests - answered) / max(answered, 1),
+            "queries_per_search": (after["queries"] - before["queries"]) / searches if searches else 0.0}  # fmt: skip
+
+
 def _drive_wrk(url: str, users: list[str], weightings: list[str], clients: int, seconds: float, k: int,
                seed: int) -> tuple[dict, int, float, int]:  # fmt: skip
     """(latency percentiles in ms, errors, seconds, answers) of wrk driving the server for `seconds` (wrk runs
@@ -162,7 +194,7 @@ def run_loadtest(
     index: str = "exact",
     out: str | Path | None = None,
     seed: int = 0,
-    log=print,
+    log=logger.info,
     generator: str = "auto",
     seconds: float = 20.0,
     serve_options: dict[str, int] | None = None,
@@ -188,10 +220,11 @@ def run_loadtest(
     url, process = _start_server(artifact, index, serve_options)
     try:
         _wait_healthy(url, process)
-        cpu0 = _cpu_seconds(process.pid)
         if generator == "wrk":
             _drive_wrk(url, art.user_ids[:1000], weightings, clients, 3, k, seed + 1)  # warm-up, not reported
-            cpu0 = _cpu_seconds(process.pid)
+        counted0 = _scrape(url)  # after the warm-up: the difference is the measured run's
+        cpu0 = _cpu_seconds(process.pid)
+        if generator == "wrk":
             latency, errors, wall, answered = _drive_wrk(url, art.user_ids[:1000], weightings, clients, seconds, k,
                                                          seed)  # fmt: skip
         else:
@@ -200,6 +233,7 @@ def run_loadtest(
             latency = {p: float(np.percentile(ms, q)) for p, q in (("p50", 50), ("p95", 95), ("p99", 99))}
             answered = requests
         cpu1 = _cpu_seconds(process.pid)
+        counted1 = _scrape(url)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -217,12 +251,15 @@ def run_loadtest(
         "throughput_rps": answered / wall,
         "latency_ms": latency,
         "server_cpu_ms_per_request": server_ms,
+        "server_counted": _counted(counted0, counted1, answered),
         "cores": os.cpu_count(),
     }
     cpu = f", server CPU {server_ms:.2f} ms a request" if server_ms is not None else ""
+    counted = result["server_counted"]
     log(f"{answered:,} requests from {clients} {generator} connections in {wall:.1f}s: "
         f"{result['throughput_rps']:.0f} req/s, p50 {latency['p50']:.1f} ms, p95 {latency['p95']:.1f} ms, "
-        f"p99 {latency['p99']:.1f} ms, {errors} errors{cpu}")  # fmt: skip
+        f"p99 {latency['p99']:.1f} ms, {errors} errors{cpu}; GET /metrics counted {counted['requests']:,} "
+        f"({counted['difference_pct']:+.2f}%), {counted['queries_per_search']:.1f} queries a search")  # fmt: skip
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
@@ -271,7 +308,7 @@ def run_isolation(
     seconds: float = 10.0,
     index: str = "exact",
     out: str | Path | None = None,
-    log=print,
+    log=logger.info,
     serve_options: dict | None = None,
     pause: float = 0.005,
 ) -> dict:

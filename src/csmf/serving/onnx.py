@@ -34,6 +34,8 @@ from torch import nn
 
 from csmf.serving.artifact import Artifact, onnx_file
 
+logger = logging.getLogger(__name__)
+
 
 def _placement(width: int, slot: int, n_in: int) -> torch.Tensor:
     """(width, n_in): x @ it puts a width-wide part at columns slot.. of an n_in-wide input."""
@@ -189,7 +191,7 @@ def onnx_session(artifact_dir: str | Path, name: str):
     return onnxruntime.InferenceSession(onnx_file(artifact_dir, name))
 
 
-def export_onnx(artifact: Artifact, out: str | Path, log=print) -> list[str]:
+def export_onnx(artifact: Artifact, out: str | Path, log=logger.info) -> list[str]:
     """Write user_tower.onnx, item_tower.onnx (item_features_tower.onnx when items have features) and towers.json
     to `out` (a folder); returns the names written (csmf export lists them in the manifest)."""
     try:

@@ -12,6 +12,7 @@ is also measured against exact on the artifact's items and users' fused queries:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 from csmf.fusion import fold_weights
 from csmf.serving.index import IndexSettings, build_index, recall_against
 from csmf.timing import timed
+
+logger = logging.getLogger(__name__)
 
 
 def fusion_cost(
@@ -96,7 +99,13 @@ def hnsw_quality(artifact_path: str | Path, m: int = 32, ef_search: int = 128, u
 
 
 def run_querybench(
-    out: str | Path, n_items: int, users: int, artifact: str | None, log=print, hnsw_m: int = 32, ef_search: int = 128
+    out: str | Path,
+    n_items: int,
+    users: int,
+    artifact: str | None,
+    log=logger.info,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
 ) -> dict:
     result = {"fusion": fusion_cost(n_items=n_items, users=users)}
     f = result["fusion"]

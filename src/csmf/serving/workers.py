@@ -5,12 +5,16 @@ With N workers uvicorn starts N processes on one listening socket and each build
 memory maps, so the item and user vectors sit once in the page cache whatever N is; an HNSW graph is built
 once by the parent and mapped by every worker. Each worker holds its own index, so with more than one worker
 items cannot be added or removed over HTTP (the workers would disagree): serve.allow_writes is refused.
+The workers write their metrics to one temporary folder (PROMETHEUS_MULTIPROC_DIR), so GET /metrics on any of
+them counts all. SIGTERM to the parent is passed on to every worker (uvicorn's supervisor), each answers the
+requests it holds for up to serve.drain_seconds, and the parent waits for them before it removes the folder.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict
@@ -18,10 +22,12 @@ from pathlib import Path
 
 from csmf.config import ConfigError, ServeConfig
 
+logger = logging.getLogger(__name__)
+
 SPEC_ENV = "CSMF_SERVE_SPEC"
 WRITE_TOKEN_ENV = "CSMF_WRITE_TOKEN"  # the bearer token of the write routes (or serve.write_token_file)
 MIN_TOKEN_CHARS = 16
-MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+MAKE_TOKEN = "openssl rand -hex 32"
 
 
 def write_token(s: ServeConfig, environ: dict[str, str] | None = None) -> str | None:
@@ -62,8 +68,11 @@ def write_token(s: ServeConfig, environ: dict[str, str] | None = None) -> str | 
     return token
 
 
-def build_service(artifact: str | Path, s: ServeConfig, mmap: bool = False, hnsw_file: str | None = None):
-    """The ASGI app serving `artifact` with the settings `s`; `hnsw_file`: a graph HnswIndex.save wrote."""
+def build_service(
+    artifact: str | Path, s: ServeConfig, mmap: bool = False, hnsw_file: str | None = None, multiprocess: bool = False
+):
+    """The ASGI app serving `artifact` with the settings `s`; `hnsw_file`: a graph HnswIndex.save wrote;
+    `multiprocess`: a worker among several, whose metrics go to PROMETHEUS_MULTIPROC_DIR (csmf.serving.metrics)."""
     from csmf.serving.app import create_app
     from csmf.serving.artifact import load_artifact
     from csmf.serving.index import build_index
@@ -76,7 +85,7 @@ def build_service(artifact: str | Path, s: ServeConfig, mmap: bool = False, hnsw
     index = _read_graph(hnsw_file, settings, mmap) if hnsw_file else build_index(art.item_vectors, settings)
     limits = ServeLimits(max_ids=s.max_ids, max_results=s.max_results, max_body_bytes=s.max_body_bytes)
     recommender = Recommender(art, index, s.fallback == "popularity", limits, mutable=s.workers == 1)
-    return create_app(recommender, write_token(s))
+    return create_app(recommender, write_token(s), multiprocess)
 
 
 def settled(app):
@@ -100,7 +109,7 @@ def _read_graph(hnsw_file: str, settings, mmap: bool):
                           "and csmf serve builds it again") from None  # fmt: skip
 
 
-def hnsw_graph(art, s: ServeConfig, where: Path, log=print) -> str:
+def hnsw_graph(art, s: ServeConfig, where: Path, log=logger.info) -> str:
     """`where`, holding an HNSW graph of this artifact's item vectors with these settings: the one already there
     when its side file says it was built from the same vectors (their sha256) and M and the file matches the
     sha256 recorded for it, else one built now and written there (a cache: a damaged or foreign one is rebuilt,
@@ -134,11 +143,12 @@ def app_from_env():
     """uvicorn's factory in each worker process."""
     spec = json.loads(os.environ[SPEC_ENV])
     return settled(build_service(spec["artifact"], ServeConfig(**spec["serve"]), mmap=True,
-                                 hnsw_file=spec["hnsw_file"]))  # fmt: skip
+                                 hnsw_file=spec["hnsw_file"], multiprocess=True))  # fmt: skip
 
 
-def run(artifact: str | Path, s: ServeConfig, log=print) -> None:
-    """Serve until stopped: in this process (workers = 1), else in `s.workers` processes."""
+def run(artifact: str | Path, s: ServeConfig, log=logger.info, log_config: dict | None = None) -> None:
+    """Serve until stopped: in this process (workers = 1), else in `s.workers` processes. `log_config`: uvicorn's
+    logging dict (`csmf serve` gives csmf.cli_output.uvicorn_log_config), applied in every worker; None: uvicorn's."""
     import uvicorn
 
     if s.hnsw_file and s.index != "hnsw":
@@ -148,7 +158,12 @@ def run(artifact: str | Path, s: ServeConfig, log=print) -> None:
     write_token(s)  # a missing or weak token stops the command now, before the artifact is read
     # the C HTTP parser and event loop when installed (they are dependencies; a platform without them still runs)
     fast = {"http": "httptools", "loop": "uvloop"} if _installed("httptools", "uvloop") else {}
-    options = dict(host=s.host, port=s.port, log_level="warning", access_log=False, **fast)
+    # SIGTERM (to this process; with workers the parent sends it on to each): stop accepting, answer what is in
+    # flight for up to serve.drain_seconds, then cancel the rest
+    options = dict(host=s.host, port=s.port, log_level="warning", access_log=False,
+                   timeout_graceful_shutdown=s.drain_seconds, **fast)  # fmt: skip
+    if log_config is not None:
+        options["log_config"] = log_config
     if s.workers == 1:
         app = settled(build_service(artifact, s))
         log(f"serving {app.recommender.n_items:,} items ({s.index} index) on http://{s.host}:{s.port}")
@@ -172,7 +187,20 @@ def run(artifact: str | Path, s: ServeConfig, log=print) -> None:
         os.environ[SPEC_ENV] = json.dumps({"artifact": str(artifact), "serve": asdict(s), "hnsw_file": hnsw_file})
         log(f"serving with {s.workers} worker processes ({s.index} index, vectors memory-mapped) on "
             f"http://{s.host}:{s.port}")  # fmt: skip
-        uvicorn.run("csmf.serving.workers:app_from_env", factory=True, workers=s.workers, **options)
+        # the workers' metrics files, in a folder of this run only (removed with it at exit): set before they start,
+        # since prometheus-client reads it when a worker first imports it (the check above ran without it)
+        from csmf.serving.metrics import MULTIPROC_ENV
+
+        before = os.environ.get(MULTIPROC_ENV)
+        os.environ[MULTIPROC_ENV] = str(Path(tmp) / "metrics")
+        (Path(tmp) / "metrics").mkdir()
+        try:
+            uvicorn.run("csmf.serving.workers:app_from_env", factory=True, workers=s.workers, **options)
+        finally:  # as it was, for a caller that goes on in this process (the tests)
+            if before is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = before
 
 
 def _installed(*modules: str) -> bool:
