@@ -100,6 +100,10 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
                                                      "cascade.recover_frac = 0"]  # fmt: skip
     assert (adapted.train.patience, adapted.train.max_epochs, adapted.cascade.recover_frac) == (2, (24,), 0.3)
     assert fit_to_size(cfg, 150_000, pinned={"train.max_epochs"})[0].train.max_epochs == (24,)
+    mlp_big, _ = fit_to_size(load_config("mlp"), 150_000, pinned=())  # the in-memory MLP cascade too
+    assert (mlp_big.train.patience, mlp_big.train.max_epochs, mlp_big.cascade.recover_frac) == (1, (3, 3), 0.0)
+    streamed, _ = fit_to_size(load_config("stream"), 150_000, pinned=())  # a streamed run keeps its schedule
+    assert (streamed.train.max_epochs, streamed.cascade.recover_frac) == ((1,), 0.3)
     # a teacher's list stops where its weights leave e^-5 of their mass (rank 5 x decay 5 = 25)
     assert big.train.distill_top == 25 and "train.distill_top = 25" in notes[6] and "0.7%" in notes[6]
     assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[7]

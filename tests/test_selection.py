@@ -224,3 +224,19 @@ class _Plain:
 
     def score(self, users, stage):
         return self.model.score(users, stage)
+
+
+def test_past_100k_items_the_user_id_mlp_is_tried_first_unless_the_candidates_are_set():
+    from csmf.selection import SCALE_CANDIDATE, scale_candidates
+
+    cfg, said = Config(), []
+    assert scale_candidates(cfg, 13_465, {}, said.append) is cfg and not said  # JD-sized: the defaults as they are
+    big = scale_candidates(cfg, 193_994, {}, said.append)
+    assert big.select.candidates == (SCALE_CANDIDATE, *cfg.select.candidates) and "tried first" in said[0]
+    assert [c.name for c in candidates(big, {})][0] == SCALE_CANDIDATE
+    (first,) = [c for c in candidates(big, {}) if c.name == SCALE_CANDIDATE]
+    assert first.cfg.model.encoder == "mlp" and first.cfg.model.user_id and not first.cfg.model.history
+    mine = override(cfg, ["select.candidates=graph"])  # the user's own list is kept
+    assert scale_candidates(mine, 193_994, pins(mine)) is mine
+    off = override(cfg, ["select.candidates="])  # no search: nothing added
+    assert scale_candidates(off, 193_994, pins(off)) is off

@@ -291,6 +291,10 @@ class ModelConfig(Checked):
     graph_leave_target_out: bool = False
 
 
+# past this catalogue size the size rules act (csmf.rules.fit_to_size; the candidates of csmf.selection)
+SCALE_ITEMS = 100_000
+
+
 @dataclass(frozen=True)
 class TrainConfig(Checked):
     SECTION: ClassVar[str] = "train"

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from csmf.backbones import BACKBONES
-from csmf.config import Config, ConfigError
+from csmf.config import SCALE_ITEMS, Config, ConfigError
 
 
 def training_problems(cfg: Config, n_items: int | None = None, streaming: bool | None = None,
@@ -65,7 +65,7 @@ SCALE_NEIGHBOURS = 32
 # a step's cost; the scale suite's logs hold 20-42 rows a user, so it binds for the tail only), and validation ranks
 # a sample of SCALE_VALID_USERS users (each is ranked against the whole catalogue every epoch: 90k users x 194k
 # items on the 2.2M-row simulator is minutes an epoch; 10,000 users measure R@50 to about +-0.005)
-SCALE_ITEMS, SCALE_HISTORY, SCALE_VALID_USERS = 100_000, 200, 10_000
+SCALE_HISTORY, SCALE_VALID_USERS = 200, 10_000
 # ... and a teacher's list stops at rank SCALE_LIST_DECAYS x train.distill_decay, where its exp(-rank / decay) weights
 # leave e^-5 = 0.7% of their mass: each listed item is a column of every step (with its neighbours, the larger part
 # of a pooled step on the 2.2M-row simulator), and 100k users x 100 items is 120 MB a stage held in memory
@@ -74,8 +74,9 @@ SCALE_LIST_DECAYS = 5
 # training pairs an item) stage-1 validation R@50 fell from the first steps without it (0.014 after 150 steps, in-
 # sample fit rising) and rose with it (0.018, 0.029, 0.030 after 50, 100, 150 steps; docs/method.md)
 SCALE_WEIGHT_DECAY = 1.0
-# ... and its schedule is bounded: an epoch there is minutes (195 steps of 512 users, validation on the sample), so
-# a stage stops at the first epoch without a gain (train.patience 1) and after SCALE_EPOCHS at most, and there is no
+# ... and the in-memory cascade's schedule is bounded (either encoder): an epoch there is minutes (the graph encoder:
+# 195 steps of 512 users, validation on the sample), so a stage stops at the first epoch without a gain
+# (train.patience 1) and after SCALE_EPOCHS at most, and there is no
 # AR phase (cascade.recover_frac 0): on the 2.2M-row simulator AR after stage 1's pruning lowered validation R@50
 # whether it drew pairs (0.0305 -> 0.0303, 216 s: a pair draw keeps every user, so it costs a whole epoch) or users
 # (cascade.recover_by, 0.0320 -> 0.0256, 76 s), and after stage 2's in the run before (0.037 -> 0.035)
@@ -127,7 +128,7 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         notes.append(f"train.weight_decay = {SCALE_WEIGHT_DECAY}: each step shrinks the trained columns by lr x "
                      f"{SCALE_WEIGHT_DECAY}, since an item seen a few times is otherwise fit to its own users and "
                      f"validation falls from the first steps ({large})")  # fmt: skip
-    if big and cascade and m.encoder == "graph":
+    if big and cascade and not cfg.train.stream:  # the in-memory cascade, either encoder
         cfg, schedule = _scale_schedule(cfg, pinned, large)
         notes += schedule
     t = cfg.train
@@ -142,7 +143,7 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
 
 
 def _scale_schedule(cfg: Config, pinned: set[str], large: str) -> tuple[Config, list[str]]:
-    """The graph encoder's bounded schedule past SCALE_ITEMS (keys the user set are kept), and its notes."""
+    """The in-memory cascade's bounded schedule past SCALE_ITEMS (keys the user set are kept), and its notes."""
     t, c, notes = cfg.train, cfg.cascade, []
     if t.patience > SCALE_PATIENCE and "train.patience" not in pinned:
         t = replace(t, patience=SCALE_PATIENCE)
