@@ -47,14 +47,6 @@ def content_digest(state: dict[str, torch.Tensor], meta: str) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """Write atomically: a checkpoint is either complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)

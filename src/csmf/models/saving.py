@@ -19,8 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from csmf.checkpoints import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from csmf.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from csmf.data.schema import CascadeData
+from csmf.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 SAVE_FORMAT = 2

@@ -42,6 +42,7 @@ from typing import NoReturn
 import numpy as np
 
 from csmf.fusion import WeightError, check_weights, clip, fold_named
+from csmf.hashing import file_sha256
 
 FORMAT = "csmf-serving"
 FORMAT_VERSION = 2  # 2: the manifest checksums itself (manifest_sha256) and its content is validated at load
@@ -61,14 +62,6 @@ def manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _version(pkg: str) -> str:
@@ -151,10 +144,10 @@ def write_artifact(
     tower = {n: a for named in towers.values() for n, a in named.items()}
     for name, array in (arrays | tower).items():
         np.save(out / f"{name}.npy", array, allow_pickle=False)
-        files[f"{name}.npy"] = _sha256(out / f"{name}.npy")
+        files[f"{name}.npy"] = file_sha256(out / f"{name}.npy")
     for name, values in (("user_ids", user_ids), ("item_ids", item_ids)):
         (out / f"{name}.json").write_text(json.dumps([str(v) for v in values]))
-        files[f"{name}.json"] = _sha256(out / f"{name}.json")
+        files[f"{name}.json"] = file_sha256(out / f"{name}.json")
     n_items, dim = arrays["item_vectors"].shape
     manifest = {
         "format": FORMAT,
@@ -229,7 +222,7 @@ def load_artifact(path: str | Path, mmap: bool = False) -> Artifact:
         file = path / name
         if not file.is_file():  # checked before reading: a FIFO would block the read forever
             raise ArtifactError(f"{file}: {_not_a_file(file)}")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise ArtifactError(f"{file}: checksum does not match the manifest (the file changed or is damaged)")
     arrays = {n: _read_array(path / f"{n}.npy", mmap) for n in ARRAYS}
     tower_data = {n: _read_array(path / f"{n}.npy", mmap) for n in tower_arrays or ()}
@@ -261,7 +254,7 @@ def record_onnx(path: str | Path, names: list[str]) -> dict:
     sha256) and sign the manifest again; returns the new manifest."""
     path = Path(path)
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["onnx"] = {name: _sha256(path / ONNX_DIR / name) for name in sorted(names)}
+    manifest["onnx"] = {name: file_sha256(path / ONNX_DIR / name) for name in sorted(names)}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     partial = path / "manifest.json.partial"
     partial.write_text(json.dumps(manifest, indent=2))

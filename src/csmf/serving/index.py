@@ -10,7 +10,6 @@ index and is never reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Protocol
 
 import faiss
 import numpy as np
+
+from csmf.hashing import file_sha256
 
 KINDS = ("exact", "hnsw", "milvus")
 
@@ -52,14 +53,6 @@ class IndexSettings:
     milvus_uri: str = "csmf-milvus.db"  # a local .db file (milvus-lite) or a server, e.g. http://host:19530
     milvus_collection: str = "csmf_items"
     milvus_index: str = "FLAT"  # Milvus index type (FLAT = exact; HNSW, IVF_FLAT, ... for large catalogues)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checked(vectors: np.ndarray) -> np.ndarray:
@@ -237,7 +230,7 @@ class HnswIndex:
         partial = Path(f"{path}.partial")
         faiss.write_index(self.index, str(partial))
         meta = {"max_norm2": self.max_norm2, "dim": self.dim, "built_from": built_from,
-                "graph_sha256": _file_sha256(partial)}  # fmt: skip
+                "graph_sha256": file_sha256(partial)}  # fmt: skip
         partial.replace(path)
         Path(f"{path}.json.partial").write_text(json.dumps(meta))
         Path(f"{path}.json.partial").replace(f"{path}.json")
@@ -262,7 +255,7 @@ class HnswIndex:
             return f"{path} was built from other item vectors or other HNSW settings"
         if "graph_sha256" not in meta:
             return f"its side file {path}.json records no digest of the graph (written by an older csmf)"
-        if _file_sha256(path) != meta["graph_sha256"]:
+        if file_sha256(path) != meta["graph_sha256"]:
             return (f"{path} does not match the sha256 its side file records (damaged, truncated, or a graph of "
                     "other vectors put in its place)")  # fmt: skip
         return None

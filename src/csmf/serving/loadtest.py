@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -260,11 +261,7 @@ def run_loadtest(
         f"{result['throughput_rps']:.0f} req/s, p50 {latency['p50']:.1f} ms, p95 {latency['p95']:.1f} ms, "
         f"p99 {latency['p99']:.1f} ms, {errors} errors{cpu}; GET /metrics counted {counted['requests']:,} "
         f"({counted['difference_pct']:+.2f}%), {counted['queries_per_search']:.1f} queries a search")  # fmt: skip
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-        log(f"wrote {out}")
-    return result
+    return _written(result, out, log)
 
 
 # ----- isolation: a cheap request's latency while other clients loop the most expensive one --------------------------
@@ -382,6 +379,11 @@ def run_isolation(
         f"{n_ids} ids x k {k} ({heavy_rate:.1f} answered/s): p50 {lo['p50']:.1f} ms, p99 {lo['p99']:.1f} ms "
         f"(p99 x{result['p99_ratio']:.1f}); {OVERSIZED_IDS:,} integer ids ({len(body):,} bytes) refused "
         f"{sorted(set(statuses))} in {o['round_trip_ms_median']:.1f} ms")  # fmt: skip
+    return _written(result, out, log)
+
+
+def _written(result: dict, out: str | Path | None, log: Callable[[str], None]) -> dict:
+    """`result`, also written as JSON to `out` when given (the folder made), and said."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
