@@ -242,3 +242,31 @@ def test_csmf_data_convert_builds_then_reuses_the_cache(raw_folder, tmp_path, ca
     assert (tmp_path / "c" / "manifest.json").stat().st_mtime_ns == built  # current: not converted again
     with pytest.raises(ConfigError, match="loads in memory"):
         load_dataset(override(Config(), ["data.dataset=jd", f"data.cache_dir={tmp_path / 'k'}"]))
+
+
+def test_large_id_tables_step_row_sparse_in_memory_and_keep_earlier_stages_frozen():
+    """In memory, an ID table of train.sparse_table_rows rows or more takes sparse gradients and SparseAdam (a dense
+    step over a million-row table is ~50x the cost); smaller tables stay dense, so small logs train as before."""
+    from test_cascade import changed_and_frozen, snapshot
+
+    from csmf.cascade import CascadeTrainer
+
+    cfg = override(Config(), [
+        "data.dataset=sim", "sim.n_users=200", "sim.n_items=120", "model.encoder=mlp", "model.history=false",
+        "model.user_id=true", "model.dim=16", "model.id_dim=16", "train.distill=", "train.aux_weight=0",
+        "train.full_softmax_max_items=0", "train.max_epochs=1", "train.batch_size=128", "train.extra_negatives=64",
+        "train.sparse_table_rows=150",
+    ])  # fmt: skip
+    data = load_dataset(cfg)
+    assert data.stream is None and data.n_users >= 150 > data.n_items
+    trainer = CascadeTrainer(data, cfg)
+    model = trainer.model
+    assert trainer.sparse == [model.user.id_emb] and model.user.id_emb.sparse and not model.item.id_emb.sparse
+    for index in range(3):  # train-1, prune-1, recover-1
+        trainer.run_phase(index)
+    assert model.user.id_emb.weight.grad is None or model.user.id_emb.weight.grad.is_sparse
+    before = snapshot(model)
+    trainer.run_phase(3)
+    assert changed_and_frozen(before, snapshot(model), {1}, stage=2) > 0  # stage 2 learned, stage 1 did not
+    dense = CascadeTrainer(data, override(cfg, ["train.sparse_table_rows=0"]))
+    assert dense.sparse == [] and not dense.model.user.id_emb.sparse

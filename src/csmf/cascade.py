@@ -91,8 +91,9 @@ class CascadeTrainer:
         # a per-user backbone takes each user's positives at once: over the whole catalogue while it fits, else over
         # a pool of the items the loss reads and a uniform draw (train.pool_items, csmf.stage_loss.Pool)
         self.per_user = self.model.per_user_loss and self.stream is None
-        # a streamed catalogue's ID tables step sparsely; DDP all-reduces dense gradients only, so not with ranks
-        self.sparse = self.model.sparse_tables() if self.stream is not None and not self.ranks.active else []
+        # a streamed catalogue's ID tables step sparsely, and in memory those of train.sparse_table_rows rows or more;
+        # DDP all-reduces dense gradients only, so not with ranks (those row-reduce: runtime.row_reduce_rows)
+        self.sparse = [] if self.ranks.active else [t for t in self.model.sparse_tables() if self._sparse(t)]
         for table in self.sparse:
             table.sparse = True
         # several processes: DDP averages every loss's gradients over the ranks before the masks apply
@@ -108,6 +109,11 @@ class CascadeTrainer:
             off = not (cfg.model.features and cfg.model.context)
             why = "model.features or model.context is off" if off else f"model.encoder {cfg.model.encoder!r} does not"
             self.log(f"context columns {sorted(data.context)} are not used: {why}")
+
+    def _sparse(self, table: torch.nn.Module) -> bool:
+        """Whether an ID table steps row-sparse: streamed, or at least train.sparse_table_rows rows in memory."""
+        limit = self.cfg.train.sparse_table_rows
+        return self.stream is not None or 0 < limit <= table.weight.shape[0]
 
     # ----- run folder and pretrain cache (csmf.runfolder) --------------------------------------------
     def resume_point(self) -> int:

@@ -315,6 +315,7 @@ class TrainConfig(Checked):
         "distill_check": (_in(0.0, 1.0, closed_high=True), "in [0, 1]"),
         "distill_weight": (lambda v: _nonempty(v) and _at_least(0.0)(v), "one or more weights >= 0"),
         "stream_buffer_rows": (_positive, "> 0"),
+        "sparse_table_rows": (_at_least(0), ">= 0 (0 = only when streaming)"),
     }
 
     batch_size: int = 1024  # training pairs per batch (in-batch negatives)
@@ -362,6 +363,10 @@ class TrainConfig(Checked):
     # item vectors, logQ over them) instead of the rank's own share of the batch
     gather_negatives: bool = False
     stream_buffer_rows: int = 1 << 20  # rows shuffled together when streaming (memory: ~16 bytes a row)
+    # an ID table (the MLP encoder's user or item IDs) of at least this many rows steps row-sparse in memory too
+    # (SparseAdam, lazy: only the rows a batch touches move), as streamed training always does: a dense Adam step
+    # over a 1M x 64 table took 220 ms against 4 ms sparse, 13 ms against 3 ms at 100k rows. 0 = dense in memory
+    sparse_table_rows: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -608,6 +613,12 @@ class TrackConfig(Checked):
 
 @dataclass(frozen=True)
 class Config:
+    """The one typed, frozen config of a run: a `seed` and one section per concern (data, model, train, ...).
+
+    Build it with `Config()`, `load_config(path)` or `override(cfg, ["section.field=value"])`; every field is
+    checked when its section is built, and the configuration reference lists each one with its default.
+    """
+
     seed: int = 0  # model seed (data split seeds live in DataConfig / SimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sim: SimConfig = field(default_factory=SimConfig)
