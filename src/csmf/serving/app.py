@@ -42,6 +42,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Dis
 from pydantic_core import PydanticCustomError
 
 from csmf.fusion import clip
+from csmf.serving import history_path
 from csmf.serving.batching import Batcher
 from csmf.serving.metrics import Metered, ServiceMetrics
 from csmf.serving.serve import (
@@ -406,30 +407,48 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class FastRecommend:
-    """ASGI in front of the FastAPI app: a well-formed GET /recommend for a known user is answered here, without
-    FastAPI's routing, dependency injection and middleware (on JD about a third of a request's CPU, issue 17).
+    """ASGI in front of the FastAPI app: a well-formed GET /recommend for a known user, and a well-formed POST
+    /recommend of one user's history (csmf.serving.history_path), are answered here, without FastAPI's routing,
+    dependency injection, validation and middleware (on JD about a third of a request's CPU, issues 17 and 28).
     Anything else, including every request this path would refuse or any spelling it does not take as is (a
-    repeated parameter, `exclude_seen=True`, a non-ASCII query), goes on to the app, which answers it and words
-    its errors: the two paths cannot disagree on what is valid."""
+    repeated parameter, `exclude_seen=True`, a non-ASCII query, a JSON escape), goes on to the app, which answers
+    it and words its errors: the two paths cannot disagree on what is valid."""
 
     def __init__(self, app, recommender: Recommender, batcher: Batcher, metrics: ServiceMetrics | None = None):
         self.app, self.recommender, self.batcher = app, recommender, batcher  # app: the FastAPI app
         self.metrics = metrics  # counts the items served (the requests are counted in front, by Metered)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/recommend":
-            request = self._parse(scope["query_string"])
-            if request is not None:
-                r = self.recommender
-                result = await self.batcher.recommend(r.queries([request[0]], request[2])[0], *request[1:])
-                body = _one_answer(result, r.index.kind)
-                if self.metrics is not None:
-                    self.metrics.served(len(result.items))
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})  # fmt: skip
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http" and scope["path"] == "/recommend":
+            if scope["method"] == "GET":
+                request = self._parse(scope["query_string"])
+                if request is not None:
+                    r = self.recommender
+                    return await self._answer(
+                        send, await self.batcher.recommend(r.queries([request[0]], request[2])[0], *request[1:])
+                    )
+            elif scope["method"] == "POST" and self.recommender.tower is not None:
+                return await self._post(scope, receive, send)
         await self.app(scope, receive, send)
+
+    async def _post(self, scope, receive, send) -> None:
+        """A history answered here when its body is one the fast path takes, else the app answers (its body
+        handed on as read)."""
+        if history_path.json_length(scope["headers"], self.recommender.limits.max_body_bytes) is None:
+            return await self.app(scope, receive, send)
+        body, received = await history_path.read_body(receive)
+        ask = None if body is None else history_path.parse_history(body, self.recommender)
+        if ask is None:
+            return await self.app(scope, history_path.replaying(received, receive), send)
+        await self._answer(send, await self.batcher.recommend_history(ask.sent, ask.k, ask.weights, ask.exclude_seen))
+
+    async def _answer(self, send, result: Recommendation) -> None:
+        body = _one_answer(result, self.recommender.index.kind)
+        if self.metrics is not None:
+            self.metrics.served(len(result.items))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
 
     def _parse(self, query_string: bytes) -> tuple[str, int, dict[str, float], bool] | None:
         """(user_id, k, weights, exclude_seen) of a request the app would answer 200 for a known user, else None."""
@@ -460,7 +479,7 @@ class FastJSON(JSONResponse):
 
 
 def create_app(recommender: Recommender, write_token: str | None = None, multiprocess: bool = False) -> Metered:
-    """The service: FastAPI behind the fast GET /recommend path (FastRecommend), behind the request metrics
+    """The service: FastAPI behind the fast GET and POST /recommend paths (FastRecommend), behind the request metrics
     (Metered); `.app.app` is the FastAPI app. `write_token`: the bearer token POST /items and DELETE /items/{id}
     require; None = they answer 403. `multiprocess`: one of several workers (`csmf serve --workers`), whose
     GET /metrics reads every worker's values from PROMETHEUS_MULTIPROC_DIR."""
@@ -572,7 +591,8 @@ def _fastapi_app(
     @app.post("/recommend", dependencies=[bounded, Depends(unique_json_keys)])
     async def recommend_post(request: RecommendBody):
         """Several known users by id, or one user by behaviour history ({"history": {...}}: a new user, or a known
-        user's latest behaviour), answered from the user tower exported with the model."""
+        user's latest behaviour), answered from the user tower exported with the model. A well-formed history
+        without raw features is answered in front of this route, the same way (FastRecommend)."""
         if isinstance(request, HistoryRequest):
             recommender.check_request(1, request.k)
             weights = recommender.weights_of(request.weights)

@@ -76,6 +76,11 @@ class UserTower:
         if self.kind == "graph":
             self.behaviours = tuple(dict.fromkeys(b for w in entry["stage_weights"] for b in w))
             self.n_items = arrays["item_scale"].shape[1]
+            # per stage: its output columns (None when it owns none) and each behaviour's edge weight (0: unread)
+            self.stage_columns = [np.flatnonzero(owner == k + 1) for k in range(len(entry["stage_weights"]))]
+            self.edge_weights = np.array([[w.get(b, 0.0) for b in self.behaviours] for w in entry["stage_weights"]],
+                                         dtype=np.float64)  # (stages, behaviours)  # fmt: skip
+            self.no_features = self.features.graph_part({}, item_vectors.shape[1])[0]  # a new user sending none
         else:
             self.behaviours = tuple(entry["behaviours"])
             self.n_items = arrays["history_table"].shape[0] if "history_table" in arrays else 0
@@ -96,36 +101,72 @@ class UserTower:
             return self._graph(history, user_row, features or {}, vectors, origin)
         return self._mlp(history, user_row, features or {}, origin)
 
+    def vectors(
+        self, histories: list[dict[str, np.ndarray]], user_rows: list[int | None], vectors: np.ndarray | None = None,
+        origin: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """(B, D) float32: the vectors of several users sent without raw features, each the bits `vector` gives
+        for it alone. The graph tower computes the bags of all of them in one pass (the history fast path's
+        batch); the MLP runs one user at a time (a matrix product over the batch would round differently)."""
+        if self.kind != "graph":
+            return np.stack([self._mlp(h, row, {}, origin)[0] for h, row in zip(histories, user_rows, strict=True)])
+        u = self._graph_bags(histories, vectors, origin)
+        side = self.arrays.get("user_side")
+        for b, row in enumerate(user_rows):
+            if row is None:
+                u[b] = u[b] + self.no_features
+            elif side is not None:
+                u[b] += side[row]
+        return u
+
     def _graph(self, history: dict[str, np.ndarray], user_row: int | None, features: dict,
                vectors: np.ndarray | None, origin: np.ndarray | None):  # fmt: skip
-        vectors = self.item_vectors if vectors is None else vectors
-        u = np.zeros(self.item_vectors.shape[1], dtype=np.float32)
-        scale = self.arrays["item_scale"]
-        for k, weights in enumerate(self.entry["stage_weights"]):
-            columns = self.owner == k + 1
-            if not columns.any():
-                continue
-            a: dict[int, float] = {}
-            for b, w in weights.items():
-                for i in history.get(b, ()):
-                    a[int(i)] = a.get(int(i), 0.0) + w
-            degree = sum(a.values())
-            if degree <= 0:
-                continue
-            rows = np.fromiter(a.keys(), dtype=np.int64, count=len(a))
-            edge = np.fromiter(a.values(), dtype=np.float64, count=len(a))
-            trained = rows if origin is None else origin[rows]
-            # an item added while serving has no edge in the training graph: it is weighed as an item whose only
-            # edge is this history's (its degree is the weight here), and contributes its served vector
-            s = np.where(trained >= 0, scale[k, np.maximum(trained, 0)], 1.0 / np.sqrt(np.maximum(edge, 1e-12)))
-            coef = edge * s / np.sqrt(degree)
-            u[columns] += coef.astype(np.float32) @ vectors[rows][:, columns]
+        u = self._graph_bags([history], vectors, origin)[0]
         if user_row is not None:
             if "user_side" in self.arrays:
                 u += self.arrays["user_side"][user_row]
             return u, []
         part, unknown = self.features.graph_part(features, len(u))
         return u + part, unknown
+
+    def _graph_bags(
+        self, histories: list[dict[str, np.ndarray]], vectors: np.ndarray | None, origin: np.ndarray | None
+    ) -> np.ndarray:
+        """(B, D) float32: each history's sum_k (c_k @ V) * [owner == k], for all B histories at once. A user's
+        numbers depend on its own history alone (its terms are summed in item-row order, apart from the other
+        users'), so a history gets the same bits in any batch: an answer does not depend on what else was ready."""
+        vectors = self.item_vectors if vectors is None else vectors
+        u = np.zeros((len(histories), self.item_vectors.shape[1]), dtype=np.float32)
+        # every (user, behaviour, item row) sent, flattened over the batch
+        sent = [(n, b, items) for n, history in enumerate(histories) for b, name in enumerate(self.behaviours)
+                if len(items := history.get(name, ()))]  # fmt: skip
+        if not sent:
+            return u
+        counts = [len(items) for _, _, items in sent]
+        user = np.repeat(np.array([n for n, _, _ in sent], dtype=np.int64), counts)
+        kind = np.repeat(np.array([b for _, b, _ in sent], dtype=np.int64), counts)
+        width = max(len(vectors), 1)
+        # one entry per (user, item), by user then item row; `at`: the entry of each sent (behaviour, item)
+        key, at = np.unique(user * width + np.concatenate([items for _, _, items in sent]), return_inverse=True)
+        who, rows = key // width, key % width
+        trained = rows if origin is None else origin[rows]
+        scale = self.arrays["item_scale"]
+        for k, columns in enumerate(self.stage_columns):
+            # a_k[i] = sum over behaviours b of w_kb * [i in history_b]; an item no weighed behaviour names is out
+            edge = np.bincount(at, weights=self.edge_weights[k][kind], minlength=len(key))  # (m,) float64
+            keep = np.flatnonzero(edge > 0)
+            if not len(columns) or not len(keep):
+                continue
+            edge, users, items, known = edge[keep], who[keep], rows[keep], trained[keep]
+            degree = np.bincount(users, weights=edge)  # (users,) sum_j a_k[j], summed in item-row order
+            # an item added while serving has no edge in the training graph: it is weighed as an item whose only
+            # edge is this history's (its degree is the weight here), and contributes its served vector
+            s = np.where(known >= 0, scale[k, np.maximum(known, 0)], 1.0 / np.sqrt(np.maximum(edge, 1e-12)))
+            coef = (edge * s / np.sqrt(degree[users])).astype(np.float32)  # (m,) c_k[i]
+            terms = coef[:, None] * vectors[items[:, None], columns]  # (m, |columns|) c_k[i] * V[i] on stage k's
+            starts = np.flatnonzero(np.concatenate(([True], users[1:] != users[:-1])))  # each user's first entry
+            u[users[starts][:, None], columns] += np.add.reduceat(terms, starts, axis=0)  # (users present, |columns|)
+        return u
 
     def _mlp(self, history: dict[str, np.ndarray], user_row: int | None, features: dict, origin: np.ndarray | None):
         a = self.arrays

@@ -33,6 +33,7 @@ CANDIDATE_BLOCK = 1 << 20  # most (users x candidates) one index search returns 
 # most (queries x catalogue rows) one block of a batch scores under the lock (20 queries, about 5 ms, on JD's
 # 13,465 items): the event loop's one-user searches then wait for one block, not for a 1,000-id batch (issue 27)
 SEARCH_BLOCK = 1 << 18
+MAX_FOLDS = 1024  # the most weightings whose lambda a server keeps (Recommender.fold)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,21 @@ class Query:
     note: str | None = None  # why the user is answered as they are (a history with nothing to rank by)
 
 
+@dataclass
+class SentHistory:
+    """A history read against the catalogue, before the user tower runs (Recommender.history_rows)."""
+
+    rows: dict[str, np.ndarray]  # behaviour -> distinct served item rows
+    user_id: str | None  # a known user sent with the history, or None
+    user_row: int | None  # that user's row in the artifact
+    unknown_items: list[str] | None  # ids sent that this catalogue does not serve, in order (reported)
+
+    @property
+    def names_items(self) -> bool:
+        """Whether any served item was sent (else the tower has nothing of the history to read)."""
+        return any(len(r) for r in self.rows.values())
+
+
 class Recommender:
     """An artifact plus an index: user id + weights -> ranked items with per-objective and fused scores.
 
@@ -174,6 +190,7 @@ class Recommender:
         self.lock = threading.RLock()  # item changes against searches (POST batches run on worker threads)
         self.excludes = bool(getattr(index, "excludes", False))  # the index leaves seen rows out itself
         self._item_rows: dict[str, int] | None = None  # id -> row, built on first use (1M ids cost ~100 MB)
+        self._folds: dict[tuple[tuple[str, float], ...], np.ndarray] = {}  # weights -> lambda (fold)
         self.popular = np.argsort(-artifact.popularity, kind="stable")  # the live rows, most popular first
         self.tower = None  # the user tower (csmf.serving.online_towers): a history -> a vector; None in older artifacts
         self.item_tower = None  # the item tower: raw features -> a new item's vector; None when items have none
@@ -261,6 +278,18 @@ class Recommender:
                                f"than this server's limit of {self.limits.max_results:,} per request (csmf serve "
                                "--max-results): send fewer ids per request or a smaller k")  # fmt: skip
 
+    def fold(self, weights: dict[str, float]) -> np.ndarray:
+        """(D,) lambda of checked weights (Artifact.fold), kept for the next request with the same weights: a few
+        weightings are typical, and computing one costs about as much as the rest of a query (read-only)."""
+        key = tuple(weights.items())
+        fold = self._folds.get(key)
+        if fold is None:
+            if len(self._folds) >= MAX_FOLDS:  # any number of weightings may come: keep the latest ones
+                self._folds.clear()
+            fold = self._folds[key] = self.artifact.fold(weights)
+            fold.flags.writeable = False
+        return fold
+
     # ----- a request: queries -> one search -> answers -----------------------------------------------------
     def queries(self, user_ids: list[str], weights: dict[str, float]) -> list[Query]:
         """Each known user's query vector and seen items; an unknown user is a 404 unless popularity answers."""
@@ -268,7 +297,7 @@ class Recommender:
         if unknown is not None and not self.popularity_fallback:
             raise UnknownUser(unknown)
         rows = [self.user_rows.get(u, -1) for u in user_ids]
-        fold, vectors, none = self.artifact.fold(weights), self.artifact.user_vectors, np.zeros(0, dtype=np.int64)
+        fold, vectors, none = self.fold(weights), self.artifact.user_vectors, np.zeros(0, dtype=np.int64)
         return [
             Query(u, r, vectors[r], vectors[r] * fold, self._seen(r)) if r >= 0 else Query(u, None, None, None, none)
             for u, r in zip(user_ids, rows, strict=True)
@@ -286,6 +315,25 @@ class Recommender:
         or value the tower does not know is reported in `unknown_features` and adds nothing. A request that gives
         the tower nothing to read (no served item, no user_id, no feature it knows) is answered from popularity
         with a note when the server falls back to popularity, else refused (RequestError on `history`)."""
+        sent = self.history_rows(history, user_id, features)
+        # read after the rows: the tables only grow, so every row found above is in them
+        raw, unread = self.tower.vector(sent.rows, sent.user_row, features, self.item_vectors, self.origin)
+        read_features = any(name not in unread for name in features or {})
+        if sent.user_row is None and not read_features and not sent.names_items:
+            # the vector would be the same for every such request (zero in the graph tower: every score 0.0)
+            if not self.popularity_fallback:
+                raise RequestError("history", "names no item served here, and there is no user_id or feature the "
+                                   "model reads: nothing to rank by. Send at least one served item id (ids not "
+                                   "served are listed in unknown_items), or serve with --fallback popularity to "
+                                   "answer such a user with the most popular items")  # fmt: skip
+            note = ("the history names no item served here (and no user_id or known feature): the most popular "
+                    "items (--fallback popularity)")  # fmt: skip
+            return Query("", None, None, None, np.zeros(0, dtype=np.int64), sent.unknown_items, unread or None, note)
+        return self._history_query(sent, raw, weights, unread or None)
+
+    def history_rows(self, history: dict[str, list[str]], user_id: str | None, features: dict | None) -> SentHistory:
+        """A history's item ids as the served rows the user tower reads, checked (RequestError, UnknownUser) the
+        way history_query checks them, before any tower arithmetic."""
         if self.tower is None:
             raise RequestError("history", "this artifact has no user tower (it was exported by an older csmf): "
                                "export the model again with `csmf export` to serve users by their history")  # fmt: skip
@@ -306,26 +354,26 @@ class Recommender:
         for b, items in history.items():
             found = [self.item_rows.get(i, -1) for i in items]
             unknown.update((i, None) for i, r in zip(items, found, strict=True) if r < 0)
-            rows[b] = np.unique(np.array([r for r in found if r >= 0], dtype=np.int64))
-        # read after the rows: the tables only grow, so every row found above is in them
-        vectors, origin = self.item_vectors, self.origin
-        raw, unread = self.tower.vector(rows, row, features, vectors, origin)
-        unknown_items = list(unknown) or None
-        read_features = any(name not in unread for name in features or {})
-        if row is None and not read_features and not any(len(r) for r in rows.values()):
-            # the vector would be the same for every such request (zero in the graph tower: every score 0.0)
-            if not self.popularity_fallback:
-                raise RequestError("history", "names no item served here, and there is no user_id or feature the "
-                                   "model reads: nothing to rank by. Send at least one served item id (ids not "
-                                   "served are listed in unknown_items), or serve with --fallback popularity to "
-                                   "answer such a user with the most popular items")  # fmt: skip
-            note = ("the history names no item served here (and no user_id or known feature): the most popular "
-                    "items (--fallback popularity)")  # fmt: skip
-            return Query("", None, None, None, np.zeros(0, dtype=np.int64), unknown_items, unread or None, note)
-        seen = np.unique(np.concatenate([*rows.values(), self._seen(row) if row is not None else []]).astype(np.int64))
-        fold = self.artifact.fold(weights)
-        return Query(user_id if user_id is not None else "", row, raw, raw * fold, seen, unknown_items,
-                     unread or None)  # fmt: skip
+            rows[b] = np.array(sorted({r for r in found if r >= 0}), dtype=np.int64)  # np.unique's, faster when short
+        return SentHistory(rows, user_id, row, list(unknown) or None)
+
+    def history_queries(self, sent: list[SentHistory], weights: list[dict[str, float]]) -> list[Query]:
+        """The queries of several users sent as histories without raw features, their tower vectors computed in
+        one pass (UserTower.vectors): each the Query history_query gives for it alone. For a history that names
+        no served item and no user (nothing to rank by) use history_query, which refuses it or falls back."""
+        raw = self.tower.vectors([h.rows for h in sent], [h.user_row for h in sent], self.item_vectors, self.origin)
+        pairs = zip(sent, weights, strict=True)
+        return [self._history_query(h, raw[n].copy(), w, None) for n, (h, w) in enumerate(pairs)]
+
+    def _history_query(self, sent: SentHistory, raw: np.ndarray, weights: dict[str, float],
+                       unread: list[str] | None) -> Query:  # fmt: skip
+        """A history's query from its user vector: its items (and a known user's) are the ones left out."""
+        row = sent.user_row
+        seen = np.unique(np.concatenate([*sent.rows.values(), self._seen(row) if row is not None else []]).astype(
+            np.int64))  # fmt: skip
+        fold = self.fold(weights)
+        return Query(sent.user_id if sent.user_id is not None else "", row, raw, raw * fold, seen, sent.unknown_items,
+                     unread)  # fmt: skip
 
     def width(self, query: Query, k: int, exclude_seen: bool) -> int:
         """Candidates to ask the index for: k from an index that leaves the seen rows out itself (exact), else k
