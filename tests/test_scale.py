@@ -45,3 +45,30 @@ def test_the_quick_scale_suite_runs_each_row_apart_resumes_and_reports(tmp_path,
     again = capsys.readouterr().out
     assert (folder / "csmf.json").stat().st_mtime_ns == stamp
     assert "scale: sim-2m" not in again and "wrote" in again
+
+
+def test_the_42m_csmf_row_trains_the_scale_candidate_since_its_one_epoch_setting_would_drop_it(tmp_path, monkeypatch):
+    """train.max_epochs=1 (every row at 42M rows) contradicts the MLP preset's own epochs, so a search would drop
+    every MLP candidate and train the graph encoder: the row names the scale candidate instead."""
+    import csmf.experiments.scale as scale
+    from csmf.config import Config, override
+    from csmf.selection import SCALE_CANDIDATE, candidates, pins
+
+    pinned = pins(override(Config(), ["train.max_epochs=1"]))
+    assert all(not c.name.startswith("mlp") for c in candidates(Config(), pinned))  # why the row names it
+    seen = []
+
+    def record(command, log_path):  # the command only: each row "fails" at once
+        seen.append(command)
+        log_path.write_text("not run\n")
+        return 1, 1.0, 0.1
+
+    monkeypatch.setattr(scale, "peak_run", record)
+    data = scale.DATASETS["aliccp-42m"]
+    for row in ("csmf", "stream"):
+        scale.run_row(data, tmp_path, row, [], lambda _m: None)
+    csmf_row, stream_row = seen
+    preset, *settings = SCALE_CANDIDATE.split()
+    assert csmf_row[csmf_row.index("--config") + 1] == preset and "select.candidates=" in csmf_row
+    assert all(s in csmf_row for s in settings) and "train.max_epochs=1" in csmf_row
+    assert stream_row[stream_row.index("--config") + 1] == "stream" and "select.candidates=" not in stream_row
