@@ -10,7 +10,15 @@ import pytest
 
 from csmf.config import SimConfig
 from csmf.data.logtable import load_log
-from csmf.data.simulate import PARTS, SIM_STAGES, item_world, simulate, user_factors
+from csmf.data.simulate import (
+    PARTS,
+    SIM_STAGES,
+    item_world,
+    next_period_world,
+    simulate,
+    simulate_next_period,
+    user_factors,
+)
 
 # chunk_users=128 makes three chunks (128 + 128 + 44 users), i.e. three row groups / CSV batches.
 CFG = SimConfig(n_users=300, n_items=200, chunk_users=128)
@@ -127,3 +135,31 @@ def test_simulate_rejects_other_suffixes(tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.parquet or \.csv"):
         simulate(CFG, tmp_path / "sim.json", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_period_continues_the_world_with_new_users_and_items_after_the_first_ids(tmp_path):
+    cfg = dataclasses.replace(CFG, item_features=2)
+    simulate(cfg, tmp_path / "p1.parquet", progress=False)
+    first = pq.read_table(tmp_path / "p1.parquet").to_pandas()
+    counts = simulate_next_period(cfg, tmp_path / "p2.parquet", 50, 40, progress=False)
+    second = pq.read_table(tmp_path / "p2.parquet").to_pandas()
+    assert counts["rows"] == len(second) and counts["exposure"] > counts["click"] > counts["conversion"] > 0
+    assert list(second.columns) == list(first.columns)
+    assert set(second.user_id) == set(range(cfg.n_users + 50))  # every first-period user again, then the new ones
+    assert second.item_id.max() >= cfg.n_items and second.item_id.max() < cfg.n_items + 40
+    assert (second.item_id >= cfg.n_items).mean() > 0.05  # the new items are exposed
+    assert second.timestamp.min() > first.timestamp.max()  # later: a time split separates the periods
+    # an item of both periods keeps its category and feature codes, a user its segment
+    for key, columns in (("item_id", ["item_category", "item_f0", "item_f1"]), ("user_id", ["user_segment"])):
+        both = first.drop_duplicates(key).merge(second.drop_duplicates(key), on=key)
+        assert len(both) and all((both[f"{c}_x"] == both[f"{c}_y"]).all() for c in columns)
+    # the same world: the first items' factors and relative popularity, the new items appended
+    world, later = item_world(cfg), next_period_world(cfg, 40)
+    np.testing.assert_array_equal(later.factors[: cfg.n_items], world.factors)
+    np.testing.assert_allclose(later.popularity[: cfg.n_items] / later.popularity[: cfg.n_items].sum(),
+                               world.popularity)  # fmt: skip
+    truth = np.load(tmp_path / "p2.parquet.truth.npz")
+    assert truth["item_factors"].shape == (cfg.n_items + 40, len(PARTS), cfg.dim)
+    # the second period draws afresh: another log than the first period's for the same users
+    before, after = (log[log.user_id < 5].item_id.to_numpy() for log in (first, second))
+    assert not np.array_equal(before, after)

@@ -14,7 +14,16 @@ from pathlib import Path
 from csmf import __version__
 from csmf.checkpoints import CheckpointError
 from csmf.cli_output import FORMATS, LEVELS, cli_logging, uvicorn_log_config
-from csmf.config import Config, ConfigError, ServeConfig, absolute_data_paths, load_config, override
+from csmf.config import (
+    Config,
+    ConfigError,
+    ServeConfig,
+    absolute_data_paths,
+    load_config,
+    override,
+    read_leaves,
+    with_values,
+)
 from csmf.data.errors import DataError
 from csmf.fusion import clip
 from csmf.rules import check_training, fit_to_size
@@ -61,8 +70,13 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder of a public dataset's files (aliccp, aliexpress, kuairand, tenrec)")
 
 
-def _config(args: argparse.Namespace, presets: tuple[str, ...] = ()) -> Config:
-    cfg = load_config(args.config) if args.config else Config()
+def _config(args: argparse.Namespace, presets: tuple[str, ...] = (), base: Config | None = None) -> Config:
+    """The command's config: --config (a file or preset) then every flag; `base`: a run's config the flags and only
+    the keys --config sets go on (csmf train --init-from)."""
+    if base is not None:
+        cfg = with_values(base, read_leaves(args.config)) if args.config else base
+    else:
+        cfg = load_config(args.config) if args.config else Config()
     sets = [*presets, *args.set]  # presets first: the command line wins
     if getattr(args, "dataset", None):
         sets.append(f"data.dataset={args.dataset}")
@@ -90,13 +104,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from csmf.experiments.suite import QUICK_SETS, run_suite
 
     if args.quick and not args.suite:
-        raise ConfigError("--quick shrinks a suite: use it with --suite paper or --suite scale")
+        raise ConfigError("--quick shrinks a suite: use it with --suite paper, scale, extend or refresh")
     if args.suite and (args.models or args.dataset):
         raise ConfigError("--suite runs its own models and datasets: drop --models/--dataset (see bench.suite_*)")
+    if args.suite == "refresh":
+        from csmf.experiments.refresh_bench import run_refresh
+
+        run_refresh(_config(args), quick=args.quick)
+        return 0
     if args.suite == "scale":
         from csmf.experiments.scale import run_scale
 
         run_scale(_config(args), quick=args.quick)
+        return 0
+    if args.suite == "extend":
+        from csmf.experiments.growth import run_growth
+
+        run_growth(_config(args), quick=args.quick, progress=not args.quiet)
         return 0
     cfg = _config(args, QUICK_SETS if args.quick else ())
     if args.no_tune:  # no search of any kind: the peers' grids and CSMF's candidates alike
@@ -121,6 +145,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sim = replace(sim, seed=args.seed)
     start = time.perf_counter()
+    if args.layout != "log" and args.period != 1:
+        raise ConfigError("--period 2 writes a generic log: drop --layout")
     if args.layout != "log":
         from csmf.data.simulate import simulate_layout
 
@@ -131,7 +157,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     f"{counts['rows']:,} rows in {seconds:.1f}s ({counts['rows'] / max(seconds, 1e-9):,.0f} rows/s); "
                     f"peak memory {peak_mb:,.0f} MB")  # fmt: skip
         return 0
-    counts = simulate(sim, args.out, progress=not args.quiet)
+    if args.period == 2:  # the same world 30 days later: new users and items after the first period's ids
+        from csmf.data.simulate import simulate_next_period
+
+        new_users = sim.n_users // 4 if args.new_users is None else args.new_users
+        new_items = sim.n_items // 4 if args.new_items is None else args.new_items
+        counts = simulate_next_period(sim, args.out, new_users, new_items, progress=not args.quiet)
+    else:
+        counts = simulate(sim, args.out, progress=not args.quiet)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     logger.info(
@@ -187,19 +220,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give 1 or more training processes")
+    if args.init_from and args.nproc != 1:
+        raise ConfigError("--init-from trains in one process: drop --nproc")
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         from csmf.runfolder import RunLock
 
         RunLock(args.out).check()  # refused here, before N processes start (their rank 0 then takes the lock)
         return distributed.launch(args.nproc, _without_nproc(args.argv))
-    cfg = absolute_data_paths(_config(args))  # the run folder's config.toml then works from any directory
-    # a combination that cannot train fails now, before any data loads (defaults the size rules out are adapted)
-    check_training(fit_to_size(cfg, pinned=_pinned(args, cfg))[0])
+    refresh = None
+    if args.init_from:  # a warm start on new data from a finished run (csmf.refresh): its config, then the flags
+        from csmf.refresh import DEFAULT_EPOCHS, Refresh
+
+        if not args.dataset:
+            raise ConfigError(f"--init-from {args.init_from}: give the new log with --dataset")
+        refresh = Refresh(args.init_from, DEFAULT_EPOCHS if args.refresh_epochs is None else args.refresh_epochs)
+    elif args.refresh_epochs is not None:
+        raise ConfigError("--refresh-epochs sets a refresh's epochs: give it with --init-from RUN")
+    # the run folder's config.toml then works from any directory
+    cfg = absolute_data_paths(_config(args, base=refresh.cfg if refresh else None))
+    if refresh is not None:
+        cfg = refresh.config(cfg)  # refuses settings that change the run's model, before any data loads
+        check_training(cfg)
+    else:  # a combination that cannot train fails now, before any data loads (defaults the size rules out adapt)
+        check_training(fit_to_size(cfg, pinned=_pinned(args, cfg))[0])
 
     ranks = distributed.init_from_env(distributed.resolve_device(cfg.runtime.device))
     finished = False
     try:
-        code = _train(args, cfg, ranks)
+        code = _train(args, cfg, ranks, refresh)
         finished = True
         return code
     finally:
@@ -219,7 +267,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _train(args: argparse.Namespace, cfg, ranks) -> int:
+def _train(args: argparse.Namespace, cfg, ranks, refresh=None) -> int:
     """Train holding the run folder's lock (rank 0 takes it; every rank stops when it is refused)."""
     from csmf import distributed
     from csmf.runfolder import RunLock
@@ -234,12 +282,12 @@ def _train(args: argparse.Namespace, cfg, ranks) -> int:
     if refused is not None:
         raise refused
     try:
-        return _train_locked(args, cfg, ranks)
+        return _train_locked(args, cfg, ranks, refresh)
     finally:
         lock.release()
 
 
-def _train_locked(args: argparse.Namespace, cfg, ranks) -> int:
+def _train_locked(args: argparse.Namespace, cfg, ranks, refresh=None) -> int:
     from csmf.data.datasets import load_dataset
     from csmf.train_command import train_and_report
 
@@ -251,11 +299,14 @@ def _train_locked(args: argparse.Namespace, cfg, ranks) -> int:
             convert(cfg, progress=not args.quiet)
         distributed.barrier()
     data = load_dataset(cfg, progress=not args.quiet and ranks.main)
+    if refresh is not None:  # the new data in the run's id maps: known ids keep their rows, new ones follow
+        data = refresh.align(data)
     checkpoints = Path(args.out) / "checkpoints"
     if args.overwrite and checkpoints.exists() and ranks.main:
         shutil.rmtree(checkpoints)
         logger.warning(f"--overwrite: removed the checkpoints in {checkpoints}")  # on stderr, beside the notes
-    weightings = [_parse_weights(w, data.stages) for w in args.weights] or None
+    objectives = cfg.cascade.objectives or data.stages  # the objectives the model will serve
+    weightings = [_parse_weights(w, objectives) for w in args.weights] or None
     user = None
     if args.user is not None:
         ids = data.user_ids.astype(str) if data.user_ids is not None else None
@@ -263,7 +314,8 @@ def _train_locked(args: argparse.Namespace, cfg, ranks) -> int:
         if not matches:
             raise ConfigError(f"--user {args.user!r}: no such user id in {data.name}")
         user = matches[0]
-    train_and_report(cfg, data, args.out, weightings, user, progress=not args.quiet, pinned=_pinned(args, cfg))
+    train_and_report(cfg, data, args.out, weightings, user, progress=not args.quiet, pinned=_pinned(args, cfg),
+                     refresh=refresh)  # fmt: skip
     return 0
 
 
@@ -361,6 +413,15 @@ def cmd_querybench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extend(args: argparse.Namespace) -> int:
+    from csmf.extend import extend_run
+
+    sets = [f"data.{name}={value}" for name, value in (("dataset", args.dataset), ("stages", args.stages),
+                                                        ("data_dir", args.data_dir)) if value]  # fmt: skip
+    extend_run(args.run, args.stage, sets, progress=not args.quiet)
+    return 0
+
+
 COMMANDS = {
     "loadtest": cmd_loadtest,
     "querybench": cmd_querybench,
@@ -368,6 +429,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "data": cmd_data,
     "train": cmd_train,
+    "extend": cmd_extend,
     "trainspeed": cmd_trainspeed,
     "export": cmd_export,
     "serve": cmd_serve,
@@ -392,9 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="results folder (default: results)")
     bench.add_argument("--no-tune", action="store_true", help="skip validation search; use default settings")
     bench.add_argument(
-        "--suite", choices=["paper", "scale"],
+        "--suite", choices=["paper", "scale", "extend", "refresh"],
         help="paper: every model, the ablations and the tau sweep on bench.suite_datasets (jd, sim) over "
-        "bench.suite_seeds (0,1,2); writes results/paper/ and reports/paper.md with plots; resumable",
+        "bench.suite_seeds (0,1,2); writes results/paper/ and reports/paper.md with plots; extend: a trained "
+        "cascade grown by one objective (csmf extend) against training it from scratch, reports/extend.md; resumable; "
+        "refresh: csmf train --init-from on a second simulated period against training on both periods, one world "
+        "per bench.suite_seeds, reports/refresh.md (reruns every fit: it times them)",
     )  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="with --suite: a small smoke version (minutes)")
     _common(bench)
@@ -409,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--users", type=int, help="number of users")
     simulate.add_argument("--items", type=int, help="number of items")
     simulate.add_argument("--exposures", type=int, help="mean exposures per user")
+    simulate.add_argument(
+        "--period", type=int, choices=(1, 2), default=1,
+        help="2: the same world's next 30 days (the same flags as period 1): every user again, then --new-users "
+        "new users and --new-items new items with ids after the first period's (csmf train --init-from)",
+    )  # fmt: skip
+    simulate.add_argument("--new-users", type=int, help="--period 2: new users (default: a quarter of --users)")
+    simulate.add_argument("--new-items", type=int, help="--period 2: new items (default: a quarter of --items)")
     _common(simulate)
 
     train = sub.add_parser("train", help="train CSMF into a run folder (resumable), evaluate, show a user's top-10")
@@ -429,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="training processes on this machine, launched with torchrun (DDP: gloo on CPU, nccl on CUDA); "
         "the same run folder as one process. Several machines: torchrun -m csmf.torchrun_entry (README)",
     )  # fmt: skip
+    train.add_argument(
+        "--init-from", metavar="RUN",
+        help="refresh the finished run in RUN on --dataset (new data): its config (without its distillation teacher "
+        "unless --set train.distill=...), model and ownership, id maps extended, each stage fine-tuned for "
+        "--refresh-epochs; settings that change the model are refused",
+    )  # fmt: skip
+    train.add_argument("--refresh-epochs", type=int, metavar="N",
+                       help="with --init-from: epochs each stage fine-tunes for (default 4)")  # fmt: skip
     _common(train)
     _device_flag(train)
 
@@ -442,6 +522,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the user and item towers as ONNX to <out>/onnx (pip install 'csmf[onnx]')",
     )
     _common(export)  # --config / --set are refused: a run is exported as it was trained
+
+    extend = sub.add_parser(
+        "extend", help="grow a finished `csmf train` run by one objective of its data; the others score as before"
+    )
+    extend.add_argument("--run", required=True, help="the run folder `csmf train --out` wrote (grown in place)")
+    extend.add_argument(
+        "--stage", required=True, help="the objective to add: a stage of the run's data it did not train"
+    )
+    _data_flags(extend)  # the run's own data by default; given, they must load the same pairs (else refused)
+    extend.add_argument("--quiet", action="store_true", help="no progress bars")
+    _log_level_flag(extend, None)
 
     serve = sub.add_parser("serve", help="serve an exported artifact over HTTP (FastAPI; docs at /docs)")
     serve.add_argument("--artifact", required=True, help="folder written by `csmf export`")

@@ -380,6 +380,7 @@ class CascadeConfig(Checked):
         "aml_m0": (_at_least(0.0), ">= 0"),
         "min_share": (_in(0.0, 1.0), "in [0, 1)"),
         "packnet_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+        "objectives": (lambda v: len(set(v)) == len(v), "stage names without repeats"),
     }
 
     tau: tuple[float, ...] = (0.1,)  # CPP: free the smallest units holding <= tau of a layer's L1 mass, per stage
@@ -404,6 +405,9 @@ class CascadeConfig(Checked):
     # min_share * D * (stages still to come) output units, so a 3-stage cascade gives its last objective room
     min_share: float = 0.125
     packnet_fraction: float = 0.5  # the packnet baseline: share of a stage's units freed per layer (PackNet's 50%)
+    # the data's stages the cascade trains, in this order (() = every stage, in data.stages order); training fewer
+    # leaves a stage of the data to add later with `csmf extend`, which appends it here
+    objectives: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

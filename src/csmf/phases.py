@@ -47,17 +47,19 @@ def claim(model: Backbone, stage: int, naive: bool = False) -> None:
     model.sync_output_owner()
 
 
-def prune(model: Backbone, stage: int, c: CascadeConfig, n_stages: int) -> dict:
+def prune(model: Backbone, stage: int, c: CascadeConfig, n_stages: int, output_floor: int | None = None) -> dict:
     """CPP (or PackNet's fixed share) after stage `stage` trained: free the units the next stage will own.
 
     Pruning happens only when a later stage follows: each group frees at least one unit for it (without an
     output dimension of its own, the next objective would just repeat this one), and the output dimensions
-    keep `min_share` of D for each stage still to come. Returns the phase record (criterion, tau, shares).
+    keep `min_share` of D for each stage still to come (`output_floor`: another least number of output units to
+    free, csmf.extend's). Returns the phase record (criterion, tau, shares).
     """
     groups = model.prunable()
     tau = per_stage(c.tau, stage)
     to_come = n_stages - stage
-    floor = {"output": max(1, math.ceil(c.min_share * len(model.output_owner) * to_come - 1e-9))}
+    reserve = max(1, math.ceil(c.min_share * len(model.output_owner) * to_come - 1e-9))
+    floor = {"output": reserve if output_floor is None else output_floor}
     cpp = {name: cpp_free(mag, owner, stage, tau, min_free=floor.get(name, 1)) for name, mag, owner in groups}
     if c.prune == "cpp":
         frees = cpp

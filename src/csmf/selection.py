@@ -103,7 +103,8 @@ def validation_score(model: Retriever, data: CascadeData, cfg: Config) -> dict[s
     tuning = data.tuning_view()
     scorer = model.validation_view() if hasattr(model, "validation_view") else model
     out = {}
-    for stage in data.stages:
+    # the objectives it trained (cascade.objectives may leave a stage out); a bare scorer is asked for every stage
+    for stage in model.served(data) if hasattr(model, "served") else data.stages:
         if stage in data.valid and data.valid[stage].nnz > 0:
             result = evaluate_stage(scorer, tuning, stage, cfg.eval.ks, cfg.eval.score_budget_mb,
                                     sample=cfg.eval.valid_users, seed=cfg.seed)  # fmt: skip

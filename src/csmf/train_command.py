@@ -19,6 +19,7 @@ from csmf.data.errors import DataError
 from csmf.data.schema import CascadeData
 from csmf.evaluation import evaluate, metric_values
 from csmf.models.csmf import CSMF
+from csmf.refresh import Refresh
 from csmf.runfolder import refuse_other_data
 from csmf.selection import pins, select
 from csmf.tracking import Tracker
@@ -63,18 +64,19 @@ def check_test_split(data: CascadeData, cfg: Config) -> None:
 
 def top_k_table(model: CSMF, data: CascadeData, user: int, weights: dict[str, float], k: int = 10) -> str:
     users = np.array([user])
+    stages = model.served(data)  # the objectives it trained (cascade.objectives may leave a stage of the data out)
     fused = model.score_fused(users, weights)[0].clone()  # (N,)
-    seen = data.excluded(data.stages[-1])[user].indices
+    seen = data.excluded(stages[-1])[user].indices
     fused[torch.from_numpy(seen.astype(np.int64))] = float("-inf")  # already bought: not recommended
     top = torch.topk(fused, min(k, fused.shape[-1])).indices.numpy()
-    per_stage = {s: model.score(users, s)[0, top].numpy() for s in data.stages}
-    truth = {s: set(data.test[s][user].indices.tolist()) for s in data.stages}
+    per_stage = {s: model.score(users, s)[0, top].numpy() for s in stages}
+    truth = {s: set(data.test[s][user].indices.tolist()) for s in stages}
     item_ids = data.item_ids if data.item_ids is not None else np.arange(data.n_items)
-    head = "| rank | item | " + " | ".join(f"{s} score" for s in data.stages) + " | fused | in test |"
-    lines = [head, "|---:|---|" + "---:|" * (len(data.stages) + 1) + "---|"]
+    head = "| rank | item | " + " | ".join(f"{s} score" for s in stages) + " | fused | in test |"
+    lines = [head, "|---:|---|" + "---:|" * (len(stages) + 1) + "---|"]
     for rank, item in enumerate(top, start=1):
-        hits = ",".join(s for s in data.stages if item in truth[s]) or ""
-        scores = " | ".join(f"{per_stage[s][rank - 1]:.3f}" for s in data.stages)
+        hits = ",".join(s for s in stages if item in truth[s]) or ""
+        scores = " | ".join(f"{per_stage[s][rank - 1]:.3f}" for s in stages)
         lines.append(f"| {rank} | {item_ids[item]} | {scores} | {float(fused[item]):.3f} | {hits} |")
     return "\n".join(lines)
 
@@ -88,18 +90,20 @@ def train_and_report(
     progress: bool = True,
     log: Callable[[str], None] = logger.info,
     pinned: dict | None = None,
+    refresh: Refresh | None = None,
 ) -> dict:
     """Train (choosing among select.candidates on validation; `pinned`: the keys the user fixed, default every
     value off the defaults: csmf.selection.pins), save the model, evaluate on test, write metrics.json. The curves
-    go to <out>/tensorboard and, with track.mlflow_uri, to an MLflow run with the saved model (csmf.tracking)."""
+    go to <out>/tensorboard and, with track.mlflow_uri, to an MLflow run with the saved model (csmf.tracking).
+    `refresh`: warm-start from a finished run instead (csmf.refresh; `data` as its `align` returned it), no search."""
     main = distributed.ranks().main  # the other ranks record nothing
     with Tracker.open(Path(out) / "tensorboard", cfg, str(out)) if main else Tracker.off() as tracker:
-        return _train_and_report(cfg, data, Path(out), weightings, user, progress, log, pinned, tracker)
+        return _train_and_report(cfg, data, Path(out), weightings, user, progress, log, pinned, tracker, refresh)
 
 
 def _train_and_report(cfg: Config, data: CascadeData, out: Path, weightings: list[dict[str, float]] | None,
                       user: int | None, progress: bool, log: Callable[[str], None], pinned: dict | None,
-                      tracker: Tracker) -> dict:  # fmt: skip
+                      tracker: Tracker, refresh: Refresh | None = None) -> dict:  # fmt: skip
     check_test_split(data, cfg)  # before any phase trains or an earlier run's file is replaced
     ranks = distributed.ranks()  # several training processes: all train and evaluate, rank 0 writes and reports
     if not ranks.main:
@@ -117,10 +121,12 @@ def _train_and_report(cfg: Config, data: CascadeData, out: Path, weightings: lis
     def fit(candidate: Config, tag: str) -> CSMF:
         checkpoints = out / "checkpoints" / tag if tag else out / "checkpoints"
         part = tracker.child(tag) if tag else tracker  # each candidate's curves apart
+        if refresh is not None:  # a warm start on the run's model: nothing to search
+            return refresh.fit(data, candidate, checkpoints, progress=progress, log=log, tracker=part)
         return CSMF(candidate, run_dir=str(checkpoints), progress=progress, log=log, pinned=keys,
                     tracker=part).fit(data)  # fmt: skip
 
-    if cfg.select.candidates:
+    if cfg.select.candidates and refresh is None:
         model, cfg, selection = select(cfg, data, fit, pinned, log)
     else:
         model, selection = fit(cfg, ""), None
@@ -129,7 +135,9 @@ def _train_and_report(cfg: Config, data: CascadeData, out: Path, weightings: lis
     if ranks.main:
         save_config(cfg, out / "config.toml")  # what was trained: the pick, when candidates were searched
         model.save(out / "model")  # what `csmf export` and CSMF.load read: no data loading, no trainer
-    metrics = evaluate(model, data, cfg.eval.ks, cfg.eval.score_budget_mb, progress=progress, shard=ranks)
+    metrics = evaluate(
+        model, data, cfg.eval.ks, cfg.eval.score_budget_mb, model.served(data), progress=progress, shard=ranks
+    )
     if not ranks.main:
         return {"metrics": metrics}
     tracker.test({stage: metric_values(m) for stage, m in metrics.items()})
@@ -143,12 +151,12 @@ def _train_and_report(cfg: Config, data: CascadeData, out: Path, weightings: lis
     log("\ntest metrics (full catalogue):")
     for stage, m in metrics.items():
         log(f"  {stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if "@" in k) + f"  ({m['users']} users)")
-    unheld = [s for s in data.stages if s not in metrics]
+    unheld = [s for s in model.served(data) if s not in metrics]
     if unheld:  # evaluation skips a stage with no test pair: say so rather than print nothing for it
         log(f"  note: no test metrics for {', '.join(map(repr, unheld))}: the split holds out no test pair there")
     user = pick_user(data) if user is None else user
     uid = data.user_ids[user] if data.user_ids is not None else user
-    for weights in weightings or default_weightings(data.stages):
+    for weights in weightings or default_weightings(model.served(data)):
         log(f"\ntop-10 for user {uid} with weights {weights}:")
         log(top_k_table(model, data, user, weights))
     summary = {
@@ -163,6 +171,7 @@ def _train_and_report(cfg: Config, data: CascadeData, out: Path, weightings: lis
         "config": config_to_dict(cfg),
         "selection": selection,
         "processes": ranks.world,
+        **({"refresh": refresh.record} if refresh is not None else {}),  # the run it started from, its id maps
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -135,6 +135,13 @@ class Backbone(nn.Module, ABC):
         a `weight` and a `sparse` switch. Asked for when training streams a large catalogue."""
         return []
 
+    def entity_tables(self) -> dict[str, tuple[str, str | None]]:
+        """The state_dict keys of the tables whose rows are entities or feature values, each with ("user" or "item",
+        None) for one row per user or item id, or (side, column) for one row per value of that side's feature column
+        (a categorical column's sorted values, a hashed column's buckets, a bag's codes). A warm start on new data
+        (csmf.refresh) maps these row by row onto the new id maps; every other parameter keeps its shape."""
+        return {}
+
     @contextlib.contextmanager
     def training_stage(self, stage: int) -> Iterator[None]:
         """Held while `stage` trains: a backbone may cache what earlier, frozen stages compute."""

@@ -253,6 +253,14 @@ class GraphBackbone(Backbone):
             tables["user_rows"] = self.user_rows
         return tables
 
+    def entity_tables(self) -> dict[str, tuple[str, str | None]]:
+        """The item table E, the user rows (model.user_id) and the feature tables (one row per value)."""
+        out: dict[str, tuple[str, str | None]] = {"items": ("item", None)}
+        if self.user_rows is not None:
+            out["user_rows"] = ("user", None)
+        out |= {f"item_tables.{name}": ("item", name) for name in self.item_tables}
+        return out | {f"user_tables.{name}": ("user", name) for name in self.user_tables}
+
     def _base_items(self) -> torch.Tensor:
         """E plus the mean of the item's feature rows (one row per categorical or bag, one for the dense map).
         A mean, not a sum: a bucket row is shared by many items and the full softmax pushes it every step, so

@@ -329,6 +329,17 @@ class MLPBackbone(Backbone):
         return {f"{name}.id_emb.weight": t.id_emb.weight for name, t in (("user", self.user), ("item", self.item))
                 if t.id_emb.weight.shape[1] > 0}  # fmt: skip
 
+    def entity_tables(self) -> dict[str, tuple[str, str | None]]:
+        """The ID embeddings (a zero-width one too: its shape follows the ids), the history table (one row per
+        item) and the feature embeddings (one row per value)."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for side, tower in (("user", self.user), ("item", self.item)):
+            out[f"{side}.id_emb.weight"] = (side, None)
+            out |= {f"{side}.feat_emb.{name}.weight": (side, name) for name in tower.feat_emb}
+        if self.user.history is not None:
+            out["user.history.weight"] = ("item", None)
+        return out
+
     def prunable(self) -> list[UnitGroup]:
         """(name, magnitude, owner buffer) for every unit group CPP may prune, in a stable order.
 

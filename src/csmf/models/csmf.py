@@ -22,7 +22,7 @@ import torch
 from csmf import distributed
 from csmf.backbones import build_backbone
 from csmf.cascade import CascadeTrainer
-from csmf.config import Config, config_from_dict, config_to_dict
+from csmf.config import Config, ConfigError, config_from_dict, config_to_dict
 from csmf.data.schema import CascadeData, union
 from csmf.feature_schema import feature_columns
 from csmf.fusion import fold_weights
@@ -88,10 +88,12 @@ class CSMF(Retriever):
         return cls(replace(cfg, cascade=VARIANTS[name](cfg.cascade)), name=name, **kw)
 
     def fit(self, data: CascadeData) -> CSMF:
-        objectives = self.objectives or data.stages
+        # the objectives handed in, else the config's (cascade.objectives: a subset, to extend later), else every stage
+        objectives = self.objectives or self.asked.cascade.objectives or data.stages
         missing = [o for o in objectives if o not in data.stages]
         if missing:
-            raise ValueError(f"{self.name}: objectives {missing} are not stages of {data.name} {data.stages}")
+            named = "" if self.objectives else " (cascade.objectives)"
+            raise ConfigError(f"{self.name}: objectives {missing}{named} are not stages of {data.name} {data.stages}")
         self.cfg, notes = fit_to_size(self.asked, data.n_items, self.pinned)
         for note in notes:  # what the catalogue's size changed, and why (the saved config holds the result)
             (self.log or logger.info)(f"{self.name}: {note}")
@@ -173,7 +175,7 @@ class CSMF(Retriever):
         return self.trained.model
 
     def user_vectors(self, users: np.ndarray, weights: Mapping[str, float]) -> torch.Tensor:
-        """(B, D) query vectors with the objective weights folded in: <q, v_i> = sum_k w_k s_k(u, i)."""
+        """(B, D) query vectors with the objective weights folded in: `<q, v_i> = sum_k w_k s_k(u, i)`."""
         by_stage: dict[int, float] = {}
         for name, w in weights.items():  # naive-ft maps every objective to its one final stage: add them up
             k = self.trained.stage_number(name)
