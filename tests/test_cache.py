@@ -270,3 +270,22 @@ def test_large_id_tables_step_row_sparse_in_memory_and_keep_earlier_stages_froze
     assert changed_and_frozen(before, snapshot(model), {1}, stage=2) > 0  # stage 2 learned, stage 1 did not
     dense = CascadeTrainer(data, override(cfg, ["train.sparse_table_rows=0"]))
     assert dense.sparse == [] and not dense.model.user.id_emb.sparse
+
+
+def test_in_memory_rows_can_keep_the_test_users_a_streamed_row_evaluates(tmp_path):
+    """data.test_users keeps the test pairs of the same seeded sample of held-out users that streamed training
+    evaluates (data.stream_eval_users), so the two rows of the scale suite are tested on the same users."""
+    base = override(Config(), [
+        "data.dataset=sim", f"data.cache_dir={tmp_path / 'c'}", "sim.n_users=300", "sim.n_items=120",
+        "model.encoder=mlp", "model.history=false", "model.user_id=true", "train.distill=", "train.aux_weight=0",
+        "train.full_softmax_max_items=0",
+    ])  # fmt: skip
+    everyone = load_dataset(base)
+    memory = load_dataset(override(base, ["data.test_users=40"]))
+    streamed = load_dataset(override(base, ["train.stream=true", "data.stream_eval_users=40"]))
+    for stage in everyone.stages:
+        assert (memory.test[stage] != streamed.test[stage]).nnz == 0, stage
+        assert 0 < memory.test[stage].nnz < everyone.test[stage].nnz, stage
+        assert memory.test[stage].dtype == everyone.test[stage].dtype
+        assert (memory.train[stage] != everyone.train[stage]).nnz == 0  # training keeps every user
+    assert len(np.unique(memory.test[everyone.stages[0]].tocoo().row)) <= 40

@@ -6,6 +6,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import scipy.sparse as sp
+
 from csmf.config import NAMED_DATASETS, Config, ConfigError
 from csmf.data.context import wanted
 from csmf.data.jd import load_jd
@@ -78,21 +81,36 @@ def _load_log_dataset(cfg: Config, path: Path, name: str) -> CascadeData:
 def _load_cached(cfg: Config, progress: bool) -> CascadeData:
     """The dataset through its Parquet cache (csmf.data.cache): converted once, rebuilt when the source changes;
     with train.stream only the evaluated users' rows are held in memory and training streams the rest."""
-    import numpy as np
-
     d = cfg.data
     cache = convert(cfg, progress)
     name = cache.manifest["name"]
+
+    def sample(count: int) -> np.ndarray:  # the held-out users evaluated: `count` of them, seeded (0 = all)
+        users = cache.held_out_users()
+        if count and len(users) > count:
+            users = np.sort(np.random.default_rng([d.split_seed, 9]).choice(users, count, replace=False))
+        return users
+
     if not cfg.train.stream:
-        return cache.cascade(name)
-    users = cache.held_out_users()
-    if d.stream_eval_users and len(users) > d.stream_eval_users:
-        rng = np.random.default_rng([d.split_seed, 9])
-        users = np.sort(rng.choice(users, d.stream_eval_users, replace=False))
+        data = cache.cascade(name)
+        if d.test_users:
+            kept = sample(d.test_users)
+            keep = sp.diags(np.isin(np.arange(data.n_users), kept).astype(np.float32), format="csr")
+            data.test = {s: _rows_of(keep, m) for s, m in data.test.items()}
+            data.report.notes.append(f"test pairs of {len(kept):,} held-out users kept (data.test_users)")
+        return data
+    users = sample(d.stream_eval_users)
     data = cache.cascade(name, users=users)
     data.report.notes.append(f"streamed training; {len(users):,} held-out users evaluated (data.stream_eval_users)")
     data.stream = cache
     return data
+
+
+def _rows_of(keep: sp.csr_matrix, matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """`matrix` with only the rows `keep` (a 0/1 diagonal) holds, shape and dtype kept."""
+    out = (keep @ matrix).astype(matrix.dtype).tocsr()
+    out.eliminate_zeros()
+    return out
 
 
 def convert(cfg: Config, progress: bool = False):
