@@ -41,6 +41,18 @@ def test_the_api_names_resolve_and_unknown_names_fail():
         csmf.nope  # noqa: B018
 
 
+def test_growing_a_model_is_public_and_no_public_name_is_shadowed_by_a_submodule():
+    import importlib
+    import pkgutil
+
+    # importing a submodule binds it on the package, so a public name equal to one (csmf.refresh) would turn from
+    # the function into the module once anything imported csmf.refresh
+    submodules = {m.name for m in pkgutil.iter_modules(csmf.__path__)}
+    assert not set(csmf.__all__) & submodules, set(csmf.__all__) & submodules
+    extend, refresh = importlib.import_module("csmf.extend"), importlib.import_module("csmf.refresh")
+    assert csmf.extend_model is extend.extend_model and csmf.refresh_model is refresh.refresh_model
+
+
 @pytest.fixture(scope="module")
 def small():
     cfg = csmf.override(csmf.Config(), ["data.dataset=sim", "sim.n_users=200", "sim.n_items=150", "model.dim=8",

@@ -22,7 +22,7 @@ from csmf.data.logtable import load_log
 from csmf.data.simulate import simulate, simulate_next_period
 from csmf.data.split import split_log
 from csmf.models.csmf import CSMF
-from csmf.refresh import Refresh, extend_ids, id_positions, refresh
+from csmf.refresh import Refresh, extend_ids, id_positions, refresh_model
 from csmf.trained import TrainedCascade
 
 TINY = [
@@ -111,7 +111,7 @@ def trainable(model, stage: int) -> dict[str, torch.Tensor]:
 
 def test_the_ownership_is_the_runs_and_earlier_stages_stay_frozen_while_later_ones_fine_tune(periods, tmp_path):
     source = CSMF.load(periods["run"] / "model")
-    model, data = refresh(periods["run"], period(periods["p2"]), run_dir=tmp_path / "checkpoints")
+    model, data = refresh_model(periods["run"], period(periods["p2"]), run_dir=tmp_path / "checkpoints")
     for key, owner in owners(source.model).items():
         assert torch.equal(owners(model.model)[key], owner), key
     assert model.model.ownership() == source.model.ownership()
@@ -207,7 +207,7 @@ def test_settings_that_change_the_model_and_another_cascade_are_refused_naming_t
     assert main([*base[:-3], "--out", str(scratch), "--quiet"]) == 2  # its data differs too: in the new id maps
     assert "holds checkpoints trained on other data" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="training from scratch"):
-        refresh(periods["run"], period(periods["p2"]), run_dir=scratch / "checkpoints")
+        refresh_model(periods["run"], period(periods["p2"]), run_dir=scratch / "checkpoints")
 
 
 def test_a_refresh_fine_tunes_without_the_runs_teacher_unless_asked(periods, tmp_path):

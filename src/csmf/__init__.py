@@ -12,7 +12,9 @@ The public API (imported on first use, so `import csmf` stays light):
 - `evaluate(model, data)`: full-catalogue Recall / NDCG per objective on the test split;
 - `load_model(folder)`: any model a `.save(folder)` wrote (CSMF, multi-task towers, ALS, item-kNN, EASE,
   popularity), scoring bit-identically;
-- `export_model(model, folder)`: the serving artifact `csmf serve --artifact folder` serves.
+- `export_model(model, folder)`: the serving artifact `csmf serve --artifact folder` serves;
+- `extend_model(model, data, stage)`: the model grown by one objective, the others unchanged (`csmf extend`);
+- `refresh_model(run, data)`: a finished run warm-started on new data (`csmf train --init-from`).
 """
 
 import os
@@ -40,6 +42,8 @@ _API = {
     "evaluate": "csmf.evaluation",
     "export_model": "csmf.serving.export",
     "load_model": "csmf.models",
+    "extend_model": "csmf.extend",
+    "refresh_model": "csmf.refresh",
 }
 __all__ = sorted(_API)
 

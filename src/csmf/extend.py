@@ -107,12 +107,31 @@ def phase_index(path: Path) -> int:
 def extend_model(model: CSMF, data: CascadeData, stage: str, run_dir: str | Path | None = None,
                  progress: bool = False, log: Callable[[str], None] | None = None,
                  base_history: list[dict] | None = None) -> CSMF:  # fmt: skip
-    """A new CSMF: `model`'s cascade grown by the objective `stage` of `data`, which must be the data the model was
-    fit on (the same pairs its stages trained on; refused otherwise). `model` itself is not changed. Every objective
-    but the model's last scores bit-identically in the result; the last gives up units (`room`) to the new one.
+    """Grow a fitted CSMF model's cascade by one objective, keeping the objectives before its last bit-identical.
 
-    run_dir: where the extension's phases are checkpointed (they resume from there); base_history: the phase
-    records of the model's own training, kept at the head of the result's (default: model.phases)."""
+    Runs the phases a cascade with `stage` last would have run after the model's last stage: CPP on that stage,
+    accuracy recovery on what it keeps, then `stage` trains on the units it freed (`room`) with AML against it.
+    Every objective but the model's last scores bit-identically in the result; the last gives up units to the new
+    one, so its change is what `compare` measures. `model` itself is not changed. `extend_run` is `csmf extend`:
+    the same on a run folder, with the before/after report.
+
+    Args:
+        model: a fitted (or loaded) masked cascade; naive fine-tuning (`cascade.prune = "none"`) is refused.
+        data: the data the model was fit on (the same pairs its stages trained on), holding `stage` as a stage.
+        stage: the objective to add, a stage of `data` the model does not serve.
+        run_dir: where the extension's phases are checkpointed; an interrupted extension resumes from there.
+        progress: show progress bars (on a terminal).
+        log: a callable that receives each training line (default: none shown).
+        base_history: the phase records of the model's own training, kept at the head of the result's
+            (default: `model.phases`).
+
+    Returns:
+        A new CSMF serving the model's objectives and then `stage`, with the same vector dimension.
+
+    Raises:
+        ExtensionError: the model cannot take `stage` (unfitted, serving it already, no masks, no room) or `data`
+            is not the model's; the message says what to do.
+    """
     check_extendable(model, stage, data)
     check_same_data(model, data)
     objectives = (*model.trained.objectives, stage)

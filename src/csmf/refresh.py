@@ -254,12 +254,34 @@ class RefreshTrainer(CascadeTrainer):
         return self._epochs(phase.stage, index, self.epochs, 1.0)  # the stage's own units: no claim, no prune
 
 
-def refresh(run: str | Path, data: CascadeData, epochs: int = DEFAULT_EPOCHS, settings: Iterable[str] = (),
+def refresh_model(run: str | Path, data: CascadeData, epochs: int = DEFAULT_EPOCHS, settings: Iterable[str] = (),
             run_dir: str | Path | None = None, progress: bool = False,
             log: Callable[[str], None] | None = None) -> tuple[CSMF, CascadeData]:  # fmt: skip
-    """The run in `run` refreshed on `data` (a loaded, split log with the run's stages) for `epochs` epochs a stage,
-    `settings` ("section.field=value") on top of the run's config; returns the model and the data in its id space
-    (what csmf.evaluation.evaluate takes with it)."""
+    """Warm-start a finished run on new data and fine-tune each stage of its cascade for a few epochs.
+
+    The Python side of `csmf train --init-from`: the new data's ids are mapped onto the run's (known users, items
+    and feature values keep their rows, new ones start as a fresh model would), then each stage fine-tunes its own
+    units in cascade order, earlier stages frozen; nothing is pruned, so the ownership, the vector's dimension and
+    the index's size are the run's. The run's config is used without its distillation teacher.
+
+    Args:
+        run: a finished `csmf train` run folder, or its `model/` folder.
+        data: the new log, loaded and split (`split_log(load_log(path))`), with the run's stages and features.
+        epochs: epochs each stage fine-tunes for (`--refresh-epochs`).
+        settings: `"section.field=value"` assignments on top of the run's config; one that would change the model
+            or the cascade (a width, the encoder, `cascade.objectives`, ...) is refused.
+        run_dir: where the refresh's phases and `refresh.json` are written; a killed refresh resumes from there.
+        progress: show progress bars (on a terminal).
+        log: a callable that receives each training line (default: none shown).
+
+    Returns:
+        The refreshed model and `data` in its id space: pass both to `evaluate`.
+
+    Raises:
+        ConfigError: a setting that changes the model or cascade, or `epochs` < 1.
+        DataError: `data` has another cascade or other feature columns than the run's.
+        CheckpointError: `run` holds no finished model, or `run_dir` holds another training's checkpoints.
+    """
     warm = Refresh(run, epochs)
     warm.config(override(warm.cfg, list(settings)))
     aligned = warm.align(data)
