@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 
 from csmf.cli import main
 from csmf.config import Config, ConfigError, SimConfig, override
@@ -289,3 +290,33 @@ def test_in_memory_rows_can_keep_the_test_users_a_streamed_row_evaluates(tmp_pat
         assert memory.test[stage].dtype == everyone.test[stage].dtype
         assert (memory.train[stage] != everyone.train[stage]).nnz == 0  # training keeps every user
     assert len(np.unique(memory.test[everyone.stages[0]].tocoo().row)) <= 40
+
+
+def test_pair_context_is_each_pairs_last_row_read_built_straight_into_csr():
+    """The lean build (sorted keys into CSR) against the plain one (every row's pair and code through COO, the
+    last row read per pair kept): the same matrices, for repeated pairs, rows spread over batches, empty users."""
+    from types import SimpleNamespace
+
+    from csmf.data.cache import Cache
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, n = 50, 40, 3000
+    u = rng.integers(0, n_users - 5, n).astype(np.int32)  # the last users have no row
+    i = rng.integers(0, n_items, n).astype(np.int32)
+    codes = rng.integers(1, 9, (n, 2)).astype(np.int32)
+    cuts = [0, 7, 1000, 1001, 2500, n]
+    rows = [(u[a:b], i[a:b], codes[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    fake = SimpleNamespace(context=("a", "b"), n_users=n_users, n_items=n_items)
+    built = Cache._pair_context(fake, rows)
+    assert rows == []  # consumed
+    last = {}
+    for r in range(n):  # the plain rule: a later row of a pair overwrites an earlier one
+        last[(int(u[r]), int(i[r]))] = r
+    pairs = np.array(sorted(last))
+    for k, name in enumerate(("a", "b")):
+        values = np.array([codes[last[tuple(p)], k] for p in pairs], dtype=np.int64)
+        expected = sp.csr_matrix((values, (pairs[:, 0], pairs[:, 1])), shape=(n_users, n_items), dtype=np.int64)
+        got = built[name]
+        assert got.dtype == np.int64 and got.has_sorted_indices and got.nnz == len(pairs)
+        assert (got != expected).nnz == 0
+    assert Cache._pair_context(SimpleNamespace(context=(), n_users=1, n_items=1), []) == {}
