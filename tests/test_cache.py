@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
+import torch
 
 from csmf.cli import main
 from csmf.config import Config, ConfigError, SimConfig, override
@@ -320,3 +321,33 @@ def test_pair_context_is_each_pairs_last_row_read_built_straight_into_csr():
         assert got.dtype == np.int64 and got.has_sorted_indices and got.nnz == len(pairs)
         assert (got != expected).nnz == 0
     assert Cache._pair_context(SimpleNamespace(context=(), n_users=1, n_items=1), []) == {}
+
+
+@pytest.mark.parametrize("skip", [0.99, 1e-9])
+def test_ar_is_skipped_only_where_pruning_cost_at_most_cascade_recover_skip(skip):
+    """cascade.recover_skip: AR after a stage's pruning runs unless pruning lost at most that share of the stage's
+    best validation metric; a skipped phase changes no weight and says why."""
+    from test_cascade import snapshot
+
+    from csmf.cascade import CascadeTrainer
+
+    cfg = override(Config(), [
+        "data.dataset=sim", "sim.n_users=200", "sim.n_items=120", "model.encoder=mlp", "model.history=false",
+        "model.user_id=true", "model.dim=16", "model.id_dim=16", "train.distill=", "train.aux_weight=0",
+        "train.full_softmax_max_items=0", "train.max_epochs=1", "train.batch_size=128", "train.extra_negatives=64",
+        f"cascade.recover_skip={skip}", "cascade.recover_frac=0.5",
+    ])  # fmt: skip
+    trainer = CascadeTrainer(load_dataset(cfg), cfg)
+    assert [p.name for p in trainer.phases[:3]] == ["train-1", "prune-1", "recover-1"]
+    trainer.run_phase(0)
+    trainer.run_phase(1)
+    best = trainer.history[0]["epochs"][0]["valid"]["recall@50"]
+    after = trainer.history[1]["valid"]["recall@50"]
+    before = snapshot(trainer.model)
+    record = trainer.run_phase(2)
+    unchanged = all(torch.equal(before[k], v) for k, v in snapshot(trainer.model).items())
+    if best - after <= skip * best:  # skip 0.99: pruning cannot cost that much here
+        assert skip == 0.99 and "skipped" in record and "at most cascade.recover_skip" in record["skipped"]
+        assert unchanged
+    else:  # skip ~0: any loss runs AR, and AR moves the kept units
+        assert skip < 0.5 and "skipped" not in record and record["epochs"] and not unchanged

@@ -181,9 +181,27 @@ class CascadeTrainer:
             return {**record, "valid": self.validate(stage)}
         if phase.kind == "train" and stage > 1:
             claim(self.model, stage, naive=c.prune == "none")
+        if phase.kind == "recover" and (skipped := self._pruning_cost_is_small(stage)):
+            return {"skipped": skipped, "valid": self.history[-1].get("valid", {})}
         epochs = per_stage(self.cfg.train.max_epochs, stage) if phase.kind == "train" else c.recover_epochs
         share = 1.0 if phase.kind == "train" else c.recover_frac  # AR re-trains a seeded share of the data
         return self._epochs(stage, index, epochs, share)
+
+    def _pruning_cost_is_small(self, stage: int) -> str:
+        """Why AR after `stage`'s pruning is skipped ("" = it runs): pruning lost at most cascade.recover_skip of
+        the stage's best validation metric (the train phase's best epoch against the prune phase's record)."""
+        limit, metric = self.cfg.cascade.recover_skip, self.cfg.train.select_metric
+        trained = [r for r in self.history if r.get("phase") == f"train-{stage}" and r.get("epochs")]
+        pruned = self.history[-1] if self.history and self.history[-1].get("phase") == f"prune-{stage}" else {}
+        if limit <= 0 or not trained or metric not in pruned.get("valid", {}):
+            return ""
+        record = trained[-1]
+        best = record["epochs"][record["best_epoch"] - 1]["valid"].get(metric)
+        after = pruned["valid"][metric]
+        if not best or best - after > limit * best:
+            return ""
+        return (f"pruning cost {max(best - after, 0) / best:.1%} of validation {metric} ({best:.4f} -> {after:.4f}), "
+                f"at most cascade.recover_skip = {limit:g}")  # fmt: skip
 
     def retriever(self, history: dict[str, sp.csr_matrix], top: int | None = None) -> TrainedCascade:
         top = top or len(self.objectives)
@@ -318,6 +336,8 @@ def _fmt(valid: dict) -> str:
 
 
 def _describe(record: dict) -> str:
+    if "skipped" in record:
+        return f"{record['phase']}: skipped, {record['skipped']}"
     if "freed_share" in record:
         return f"{record['phase']}: freed {record['freed_share']} ({record['seconds']}s) valid {_fmt(record['valid'])}"
     last = record["epochs"][-1]["valid"] if record["epochs"] else {}

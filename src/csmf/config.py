@@ -381,6 +381,7 @@ class CascadeConfig(Checked):
         "tau": (lambda v: _nonempty(v) and _in(0.0, 1.0)(v), "one or more thresholds in [0, 1)"),
         "fixed_fraction": (lambda v: v < 1.0, "< 1 (a share; < 0 = CPP's overall share)"),
         "recover_frac": (_in(0.0, 1.0, closed_high=True), "in [0, 1]"),
+        "recover_skip": (_in(0.0, 1.0), "in [0, 1)"),
         "recover_epochs": (_at_least(0), ">= 0"),
         "aml_m0": (_at_least(0.0), ">= 0"),
         "min_share": (_in(0.0, 1.0), "in [0, 1)"),
@@ -400,6 +401,11 @@ class CascadeConfig(Checked):
     # history bag and the pooled items), so a pair draw keeps every user and AR costs a whole epoch (in-memory
     # training; streamed rows are drawn one by one)
     recover_by: Literal["pairs", "users"] = "pairs"
+    # skip AR when pruning cost at most this share of the stage's best validation metric (0 = AR always runs):
+    # past 100,000 items 0.05 (csmf.rules), where AR costs a pass over the users and pruning a well-trained stage
+    # costs little (2.2M-row simulator: 0.0565 -> 0.0556), yet pruning after one epoch of near-random feature
+    # embeddings cost 92% (42M-row release: 0.047 -> 0.004), which only AR brings back
+    recover_skip: float = 0.0
     aml_m0: float = 1.0  # AML margin scale in logit units (0 = w/o AML)
     # "margin": m0 * upstream-miss share taken off the positive's logit (the notes' default); "weight": the
     # same quantity as an extra loss weight 1 + m (the margin saturates: docs/method.md, AML finding)

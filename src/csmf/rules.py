@@ -76,11 +76,14 @@ SCALE_LIST_DECAYS = 5
 SCALE_WEIGHT_DECAY = 1.0
 # ... and the in-memory cascade's schedule is bounded (either encoder): an epoch there is minutes (the graph encoder:
 # 195 steps of 512 users, validation on the sample), so a stage stops at the first epoch without a gain
-# (train.patience 1) and after SCALE_EPOCHS at most, and there is no
-# AR phase (cascade.recover_frac 0): on the 2.2M-row simulator AR after stage 1's pruning lowered validation R@50
+# (train.patience 1) and after SCALE_EPOCHS at most, and AR is skipped where pruning cost little
+# (cascade.recover_skip, below): on the 2.2M-row simulator AR after stage 1's pruning lowered validation R@50
 # whether it drew pairs (0.0305 -> 0.0303, 216 s: a pair draw keeps every user, so it costs a whole epoch) or users
 # (cascade.recover_by, 0.0320 -> 0.0256, 76 s), and after stage 2's in the run before (0.037 -> 0.035)
 SCALE_PATIENCE, SCALE_EPOCHS = 1, 3
+# ... and AR runs only where pruning cost more than this share of the stage's validation metric (cascade.recover_skip):
+# skipping it always (the rule before) left the 42M-row release's exposure at R@50 0.004 after pruning (0.047 before)
+SCALE_RECOVER_SKIP = 0.05
 
 
 def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] | None = None,
@@ -152,10 +155,11 @@ def _scale_schedule(cfg: Config, pinned: set[str], large: str) -> tuple[Config, 
     if max(t.max_epochs) > SCALE_EPOCHS and "train.max_epochs" not in pinned:
         t = replace(t, max_epochs=tuple(min(e, SCALE_EPOCHS) for e in t.max_epochs))
         notes.append(f"train.max_epochs = {SCALE_EPOCHS}: at most {SCALE_EPOCHS} epochs a stage ({large})")
-    if c.recover_frac > 0 and "cascade.recover_frac" not in pinned:
-        c = replace(c, recover_frac=0.0)
-        notes.append("cascade.recover_frac = 0: no AR phase, since re-training after pruning lowered validation "
-                     f"there and costs a pass over the users ({large})")  # fmt: skip
+    if c.recover_frac > 0 and c.recover_skip == 0 and "cascade.recover_skip" not in pinned:
+        c = replace(c, recover_skip=SCALE_RECOVER_SKIP)
+        notes.append(f"cascade.recover_skip = {SCALE_RECOVER_SKIP}: AR runs only where pruning cost more than "
+                     f"{SCALE_RECOVER_SKIP:.0%} of the stage's validation, since it costs a pass over the users "
+                     f"({large})")  # fmt: skip
     return replace(cfg, train=t, cascade=c), notes
 
 
