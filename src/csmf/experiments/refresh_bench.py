@@ -191,7 +191,7 @@ def _timed(fit: Callable[[], CSMF]) -> tuple[CSMF, dict[str, float]]:
     model = fit()
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    return model, {"wall": round(time.perf_counter() - t0, 1), "cpu": round(cpu, 1)}
+    return model, {"wall": round(time.perf_counter() - t0, 3), "cpu": round(cpu, 3)}
 
 
 def _pairs(data: CascadeData) -> dict[str, int]:
