@@ -163,3 +163,27 @@ def test_scenarios_that_carry_signal_make_the_context_model_rank_requests_better
     codes = {"scenario": np.array([1, 2, 3, 0])}
     users = np.array([0, 0, 1, 2])
     assert torch.equal(loaded.score_in_context(users, codes, "click"), with_ctx.score_in_context(users, codes, "click"))
+
+
+def test_pairs_and_their_context_are_read_as_int32_in_row_then_column_order():
+    from csmf.data.batches import pairs_of
+    from csmf.data.context import lookup
+
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 50, 400), rng.integers(0, 70, 400)
+    mat = sp.csr_matrix((np.ones(400), (users, items)), shape=(50, 70))
+    mat.indices = mat.indices.copy()
+    shuffled = mat.copy()  # the same entries with each row's columns reversed: indices no longer sorted
+    for r in range(50):
+        a, b = shuffled.indptr[r], shuffled.indptr[r + 1]
+        shuffled.indices[a:b], shuffled.data[a:b] = shuffled.indices[a:b][::-1], shuffled.data[a:b][::-1]
+    shuffled.has_sorted_indices = False
+    coo = mat.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    for m in (mat, shuffled):
+        u, i = pairs_of(m)
+        assert u.dtype == i.dtype == np.int32
+        assert np.array_equal(u, coo.row[order]) and np.array_equal(i, coo.col[order])
+    codes = sp.csr_matrix((rng.integers(1, 9, 400), (users, items)), shape=(50, 70))
+    got = lookup({"c": codes}, *pairs_of(mat))["c"]
+    assert got.dtype == np.int32 and np.array_equal(got, np.asarray(codes[coo.row[order], coo.col[order]]).ravel())

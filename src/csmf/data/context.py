@@ -60,10 +60,18 @@ def sizes(context: dict[str, sp.csr_matrix]) -> dict[str, int]:
 
 
 def lookup(context: dict[str, sp.csr_matrix], users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-    """Each column's code of every (user, item) pair; 0 where the pair was never logged."""
+    """Each column's code of every (user, item) pair; 0 where the pair was never logged. Looked up in blocks, as
+    int32 where the codes fit: a phase keeps them beside its pairs (30M at 42M rows), and scipy's fancy index
+    makes int64 copies of the block's ids."""
     out = {}
+    block = 1 << 22
     for name, mat in context.items():
-        out[name] = np.asarray(mat[users, items]).ravel().astype(np.int64)
+        dtype = np.int32 if mat.nnz == 0 or (mat.data.min() >= -(2**31) and mat.data.max() < 2**31) else np.int64
+        codes = np.empty(len(users), dtype=dtype)
+        for start in range(0, len(users), block):
+            part = slice(start, start + block)
+            codes[part] = np.asarray(mat[users[part], items[part]]).ravel()
+        out[name] = codes
     return out
 
 
