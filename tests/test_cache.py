@@ -219,7 +219,7 @@ def test_streamed_training_keeps_earlier_stages_frozen_and_refuses_what_it_canno
     before = snapshot(trainer.model)
     trainer.run_phase(3)
     assert changed_and_frozen(before, snapshot(trainer.model), {1}, stage=2) > 0  # stage 2 learned, 1 did not
-    with pytest.raises(ConfigError, match="model.encoder = 'graph' with model.history"):
+    with pytest.raises(ConfigError, match="model.encoder = 'graph' builds its graph from every user's"):
         CascadeTrainer(data, override(cfg, ["model.encoder=graph"]))
 
 

@@ -56,10 +56,15 @@ def test_each_rule_names_its_keys_and_a_valid_config_passes():
     assert "below the catalogue of 13,465 items" in problem and "train.distill" in problem
     assert training_problems(small, cascade=False) == []  # size unknown yet
     (problem,) = training_problems(override(Config(), ["train.stream=true", "train.distill="]))
-    assert "data.cache_dir is not set" in problem and "model.encoder = 'graph' with model.history = true" in problem
-    assert "use model.encoder = 'mlp' with model.history = false" in problem
-    (problem,) = training_problems(override(load_config("stream"), ["data.cache_dir=/c", "model.history=true"]))
-    assert "model.encoder = 'mlp' with model.history = true needs every user's history" in problem
+    assert "data.cache_dir is not set" in problem and "model.encoder = 'graph' builds its graph" in problem
+    assert "use model.encoder = 'mlp'" in problem and "aux_weight" not in problem
+    # history bags and other stages' rows stream (csmf.data.stream_history, Cache.weighted_batches)
+    both = ["data.cache_dir=/c", "model.history=true", "train.aux_weight=0.2"]
+    assert training_problems(override(load_config("stream"), both)) == []
+    # a teacher does not, and says why, without offering the graph encoder (which does not stream either)
+    (problem,) = training_problems(override(load_config("stream"), ["data.cache_dir=/c", "train.distill=ease"]))
+    assert "train.stream = true trains on streamed rows (a teacher does not stream: it is fit on every" in problem
+    assert "or train.stream = false" in problem and "'graph'" not in problem
     (problem,) = training_problems(override(Config(), ["runtime.device=cuda"]))
     assert "model.encoder = 'graph' trains on ['cpu'] only" in problem
     # the multi-task towers train on the CPU without AML: only the loss and teacher rules are theirs

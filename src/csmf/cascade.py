@@ -36,6 +36,7 @@ from csmf.data.batches import (
     target_matrix,
 )
 from csmf.data.schema import CascadeData
+from csmf.data.stream_history import recent_histories
 from csmf.determinism import deterministic_torch, seeded
 from csmf.evaluation import evaluate_stage, list_recalls, metric_values
 from csmf.phases import Phase, claim, plan, prune
@@ -73,7 +74,15 @@ class CascadeTrainer:
         self.model = build_backbone(data, cfg, cfg.seed, self.objectives)
         if self.device.type != "cpu":
             self.model.place(self.device)
-        self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
+        # streamed, memory holds only the evaluated users' rows: the bags read each behaviour's latest
+        # model.history_max items of every user, built once from the cache (training rows only), and validation and
+        # the test read the same matrices
+        self.streamed_history, t0 = self.stream is not None and bool(self.model.behaviours), time.perf_counter()
+        if self.streamed_history:
+            self.tuning_history = recent_histories(self.stream, self.model.behaviours, cfg.model.history_max,
+                                                   cfg.seed, cfg.train.stream_buffer_rows)  # fmt: skip
+        else:
+            self.tuning_history = {b: self.tuning.matrix(b) for b in self.model.behaviours}
         self.model.set_history(self.tuning_history)
         self.phases = plan(len(self.objectives), cfg)
         fingerprint = data.fingerprint() if (run_dir or pretrain_cache) else ""
@@ -85,6 +94,11 @@ class CascadeTrainer:
         self.ranks = distributed.ranks()  # several training processes (csmf.distributed) or one
         self.progress = progress and self.ranks.main
         self.log = log if log is not None and self.ranks.main else (lambda _msg: None)
+        if self.streamed_history:
+            size = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in self.tuning_history.values())
+            self.log(f"histories built from the cache: {sum(m.nnz for m in self.tuning_history.values()):,} items "
+                     f"(each behaviour's latest {cfg.model.history_max or 'all'} a user), {size / 2**20:.1f} MB, "
+                     f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
         self.tracker = tracker if self.ranks.main else None  # the curves (csmf.tracking): one writer, rank 0
         self.history: list[dict] = []  # one record per completed phase
         self.full_softmax = data.n_items <= cfg.train.full_softmax_max_items and self.stream is None
@@ -153,7 +167,7 @@ class CascadeTrainer:
                 self.run_phase(index)
         if self.device.type != "cpu":  # the trained model is handed back on the CPU: evaluation, export, serving
             self.model.place(torch.device("cpu"))
-        return self.retriever(self.data.train | self.data.side)
+        return self.retriever(self.tuning_history if self.streamed_history else self.data.train | self.data.side)
 
     def run_phase(self, index: int) -> dict:
         """Phase `index` of the plan: train, prune or recover its stage; recorded, logged and checkpointed."""
@@ -283,9 +297,10 @@ class CascadeTrainer:
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + index)
         objective, dropout = self.objectives[stage - 1], cfg.model.context_dropout
         if self.stream is not None:
+            others = tuple(s for s in self.stream.stages if s != objective)  # as stage_pairs: every other behaviour
             batches = StreamedBatches(self.stream, objective, t.batch_size, t.stream_buffer_rows, share,
                                       (cfg.seed, index), generator, self.ranks, model.reads_context,
-                                      dropout)  # fmt: skip
+                                      dropout, others, per_stage(t.aux_weight, stage))  # fmt: skip
             return batches, PairLoss(model, stage, cfg, log_q_from_counts(batches.counts), generator, False)
         users, items, weights = stage_pairs(self.tuning, objective, per_stage(t.aux_weight, stage))
         if share < 1.0:

@@ -362,7 +362,8 @@ class TrainConfig(Checked):
     # ($XDG_CACHE_HOME/csmf/teachers, else ~/.cache/csmf/teachers) and read them back on the same data
     teacher_cache: bool = True
     # Out of core: train from data.cache_dir in shuffled batches instead of from pairs in memory (needs the MLP
-    # encoder without history bags, in-batch + sampled softmax, no distillation, aux_weight 0: --config stream)
+    # encoder, in-batch + sampled softmax, no distillation: --config stream; history bags read each user's latest
+    # model.history_max items, built once from the cache)
     stream: bool = False
     # several training processes (csmf train --nproc): in-batch negatives from every rank's batch (all-gathered
     # item vectors, logQ over them) instead of the rank's own share of the batch

@@ -28,24 +28,28 @@ def training_problems(cfg: Config, n_items: int | None = None, streaming: bool |
     # the per-user loss: a backbone that takes every positive of a user at once (the cascade's at any size, over a
     # pool past the limit; the multi-task towers' within the size limit only)
     limit = f"train.full_softmax_max_items = {t.full_softmax_max_items:,}"
-    if not backbone.per_user_loss:
+    if t.stream:  # whatever the encoder: a stream's batches are shuffled rows, never a user with all its positives
+        per_user = "train.stream = true trains on streamed rows"
+    elif not backbone.per_user_loss:
         per_user = f"model.encoder = {m.encoder!r} trains on batches of pairs (only 'graph' has it)"
-    elif t.stream:
-        per_user = "train.stream = true trains on streamed pairs"
     elif not cascade and (
         t.full_softmax_max_items == 0 or (n_items is not None and n_items > t.full_softmax_max_items)
     ):
         per_user = f"{limit} is below the catalogue" + (f" of {n_items:,} items" if n_items is not None else "")
     else:
         per_user = ""
+    other = ("train.stream = false" if t.stream else
+             "model.encoder = 'graph' with train.full_softmax_max_items at least the number of items")  # fmt: skip
     if cascade and per_user and c.aml_form == "hinge":
         problems.append(f"cascade.aml_form = 'hinge' needs the per-user full-catalogue loss, but {per_user}; set "
-                        "cascade.aml_form = 'margin' (or 'weight'), or model.encoder = 'graph' with "
-                        f"train.full_softmax_max_items at least the number of items")  # fmt: skip
+                        f"cascade.aml_form = 'margin' (or 'weight'), or {other}")  # fmt: skip
     if per_user and t.distill:
-        problems.append(f"train.distill = {t.distill!r} needs the per-user full-catalogue loss, but {per_user}; set "
-                        "train.distill = '' (no teacher), or model.encoder = 'graph' with "
-                        "train.full_softmax_max_items at least the number of items")  # fmt: skip
+        # streamed, not for the catalogue's size: the teacher is fit on every training pair in memory, and its lists
+        # train the per-user loss, whose batch is a user with all its positives (docs/scale.md)
+        why = (" (a teacher does not stream: it is fit on every training pair in memory, and its lists are read by "
+               "the loss of a user with all its positives)" if t.stream else "")  # fmt: skip
+        problems.append(f"train.distill = {t.distill!r} needs the per-user full-catalogue loss, but {per_user}{why}; "
+                        f"set train.distill = '' (no teacher), or {other}")  # fmt: skip
     if t.stream:
         problems += _stream_problems(cfg, streaming)
     device = device or (cfg.runtime.device if cfg.runtime.device != "auto" else None)
@@ -91,6 +95,8 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
     """The configuration that trains on a catalogue of `n_items`, and a note per key it changed:
     - past `train.full_softmax_max_items` the graph encoder smooths through each item's nearest neighbours
       (`model.graph_neighbours`) instead of the whole graph in every step, so a pooled step reads its batch's rows;
+    - streamed with history bags (any size), the bags read each behaviour's latest `model.history_max` items:
+      every user's are held in memory, built once from the cache;
     - past 100,000 items (SCALE_ITEMS) the user towers read each behaviour's latest `model.history_max` items, a
       teacher's list keeps the ranks that hold its weight (`train.distill_top`) and validation ranks a sample of
       `eval.valid_users` users;
@@ -126,6 +132,11 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
         cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
         notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
                      f"items, so no heavy user sets a step's cost ({large})")  # fmt: skip
+    if cascade and cfg.train.stream and m.history and cfg.model.history_max == 0 and "model.history_max" not in pinned:
+        cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
+        notes.append(f"model.history_max = {SCALE_HISTORY}: rows are streamed, so every user's bags are built once "
+                     f"from the cache and held in memory, each behaviour's latest {SCALE_HISTORY} items: at most "
+                     f"{8 * SCALE_HISTORY + 4:,} bytes a user and behaviour (csmf.data.stream_history)")  # fmt: skip
     if big and cascade and m.encoder == "graph" and cfg.train.weight_decay == 0 and "train.weight_decay" not in pinned:
         cfg = replace(cfg, train=replace(cfg.train, weight_decay=SCALE_WEIGHT_DECAY))
         notes.append(f"train.weight_decay = {SCALE_WEIGHT_DECAY}: each step shrinks the trained columns by lr x "
@@ -203,18 +214,19 @@ def teacher_kind(cfg: Config, n_items: int) -> str:
 
 
 def _stream_problems(cfg: Config, streaming: bool | None) -> list[str]:
-    """train.stream reads training rows from the cache in batches: everything that needs every user's pairs in
-    memory at once is refused (--config stream sets them all)."""
-    m, t = cfg.model, cfg.train
+    """train.stream reads training rows from the cache in batches: an encoder that needs every user's pairs in
+    memory at once is refused (--config stream sets one that does not). History bags read each user's latest
+    model.history_max items, built once from the cache (csmf.data.stream_history), and train.aux_weight streams the
+    other stages' rows (Cache.weighted_batches); a teacher is refused by training_problems (it needs the per-user
+    loss)."""
+    m = cfg.model
     out = []
     if not (cfg.data.cache_dir if streaming is None else streaming):
         out.append("data.cache_dir is not set (the rows are streamed from the cache)")
     if not BACKBONES[m.encoder].can_stream(m):
-        usable = [name for name, b in BACKBONES.items() if b.can_stream(replace(m, history=False))]
-        out.append(f"model.encoder = {m.encoder!r} with model.history = {str(m.history).lower()} needs every user's "
-                   f"history; use model.encoder = {usable[0]!r} with model.history = false")  # fmt: skip
-    if any(w > 0 for w in t.aux_weight):
-        out.append("train.aux_weight must be 0 (each stage streams its own rows)")
+        usable = [name for name, b in BACKBONES.items() if b.can_stream(m)]
+        out.append(f"model.encoder = {m.encoder!r} builds its graph from every user's training rows in memory; use "
+                   f"model.encoder = {usable[0]!r}")  # fmt: skip
     return ["train.stream: " + "; ".join(out) + "; --config stream sets these"] if out else []
 
 

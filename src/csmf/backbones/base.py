@@ -47,7 +47,8 @@ class Backbone(nn.Module, ABC):
     @classmethod
     def can_stream(cls, model_cfg) -> bool:
         """Whether it trains on pairs streamed from the cache (train.stream) with these `model` settings: only an
-        encoder that needs no user's whole history (no history bags, no graph) can."""
+        encoder whose step reads its batch's rows and at most each user's bounded history (built once from the cache,
+        csmf.data.stream_history), not a graph over every user's rows, can."""
         return False
 
     @classmethod

@@ -239,7 +239,9 @@ class MLPBackbone(Backbone):
 
     @classmethod
     def can_stream(cls, model_cfg) -> bool:
-        return not model_cfg.history  # the history bags need every user's training rows in memory
+        # a step reads its batch's rows; the history bags read the bounded histories the trainer builds from the
+        # cache once (csmf.data.stream_history), not every user's training rows
+        return True
 
     @classmethod
     def build(cls, data, cfg, seed: int, objectives: tuple[str, ...],

@@ -170,15 +170,24 @@ class UserBatches:
 class StreamedBatches:
     """A stage's training rows streamed from the Parquet cache (csmf.data.cache): batches come shuffled from a
     buffer; `share` < 1 keeps a seeded share of the rows (accuracy recovery). Every rank reads each batch and
-    trains on its part. seeds: (run seed, phase seed), from which each epoch's order and share are drawn."""
+    trains on its part. seeds: (run seed, phase seed), from which each epoch's order and share are drawn.
+
+    aux_weight > 0 (train.aux_weight): the training rows of the `aux` stages whose pair is not a training positive
+    of the objective stream too, at that weight (PairBatch.weight; Cache.weighted_batches), as `stage_pairs` adds
+    them in memory, with two differences of a row stream: a pair logged twice counts twice (as own rows do), and
+    the logQ counts are rows. One extra read of the cache counts them (Cache.aux_item_counts), and each epoch
+    reads a bucket's own positives before its rows (4 columns)."""
 
     def __init__(self, cache, objective: str, batch_size: int, buffer_rows: int, share: float,
                  seeds: tuple[int, int], generator: torch.Generator, ranks: Ranks, context: bool,
-                 context_dropout: float = 0.0):  # fmt: skip
+                 context_dropout: float = 0.0, aux: tuple[str, ...] = (), aux_weight: float = 0.0):  # fmt: skip
         self.cache, self.objective, self.batch_size, self.buffer_rows = cache, objective, batch_size, buffer_rows
         self.share, self.seeds, self.generator, self.ranks = share, seeds, generator, ranks
         self.context, self.context_dropout = context, context_dropout
+        self.aux, self.aux_weight = (tuple(aux), aux_weight) if aux_weight > 0 else ((), 0.0)
         self.counts = cache.train_item_counts(objective)  # (N,) training rows per item: the logQ correction
+        if self.aux:  # the aux rows are in-batch candidates too
+            self.counts = self.counts + cache.aux_item_counts(objective, self.aux)
         n_rows = int(self.counts.sum())
         self.steps, self.rows = int(np.ceil(n_rows * share / batch_size)), int(n_rows * share)
         self.epochs_drawn = 0
@@ -187,15 +196,19 @@ class StreamedBatches:
         self.epochs_drawn += 1
         rng = np.random.default_rng([*self.seeds, self.epochs_drawn])
         order_seed = int(rng.integers(2**31))
-        for users, items, codes in self.cache.batches(self.objective, self.batch_size, order_seed, self.buffer_rows):
+        rows = self.cache.weighted_batches(self.objective, self.batch_size, order_seed, self.buffer_rows, self.aux,
+                                           self.aux_weight)  # fmt: skip
+        for users, items, codes, weights in rows:
             if self.share < 1.0:
                 keep = rng.random(len(users)) < self.share
                 users, items, codes = users[keep], items[keep], {n: c[keep] for n, c in codes.items()}
+                weights = None if weights is None else weights[keep]
             codes = drop_context(codes, self.context_dropout, self.generator) if self.context else {}
             if len(users) < 2 * self.ranks.world:
                 continue
             mine = self.ranks.share(np.arange(len(users)))
-            yield PairBatch(users[mine], items[mine], None, {n: c[mine] for n, c in codes.items()})
+            weight = None if weights is None else torch.from_numpy(weights[mine])
+            yield PairBatch(users[mine], items[mine], weight, {n: c[mine] for n, c in codes.items()})
 
 
 class JointPairBatches:

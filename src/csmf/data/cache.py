@@ -326,6 +326,7 @@ class Cache:
         self.stages = tuple(self.manifest["stages"])
         self.n_users, self.n_items = self.manifest["n_users"], self.manifest["n_items"]
         self.context = tuple(self.manifest.get("context", ()))  # per-row context columns (csmf.data.context)
+        self._aux_counts: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}  # aux_item_counts, read once
         self._check_files()
 
     def _damaged(self, path: Path, problem: str) -> DamagedCache:
@@ -374,9 +375,56 @@ class Cache:
         except (pa.ArrowInvalid, OSError) as err:
             raise self._damaged(path, f"cannot be read ({err})") from None
 
+    def blocks(self, path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The record batches of one bucket file (`bucket_files`), `columns` only: what a reader outside this
+        class streams (csmf.data.stream_history)."""
+        yield from self._batches(path, columns)
+
     def train_item_counts(self, stage: str) -> np.ndarray:
         with np.load(self.folder / "train_item_counts.npz") as counts:
             return counts[stage]
+
+    def aux_item_counts(self, stage: str, aux: tuple[str, ...]) -> np.ndarray:
+        """(N,) the auxiliary training rows of `stage` per item (`weighted_batches`): one read of the cache, kept
+        for the next phase of the same stage."""
+        key = (stage, tuple(aux))
+        if key not in self._aux_counts:
+            counts = np.zeros(self.n_items, np.int64)
+            for path in self.bucket_files():
+                for batch, _, extra in self._stage_rows(path, stage, key[1], ["user", "item"]):
+                    counts += np.bincount(batch.column("item").to_numpy()[extra], minlength=self.n_items)
+            self._aux_counts[key] = counts
+        return self._aux_counts[key]
+
+    def _positive_pairs(self, path: Path, stage: str) -> np.ndarray:
+        """Sorted user * N + item keys of the training positives of `stage` in one bucket file."""
+        keys = [np.zeros(0, np.int64)]
+        for batch in self._batches(path, ["user", "item", "split", stage]):
+            on = (batch.column("split").to_numpy() == 0) & (batch.column(stage).to_numpy() == 1)
+            keys.append(batch.column("user").to_numpy()[on].astype(np.int64) * self.n_items
+                        + batch.column("item").to_numpy()[on])  # fmt: skip
+        return np.unique(np.concatenate(keys))
+
+    def _stage_rows(self, path: Path, stage: str, aux: tuple[str, ...],
+                    columns: list[str]) -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray | None]]:  # fmt: skip
+        """Each batch of a bucket file with its rows' masks: the training rows of `stage`, and (with `aux`, else
+        None) the training rows of an `aux` stage whose pair is not a training positive of `stage`. Every row of a
+        user is in its bucket, so the bucket's positives (read first, one pass over 4 columns) are the user's.
+        `columns` must hold "user" and "item" when `aux` is given."""
+        own_pairs = self._positive_pairs(path, stage) if aux else None
+        for batch in self._batches(path, [*columns, "split", stage, *aux]):
+            train = batch.column("split").to_numpy() == 0
+            own = train & (batch.column(stage).to_numpy() == 1)
+            if own_pairs is None:
+                yield batch, own, None
+                continue
+            other = np.zeros(len(own), dtype=bool)
+            for name in aux:
+                other |= batch.column(name).to_numpy() == 1
+            key = batch.column("user").to_numpy().astype(np.int64) * self.n_items + batch.column("item").to_numpy()
+            at = np.minimum(np.searchsorted(own_pairs, key), max(len(own_pairs) - 1, 0))
+            positive = own_pairs[at] == key if len(own_pairs) else np.zeros(len(key), dtype=bool)
+            yield batch, own, train & ~own & other & ~positive
 
     def features(self, side: str) -> dict[str, np.ndarray]:
         """Per-entity feature codes: (n,) for a categorical, (n, L) for a bag (0 = padding)."""
@@ -485,28 +533,45 @@ class Cache:
         """Training (users, items, context codes) batches of `stage`: buckets in a seeded order, rows shuffled
         within a buffer of `buffer_rows`; every training row once (a pair logged twice counts twice), each with
         its own row's context (column -> codes; empty without context columns)."""
+        for users, items, codes, _ in self.weighted_batches(stage, batch_size, seed, buffer_rows):
+            yield users, items, codes
+
+    def weighted_batches(
+        self, stage: str, batch_size: int, seed: int, buffer_rows: int = 1 << 20, aux: tuple[str, ...] = (),
+        aux_weight: float = 0.0,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray | None]]:  # fmt: skip
+        """`batches` with each row's loss weight (None: every row weighs 1). With `aux` (other stages) and
+        `aux_weight` > 0 the training rows of an aux stage whose pair is not a training positive of `stage` come
+        too, shuffled in with the stage's own (weight 1), at `aux_weight`: train.aux_weight's rule
+        (csmf.data.batches.stage_pairs) by row, so an aux pair logged twice counts twice, as own rows do. Without
+        aux rows the draws and batches are those of `batches` before weights existed."""
         rng = np.random.default_rng(seed)
         files = self.bucket_files()
         order = rng.permutation(len(files))
         names = ("user", "item", *self.context)
+        aux = tuple(aux) if aux_weight > 0 else ()
+        width = len(names) + bool(aux)  # the weights ride as one more column
         held_parts: list[list[np.ndarray]] = []
         held = 0
 
-        def drain(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+        def drain(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray | None]]:
             nonlocal held_parts, held
-            cols = [np.concatenate([p[k] for p in held_parts]) for k in range(len(names))]
+            cols = [np.concatenate([p[k] for p in held_parts]) for k in range(width)]
             perm = rng.permutation(len(cols[0]))
             cols = [c[perm] for c in cols]
             full = len(perm) if final else (len(perm) // batch_size) * batch_size
             for s in range(0, full, batch_size):
                 part = [c[s : s + batch_size] for c in cols]
-                yield part[0], part[1], dict(zip(self.context, part[2:], strict=True))
+                codes = dict(zip(self.context, part[2 : len(names)], strict=True))
+                yield part[0], part[1], codes, part[-1] if aux else None
             held_parts, held = [[c[full:] for c in cols]], len(perm) - full
 
         for k in order:
-            for batch in self._batches(files[k], [*names, "split", stage]):
-                keep = (batch.column("split").to_numpy() == 0) & (batch.column(stage).to_numpy() == 1)
+            for batch, own, extra in self._stage_rows(files[k], stage, aux, list(names)):
+                keep = own if extra is None else own | extra
                 held_parts.append([batch.column(c).to_numpy()[keep].astype(np.int64) for c in names])
+                if aux:
+                    held_parts[-1].append(np.where(own[keep], 1.0, aux_weight).astype(np.float32))
                 held += int(keep.sum())
                 if held >= buffer_rows:
                     yield from drain(final=False)

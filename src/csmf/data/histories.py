@@ -54,8 +54,14 @@ class RecentHistory:
             keyed.sort_indices()
             if keyed.nnz == rows.nnz and np.array_equal(keyed.indices, rows.indices):
                 return keyed.data.astype(np.float64)
-        pair = users[row_of].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + rows.indices.astype(np.uint64)
-        return mix64(pair ^ np.uint64(self.seed)).astype(np.float64)
+        return seeded_keys(users[row_of], rows.indices, self.seed)
+
+
+def seeded_keys(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
+    """(P,) the recency key of each (users[p], items[p]) pair where the log has no times: a seeded hash, larger =
+    kept first (RecentHistory; csmf.data.stream_history builds streamed runs' histories by the same key)."""
+    pair = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + items.astype(np.uint64)
+    return mix64(pair ^ np.uint64(seed)).astype(np.float64)
 
 
 def recency_ranks(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int,
