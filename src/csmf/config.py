@@ -553,7 +553,7 @@ class BenchConfig(Checked):
     # `csmf bench --suite scale` (csmf.experiments.scale): its logs, its rows (each a `csmf bench` process) and
     # settings every row takes (--set bench.scale_sets=... to try a configuration at scale)
     scale_datasets: tuple[str, ...] = ("sim-2m", "aliccp-42m")
-    scale_rows: tuple[str, ...] = ("popularity", "als", "itemknn", "stream", "csmf")
+    scale_rows: tuple[str, ...] = ("popularity", "als", "itemknn", "stream", "csmf", "csmf-history")
     scale_sets: tuple[str, ...] = ()
 
 

@@ -100,6 +100,9 @@ ROWS = {
     "itemknn": ["--models", "itemknn"],
     "stream": ["--models", "csmf", "--config", "stream"],
     "csmf": ["--models", "csmf"],
+    # the MLP with user-ID rows and history bags (each behaviour's latest model.history_max items): in one epoch the
+    # bags' shared item rows learn from every user, where a user's own row sees only that user's pairs
+    "csmf-history": ["--models", "csmf", *"--config mlp --set select.candidates= --set model.user_id=true".split()],
 }
 
 
