@@ -318,7 +318,7 @@ def test_pair_context_is_each_pairs_last_row_read_built_straight_into_csr():
         values = np.array([codes[last[tuple(p)], k] for p in pairs], dtype=np.int64)
         expected = sp.csr_matrix((values, (pairs[:, 0], pairs[:, 1])), shape=(n_users, n_items), dtype=np.int64)
         got = built[name]
-        assert got.dtype == np.int64 and got.has_sorted_indices and got.nnz == len(pairs)
+        assert got.dtype == np.int32 and got.has_sorted_indices and got.nnz == len(pairs)  # the cache's codes
         assert (got != expected).nnz == 0
     assert Cache._pair_context(SimpleNamespace(context=(), n_users=1, n_items=1), []) == {}
 

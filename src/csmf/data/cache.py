@@ -518,10 +518,8 @@ class Cache:
         index = np.int32 if len(pairs) < 2**31 and self.n_items < 2**31 else np.int64
         indices, indptr = items.astype(index), indptr.astype(index)
         shape = (self.n_users, self.n_items)
-        return {
-            c: sp.csr_matrix((codes[last, k].astype(np.int64), indices, indptr), shape=shape)
-            for k, c in enumerate(self.context)
-        }
+        # the codes keep the cache's int32 (4 bytes a pair less than int64: 136 MB on the 42M-row release)
+        return {c: sp.csr_matrix((codes[last, k], indices, indptr), shape=shape) for k, c in enumerate(self.context)}
 
     def context_sizes(self) -> dict[str, int]:
         """Rows of each context column's table: its vocabulary size (code 0 = an empty cell, unknown)."""

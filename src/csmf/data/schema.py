@@ -165,7 +165,7 @@ class CascadeData:
     stream: object | None = None
     # when set, evaluation ranks only these items (a bool per item; the cold-item split), else the catalogue
     candidates: np.ndarray | None = None
-    # per-row context (csmf.data.context): name -> users x items int64 codes of each logged pair, every split
+    # per-row context (csmf.data.context): name -> users x items integer codes of each logged pair, every split
     context: dict[str, sp.csr_matrix] = field(default_factory=dict)
     # (U, N) the time rank of each training pair (1 = oldest; csmf.data.histories), when the log has timestamps:
     # what `model.history_max` keeps the latest items of
