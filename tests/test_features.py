@@ -106,3 +106,31 @@ def test_the_id_only_variant_reads_no_feature(sim_data):
     assert variant.cfg.model.features is False and variant.cfg.cascade == cfg.cascade
     with_features, without = build_backbone(sim_data, cfg, 0), build_backbone(sim_data, variant.cfg, 0)
     assert len(with_features.item_tables) > 0 and len(without.item_tables) == 0
+
+
+def test_history_bags_of_a_row_sparse_table_pool_the_same_and_move_only_the_rows_they_read():
+    import scipy.sparse as sp
+
+    from csmf.backbones.features import pool_bags
+
+    n_users, n_items, dim = 30, 50, 6
+    mats = [sp.random(n_users, n_items, density=d, format="csr", random_state=k, dtype=np.float32)
+            for k, d in enumerate((0.2, 0.05))]  # fmt: skip
+    for m in mats:
+        m.data[:] = 1.0
+    mats[1] = sp.csr_matrix(mats[1].multiply(np.arange(n_users)[:, None] != 3))  # user 3: an empty bag
+    users = np.array([0, 3, 7, 7, 12, 29])
+    leave_out = np.array([mats[0][u].indices[0] if mats[0][u].nnz else 1 for u in users])
+    got = {}
+    for sparse_grad in (False, True):
+        start = np.random.default_rng(9).standard_normal((n_items, dim)).astype(np.float32)  # the same table twice
+        table = torch.nn.Parameter(torch.from_numpy(start))
+        bags = pool_bags(table, mats, users, leave_out, 0.5, sparse_grad)
+        sum(b.square().sum() for b in bags).backward()
+        assert table.grad.is_sparse == sparse_grad
+        got[sparse_grad] = ([b.detach() for b in bags], table.grad.to_dense())
+    for dense, sparse in zip(got[False][0], got[True][0], strict=True):
+        torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(got[True][1], got[False][1])
+    read = np.unique(np.concatenate([m[users].indices for m in mats] + [leave_out]))
+    assert set(got[True][1].abs().sum(dim=1).nonzero().ravel().tolist()) <= set(read.tolist())

@@ -24,11 +24,16 @@ def pool_bags(
     users: np.ndarray,
     leave_out: np.ndarray | None = None,
     power: float = 1.0,
+    sparse_grad: bool = False,
 ) -> list[torch.Tensor]:
     """One pooled bag per behaviour matrix: sum of the table rows of the user's items / count**power.
 
     table: (N, H) history embeddings; matrices: binary users x items; `leave_out[n]` (an item id) is dropped
     from row n of every bag that holds it, so a training example never sees its own target.
+    sparse_grad: the table's gradient holds only the rows the bags read (embedding_bag), for a table that steps
+    row-sparse (train.sparse_table_rows); the sparse product's backward fills a dense (N, H) gradient, which held a
+    200,000-item catalogue's history MLP at a quarter of the user-ID MLP's steps/s. Same sums, added in another
+    order, so smaller tables keep the product and the numbers they always had.
     Returns len(matrices) tensors of shape (B, H).
     """
     out = []
@@ -36,16 +41,23 @@ def pool_bags(
     for mat in matrices:
         rows = mat[users]
         counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32)).to(device)
-        coo = rows.tocoo()
-        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-        sparse = torch.sparse_coo_tensor(idx, torch.ones(coo.nnz), (len(users), n_items), check_invariants=False).to(
-            device
-        )  # built from a valid scipy matrix: the invariant check would only cost time
         with torch.autocast(device_type=device.type, enabled=False):  # no bfloat16 sparse product on CUDA
-            total = torch.sparse.mm(sparse, table.float())  # (B, H)
+            if sparse_grad:
+                items = torch.from_numpy(rows.indices.astype(np.int64)).to(device)
+                starts = torch.from_numpy(rows.indptr[:-1].astype(np.int64)).to(device)
+                total = torch.nn.functional.embedding_bag(items, table, starts, mode="sum", sparse=True)
+            else:
+                coo = rows.tocoo()
+                idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+                sparse = torch.sparse_coo_tensor(idx, torch.ones(coo.nnz), (len(users), n_items),
+                                                 check_invariants=False).to(device)  # fmt: skip
+                # built from a valid scipy matrix: the invariant check would only cost time
+                total = torch.sparse.mm(sparse, table.float())  # (B, H)
         if leave_out is not None:
             hit = torch.from_numpy(np.asarray(rows[np.arange(len(users)), leave_out]).ravel() > 0).to(device)
-            total = total - table[torch.from_numpy(leave_out).to(device)] * hit.float().unsqueeze(1)
+            ids = torch.from_numpy(leave_out).to(device)
+            left = torch.nn.functional.embedding(ids, table, sparse=True) if sparse_grad else table[ids]
+            total = total - left * hit.float().unsqueeze(1)
             counts = counts - hit.float()
         out.append(total / counts.clamp(min=1.0).pow(power).unsqueeze(1))
     return out

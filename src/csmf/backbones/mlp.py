@@ -273,9 +273,10 @@ class MLPBackbone(Backbone):
         source = history if history is not None else self.bag_matrices
         if self.recent.limit > 0:  # each behaviour's latest items only (model.history_max)
             rows = [self.recent.rows(source[b], users) for b in self.behaviours]
-            return pool_bags(self.user.history.weight, rows, np.arange(len(users)), leave_out, self.bag_power)
+            return pool_bags(self.user.history.weight, rows, np.arange(len(users)), leave_out, self.bag_power,
+                             self.user.history.sparse)  # fmt: skip
         matrices = [source[b] for b in self.behaviours]
-        return pool_bags(self.user.history.weight, matrices, users, leave_out, self.bag_power)
+        return pool_bags(self.user.history.weight, matrices, users, leave_out, self.bag_power, self.user.history.sparse)
 
     @property
     def reads_context(self) -> bool:
@@ -324,7 +325,9 @@ class MLPBackbone(Backbone):
         self.item.layers[-1].owner.copy_(self.user.layers[-1].owner)
 
     def sparse_tables(self) -> list[MaskedEmbedding]:
-        return [t.id_emb for t in (self.user, self.item) if t.id_emb.weight.shape[1] > 0]
+        """The ID tables and the history table (one row per item; its bags then pool with embedding_bag)."""
+        tables = [t.id_emb for t in (self.user, self.item) if t.id_emb.weight.shape[1] > 0]
+        return tables + ([self.user.history] if self.user.history is not None else [])
 
     def row_tables(self) -> dict[str, nn.Parameter]:
         """The user and item ID embeddings (a batch reads its own users' and items' rows)."""
