@@ -369,9 +369,10 @@ class TrainConfig(Checked):
     # item vectors, logQ over them) instead of the rank's own share of the batch
     gather_negatives: bool = False
     stream_buffer_rows: int = 1 << 20  # rows shuffled together when streaming (memory: ~16 bytes a row)
-    # an ID table (the MLP encoder's user or item IDs) of at least this many rows steps row-sparse in memory too
-    # (SparseAdam, lazy: only the rows a batch touches move), as streamed training always does: a dense Adam step
-    # over a 1M x 64 table took 220 ms against 4 ms sparse, 13 ms against 3 ms at 100k rows. 0 = dense in memory
+    # an ID table (the MLP encoder's user or item IDs, and its history table) of at least this many rows steps
+    # row-sparse in memory too (SparseAdam, lazy: only the rows a batch touches move), as streamed training always
+    # does: a dense Adam step over a 1M x 64 table took 220 ms against 4 ms sparse, 13 ms against 3 ms at 100k rows.
+    # 0 = dense in memory
     sparse_table_rows: int = 100_000
 
 
