@@ -134,3 +134,6 @@ def test_history_bags_of_a_row_sparse_table_pool_the_same_and_move_only_the_rows
     torch.testing.assert_close(got[True][1], got[False][1])
     read = np.unique(np.concatenate([m[users].indices for m in mats] + [leave_out]))
     assert set(got[True][1].abs().sum(dim=1).nonzero().ravel().tolist()) <= set(read.tolist())
+    with torch.no_grad():  # scoring takes the product either way: a trained model and the same model loaded agree
+        scored = [pool_bags(table, mats, users, leave_out, 0.5, s) for s in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*scored, strict=True))

@@ -194,3 +194,22 @@ def test_csmf_train_streams_history_bags_and_aux_rows_from_the_preset(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "run" / "model" / "history").iterdir()) == [
         f"{s}.npz" for s in sorted(STAGES)
     ]
+
+
+def test_a_streamed_run_with_history_bags_is_extended_on_its_bounded_histories(tmp_path):
+    """csmf extend compares a streamed model's histories with the bounded ones built from the cache again (the
+    data in memory holds only the evaluated users' rows), and the earlier objective scores as before."""
+    import json
+
+    from csmf.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "sim", "--config", "stream", "--out", str(run), "--quiet",
+            "--set", f"data.cache_dir={tmp_path / 'c'}", "--set", "sim.n_users=150", "--set", "sim.n_items=100",
+            "--set", "model.dim=8", "--set", "model.id_dim=8", "--set", "train.extra_negatives=32",
+            "--set", "model.history=true", "--set", "model.history_max=5", "--set", "cascade.min_share=0.25",
+            "--set", "cascade.objectives=exposure,click"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["extend", "--run", str(run), "--stage", "conversion", "--quiet"]) == 0
+    report = json.loads((run / "extend-conversion.json").read_text())
+    assert report["identical"] == {"exposure": {"item_vectors": True, "user_vectors": True, "scores": True}}

@@ -45,6 +45,7 @@ from csmf.config import (
 )
 from csmf.data.datasets import load_dataset
 from csmf.data.schema import CascadeData
+from csmf.data.stream_history import recent_histories
 from csmf.evaluation import evaluate, exclude_rows_, users_with_positives
 from csmf.models.csmf import CSMF
 from csmf.models.saving import SavedInputs
@@ -184,8 +185,16 @@ def check_same_data(model: CSMF, data: CascadeData) -> None:
                f"{list(data.stages)}")  # fmt: skip
     else:
         tuning, scored = data.tuning_view(), data.train | data.side
-        for kind, mats, now in (("training", saved.tuning_history, tuning.matrix),
-                                ("scoring", model.trained.history, lambda b: scored[b])):  # fmt: skip
+        training, scoring = tuning.matrix, lambda b: scored[b]
+        if data.stream is not None and saved.tuning_history:
+            # a streamed run's bags (training and scoring alike) read every user's bounded history, built from the
+            # cache; the data in memory holds only the evaluated users' rows
+            cfg = model.cfg
+            bounded = recent_histories(data.stream, tuple(saved.tuning_history), cfg.model.history_max, cfg.seed,
+                                       cfg.train.stream_buffer_rows)  # fmt: skip
+            training = scoring = bounded.__getitem__
+        for kind, mats, now in (("training", saved.tuning_history, training),
+                                ("scoring", model.trained.history, scoring)):  # fmt: skip
             changed = [b for b, m in mats.items() if b not in data.behaviours or not same_pairs(m, now(b))]
             if changed:
                 why = f"the {kind} pairs of {changed} differ from the model's"

@@ -30,14 +30,16 @@ def pool_bags(
 
     table: (N, H) history embeddings; matrices: binary users x items; `leave_out[n]` (an item id) is dropped
     from row n of every bag that holds it, so a training example never sees its own target.
-    sparse_grad: the table's gradient holds only the rows the bags read (embedding_bag), for a table that steps
-    row-sparse (train.sparse_table_rows); the sparse product's backward fills a dense (N, H) gradient, which held a
-    200,000-item catalogue's history MLP at a quarter of the user-ID MLP's steps/s. Same sums, added in another
-    order, so smaller tables keep the product and the numbers they always had.
+    sparse_grad: while gradients are on, the table's gradient holds only the rows the bags read (embedding_bag),
+    for a table that steps row-sparse (train.sparse_table_rows); the sparse product's backward fills a dense (N, H)
+    gradient, which held a 200,000-item catalogue's history MLP at a quarter of the user-ID MLP's steps/s. Same
+    sums, added in another order, so smaller tables keep the product and the numbers they always had, and scoring
+    (no gradients) always takes the product: the trained model and the same model loaded score alike.
     Returns len(matrices) tensors of shape (B, H).
     """
     out = []
     n_items, device = table.shape[0], table.device
+    sparse_grad = sparse_grad and torch.is_grad_enabled()
     for mat in matrices:
         rows = mat[users]
         counts = torch.from_numpy(np.diff(rows.indptr).astype(np.float32)).to(device)

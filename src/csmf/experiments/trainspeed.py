@@ -52,7 +52,7 @@ def steps_per_second(seconds: float, config: str) -> float:
     def step(n: int) -> None:
         rows = order[(n * size) % (len(order) - size) :][:size]
         optimizer.zero_grad()
-        loss(PairBatch(users[rows], items[rows])).backward()
+        loss(PairBatch(users[rows].astype(np.int64), items[rows].astype(np.int64))).backward()
         model.mask_grads(1)
         optimizer.step()
 
