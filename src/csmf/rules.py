@@ -128,15 +128,15 @@ def fit_to_size(cfg: Config, n_items: int | None = None, pinned: Iterable[str] |
     big = n_items is not None and n_items > SCALE_ITEMS
     large = f"{n_items:,} items are above {SCALE_ITEMS:,}" if big else ""
     bags = m.encoder == "graph" or m.history  # the user tower reads history bags
-    if big and cascade and bags and m.history_max == 0 and "model.history_max" not in pinned:
+    big_bags, streamed_bags = big and cascade and bags, cascade and t.stream and m.history
+    if (big_bags or streamed_bags) and m.history_max == 0 and "model.history_max" not in pinned:
         cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
-        notes.append(f"model.history_max = {SCALE_HISTORY}: a bag reads each behaviour's latest {SCALE_HISTORY} "
-                     f"items, so no heavy user sets a step's cost ({large})")  # fmt: skip
-    if cascade and cfg.train.stream and m.history and cfg.model.history_max == 0 and "model.history_max" not in pinned:
-        cfg = replace(cfg, model=replace(cfg.model, history_max=SCALE_HISTORY))
-        notes.append(f"model.history_max = {SCALE_HISTORY}: rows are streamed, so every user's bags are built once "
-                     f"from the cache and held in memory, each behaviour's latest {SCALE_HISTORY} items: at most "
-                     f"{8 * SCALE_HISTORY + 4:,} bytes a user and behaviour (csmf.data.stream_history)")  # fmt: skip
+        why = (f"a bag reads each behaviour's latest {SCALE_HISTORY} items, so no heavy user sets a step's cost "
+               f"({large})" if big_bags else
+               f"rows are streamed, so every user's bags are built once from the cache and held in memory, each "
+               f"behaviour's latest {SCALE_HISTORY} items: at most {8 * SCALE_HISTORY + 4:,} bytes a user and "
+               "behaviour (csmf.data.stream_history)")  # fmt: skip
+        notes.append(f"model.history_max = {SCALE_HISTORY}: {why}")
     if big and cascade and m.encoder == "graph" and cfg.train.weight_decay == 0 and "train.weight_decay" not in pinned:
         cfg = replace(cfg, train=replace(cfg.train, weight_decay=SCALE_WEIGHT_DECAY))
         notes.append(f"train.weight_decay = {SCALE_WEIGHT_DECAY}: each step shrinks the trained columns by lr x "
