@@ -556,3 +556,37 @@ def test_adam_takes_fused_steps_on_the_largest_tables_and_the_same_steps_as_plai
     assert torch.equal(model.small, reference.small)  # the small table's steps are plain Adam's, bit for bit
     torch.testing.assert_close(model.big, reference.big, rtol=0, atol=1e-6)  # fused: the same to rounding
     assert isinstance(adam(nn.Linear(3, 3), 1e-2), torch.optim.Adam)  # nothing large: one plain Adam
+
+
+def test_row_sparse_adam_takes_torchs_sparse_adam_steps_bit_for_bit():
+    """The row-wise update against torch's SparseAdam: uncoalesced gradients with repeated rows, a coalesced one
+    flagged so, a step that touches no row, maximize, and a 3-d table; the parameters and both moments equal."""
+    from torch import nn
+
+    from csmf.training_loop import RowSparseAdam, adam
+
+    g = torch.Generator().manual_seed(0)
+    for shape, maximize in (((50, 4), False), ((30, 3, 2), True)):
+        ours = nn.Parameter(torch.randn(shape, generator=g))
+        theirs, start = nn.Parameter(ours.detach().clone()), ours.detach().clone()
+        kw = {"lr": 0.05, "betas": (0.8, 0.95), "maximize": maximize}
+        mine, torchs = RowSparseAdam([ours], **kw), torch.optim.SparseAdam([theirs], **kw)
+        for step in range(6):
+            rows = torch.randint(0, shape[0], (0 if step == 2 else 40,), generator=g)  # repeats; step 2 none
+            values = torch.randn(len(rows), *shape[1:], generator=g)
+            grad = torch.sparse_coo_tensor(rows[None], values, shape, check_invariants=True)
+            grad = grad.coalesce() if step == 4 else grad
+            for p, opt in ((ours, mine), (theirs, torchs)):
+                p.grad = grad.clone()
+                opt.step()
+        assert not torch.equal(ours, start)
+        assert torch.equal(ours, theirs)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(mine.state[ours][key], torchs.state[theirs][key]), key
+        assert mine.state[ours]["step"] == torchs.state[theirs]["step"] == 6
+        torchs.load_state_dict(mine.state_dict())  # the same state format: checkpoints load either way
+    table = nn.Embedding(10, 2)
+    assert isinstance(adam(table, 1e-2, [table.weight]), RowSparseAdam)
+    table.weight.grad = torch.ones(10, 2)
+    with pytest.raises(RuntimeError, match="sparse gradients only"):
+        RowSparseAdam([table.weight]).step()

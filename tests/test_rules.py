@@ -99,11 +99,16 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     # the graph encoder trains with weight decay there (an item holds a few pairs); not below
     assert big.train.weight_decay == SCALE_WEIGHT_DECAY and "train.weight_decay = 1.0" in notes[2]
     assert adapted.train.weight_decay == 0 and fit_to_size(load_config("mlp"), 150_000)[0].train.weight_decay == 0
-    # ... and a bounded schedule: patience 1, at most 3 epochs a stage, AR only where pruning cost over 5%
+    # ... and a bounded schedule: patience 1, at most 3 epochs a stage, AR only where pruning cost over 5%, on 10%
     assert (big.train.patience, big.train.max_epochs, big.cascade.recover_skip) == (SCALE_PATIENCE, (3,), 0.05)
-    assert big.cascade.recover_frac == 0.3
-    assert [n.split(":")[0] for n in notes[3:6]] == ["train.patience = 1", "train.max_epochs = 3",
-                                                     "cascade.recover_skip = 0.05"]  # fmt: skip
+    assert big.cascade.recover_frac == 0.1 and "(was 0.3)" in notes[6]
+    assert [n.split(":")[0] for n in notes[3:7]] == [
+        "train.patience = 1",
+        "train.max_epochs = 3",
+        "cascade.recover_skip = 0.05",
+        "cascade.recover_frac = 0.1",
+    ]
+    assert fit_to_size(cfg, 150_000, pinned={"cascade.recover_frac"})[0].cascade.recover_frac == 0.3
     assert (adapted.train.patience, adapted.train.max_epochs, adapted.cascade.recover_skip) == (2, (24,), 0.0)
     assert fit_to_size(cfg, 150_000, pinned={"train.max_epochs"})[0].train.max_epochs == (24,)
     mlp_big, _ = fit_to_size(load_config("mlp"), 150_000, pinned=())  # the in-memory MLP cascade too
@@ -111,8 +116,8 @@ def test_defaults_the_catalogue_size_rules_out_are_adapted_and_said():
     streamed, _ = fit_to_size(load_config("stream"), 150_000, pinned=())  # a streamed run keeps its schedule
     assert (streamed.train.max_epochs, streamed.cascade.recover_frac, streamed.cascade.recover_skip) == ((1,), 0.3, 0)
     # a teacher's list stops where its weights leave e^-5 of their mass (rank 5 x decay 5 = 25)
-    assert big.train.distill_top == 25 and "train.distill_top = 25" in notes[6] and "0.7%" in notes[6]
-    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[7]
+    assert big.train.distill_top == 25 and "train.distill_top = 25" in notes[7] and "0.7%" in notes[7]
+    assert big.eval.valid_users == SCALE_VALID_USERS and "eval.valid_users = 10,000" in notes[8]
     assert fit_to_size(cfg, 150_000, pinned={"train.distill_top"})[0].train.distill_top == 100
     mlp_small, _ = fit_to_size(load_config("mlp"), 13_465, pinned=())  # its loss limit is 0: still whole histories
     assert mlp_small.model.history_max == 0

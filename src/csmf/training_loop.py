@@ -2,11 +2,12 @@
 validation after every epoch, and the best epoch's weights kept (patience stops a run that stopped
 improving). The cascade's phases and the multi-task towers differ only in what they hand it: the
 batches, the step hook (the cascade masks the gradients of units a stage does not own) and how an
-epoch is scored. And the optimiser both use: Adam, with SparseAdam on tables that take sparse gradients."""
+epoch is scored. And the optimiser both use: Adam, with a row-wise SparseAdam on tables that take sparse gradients."""
 
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from csmf.tracking import Tracker
 
 
 class SplitAdam(torch.optim.Optimizer):
-    """Several optimizers over disjoint parameters (SparseAdam on sparse-gradient tables, fused Adam on the largest
+    """Several optimizers over disjoint parameters (RowSparseAdam on sparse-gradient tables, fused Adam on the largest
     tables, Adam on the rest), stepped together as one."""
 
     def __init__(self, *parts: torch.optim.Optimizer):
@@ -35,6 +36,63 @@ class SplitAdam(torch.optim.Optimizer):
             o.step()
 
 
+class RowSparseAdam(torch.optim.SparseAdam):
+    """SparseAdam's lazy update, bit for bit, written as gathers and writes of the touched rows.
+
+    torch's SparseAdam reads the moments through `sparse_mask` and writes them back as sparse additions: on a
+    1M x 64 table with 4,000 touched rows a step took 55 ms against 4 ms here, and it was 32% of the 42M-row
+    release's training profile. The arithmetic is the same, operation for operation, so the numbers are too (tested
+    against torch's); the state is SparseAdam's, so checkpoints load either way."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if not grad.is_sparse:
+                    raise RuntimeError("RowSparseAdam takes sparse gradients only; dense tables step with Adam")
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                grad = -grad if group.get("maximize", False) else grad
+                _row_adam_step(param, grad, state, beta1, beta2, group["eps"], float(group["lr"]))
+        return loss
+
+
+def _row_adam_step(param: torch.Tensor, grad: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float,
+                   lr: float) -> None:  # fmt: skip
+    grad = grad.coalesce()  # the update is non-linear, so each row once (free when mask_grad coalesced it)
+    if grad.sparse_dim() != 1:  # not a table's rows: torch's own update
+        torch.optim._functional.sparse_adam([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]],
+                                            [state["step"]], eps=eps, beta1=beta1, beta2=beta2, lr=lr,
+                                            maximize=False)  # fmt: skip
+        return
+    rows, values = grad._indices()[0], grad._values()
+    if values.numel() == 0:
+        return
+    exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+    # old + (1 - b) * (new - old), in SparseAdam's order of operations
+    old_avg = exp_avg.index_select(0, rows)
+    avg = values.sub(old_avg).mul_(1 - beta1).add_(old_avg)
+    exp_avg.index_copy_(0, rows, avg)
+    old_sq = exp_avg_sq.index_select(0, rows)
+    sq = values.pow(2).sub_(old_sq).mul_(1 - beta2).add_(old_sq)
+    exp_avg_sq.index_copy_(0, rows, sq)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    update = avg.div_(sq.sqrt_().add_(eps)).mul_(-step_size)
+    param.index_copy_(0, rows, param.index_select(0, rows).add_(update))
+
+
 # tables of more rows than this (the catalogues past rules.SCALE_ITEMS) step with fused Adam, one pass over the
 # tensor instead of one per Adam operation: 15 ms against 122 ms a step over the 2.2M-row simulator's 194k x 128 item
 # table. Its rounding differs in the last bits, so smaller models keep the numbers they always had
@@ -42,13 +100,13 @@ FUSED_ROWS = 100_000
 
 
 def adam(model: nn.Module, lr: float, sparse: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
-    """Adam over the model; `sparse` parameters (tables with sparse gradients) get SparseAdam instead (lazy
+    """Adam over the model; `sparse` parameters (tables with sparse gradients) get RowSparseAdam instead (lazy
     Adam: only the rows a batch touches move), because a dense step over a million-row table costs ~1 s; tables
     past FUSED_ROWS rows take fused Adam."""
     rest = [p for p in model.parameters() if all(p is not q for q in sparse)]
     large = [p for p in rest if p.dim() > 0 and p.shape[0] > FUSED_ROWS]
     rest = [p for p in rest if all(p is not q for q in large)]
-    parts = [torch.optim.SparseAdam(list(sparse), lr=lr)] if sparse else []
+    parts = [RowSparseAdam(list(sparse), lr=lr)] if sparse else []
     parts += [torch.optim.Adam(large, lr=lr, fused=True)] if large else []
     parts += [torch.optim.Adam(rest, lr=lr)] if rest or not parts else []
     return parts[0] if len(parts) == 1 else SplitAdam(*parts)

@@ -53,8 +53,8 @@ class MaskedEmbedding(nn.Module):
         if grad.is_sparse:  # the touched rows' values, column by column
             grad = grad.coalesce()
             self.weight.grad = torch.sparse_coo_tensor(
-                grad.indices(), grad.values() * keep, grad.shape, check_invariants=False
-            )  # the indices of a coalesced gradient: valid by construction
+                grad.indices(), grad.values() * keep, grad.shape, check_invariants=False, is_coalesced=True
+            )  # the indices of a coalesced gradient: valid by construction, and the optimiser need not sort again
         else:
             grad *= keep
 
