@@ -49,6 +49,23 @@ def test_pins_leave_only_the_candidates_they_agree_with():
     assert names(same) == ["graph"]
 
 
+def test_every_candidate_keeps_the_runs_data_evaluation_and_search_settings_a_rule_set():
+    """csmf bench caps the baselines' tuning and samples validation past 100,000 items without the user setting it;
+    the pick's configuration goes on to the baselines, so every candidate keeps those values (it lost them: ALS then
+    ran 16-20 fits an objective on a 118k-item log, under a log line that said 4)."""
+    from csmf.rules import cap_tuning, sample_validation
+
+    cfg = Config()
+    cfg, _ = cap_tuning(cfg, 150_000, {})
+    cfg, _ = sample_validation(cfg, 150_000, {})
+    assert cfg.bench.tune_max_fits == 4 and cfg.eval.valid_users == SCALE_VALID_USERS
+    found = candidates(cfg, pins(Config()))
+    assert len(found) == 3 and {c.cfg.model.encoder for c in found} == {"graph", "mlp"}
+    for c in found:
+        assert (c.cfg.bench.tune_max_fits, c.cfg.eval.valid_users) == (4, SCALE_VALID_USERS), c.name
+        assert c.cfg.select == cfg.select and c.cfg.data == cfg.data
+
+
 def test_a_candidate_that_is_not_a_model_setting_is_refused():
     with pytest.raises(ConfigError, match="'nosuch'"):
         names(override(Config(), ["select.candidates=nosuch"]))

@@ -74,6 +74,9 @@ def candidates(cfg: Config, pinned: dict[str, Any]) -> list[Candidate]:
     `--set model.encoder=mlp` no graph candidate is left); when every candidate is dropped, the user's own
     configuration is the one candidate."""
     out, seen, default = [], set(), leaves(Config())
+    # every candidate shares the run's data, evaluation and search settings, including those a rule set without the
+    # user (csmf bench caps the baselines' tuning past 100,000 items): the pick's configuration goes on to them
+    shared = {k: v for k, v in leaves(cfg).items() if k.startswith(_FIXED)}
     for text in cfg.select.candidates:
         preset, *settings = text.split()
         try:
@@ -88,7 +91,7 @@ def candidates(cfg: Config, pinned: dict[str, Any]) -> list[Candidate]:
                               "the evaluation or the search")  # fmt: skip
         if any(k in pinned and pinned[k] != values.get(k) for k in defining):
             continue
-        chosen = with_values(base, pinned)
+        chosen = with_values(base, {**shared, **pinned})
         key = json.dumps(config_to_dict(chosen), sort_keys=True)
         if key not in seen:
             seen.add(key)
