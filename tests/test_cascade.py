@@ -585,6 +585,13 @@ def test_row_sparse_adam_takes_torchs_sparse_adam_steps_bit_for_bit():
             assert torch.equal(mine.state[ours][key], torchs.state[theirs][key]), key
         assert mine.state[ours]["step"] == torchs.state[theirs]["step"] == 6
         torchs.load_state_dict(mine.state_dict())  # the same state format: checkpoints load either way
+    # a gradient sparse in both dimensions (not a table's rows) takes torch's own update
+    ours, theirs = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+    grad = torch.sparse_coo_tensor([[0, 2, 2], [1, 0, 1]], [1.0, -2.0, 3.0], (4, 3), check_invariants=True)
+    for p, opt in ((ours, RowSparseAdam([ours], lr=0.1)), (theirs, torch.optim.SparseAdam([theirs], lr=0.1))):
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(ours, theirs) and int((ours != 1).sum()) == 3
     table = nn.Embedding(10, 2)
     assert isinstance(adam(table, 1e-2, [table.weight]), RowSparseAdam)
     table.weight.grad = torch.ones(10, 2)

@@ -39,10 +39,11 @@ class SplitAdam(torch.optim.Optimizer):
 class RowSparseAdam(torch.optim.SparseAdam):
     """SparseAdam's lazy update, bit for bit, written as gathers and writes of the touched rows.
 
-    torch's SparseAdam reads the moments through `sparse_mask` and writes them back as sparse additions: on a
-    1M x 64 table with 4,000 touched rows a step took 55 ms against 4 ms here, and it was 32% of the 42M-row
-    release's training profile. The arithmetic is the same, operation for operation, so the numbers are too (tested
-    against torch's); the state is SparseAdam's, so checkpoints load either way."""
+    torch's SparseAdam reads the moments through `sparse_mask` and writes them back as sparse additions, 32% of the
+    42M-row release's training profile: a step over a 1M x 64 table with 2,000 touched rows took 5.3 ms against
+    2.8 ms here, and a stage-1 epoch of the 2.2M-row simulator 144 s against 124 s. The arithmetic is the same,
+    operation for operation, so the numbers are too (tested against torch's); the state is SparseAdam's, so
+    checkpoints load either way."""
 
     @torch.no_grad()
     def step(self, closure=None):
