@@ -257,3 +257,41 @@ def test_past_100k_items_the_user_id_mlp_is_tried_first_unless_the_candidates_ar
     assert scale_candidates(mine, 193_994, pins(mine)) is mine
     off = override(cfg, ["select.candidates="])  # no search: nothing added
     assert scale_candidates(off, 193_994, pins(off)) is off
+
+
+def test_a_variant_is_not_fit_when_its_preset_fell_further_behind_than_the_gap(data, tmp_path):
+    listed = "select.candidates=mlp,graph,graph model.graph_hops=1,mlp model.dim=8"
+    base = override(Config(), [f"select.store_dir={tmp_path}", listed, "select.reuse=false"])
+    calls: list = []
+    _, _, every = select(override(base, ["select.variant_gap=0"]), data, _fit(data, calls), log=lambda _m: None)
+    assert len(calls) == 4 and not every["dropped"]
+    means = {t["candidate"]: t["mean"] for t in every["trials"]}
+    short = 1 - means["graph"] / means["mlp"]  # popularity behind item-kNN on this log
+    assert short > 0.02
+    calls, said = [], []
+    near = override(base, [f"select.variant_gap={short - 0.01}"])
+    _, chosen, record = select(near, data, _fit(data, calls), log=said.append)
+    # the graph variant is dropped; the mlp variant's preset is the best, so it is fit
+    assert [c[0] for c in calls] == ["mlp", "graph", "mlp"]
+    assert record["dropped"] == ["graph model.graph_hops=1"] and not record["skipped"]
+    assert any("'graph model.graph_hops=1' not fit" in line and "select.variant_gap" in line for line in said)
+    assert record["pick"] == "mlp" and chosen.model.encoder == "mlp"
+    calls = []
+    far = override(base, [f"select.variant_gap={short + 0.01}"])
+    _, _, record = select(far, data, _fit(data, calls), log=lambda _m: None)
+    assert len(calls) == 4 and not record["dropped"]
+
+
+def test_the_suite_report_names_the_variants_dropped_behind_their_preset(tmp_path):
+    from csmf.experiments.report import _selection_lines
+
+    record = {"metric": "mean validation recall@50 over the objectives", "pick": "mlp", "budget_s": 900.0,
+              "skipped": [], "dropped": ["graph model.graph_hops=1"], "variant_gap": 0.25,
+              "trials": [{"candidate": "mlp", "values": {"view": 0.4}, "mean": 0.4, "seconds": 3.0},
+                         {"candidate": "graph", "values": {"view": 0.2}, "mean": 0.2, "seconds": 5.0}]}  # fmt: skip
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"record": record}))
+    text = "\n".join(_selection_lines(path))
+    assert "| `mlp` **(picked)** | view 0.4000 | 0.4000 | 3 |" in text
+    assert "more than 25% below the best (`select.variant_gap`): ['graph model.graph_hops=1']" in text
+    assert "Not tried within the budget" not in text

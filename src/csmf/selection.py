@@ -7,7 +7,9 @@ only: the test pairs are never read). The kept candidate is the model: nothing i
 
 Pinning: every key the user set (a --config file, --set, or any value that differs from the defaults) holds in
 every candidate, so `--set model.encoder=mlp` leaves only MLP candidates and `--config mlp` pins them all into
-one (no search). The search stops starting candidates when the mean fit so far would pass `select.budget_s`;
+one (no search). A variant ("graph model.graph_hops=1") is not fit when its bare preset, fit before it, scored
+more than `select.variant_gap` below the best so far. The search stops starting candidates when the mean fit so far
+would pass `select.budget_s`;
 the pick is stored by data fingerprint and candidate list, and a later run on the same data trains the pick
 alone and says so (`select.reuse`).
 """
@@ -147,12 +149,14 @@ def select(
     `fit_stored=False`: a stored pick is returned unfitted (model None), for a caller that needs only the config.
 
     The record (results files and reports) holds the metric, every trial (per-objective validation values,
-    mean, seconds), the candidates skipped by the budget, the pick, and whether a stored pick was reused."""
+    mean, seconds), the candidates skipped by the budget and the variants dropped behind their preset, the pick, and
+    whether a stored pick was reused."""
     pinned = pins(cfg) if pinned is None else pinned
     found = candidates(scale_candidates(cfg, data.n_items, pinned, log), pinned)
     metric = f"mean validation {cfg.eval.tune_metric} over the objectives"
     record: dict[str, Any] = {"metric": metric, "candidates": [c.name for c in found], "budget_s": cfg.select.budget_s,
-                              "trials": [], "skipped": [], "reused": None}  # fmt: skip
+                              "trials": [], "skipped": [], "dropped": [], "variant_gap": cfg.select.variant_gap,
+                              "reused": None}  # fmt: skip
     if len(found) == 1:
         record["pick"] = found[0].name
         return fit(found[0].cfg, ""), found[0].cfg, record
@@ -178,6 +182,10 @@ def select(
         if n > 0 and budget > 0 and spent + spent / n > budget:
             record["skipped"].append(candidate.name)
             continue
+        if behind := _variant_behind(candidate.name, record["trials"], cfg.select.variant_gap):
+            record["dropped"].append(candidate.name)
+            log(f"selection: {candidate.name!r} not fit: {behind}")
+            continue
         log(f"selection: fitting candidate {n + 1}/{len(found)} {candidate.name!r}")
         began = time.perf_counter()
         model = fit(candidate.cfg, tag(candidate.name))
@@ -199,6 +207,19 @@ def select(
     if cfg.select.reuse and not record["skipped"]:  # a pick from a cut search is not stored as final
         _write_pick(path, record)
     return model, pick.cfg, record
+
+
+def _variant_behind(name: str, trials: list[dict], gap: float) -> str:
+    """Why the variant `name` (a preset and settings) is not worth a fit ("" = it is): its bare preset, fit before
+    it, scored more than `gap` below the best mean so far (select.variant_gap)."""
+    preset, *settings = name.split()
+    means = {t["candidate"]: t["mean"] for t in trials}
+    best = max(means.values(), default=float("nan"))
+    if gap <= 0 or not settings or preset not in means or not best > 0:
+        return ""
+    short = 1 - means[preset] / best
+    return (f"its preset {preset!r} scored {means[preset]:.4f}, {short:.0%} below the best {best:.4f} (more than "
+            f"select.variant_gap = {gap:g})") if short > gap else ""  # fmt: skip
 
 
 def scale_candidates(cfg: Config, n_items: int, pinned: dict[str, Any],

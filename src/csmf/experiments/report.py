@@ -348,6 +348,9 @@ def _selection_lines(path: Path) -> list[str]:
         lines.append(f"| `{t['candidate']}`{mark} | {values} | {t['mean']:.4f} | {t['seconds']:.0f} |")
     if record.get("skipped"):
         lines.append(f"\nNot tried within the budget of {record['budget_s']:g} s: {record['skipped']}.")
+    if record.get("dropped"):
+        lines.append(f"\nNot fit, their bare preset scored more than {record['variant_gap']:.0%} below the best "
+                     f"(`select.variant_gap`): {record['dropped']}.")  # fmt: skip
     return [*lines, ""]
 
 
