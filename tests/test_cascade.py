@@ -4,6 +4,7 @@ query, resume after a kill, and determinism.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import signal
 import subprocess
@@ -563,10 +564,12 @@ def test_row_sparse_adam_takes_torchs_sparse_adam_steps_bit_for_bit():
     flagged so, a step that touches no row, maximize, and a 3-d table; the parameters and both moments equal."""
     from torch import nn
 
+    from csmf.determinism import deterministic_torch
     from csmf.training_loop import RowSparseAdam, adam
 
     g = torch.Generator().manual_seed(0)
-    for shape, maximize in (((50, 4), False), ((30, 3, 2), True)):
+    # in torch's deterministic mode too, as every run trains (its writes step out of it), which it leaves as it was
+    for shape, maximize, mode in (((50, 4), False, deterministic_torch), ((30, 3, 2), True, contextlib.nullcontext)):
         ours = nn.Parameter(torch.randn(shape, generator=g))
         theirs, start = nn.Parameter(ours.detach().clone()), ours.detach().clone()
         kw = {"lr": 0.05, "betas": (0.8, 0.95), "maximize": maximize}
@@ -578,7 +581,10 @@ def test_row_sparse_adam_takes_torchs_sparse_adam_steps_bit_for_bit():
             grad = grad.coalesce() if step == 4 else grad
             for p, opt in ((ours, mine), (theirs, torchs)):
                 p.grad = grad.clone()
-                opt.step()
+                with mode():
+                    before = torch.are_deterministic_algorithms_enabled()
+                    opt.step()
+                    assert torch.are_deterministic_algorithms_enabled() == before
         assert not torch.equal(ours, start)
         assert torch.equal(ours, theirs)
         for key in ("exp_avg", "exp_avg_sq"):
