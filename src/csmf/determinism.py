@@ -35,6 +35,19 @@ def deterministic_torch(warn_only: bool = False) -> Iterator[None]:
 
 
 @contextmanager
+def order_free() -> Iterator[None]:
+    """Deterministic mode off for the block (and its flags restored after): for writes whose result cannot depend on
+    their order, such as index_copy_ to distinct rows, where the mode's kernel for repeated indices only costs time."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """torch's default generators seeded with `seed` for the block, and the caller's state restored after it.
 

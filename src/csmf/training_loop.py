@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from csmf.determinism import order_free
 from csmf.progress import bar
 from csmf.tracking import Tracker
 
@@ -92,15 +93,10 @@ def _row_adam_step(param: torch.Tensor, grad: torch.Tensor, state: dict, beta1: 
     # a coalesced gradient's rows are distinct, so each write lands once and its result is the same in any order;
     # torch's deterministic mode (csmf.determinism) would take its kernel for repeated indices, 1.4 against 0.8 ms
     # a write of 32k rows, three writes a table every step
-    determined = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
+    with order_free():
         exp_avg.index_copy_(0, rows, avg)
         exp_avg_sq.index_copy_(0, rows, sq)
         param.index_copy_(0, rows, new_param)
-    finally:
-        torch.use_deterministic_algorithms(determined, warn_only=warn_only)
 
 
 # tables of more rows than this (the catalogues past rules.SCALE_ITEMS) step with fused Adam, one pass over the
