@@ -16,9 +16,13 @@ def test_peak_run_measures_its_own_process(tmp_path):
     import sys
 
     grow = "import time; x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.1)"
-    status, wall, peak = peak_run([sys.executable, "-c", grow], tmp_path / "big.log")
-    assert status == 0 and wall > 0.1 and peak > 0.28  # GB: the 300 MB it touched
-    status, _, small = peak_run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "small.log")
+    status, wall, peak, peak_at = peak_run([sys.executable, "-c", grow], tmp_path / "big.log", trace_every=0.05)
+    assert status == 0 and wall > 0.1 and peak > 0.28  # GiB: the 300 MiB it touched
+    assert 0 < peak_at < wall
+    trace = [line.split("\t") for line in (tmp_path / "big.rss.tsv").read_text().splitlines()]
+    assert trace[0] == ["seconds", "rss_kb", "hwm_kb"] and len(trace) >= 2
+    assert max(int(hwm) for _, _, hwm in trace[1:]) <= peak * 2**20  # the trace never exceeds the peak
+    status, _, small, _ = peak_run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "small.log")
     assert status == 3 and small < peak - 0.2
 
 
@@ -32,12 +36,13 @@ def test_the_quick_scale_suite_runs_each_row_apart_resumes_and_reports(tmp_path,
     rows = {r: json.loads((folder / f"{r}.json").read_text()) for r in ("popularity", "stream", "csmf")}
     for name, r in rows.items():
         assert "failed" not in r, (name, r.get("failed"))
-        assert r["wall_seconds"] > 0 and 0.05 < r["peak_rss_gb"] < 8
+        assert r["wall_seconds"] > 0 and 0.05 < r["peak_rss_gb"] < 8 and 0 < r["peak_rss_at_s"] <= r["wall_seconds"]
+        assert (folder / f"{name}.rss.tsv").read_text().startswith("seconds\trss_kb\thwm_kb\n")
         assert set(r["metrics"]) == {"exposure", "click", "conversion"}
     assert rows["popularity"]["pairs_per_second"] is None and rows["csmf"]["pairs_per_second"] > 0
     assert rows["stream"]["config"]["train"]["stream"] is True
     report = (tmp_path / "reports" / "scale-quick.md").read_text()
-    assert "## sim-2m" in report and "| csmf | " in report and "peak RSS GB" in report
+    assert "## sim-2m" in report and "| csmf | " in report and "peak RSS GiB" in report
     # a second call finds every row done and only rewrites the report
     stamp = (folder / "csmf.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -61,7 +66,7 @@ def test_the_42m_csmf_row_trains_the_scale_candidate_since_its_one_epoch_setting
     def record(command, log_path):  # the command only: each row "fails" at once
         seen.append(command)
         log_path.write_text("not run\n")
-        return 1, 1.0, 0.1
+        return 1, 1.0, 0.1, 0.5
 
     monkeypatch.setattr(scale, "peak_run", record)
     data = scale.DATASETS["aliccp-42m"]

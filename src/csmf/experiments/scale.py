@@ -1,11 +1,12 @@
 """`csmf bench --suite scale`: the models at the sizes CSMF is for, each row in a process of its own, so its wall
-time and peak resident memory are its own (os.wait4), with training pairs per second; resumable.
+time and peak resident memory (VmHWM) are its own, with training pairs per second; resumable.
 
 Layout under `<out_dir>/scale/` (`scale-quick` with --quick):
   data/<dataset>/           the generated log (csmf simulate) and its Parquet cache
   <dataset>/<row>/          the row's `csmf bench` results folder
-  <dataset>/<row>.json      that row's result with the process's wall seconds, peak RSS and pairs/s (a rerun
-                            skips every row whose file is there)
+  <dataset>/<row>.json      that row's result with the process's wall seconds, peak RSS (GiB), the second it
+                            was reached and pairs/s (a rerun skips every row whose file is there)
+  <dataset>/<row>.log       the row's output; <row>.rss.tsv its resident memory every 5 seconds
 and `<report_dir>/scale.md`.
 """
 
@@ -106,39 +107,52 @@ ROWS = {
 }
 
 
-def peak_run(command: list[str], log_path: Path, poll: float = 0.1) -> tuple[int, float, float]:
-    """Run `command` (its output to log_path): (exit status, wall seconds, peak resident memory in GB).
+def peak_run(command: list[str], log_path: Path, poll: float = 0.1,
+             trace_every: float = 5.0) -> tuple[int, float, float, float]:  # fmt: skip
+    """Run `command` (its output to log_path): (exit status, wall seconds, peak resident memory in GiB, seconds
+    from the start to the peak).
 
     The peak is the process's VmHWM (/proc/<pid>/status), read while it runs: its own memory since exec. The
     wait4 rusage counts the parent's memory at the fork too (a parent holding torch adds ~0.3 GB to every row),
-    so it is only the fallback where /proc is missing."""
+    so it is only the fallback where /proc is missing. Every `trace_every` seconds the resident memory goes to
+    <log>.rss.tsv (seconds, VmRSS kB, VmHWM kB), so a row's peak can be matched to its phases afterwards."""
     start = time.perf_counter()
-    peak_kb = 0
-    with open(log_path, "w") as out:
+    peak_kb, peak_at, traced = 0, 0.0, -trace_every
+    with open(log_path, "w") as out, open(log_path.with_suffix(".rss.tsv"), "w") as trace:
+        trace.write("seconds\trss_kb\thwm_kb\n")
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                peak_kb = max(peak_kb, _hwm_kb(proc.pid))
+                now = time.perf_counter() - start
+                rss_kb, hwm_kb = _memory_kb(proc.pid)
+                if hwm_kb > peak_kb:
+                    peak_kb, peak_at = hwm_kb, now
+                if now - traced >= trace_every:
+                    trace.write(f"{now:.1f}\t{rss_kb}\t{hwm_kb}\n")
+                    trace.flush()
+                    traced = now
                 time.sleep(poll)
         except BaseException:
             proc.kill()
             raise
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - start, (peak_kb or usage.ru_maxrss) / 2**20  # KB -> GB
+    wall = time.perf_counter() - start
+    return proc.returncode, wall, (peak_kb or usage.ru_maxrss) / 2**20, peak_at if peak_kb else wall  # kB -> GiB
 
 
-def _hwm_kb(pid: int) -> int:
-    """The peak resident memory (kB) of a running process since its exec, 0 when it cannot be read."""
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """A running process's resident memory now and its peak since exec (VmRSS, VmHWM, kB); 0s when unreadable."""
+    found = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                found[line[:5]] = int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return found.get("VmRSS", 0), found.get("VmHWM", 0)
 
 
 def run_row(data: ScaleData, folder: Path, row: str, cfg_sets: list[str], log: Callable[[str], None]) -> dict:
@@ -155,8 +169,10 @@ def run_row(data: ScaleData, folder: Path, row: str, cfg_sets: list[str], log: C
     for s in (*data.row_sets, *cfg_sets):
         command += ["--set", s]
     log(f"scale: {data.name} {row}")
-    status, wall, peak_gb = peak_run(command, folder / f"{row}.log")
-    measured = {"row": row, "wall_seconds": round(wall, 1), "peak_rss_gb": round(peak_gb, 2)}
+    status, wall, peak_gib, peak_at = peak_run(command, folder / f"{row}.log")
+    # peak_rss_gb is GiB (2^30 bytes), as every earlier row; peak_rss_at_s places it among the phases
+    measured = {"row": row, "wall_seconds": round(wall, 1), "peak_rss_gb": round(peak_gib, 2),
+                "peak_rss_at_s": round(peak_at, 1)}  # fmt: skip
     found = list(out.glob("*/*.json"))
     if status != 0 or len(found) != 1:  # kept and reported (a row that does not fit is a finding), not retried
         last = [line for line in (folder / f"{row}.log").read_text().splitlines() if line.strip()][-1:]
@@ -209,8 +225,9 @@ def run_scale(cfg: Config, quick: bool = False, log: Callable[[str], None] = log
 def scale_report(results: dict[str, list[dict]], datasets: dict[str, ScaleData], suite: str) -> str:
     lines = [f"# CSMF at scale: `{suite}`", "",
              f"Regenerate: `csmf bench --suite scale{' --quick' if suite.endswith('quick') else ''}` (resumable). "
-             "Each row is one `csmf bench` process: wall time and peak resident memory (os.wait4) are its own; "
-             "pairs/s is the training pairs of every stage over the fit seconds.", "",
+             "Each row is one `csmf bench` process: wall time and peak resident memory (VmHWM, GiB of 2^30 bytes) "
+             "are its own (`<row>.rss.tsv` beside the row's result traces it every 5 seconds); pairs/s is the "
+             "training pairs of every stage over the fit seconds.", "",
              f"- generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} with "
              f"{os.cpu_count()} cores, Python {platform.python_version()}", ""]  # fmt: skip
     for name, rows in results.items():
@@ -221,7 +238,8 @@ def scale_report(results: dict[str, list[dict]], datasets: dict[str, ScaleData],
         made += "; every row with " + ", ".join(f"`{s}`" for s in d.row_sets) if d.row_sets else ""
         made += f"; the csmf row trains `{d.csmf_candidate}` (no search)" if d.csmf_candidate else ""
         lines += [f"## {name}", "", made, ""]
-        head = ["row", *[f"{s} R@50" for s in stages], "fit s", "eval s", "sweep s", "wall s", "peak RSS GB", "pairs/s"]
+        head = ["row", *[f"{s} R@50" for s in stages], "fit s", "eval s", "sweep s", "wall s", "peak RSS GiB",
+                "pairs/s"]  # fmt: skip
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for r in rows:
             if "failed" in r:
