@@ -160,6 +160,21 @@ def test_evaluate_excludes_training_items_and_averages_over_test_users():
     assert scored_s == [0, 1]
 
 
+def test_rankings_exclude_the_union_of_several_matrices_read_by_rows():
+    """evaluate reads the excluded pairs a block of users at a time (RowUnion) instead of building the union: the
+    same pairs for any rows, in any order, and the same metrics."""
+    data = tiny_cascade()
+    data.exclude["s"] = ("s", "t")  # user 2's item 2 (t's train) is excluded from s too
+    whole = data.excluded("s")
+    for rows in ([2, 0], [1], [0, 1, 2], [2, 2, 1]):
+        got = data.excluded_rows("s")[np.array(rows)]
+        assert (got != whole[np.array(rows)]).nnz == 0 and got.shape == (len(rows), 6)
+    data.test["s"] = pairs_to_csr(np.array([2, 2]), np.array([2, 3]), 3, 6)  # user 2: items 2 and 3
+    # user 2's scores rank 1, 2, 3, ...; item 1 is s's train and item 2 t's: item 3 comes first, item 2 never
+    s = evaluate(FixedScores(), data, ks=(1, 3))["s"]  # 4 items left to rank: K below that
+    assert s["users"] == 1 and s["recall@1"] == pytest.approx(0.5) and s["recall@3"] == pytest.approx(0.5)
+
+
 def test_evaluate_skips_stages_without_test_pairs():
     data = tiny_cascade()
     data.test["t"] = pairs_to_csr(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 3, 6)

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 import csmf.data.context as context
-from csmf.data.schema import CascadeData
+from csmf.data.schema import CascadeData, RowUnion
 from csmf.distributed import Ranks, all_sum
 from csmf.metrics import recall_ndcg
 from csmf.progress import bar
@@ -32,6 +32,17 @@ def users_with_positives(mat: sp.csr_matrix) -> np.ndarray:
     return np.flatnonzero(np.diff(mat.indptr) > 0).astype(np.int64)
 
 
+def _rows_only(mat: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """`mat` with every row but the sorted distinct `rows` emptied (same shape, same row numbers)."""
+    counts = np.zeros(mat.shape[0], dtype=np.int64)
+    lengths = np.diff(mat.indptr)[rows].astype(np.int64)
+    counts[rows] = lengths
+    firsts = np.repeat(mat.indptr[rows].astype(np.int64) - np.cumsum(lengths) + lengths, lengths)
+    take = firsts + np.arange(int(lengths.sum()), dtype=np.int64)  # each kept row's entries, in order
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return sp.csr_matrix((mat.data[take], mat.indices[take], indptr), shape=mat.shape)
+
+
 def batch_size_for(n_items: int, budget_mb: int) -> int:
     # A block holds the scores plus a same-size mask; count 8 bytes per (user, item).
     return max(1, int(budget_mb * 2**20 // (8 * max(n_items, 1))))
@@ -46,7 +57,7 @@ def rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Tens
     return mask
 
 
-def exclude_rows_(scores: torch.Tensor, mat: sp.csr_matrix, users: np.ndarray) -> torch.Tensor:
+def exclude_rows_(scores: torch.Tensor, mat: sp.csr_matrix | RowUnion, users: np.ndarray) -> torch.Tensor:
     """`scores` (B, N) with each user's pairs in `mat` set to -inf, in place: it writes the excluded entries
     only, where a dense (B, N) mask and masked_fill read and write the whole block (at 194k items those took
     about as long as the matrix product that made the scores)."""
@@ -118,19 +129,19 @@ def evaluate_stage(
     users (every request of each), as validation takes past the full-softmax limit (eval.valid_users)."""
     truth_mat = data.test[stage]
     units = users = users_with_positives(truth_mat)
-    codes: dict[str, np.ndarray] = {}
-    if data.context:
-        asked = context.requests(truth_mat, data.context)
-        truth_mat, units, users, codes = asked.truth, np.arange(len(asked.users)), asked.users, asked.codes
     if len(units) == 0:
         return {}
-    distinct = np.unique(users)
-    if 0 < sample < len(distinct):
-        chosen = np.random.default_rng(seed).choice(distinct, sample, replace=False)
+    drawn = 0 < sample < len(units)
+    if drawn:
+        chosen = np.random.default_rng(seed).choice(units, sample, replace=False)
         keep = np.isin(users, chosen)
         units, users = units[keep], users[keep]
+    codes: dict[str, np.ndarray] = {}
+    if data.context:  # the requests of the drawn users only (every user's took 0.3 GiB at the 42M-row release)
+        asked = context.requests(_rows_only(truth_mat, units) if drawn else truth_mat, data.context)
+        truth_mat, units, users, codes = asked.truth, np.arange(len(asked.users)), asked.users, asked.codes
     in_context = model if codes and isinstance(model, ScoresInContext) else None
-    excluded = data.excluded(stage)
+    excluded = data.excluded_rows(stage)
     n_pos = np.diff(truth_mat.indptr)[units]
     batch = batch_size_for(data.n_items, budget_mb)
     sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}

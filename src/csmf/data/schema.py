@@ -33,6 +33,19 @@ def _int32(mat: sp.csr_matrix) -> sp.csr_matrix:
     return mat
 
 
+class RowUnion:
+    """The union of CSR matrices of one shape, read a block of rows at a time (`union[rows]`): rankings exclude
+    a batch's seen items from it without the whole union being built. At the 42M-row release that union held
+    0.23 GiB and its build 0.46 GiB more at every validation, on top of training's memory: the run's peak."""
+
+    def __init__(self, mats: tuple[sp.csr_matrix, ...]) -> None:
+        self.mats = mats
+        self.shape = mats[0].shape
+
+    def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
+        return union(*(m[rows] for m in self.mats))
+
+
 def binary(mat: sp.spmatrix) -> sp.csr_matrix:
     """Copy of `mat` as a 0/1 float32 CSR (explicit zeros removed)."""
     out = sp.csr_matrix(mat, dtype=np.float32, copy=True)
@@ -199,6 +212,10 @@ class CascadeData:
     def excluded(self, stage: str) -> sp.csr_matrix:
         """Items removed from stage rankings: union of the named training matrices."""
         return union(*(self.matrix(name) for name in self.exclude[stage]))
+
+    def excluded_rows(self, stage: str) -> RowUnion:
+        """`excluded(stage)` read by rows: the same pairs for any block of users, without building the union."""
+        return RowUnion(tuple(self.matrix(name) for name in self.exclude[stage]))
 
     def tuning_view(self) -> CascadeData:
         """The same cascade with validation as its test side: what hyper-parameter search sees.

@@ -59,7 +59,7 @@ def _objective_recalls(model: Retriever, data: CascadeData, objective: str, serv
     users = sweep_users(users_with_positives(truth), data.n_items, max_scores, seed)
     if len(users) == 0:
         return {pair: [0.0 for _ in grid] for pair in pairs}, 0
-    excluded = data.excluded(objective)
+    excluded = data.excluded_rows(objective)
     n_pos = np.diff(truth.indptr)[users]
     batch = batch_size_for(data.n_items, budget_mb)
     sums = {pair: np.zeros(len(grid)) for pair in pairs}
