@@ -218,3 +218,20 @@ def test_a_validation_sample_ranks_that_many_users_the_same_ones_for_a_seed():
 def test_score_fused_with_all_zero_weights_is_an_error():
     with pytest.raises(ValueError, match="all objective weights are zero"):
         FixedScores().score_fused(np.array([0]), {"s": 0.0, "t": 0.0})
+
+
+class TwoStageScores(FixedScores):
+    def score(self, users: np.ndarray, stage: str) -> torch.Tensor:
+        block = SCORES[np.asarray(users)]
+        return torch.from_numpy(block if stage == "s" else block[:, ::-1].copy())
+
+
+def test_top_overlap_matches_a_hand_count_for_any_batch_size():
+    """top_overlap reads seen items by rows and counts exactly: the same share with one user a batch or all."""
+    from csmf.experiments.sweep import top_overlap
+
+    data = tiny_cascade()  # seen (s and t train): user 0 {0}, user 1 {5}, user 2 {1, 2}; test users 0, 1 of s and t
+    # top 3, seen items excluded: user 0 s {1, 2, 3}, t (reversed scores) {5, 4, 3}; user 1 s {2, 4, 3}, t {0, 3, 1}
+    expected = (1 + 1) / 3 / 2  # item 3 in both lists of each user
+    assert top_overlap(TwoStageScores(), data, "s", "t", k=3, budget_mb=0) == pytest.approx(expected)
+    assert top_overlap(TwoStageScores(), data, "s", "t", k=3, budget_mb=256) == pytest.approx(expected)
