@@ -57,6 +57,11 @@ def rows_mask(mat: sp.csr_matrix, users: np.ndarray, n_items: int) -> torch.Tens
     return mask
 
 
+def writable(scores: torch.Tensor) -> torch.Tensor:
+    """Scores that may be written in place: a broadcast row (popularity) or a view is copied first."""
+    return scores.clone() if scores._is_view() or not scores.is_contiguous() else scores
+
+
 def exclude_rows_(scores: torch.Tensor, mat: sp.csr_matrix | RowUnion, users: np.ndarray) -> torch.Tensor:
     """`scores` (B, N) with each user's pairs in `mat` set to -inf, in place: it writes the excluded entries
     only, where a dense (B, N) mask and masked_fill read and write the whole block (at 194k items those took
@@ -157,9 +162,7 @@ def evaluate_stage(
                 scores = in_context.score_in_context(ub, {n: c[rows] for n, c in codes.items()}, stage).float().cpu()
             else:
                 scores = model.score(ub, stage).float().cpu()  # (B, N); from a GPU while training there
-        if scores._is_view() or not scores.is_contiguous():  # a broadcast row (popularity): masked on a copy
-            scores = scores.clone()
-        exclude_rows_(scores, excluded, ub)
+        scores = exclude_rows_(writable(scores), excluded, ub)
         if data.candidates is not None:  # rank only these items (a cold-item split)
             scores.masked_fill_(~torch.from_numpy(data.candidates).unsqueeze(0), float("-inf"))
         top = torch.topk(scores, k=min(max(ks), scores.shape[1]), dim=1).indices.numpy()  # (B, k)

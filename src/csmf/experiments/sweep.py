@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData, RowUnion
-from csmf.evaluation import batch_size_for, exclude_rows_, hits_of, users_with_positives
+from csmf.evaluation import batch_size_for, exclude_rows_, hits_of, users_with_positives, writable
 from csmf.metrics import recall_ndcg
 from csmf.retriever import Retriever
 
@@ -37,16 +37,10 @@ def top_overlap(model: Retriever, data: CascadeData, a: str, b: str, k: int, max
     for start in range(0, len(users), batch):
         ub = users[start : start + batch]
         with torch.no_grad():
-            ta = torch.topk(exclude_rows_(_own(model.score(ub, a)), seen, ub), k, dim=1).indices
-            tb = torch.topk(exclude_rows_(_own(model.score(ub, b)), seen, ub), k, dim=1).indices
+            ta = torch.topk(exclude_rows_(writable(model.score(ub, a).float()), seen, ub), k, dim=1).indices
+            tb = torch.topk(exclude_rows_(writable(model.score(ub, b).float()), seen, ub), k, dim=1).indices
         found += int((ta.unsqueeze(2) == tb.unsqueeze(1)).any(dim=2).sum())
     return found / k / max(len(users), 1)
-
-
-def _own(scores: torch.Tensor) -> torch.Tensor:
-    """Scores that may be written in place: a broadcast row (popularity) or a view is copied first."""
-    scores = scores.float()
-    return scores.clone() if scores._is_view() or not scores.is_contiguous() else scores
 
 
 def sweep_users(users: np.ndarray, n_items: int, max_scores: int, seed: int) -> np.ndarray:
