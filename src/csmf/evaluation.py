@@ -66,9 +66,14 @@ def exclude_rows_(scores: torch.Tensor, mat: sp.csr_matrix | RowUnion, users: np
     """`scores` (B, N) with each user's pairs in `mat` set to -inf, in place: it writes the excluded entries
     only, where a dense (B, N) mask and masked_fill read and write the whole block (at 194k items those took
     about as long as the matrix product that made the scores)."""
-    sub = mat[users]
-    rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
-    scores[torch.from_numpy(rows), torch.from_numpy(sub.indices.astype(np.int64))] = float("-inf")
+    return exclude_block_(scores, mat[users])
+
+
+def exclude_block_(scores: torch.Tensor, seen: sp.csr_matrix) -> torch.Tensor:
+    """`scores` (B, N) with row b's items in row b of `seen` (B, N) set to -inf, in place: for a batch that
+    excludes the same rows from several blocks (the weight sweep), read once."""
+    rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+    scores[torch.from_numpy(rows), torch.from_numpy(seen.indices.astype(np.int64))] = float("-inf")
     return scores
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from csmf.data.schema import CascadeData, RowUnion
-from csmf.evaluation import batch_size_for, exclude_rows_, hits_of, users_with_positives, writable
+from csmf.evaluation import batch_size_for, exclude_block_, hits_of, users_with_positives, writable
 from csmf.metrics import recall_ndcg
 from csmf.retriever import Retriever
 
@@ -36,9 +36,10 @@ def top_overlap(model: Retriever, data: CascadeData, a: str, b: str, k: int, max
     batch = batch_size_for(data.n_items, budget_mb // 2)
     for start in range(0, len(users), batch):
         ub = users[start : start + batch]
+        seen_ub = seen[ub]  # the union of the batch's rows, built once for both lists
         with torch.no_grad():
-            ta = torch.topk(exclude_rows_(writable(model.score(ub, a).float()), seen, ub), k, dim=1).indices
-            tb = torch.topk(exclude_rows_(writable(model.score(ub, b).float()), seen, ub), k, dim=1).indices
+            ta = torch.topk(exclude_block_(writable(model.score(ub, a).float()), seen_ub), k, dim=1).indices
+            tb = torch.topk(exclude_block_(writable(model.score(ub, b).float()), seen_ub), k, dim=1).indices
         found += int((ta.unsqueeze(2) == tb.unsqueeze(1)).any(dim=2).sum())
     return found / k / max(len(users), 1)
 
@@ -70,11 +71,12 @@ def _objective_recalls(model: Retriever, data: CascadeData, objective: str, serv
     batch = batch_size_for(data.n_items, budget_mb // (len(needed) + 3))
     for start in range(0, len(users), batch):
         ub = users[start : start + batch]
+        seen = excluded[ub]  # built once a batch, not once per pair and weight
         with torch.no_grad():
             scores = {s: model.score(ub, s).float() for s in needed}  # (B, N) each
         for a, b in pairs:
             for j, w in enumerate(grid):
-                fused = exclude_rows_((1.0 - w) * scores[a] + w * scores[b], excluded, ub)  # a new block each
+                fused = exclude_block_((1.0 - w) * scores[a] + w * scores[b], seen)  # a new block each
                 hits = hits_of(torch.topk(fused, k=k, dim=1).indices.numpy(), truth, ub)
                 found = recall_ndcg(hits, n_pos[start : start + batch], (k,))[f"recall@{k}"]
                 sums[(a, b)][j] += float(found.sum())
